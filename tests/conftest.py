@@ -1,0 +1,34 @@
+"""Test-wide settings. TRITON_INTERPRET must be set before any Triton kernel module is imported: CI has no GPU,
+so the kernels run in Triton's interpreter on CPU tensors. Nothing may reach the network."""
+
+import os
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+
+warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    """Read-only real datasets: $QMLHFL_DATA, else ../shared/data beside the checkout."""
+    env = os.environ.get("QMLHFL_DATA")
+    root = Path(env) if env else REPO.parent / "shared" / "data"
+    if not (root / "MNIST").exists():
+        pytest.skip(f"real datasets not found under {root}; set QMLHFL_DATA")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    yield
