@@ -1,0 +1,161 @@
+"""Quantize-and-aggregate for a whole layer at once: Eq. 4 (edge layers) and Eq. 6 (cloud).
+
+For every parent p of layer n:   v_p <- v_p + sum_{c child of p} w_c * Q_n(v_c - v_p)
+
+``parent`` is the stacked [M, P] buffer of layer n, ``child`` the stacked [C, P] buffer of layer n-1,
+``parent_index[c]`` the parent of child row c and ``weights[c]`` its weight |C(c)| / |C(p)|.
+
+Randomness: each child row draws its own uniforms from a counter-based seed (:func:`row_seeds`) derived from
+the run's seed, the global round, the layer, the aggregation event and the node index, so draws do not depend
+on how rows are chunked or on the backend's launch shape, and a resumed run redraws exactly the same numbers.
+
+This module is the torch implementation (any device); :mod:`lightning_qmlhfl.kernels` holds the fused Triton
+kernel with the same semantics; :func:`aggregate_layer_` dispatches between them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .quantizers import Encoded, Quantizer, quantize_levels, row_norms
+
+__all__ = ["row_seeds", "row_uniforms", "aggregate_layer_", "aggregate_layer_torch_", "encode_uploads"]
+
+Backend = Literal["auto", "torch", "triton"]
+
+_MASK63 = (1 << 63) - 1
+
+
+def _mix(*values: int) -> int:
+    """SplitMix64-style mixing of integers into one 63-bit seed (deterministic, platform-independent)."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+        h = (h * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 29
+    return h & _MASK63
+
+
+def row_seeds(seed: int, round_idx: int, layer: int, event: int, num_rows: int) -> Tensor:
+    """int64 [num_rows]: the seed of each child row's uniforms for one aggregation event of one layer.
+
+    ``event`` numbers the aggregations of this layer within the global round (0-based).
+    """
+    base = _mix(seed, round_idx, layer, event)
+    return torch.tensor([_mix(base, i) for i in range(num_rows)], dtype=torch.int64)
+
+
+def row_uniforms(seeds: Tensor, d: int, device: torch.device | str) -> Tensor:
+    """float32 [len(seeds), d] of U[0, 1) draws, row i from a generator seeded with ``seeds[i]``."""
+    out = torch.empty(len(seeds), d, dtype=torch.float32, device=device)
+    g = torch.Generator(device=device)
+    for i, s in enumerate(seeds.tolist()):
+        g.manual_seed(int(s))
+        out[i] = torch.rand(d, generator=g, device=device, dtype=torch.float32)
+    return out
+
+
+def _chunk_rows(num_cols: int, budget_bytes: int = 64 << 20) -> int:
+    return max(1, budget_bytes // max(1, 4 * num_cols * 3))
+
+
+def encode_uploads(
+    parent: Tensor, child: Tensor, parent_index: Tensor, quantizer: Quantizer, seeds: Tensor
+) -> Encoded:
+    """The messages of one aggregation event: Q_n(child_c - parent_{p(c)}) as norms and level codes."""
+    diff = child.to(torch.float32) - parent.to(torch.float32)[parent_index.to(parent.device)]
+    if quantizer.is_identity:
+        return quantizer.encode(diff)
+    return quantizer.encode(diff, uniforms=row_uniforms(seeds, diff.shape[1], diff.device))
+
+
+@torch.no_grad()
+def aggregate_layer_torch_(
+    parent: Tensor,
+    child: Tensor,
+    parent_index: Tensor,
+    weights: Tensor,
+    quantizer: Quantizer,
+    seeds: Tensor,
+    uniforms: Tensor | None = None,
+) -> Tensor:
+    """Torch implementation of Eq. 4/6 for one layer, in place on ``parent``; returns per-row norms
+    float32 [C, buckets] of the uploads (non-finite if an upload held NaN/Inf; then ``parent`` is untouched).
+
+    ``uniforms`` [C, P] overrides the seeded draws (tests feed the same draws to a reference this way).
+    Processes children in chunks so the temporaries stay small for 1000s of rows.
+    """
+    _check_shapes(parent, child, parent_index, weights)
+    c_rows, d = child.shape
+    device = parent.device
+    parent_index = parent_index.to(device)
+    weights = weights.to(device=device, dtype=torch.float32)
+    acc = torch.zeros(parent.shape, dtype=torch.float32, device=device)
+    pf = parent.to(torch.float32)
+    norms_out = []
+    step = _chunk_rows(d)
+    for start in range(0, c_rows, step):
+        stop = min(c_rows, start + step)
+        idx = parent_index[start:stop]
+        diff = child[start:stop].to(torch.float32) - pf[idx]
+        if quantizer.is_identity:
+            norms = row_norms(diff)
+            q = diff
+        else:
+            u = uniforms[start:stop] if uniforms is not None else row_uniforms(seeds[start:stop], d, device)
+            enc = quantizer.encode(diff, uniforms=u)
+            norms = enc.norms
+            q = quantizer.decode(enc, d)
+        norms_out.append(norms)
+        acc.index_add_(0, idx, q * weights[start:stop, None])
+    norms = torch.cat(norms_out) if norms_out else torch.zeros(0, 1, device=device)
+    if not bool(torch.isfinite(norms).all()):
+        return norms
+    parent.copy_(pf.add_(acc))
+    return norms
+
+
+def _check_shapes(parent: Tensor, child: Tensor, parent_index: Tensor, weights: Tensor) -> None:
+    if parent.dim() != 2 or child.dim() != 2 or parent.shape[1] != child.shape[1]:
+        raise ValueError(f"parent [M, P] and child [C, P] must share P; got {tuple(parent.shape)}, {tuple(child.shape)}")
+    if parent_index.shape != (child.shape[0],) or weights.shape != (child.shape[0],):
+        raise ValueError(
+            f"parent_index and weights must have shape ({child.shape[0]},); got "
+            f"{tuple(parent_index.shape)}, {tuple(weights.shape)}"
+        )
+
+
+def aggregate_layer_(
+    parent: Tensor,
+    child: Tensor,
+    parent_index: Tensor,
+    weights: Tensor,
+    quantizer: Quantizer,
+    seeds: Tensor,
+    backend: Backend = "auto",
+) -> Tensor:
+    """Eq. 4/6 for all parents of one layer, dispatched: Triton for CUDA tensors, torch otherwise.
+
+    ``backend="torch"`` or ``"triton"`` forces one. Returns the per-row upload norms (see the torch version).
+    """
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    use_triton = backend == "triton" or (backend == "auto" and parent.is_cuda and _triton_available())
+    if use_triton:
+        from .kernels import aggregate_layer_triton_
+
+        return aggregate_layer_triton_(parent, child, parent_index, weights, quantizer, seeds)
+    return aggregate_layer_torch_(parent, child, parent_index, weights, quantizer, seeds)
+
+
+def _triton_available() -> bool:
+    try:
+        from . import kernels  # noqa: F401
+
+        return kernels.TRITON_AVAILABLE
+    except Exception:  # pragma: no cover - import problems mean "not available"
+        return False

@@ -1,0 +1,287 @@
+"""The QMLHFL engine: the schedule of ALGORITHM.md section 2 with Eqs. 3-6, on stacked state.
+
+One global round = prod(tau) local steps of every device. After local step k (1-based inside the round):
+
+    for n = 1..N:
+        if k % (tau_1 * ... * tau_n) != 0: break
+        aggregate layer n (Eq. 4; Eq. 6 for n == N), then re-synchronise its subtree (Eq. 5)
+
+Layers aggregate bottom-up inside one step, so layer 2 sees layer 1's fresh models.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .aggregation import Backend, aggregate_layer_, row_seeds
+from .device_optim import DeviceOptimizer
+from .executors import LossFn, make_executor
+from .hierarchy import Hierarchy
+from .quantizers import NoQuantization, Quantizer, make_quantizer
+from .stacked import StackedState
+
+__all__ = ["QMLHFLEngine", "NonFiniteUpdateError", "StepResult", "validate_taus", "validate_quantizers"]
+
+
+class NonFiniteUpdateError(FloatingPointError):
+    """An upload held NaN or Inf. Carries ``layer`` (the receiving layer n), ``node`` (the sender's index in
+    layer n-1), ``round`` (0-based global round) and ``step`` (1-based local step inside the round)."""
+
+    def __init__(self, layer: int, node: int, round_idx: int, step: int, what: str = "parameters") -> None:
+        self.layer, self.node, self.round, self.step = layer, node, round_idx, step
+        super().__init__(
+            f"non-finite (NaN/Inf) {what} upload from node {node} of layer {layer - 1} to layer {layer} in global "
+            f"round {round_idx} (0-based), local step {step}: training stopped before the poisoned update was "
+            f"applied. Lower the learning rate or check the loss for overflow."
+        )
+
+
+def validate_taus(taus: Sequence[int], num_layers: int) -> tuple[int, ...]:
+    if isinstance(taus, (str, bytes)) or not isinstance(taus, Sequence):
+        raise ValueError(f"taus must be a list of {num_layers} integers >= 1, got {taus!r}")
+    if len(taus) != num_layers:
+        raise ValueError(f"taus has length {len(taus)} but the hierarchy has N = {num_layers} layers: give one tau per layer")
+    out = []
+    for n, t in enumerate(taus, start=1):
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 1:
+            raise ValueError(f"tau_{n} must be an integer >= 1, got {t!r}")
+        out.append(int(t))
+    return tuple(out)
+
+
+def validate_quantizers(quantizers: Any, num_layers: int) -> tuple[Quantizer, ...]:
+    if quantizers is None:
+        return tuple(NoQuantization() for _ in range(num_layers))
+    if isinstance(quantizers, (Quantizer, numbers.Integral, str)):
+        raise ValueError(f"quantizers must be a list of {num_layers} quantizers (one per layer), got {quantizers!r}")
+    quantizers = list(quantizers)
+    if len(quantizers) != num_layers:
+        raise ValueError(
+            f"quantizers has length {len(quantizers)} but the hierarchy has N = {num_layers} layers: give one per layer"
+        )
+    return tuple(make_quantizer(q) for q in quantizers)
+
+
+@dataclass
+class StepResult:
+    """Outcome of one local step of every device."""
+
+    losses: Tensor  # [N_tot] per-device training loss of this step
+    aux: dict[str, Tensor]  # per-device auxiliary scalars {name: [N_tot]}
+    aggregated: list[int] = field(default_factory=list)  # layers n that aggregated after this step, bottom-up
+    round_completed: bool = False  # True when the cloud aggregated (a global round ended)
+
+
+class QMLHFLEngine:
+    """Simulates QMLHFL for one model template on stacked state.
+
+    Args:
+        module: the model template; its current weights initialise every node. It is used as the functional
+            skeleton for all devices and is not trained directly (call :meth:`load_cloud_into` to read w_t).
+        loss_fn: ``loss_fn(module, batch) -> loss`` (or a dict with "loss", or (loss, {name: scalar})), run on
+            each device's weights and mini-batch.
+        hierarchy: the tree (N layers).
+        taus: (tau_1, ..., tau_N), every tau_n >= 1.
+        quantizers: one per layer (Q_1 for device->layer-1 uploads, ..., Q_N for the uploads to the cloud);
+            ``None`` for no quantization anywhere. Config values (int s, "none") are accepted.
+        optimizer: an element-wise torch optimiser class (or its name) and ``optimizer_kwargs`` (lr = mu, ...).
+        executor: "auto" (documented rule in :func:`executors.choose_executor`), "vmap" or "loop".
+        seed: seeds the quantizers' counter-based draws (per round, layer, event and node).
+        device_mass: optional float [N_tot] (e.g. local sample counts) for ``weighting: samples``;
+            default: every device weighs 1, so weights are |C(child)| / |C(parent)|.
+        backend: aggregation backend ("auto": Triton on CUDA, torch elsewhere).
+        device: where the stacks live (default: the module's device).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        loss_fn: LossFn,
+        hierarchy: Hierarchy,
+        taus: Sequence[int],
+        quantizers: Sequence[Quantizer | int | str | None] | None = None,
+        optimizer: Any = torch.optim.SGD,
+        optimizer_kwargs: dict[str, Any] | None = None,
+        executor: str = "auto",
+        seed: int = 0,
+        device_mass: Tensor | None = None,
+        backend: Backend = "auto",
+        device: torch.device | str | None = None,
+    ) -> None:
+        if not isinstance(hierarchy, Hierarchy):
+            raise TypeError(f"hierarchy must be a Hierarchy, got {type(hierarchy).__name__}")
+        self.hierarchy = hierarchy
+        self.N = hierarchy.num_layers
+        self.taus = validate_taus(taus, self.N)
+        self.quantizers = validate_quantizers(quantizers, self.N)
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        self.seed = int(seed)
+        self.backend = backend
+        self.module = module
+        self.state = StackedState(module, hierarchy, device)
+        self.device = self.state.device
+        self.executor = make_executor(
+            executor, module, loss_fn, self.state.param_layout, self.state.buffer_layout, self.device
+        )
+        self.optimizer = DeviceOptimizer(self.state.params[0], optimizer, optimizer_kwargs or {"lr": 0.01})
+        # Per layer n = 1..N (stored at index n-1): parent index of the children and their weights.
+        self._parent_index = [hierarchy.parent_index(n - 1).to(self.device) for n in range(1, self.N + 1)]
+        self._weights = [
+            hierarchy.aggregation_weights(n, device_mass).to(device=self.device, dtype=torch.float32)
+            for n in range(1, self.N + 1)
+        ]
+        # Eq. 5 resync maps: for layer n, the ancestor in layer n of every node of each layer m < n.
+        self._ancestors = [
+            [hierarchy.ancestor_index(m, n).to(self.device) for m in range(n)] for n in range(1, self.N + 1)
+        ]
+        self._period = [math.prod(self.taus[:n]) for n in range(1, self.N + 1)]
+        self.steps_per_round = self._period[-1]
+        # Counters (all part of the checkpoint).
+        self.round = 0  # completed global rounds
+        self.step_in_round = 0  # local steps done in the current round
+        self.total_steps = 0
+        self.events_in_round = [0] * self.N  # aggregations of layer n done in this round (RNG event index)
+        self.aggregation_counts = [0] * self.N  # cumulative aggregations per layer
+        self.bits_sent = [0] * self.N  # cumulative upload bits into layer n (index n-1)
+        self.baseline_bits = [0] * self.N  # the same uploads at 32 bits per number
+        self.round_bits = [0] * self.N  # upload bits of the current (or just completed) round
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def num_params(self) -> int:
+        return self.state.num_params
+
+    @property
+    def executor_name(self) -> str:
+        return self.executor.name
+
+    def upload_bits(self, n: int) -> int:
+        """Bits of one upload into layer n (parameters quantized by Q_n, float buffers at 32 bits)."""
+        return self.quantizers[n - 1].bits(self.state.num_params) + 32 * self.state.num_buffer_elems
+
+    def upload_baseline_bits(self, n: int) -> int:
+        return 32 * (self.state.num_params + self.state.num_buffer_elems)
+
+    # ------------------------------------------------------------------ the schedule
+    def local_step(self, batch: Any) -> StepResult:
+        """Eq. 3 for every device on its mini-batch (leading dim N_tot), then the aggregations that fall due."""
+        s = self.state
+        grads, losses, aux = self.executor(s.params[0], s.buffers[0], batch)
+        self.optimizer.step(grads)
+        self.step_in_round += 1
+        self.total_steps += 1
+        k = self.step_in_round
+        if self.step_in_round == 1:
+            self.round_bits = [0] * self.N
+        done: list[int] = []
+        for n in range(1, self.N + 1):
+            if k % self._period[n - 1] != 0:
+                break
+            self._aggregate(n)
+            done.append(n)
+        completed = k == self.steps_per_round
+        if completed:
+            self.round += 1
+            self.step_in_round = 0
+            self.events_in_round = [0] * self.N
+        return StepResult(losses=losses, aux=aux, aggregated=done, round_completed=completed)
+
+    def run_round(self, next_batch: Callable[[], Any]) -> list[StepResult]:
+        """Run local steps until the current global round completes; ``next_batch()`` supplies each step's batch."""
+        out = []
+        while True:
+            r = self.local_step(next_batch())
+            out.append(r)
+            if r.round_completed:
+                return out
+
+    @torch.no_grad()
+    def _aggregate(self, n: int) -> None:
+        """Eq. 4 at layer n (Eq. 6 when n == N) for all its nodes, then Eq. 5 down its subtrees."""
+        s = self.state
+        idx, w = self._parent_index[n - 1], self._weights[n - 1]
+        rows = s.params[n - 1].shape[0]
+        event = self.events_in_round[n - 1]
+        seeds = row_seeds(self.seed, self.round, n, event, rows)
+        if s.num_buffer_elems:
+            bad = ~torch.isfinite(s.buffers[n - 1]).all(dim=1)
+            if bool(bad.any()):
+                raise NonFiniteUpdateError(n, int(bad.nonzero()[0]), self.round, self.step_in_round, "buffer")
+        norms = aggregate_layer_(s.params[n], s.params[n - 1], idx, w, self.quantizers[n - 1], seeds, self.backend)
+        bad = ~torch.isfinite(norms).all(dim=1)
+        if bool(bad.any()):
+            raise NonFiniteUpdateError(n, int(bad.nonzero()[0]), self.round, self.step_in_round)
+        if s.num_buffer_elems:
+            aggregate_layer_(s.buffers[n], s.buffers[n - 1], idx, w, NoQuantization(), seeds, "torch")
+        # Eq. 5: everything below layer n continues from its layer-n ancestor's new model.
+        for m, anc in enumerate(self._ancestors[n - 1]):
+            s.params[m].copy_(s.params[n][anc])
+            if s.num_buffer_elems:
+                s.buffers[m].copy_(s.buffers[n][anc])
+        self.events_in_round[n - 1] += 1
+        self.aggregation_counts[n - 1] += 1
+        bits, base = rows * self.upload_bits(n), rows * self.upload_baseline_bits(n)
+        self.bits_sent[n - 1] += bits
+        self.baseline_bits[n - 1] += base
+        self.round_bits[n - 1] += bits
+
+    # ------------------------------------------------------------------ reading the models
+    def cloud_params(self) -> Tensor:
+        """w_t: the cloud model's flat parameters [P]."""
+        return self.state.cloud_params()
+
+    @torch.no_grad()
+    def load_cloud_into(self, module: nn.Module | None = None) -> nn.Module:
+        """Copy the cloud model (parameters and float buffers) into ``module`` (default: the template)."""
+        module = self.module if module is None else module
+        self.state.load_row_into(module, self.N, 0)
+        return module
+
+    def set_lr(self, lr: float) -> None:
+        self.optimizer.set_lr(lr)
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue bit-for-bit (tensors and plain python only)."""
+        return {
+            "stacked": self.state.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "counters": {
+                "round": self.round,
+                "step_in_round": self.step_in_round,
+                "total_steps": self.total_steps,
+                "events_in_round": list(self.events_in_round),
+                "aggregation_counts": list(self.aggregation_counts),
+                "bits_sent": list(self.bits_sent),
+                "baseline_bits": list(self.baseline_bits),
+                "round_bits": list(self.round_bits),
+            },
+            "config": {
+                "taus": list(self.taus),
+                "quantizers": [repr(q) for q in self.quantizers],
+                "hierarchy": self.hierarchy.to_dict(),
+                "seed": self.seed,
+            },
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        cfg = sd["config"]
+        mine = self.state_dict()["config"]
+        for key in ("taus", "quantizers", "hierarchy", "seed"):
+            if cfg[key] != mine[key]:
+                raise ValueError(f"checkpoint was made with {key}={cfg[key]!r}, this run has {mine[key]!r}")
+        self.state.load_state_dict(sd["stacked"])
+        self.optimizer.load_state_dict(sd["optimizer"])
+        c = sd["counters"]
+        self.round, self.step_in_round, self.total_steps = c["round"], c["step_in_round"], c["total_steps"]
+        self.events_in_round = list(c["events_in_round"])
+        self.aggregation_counts = list(c["aggregation_counts"])
+        self.bits_sent, self.baseline_bits = list(c["bits_sent"]), list(c["baseline_bits"])
+        self.round_bits = list(c["round_bits"])

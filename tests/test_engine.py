@@ -1,0 +1,413 @@
+"""The engine against a slow, obviously-correct reference: a plain loop over node objects.
+
+The reference gives every device its own nn.Module and torch optimiser, every node its own state dict, and
+writes Eqs. 4-6 and the Eq. 5 resync as per-node Python code, following ALGORITHM.md section 2 literally
+(nested loops: tau_N times { ... tau_2 times { tau_1 local steps; aggregate layer 1 } ... }; aggregate the cloud).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_qmlhfl import QSGD, Hierarchy, NoQuantization
+from lightning_qmlhfl import aggregation as aggregation_mod
+from lightning_qmlhfl.aggregation import row_seeds, row_uniforms
+from lightning_qmlhfl.engine import NonFiniteUpdateError, QMLHFLEngine
+
+
+# ---------------------------------------------------------------- models and data
+class MLP(nn.Module):
+    def __init__(self, d_in=6, hidden=8, classes=3, dropout=0.0):
+        super().__init__()
+        self.fc1, self.fc2, self.drop = nn.Linear(d_in, hidden), nn.Linear(hidden, classes), nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.fc2(self.drop(torch.relu(self.fc1(x))))
+
+
+class SmallCNN(nn.Module):
+    def __init__(self, dropout=0.0):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3)
+        self.bn = nn.BatchNorm2d(3)
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(3 * 4 * 4, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x)))
+        return self.fc(self.drop(h.flatten(1)))
+
+
+def ce_loss(module, batch):
+    x, y = batch
+    return F.cross_entropy(module(x), y)
+
+
+def make_batches(num_devices, steps, shape=(6,), batch=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xs = torch.randn(steps, num_devices, batch, *shape, generator=g)
+    ys = torch.randint(0, 3, (steps, num_devices, batch), generator=g)
+    return [(xs[t], ys[t]) for t in range(steps)]
+
+
+# ---------------------------------------------------------------- the slow reference
+class RefNode:
+    def __init__(self, layer, index, state):
+        self.layer, self.index, self.state = layer, index, {k: v.clone() for k, v in state.items()}
+        self.children: list[RefNode] = []
+        self.parent: RefNode | None = None
+        self.mass = 0.0
+
+
+class ReferenceQMLHFL:
+    def __init__(self, template, hierarchy, taus, quantizers, lr, momentum, seed, uniforms_override=None):
+        self.h, self.taus, self.quantizers, self.seed = hierarchy, list(taus), list(quantizers), seed
+        self.param_names = [n for n, _ in template.named_parameters()]
+        self.buffer_names = [n for n, b in template.named_buffers() if b.is_floating_point()]
+        init = {k: v.detach().clone() for k, v in template.state_dict().items()}
+        self.models = [copy.deepcopy(template) for _ in range(hierarchy.num_devices)]
+        self.opts = [torch.optim.SGD(m.parameters(), lr=lr, momentum=momentum) for m in self.models]
+        self.layers: list[list[RefNode]] = []
+        for n, m in enumerate(hierarchy.nodes_per_layer):
+            self.layers.append([RefNode(n, i, init) for i in range(m)])
+        for n in range(hierarchy.num_layers):
+            for i, p in enumerate(hierarchy.parents[n]):
+                child, parent = self.layers[n][i], self.layers[n + 1][p]
+                child.parent = parent
+                parent.children.append(child)
+        for dev in self.layers[0]:
+            dev.mass = 1.0
+            node = dev.parent
+            while node is not None:
+                node.mass += 1.0
+                node = node.parent
+        self.round = 0
+
+    def device_state(self, i):
+        m = self.models[i]
+        return {k: v.detach().clone() for k, v in m.state_dict().items() if k in self.param_names + self.buffer_names}
+
+    def set_device_state(self, i, state):
+        with torch.no_grad():
+            sd = self.models[i].state_dict()
+            for k, v in state.items():
+                sd[k].copy_(v)
+
+    def local_step(self, batch):
+        x, y = batch
+        for i, (m, opt) in enumerate(zip(self.models, self.opts)):
+            opt.zero_grad()
+            loss = F.cross_entropy(m(x[i]), y[i])
+            loss.backward()
+            opt.step()
+
+    def _flat(self, state):
+        return torch.cat([state[k].reshape(-1) for k in self.param_names])
+
+    def _unflat(self, flat, like):
+        out, off = {}, 0
+        for k in self.param_names:
+            n = like[k].numel()
+            out[k] = flat[off : off + n].view_as(like[k])
+            off += n
+        return out
+
+    def quantize(self, vec, levels, u):
+        """QSGD written out per element."""
+        norm = math.sqrt(sum(float(v) ** 2 for v in vec))
+        out = torch.zeros_like(vec)
+        if norm == 0:
+            return out
+        for j, v in enumerate(vec.tolist()):
+            r = levels * abs(v) / norm
+            low = math.floor(r)
+            xi = low + (1 if float(u[j]) < r - low else 0)
+            out[j] = norm * math.copysign(1.0, v) * xi / levels if v != 0 else 0.0
+        return out
+
+    def aggregate(self, n, event):
+        """Eq. 4 (n < N) / Eq. 6 (n == N) at every node of layer n, then Eq. 5 down the subtree."""
+        q = self.quantizers[n - 1]
+        seeds = row_seeds(self.seed, self.round, n, event, self.h.nodes_per_layer[n - 1])
+        if n == 1:
+            for dev in self.layers[0]:
+                dev.state = self.device_state(dev.index)
+        for parent in self.layers[n]:
+            vp = self._flat(parent.state)
+            new_p = vp.clone()
+            new_b = {k: parent.state[k].clone() for k in self.buffer_names}
+            for child in parent.children:
+                w = child.mass / parent.mass
+                diff = self._flat(child.state) - vp
+                if isinstance(q, NoQuantization):
+                    qd = diff
+                else:
+                    u = row_uniforms(seeds[child.index : child.index + 1], diff.numel(), "cpu")[0]
+                    qd = self.quantize(diff, q.levels, u)
+                new_p += w * qd
+                for k in self.buffer_names:
+                    new_b[k] += w * (child.state[k] - parent.state[k])
+            parent.state = {**self._unflat(new_p, parent.state), **new_b}
+            self._resync(parent)
+
+    def _resync(self, node):
+        for child in node.children:
+            child.state = {k: v.clone() for k, v in node.state.items()}
+            if child.layer == 0:
+                self.set_device_state(child.index, child.state)
+            self._resync(child)
+
+    def global_round(self, batches):
+        """The nested loops of ALGORITHM.md section 2, written recursively."""
+        it = iter(batches)
+        events = [0] * self.h.num_layers
+
+        def run_layer(n):  # run everything below layer n's aggregation, then aggregate layer n
+            for _ in range(self.taus[n - 1]):
+                if n == 1:
+                    self.local_step(next(it))
+                else:
+                    run_layer(n - 1)
+            self.aggregate(n, events[n - 1])
+            events[n - 1] += 1
+
+        run_layer(self.h.num_layers)
+        self.round += 1
+
+    def device_matrix(self):
+        return torch.stack([self._flat(self.device_state(i)) for i in range(self.h.num_devices)])
+
+    def cloud_flat(self):
+        return self._flat(self.layers[-1][0].state)
+
+
+HIERARCHIES = {
+    "N1": (Hierarchy.balanced([4]), [3]),
+    "N2": (Hierarchy.balanced([2, 3]), [2, 2]),
+    "N3": (Hierarchy.balanced([2, 2, 2]), [2, 1, 2]),
+    "N4": (Hierarchy.balanced([2, 1, 2, 2]), [1, 2, 2, 1]),
+    "irregular": (Hierarchy.from_parents([[0, 0, 0, 1, 2, 2], [0, 0, 1], [0, 0]]), [2, 2, 1]),
+}
+
+
+def _run_both(hname, quantized, executor, rounds=2, momentum=0.5):
+    h, taus = HIERARCHIES[hname]
+    torch.manual_seed(0)
+    template = MLP()
+    qs = [QSGD(s) for s in (4, 8, 2, 16)[: h.num_layers]] if quantized else [NoQuantization()] * h.num_layers
+    steps = math.prod(taus) * rounds
+    batches = make_batches(h.num_devices, steps)
+    engine = QMLHFLEngine(copy.deepcopy(template), ce_loss, h, taus, qs, optimizer="sgd",
+                          optimizer_kwargs={"lr": 0.2, "momentum": momentum}, executor=executor, seed=7)
+    for b in batches:
+        engine.local_step(b)
+    ref = ReferenceQMLHFL(copy.deepcopy(template), h, taus, qs, lr=0.2, momentum=momentum, seed=7)
+    per_round = math.prod(taus)
+    for r in range(rounds):
+        ref.global_round(batches[r * per_round : (r + 1) * per_round])
+    return engine, ref
+
+
+@pytest.mark.parametrize("hname", list(HIERARCHIES))
+@pytest.mark.parametrize("executor", ["vmap", "loop"])
+def test_engine_matches_reference_unquantized(hname, executor):
+    engine, ref = _run_both(hname, quantized=False, executor=executor)
+    assert engine.round == 2
+    torch.testing.assert_close(engine.state.params[0], ref.device_matrix(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(engine.cloud_params(), ref.cloud_flat(), atol=1e-6, rtol=1e-6)
+    # every intermediate node equals the reference node too
+    for n in range(1, engine.N + 1):
+        mine = engine.state.params[n]
+        theirs = torch.stack([ref._flat(node.state) for node in ref.layers[n]])
+        torch.testing.assert_close(mine, theirs, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("hname", ["N1", "N2", "N3", "irregular"])
+def test_engine_matches_reference_quantized(hname):
+    engine, ref = _run_both(hname, quantized=True, executor="vmap")
+    torch.testing.assert_close(engine.state.params[0], ref.device_matrix(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(engine.cloud_params(), ref.cloud_flat(), atol=1e-5, rtol=1e-5)
+
+
+def test_batchnorm_buffers_match_reference():
+    """Float buffers follow the documented policy: simulated per device, averaged exactly (no quantization)."""
+    h, taus = Hierarchy.balanced([2, 2]), [2, 1]
+    torch.manual_seed(0)
+    template = SmallCNN()
+    batches = make_batches(h.num_devices, 4, shape=(1, 6, 6))
+    engine = QMLHFLEngine(copy.deepcopy(template), ce_loss, h, taus, [QSGD(8), NoQuantization()],
+                          optimizer_kwargs={"lr": 0.1}, executor="loop", seed=3)
+    for b in batches:
+        engine.local_step(b)
+    ref = ReferenceQMLHFL(copy.deepcopy(template), h, taus, [QSGD(8), NoQuantization()], 0.1, 0.0, seed=3)
+    ref.global_round(batches[:2])
+    ref.global_round(batches[2:])
+    torch.testing.assert_close(engine.state.params[0], ref.device_matrix(), atol=1e-5, rtol=1e-5)
+    ref_buf = torch.cat([ref.layers[-1][0].state[k].reshape(-1) for k in ref.buffer_names])
+    torch.testing.assert_close(engine.state.cloud_buffers(), ref_buf, atol=1e-6, rtol=1e-6)
+    # the cloud model really was loaded into a module with its running statistics
+    m = engine.load_cloud_into(SmallCNN())
+    torch.testing.assert_close(m.bn.running_mean, ref.layers[-1][0].state["bn.running_mean"])
+
+
+def test_schedule_counts_tau_2_3_2_2(monkeypatch):
+    h = Hierarchy.balanced([2, 1, 1, 2])
+    taus = (2, 3, 2, 2)
+    calls = {"local": 0, "agg": [0, 0, 0, 0]}
+    engine = QMLHFLEngine(MLP(), ce_loss, h, taus, None, optimizer_kwargs={"lr": 0.01}, executor="vmap")
+    real_exec = engine.executor
+
+    def counting_exec(p, b, batch):
+        calls["local"] += 1
+        return real_exec(p, b, batch)
+
+    real_agg = aggregation_mod.aggregate_layer_
+
+    def counting_agg(parent, child, *a, **k):
+        # identify the layer by the parent's row count against the hierarchy (layers have distinct sizes here)
+        n = [engine.state.params[m].data_ptr() for m in range(5)].index(parent.data_ptr())
+        calls["agg"][n - 1] += 1
+        return real_agg(parent, child, *a, **k)
+
+    engine.executor = counting_exec
+    monkeypatch.setattr("lightning_qmlhfl.engine.aggregate_layer_", counting_agg)
+    batches = make_batches(h.num_devices, 24)
+    for t, b in enumerate(batches):
+        r = engine.local_step(b)
+        assert r.round_completed == (t == 23)
+    assert calls["local"] == 24
+    assert calls["agg"] == [12, 4, 2, 1]
+    assert engine.round == 1 and engine.aggregation_counts == [12, 4, 2, 1]
+
+
+def test_bits_accounting_per_round():
+    h = Hierarchy.balanced([2, 3])
+    engine = QMLHFLEngine(MLP(), ce_loss, h, (2, 3), [QSGD(8), QSGD(4)], optimizer_kwargs={"lr": 0.01})
+    d = engine.num_params
+    for b in make_batches(6, 6):
+        engine.local_step(b)
+    # 3 layer-1 aggregations with 6 uploads each; 1 cloud aggregation with 2 uploads
+    assert engine.bits_sent == [3 * 6 * (32 + 5 * d), 1 * 2 * (32 + 4 * d)]
+    assert engine.baseline_bits == [3 * 6 * 32 * d, 2 * 32 * d]
+    assert engine.round_bits == engine.bits_sent
+
+
+def _dropout_off(m):
+    for mod in m.modules():
+        if isinstance(mod, nn.Dropout):
+            mod.p = 0.0
+    return m
+
+
+@pytest.mark.parametrize("model_fn, shape", [(lambda: MLP(dropout=0.5), (6,)),
+                                             (lambda: SmallCNN(dropout=0.5), (1, 6, 6))])
+def test_executors_agree(model_fn, shape):
+    """vmap and loop give the same numbers (dropout layers present; masks made deterministic by p=0)."""
+    h = Hierarchy.balanced([2, 2])
+    batches = make_batches(4, 8, shape=shape)
+    results = {}
+    for ex in ("vmap", "loop"):
+        torch.manual_seed(0)
+        # SGD with momentum: Adam would turn fp-rounding-sized gradient differences near 0 into +-lr steps.
+        e = QMLHFLEngine(_dropout_off(model_fn()), ce_loss, h, (2, 2), [QSGD(4), QSGD(8)], optimizer="sgd",
+                         optimizer_kwargs={"lr": 0.05, "momentum": 0.9}, executor=ex, seed=1)
+        for b in batches:
+            e.local_step(b)
+        results[ex] = (e.state.params[0].clone(), e.state.buffers[0].clone())
+    torch.testing.assert_close(results["vmap"][0], results["loop"][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(results["vmap"][1], results["loop"][1], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("executor", ["vmap", "loop"])
+def test_dropout_differs_per_device(executor):
+    """With active dropout, devices holding identical weights and batches still draw different masks."""
+    h = Hierarchy.balanced([4])
+    torch.manual_seed(0)
+    e = QMLHFLEngine(MLP(hidden=64, dropout=0.5), ce_loss, h, (5,), None, optimizer_kwargs={"lr": 0.01},
+                     executor=executor)
+    x = torch.randn(1, 8, 6).expand(4, 8, 6).contiguous()
+    y = torch.zeros(4, 8, dtype=torch.long)
+    r = e.local_step((x, y))
+    assert len(set(r.losses.tolist())) == 4
+
+
+def test_auto_executor_rule():
+    h = Hierarchy.balanced([2])
+    assert QMLHFLEngine(MLP(), ce_loss, h, (1,)).executor_name == "vmap"
+    assert QMLHFLEngine(SmallCNN(), ce_loss, h, (1,)).executor_name == "loop"
+
+
+def test_nan_upload_stops_with_layer_node_round():
+    h = Hierarchy.balanced([2, 2])
+    e = QMLHFLEngine(MLP(), ce_loss, h, (1, 1), [QSGD(4), QSGD(4)], optimizer_kwargs={"lr": 0.1})
+    x, y = make_batches(4, 1)[0]
+    e.local_step((x, y))
+    x = x.clone()
+    x[3, 0, 0] = float("nan")
+    before = [p.clone() for p in e.state.params[1:]]
+    with pytest.raises(NonFiniteUpdateError, match="node 3 of layer 0 to layer 1 in global round 1") as info:
+        e.local_step((x, y))
+    assert (info.value.layer, info.value.node, info.value.round) == (1, 3, 1)
+    for b, p in zip(before, e.state.params[1:]):
+        assert torch.equal(b, p)  # the parent was not poisoned
+
+
+def test_state_dict_roundtrip_continues_identically():
+    h = Hierarchy.balanced([2, 2])
+    batches = make_batches(4, 12)
+
+    def make():
+        torch.manual_seed(0)
+        return QMLHFLEngine(MLP(), ce_loss, h, (2, 3), [QSGD(4), QSGD(8)], optimizer="adam",
+                            optimizer_kwargs={"lr": 0.01}, seed=5)
+
+    a = make()
+    for b in batches:
+        a.local_step(b)
+    b_eng = make()
+    for b in batches[:5]:
+        b_eng.local_step(b)
+    sd = b_eng.state_dict()
+    c = make()
+    c.load_state_dict(sd)
+    for b in batches[5:]:
+        c.local_step(b)
+    assert torch.equal(a.state.params[0], c.state.params[0])
+    assert torch.equal(a.cloud_params(), c.cloud_params())
+    assert a.bits_sent == c.bits_sent
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    "taus, quantizers, match",
+    [
+        ((1,), None, "taus has length 1 but the hierarchy has N = 2"),
+        ((1, 0), None, "tau_2 must be an integer >= 1, got 0"),
+        ((1, 2.5), None, "tau_2 must be an integer >= 1"),
+        ((1, 1), [QSGD(4)], "quantizers has length 1 but the hierarchy has N = 2"),
+        ((1, 1), [4, 0], "levels must be an integer >= 1"),
+    ],
+)
+def test_engine_bad_input(taus, quantizers, match):
+    with pytest.raises(ValueError, match=match):
+        QMLHFLEngine(MLP(), ce_loss, Hierarchy.balanced([2, 2]), taus, quantizers)
+
+
+def test_unsupported_optimizer_and_integer_params():
+    h = Hierarchy.balanced([2])
+    with pytest.raises(ValueError, match="LBFGS is not supported"):
+        QMLHFLEngine(MLP(), ce_loss, h, (1,), optimizer=torch.optim.LBFGS)
+    with pytest.raises(ValueError, match="'lion' is not supported; allowed"):
+        QMLHFLEngine(MLP(), ce_loss, h, (1,), optimizer="lion")
+    m = MLP()
+    m.register_parameter("count", nn.Parameter(torch.zeros(2, dtype=torch.long), requires_grad=False))
+    with pytest.raises(TypeError, match="'count' has dtype torch.int64"):
+        QMLHFLEngine(m, ce_loss, h, (1,))
+    with pytest.raises(ValueError, match="executor must be"):
+        QMLHFLEngine(MLP(), ce_loss, h, (1,), executor="threads")
