@@ -1,0 +1,683 @@
+"""MNIST and CIFAR-10 as in-memory tensors, plus batched on-device preprocessing.
+
+The two datasets are read straight from their official on-disk formats (no torchvision):
+
+* MNIST: ``root/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz``, gzip-compressed IDX files.
+* CIFAR-10: ``root/cifar-10-batches-py/{data_batch_1..5,test_batch}``, the "python version" pickles.
+  They are unpickled with :class:`RestrictedUnpickler`, which admits only the numpy globals the format
+  needs, so a tampered file cannot run code.
+
+Every file is checked against a list of accepted md5s (the official release and the lossless local
+rebuild described in ``/work/shared/data/README.md``). A file's digest is computed once per process
+and cached, keyed by path, size and modification time.
+
+Loaders return ``uint8`` images ``[n, C, H, W]`` and ``int64`` labels ``[n]``. Normalisation and
+augmentation (:func:`normalize`, :func:`random_crop_flip`) then run on whole batches on whatever device
+the tensors live on, in the style of airbench: the data sits on the device and mini-batches are gathered
+by indexing, with no DataLoader and no per-sample Python.
+
+Data directory: :func:`resolve_data_dir` (config value, else ``$QMLHFL_DATA``, else ``./data``).
+"""
+
+from __future__ import annotations
+
+import codecs
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import shutil
+import struct
+import tarfile
+import urllib.request
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+import torch.nn.functional as F
+
+__all__ = [
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "DATASET_NAMES",
+    "DatasetError",
+    "DatasetSplits",
+    "MNIST_MEAN",
+    "MNIST_STD",
+    "RestrictedUnpickler",
+    "crop_flip",
+    "dataset_stats",
+    "fetch_url",
+    "get_dataset",
+    "load_cifar10",
+    "load_mnist",
+    "md5_of_file",
+    "normalize",
+    "random_crop_flip",
+    "resolve_data_dir",
+    "verify_md5",
+]
+
+# ----------------------------------------------------------------------------------------------
+# Constants: statistics, file names, checksums, download locations
+# ----------------------------------------------------------------------------------------------
+
+MNIST_MEAN: tuple[float, ...] = (0.1307,)
+MNIST_STD: tuple[float, ...] = (0.3081,)
+CIFAR10_MEAN: tuple[float, ...] = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD: tuple[float, ...] = (0.2470, 0.2435, 0.2616)
+
+DATASET_NAMES: tuple[str, ...] = ("mnist", "cifar10")
+
+DATA_ENV_VAR = "QMLHFL_DATA"
+_HINT = f"set {DATA_ENV_VAR} or data_dir=... to a directory holding the dataset, or pass download=true"
+
+MNIST_SUBDIR = Path("MNIST") / "raw"
+MNIST_FILES: dict[tuple[bool, str], str] = {
+    (True, "images"): "train-images-idx3-ubyte.gz",
+    (True, "labels"): "train-labels-idx1-ubyte.gz",
+    (False, "images"): "t10k-images-idx3-ubyte.gz",
+    (False, "labels"): "t10k-labels-idx1-ubyte.gz",
+}
+# The local copy is byte-identical to the official release, so one md5 per file.
+MNIST_MD5: dict[str, tuple[str, ...]] = {
+    "train-images-idx3-ubyte.gz": ("f68b3c2dcbeaaa9fbdd348bbdeb94873",),
+    "train-labels-idx1-ubyte.gz": ("d53e105ee54ea40749a09fcbcd1e9432",),
+    "t10k-images-idx3-ubyte.gz": ("9fb629c4189551a2d022fa330f9573f3",),
+    "t10k-labels-idx1-ubyte.gz": ("ec29112dd5afa0611ce80d1b7f02629c",),
+}
+MNIST_MIRROR = "https://ossci-datasets.s3.amazonaws.com/mnist/"
+
+CIFAR10_SUBDIR = Path("cifar-10-batches-py")
+CIFAR10_TRAIN_FILES: tuple[str, ...] = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR10_TEST_FILES: tuple[str, ...] = ("test_batch",)
+# (official md5, md5 of the local lossless rebuild whose `filenames` field differs)
+CIFAR10_MD5: dict[str, tuple[str, ...]] = {
+    "data_batch_1": ("c99cafc152244af753f735de768cd75f", "62860871cf64e923465134dd0fae1c2f"),
+    "data_batch_2": ("d4bba439e000b95fd0a9bffe97cbabec", "9ce228b7f23fd11d1736f1899a0f5c7d"),
+    "data_batch_3": ("54ebc095f3ab1f0389bbae665268c751", "efc4ca8f461f2de2e4217ececeea76d8"),
+    "data_batch_4": ("634d18415352ddfa80567beed471001a", "161ff5f3adffe7fbb785ed1ef8d090de"),
+    "data_batch_5": ("482c414d41f54cd18b22e5b47cb7c3cb", "8fae555b775334e85ffdf17cb6315ebd"),
+    "test_batch": ("40351d587109b95175f43aff81a1287e", "81dcfca5ee9f17a826e3916eaa0a5681"),
+    "batches.meta": ("5ff9c542aee3614f3951f8cda6e48888",),
+}
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
+CIFAR10_ARCHIVE_MD5: tuple[str, ...] = ("c58f30108f718f92721af3b95e74349a",)
+
+_IDX_IMAGES_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
+_IDX_LABELS_MAGIC = 0x00000801  # unsigned byte, 1 dimension
+
+
+class DatasetError(RuntimeError):
+    """A dataset file is missing, corrupt, unsafe or cannot be obtained; the message says what to do."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Checksums
+# ----------------------------------------------------------------------------------------------
+
+# (absolute path, size in bytes, mtime in ns) -> md5 hex digest. Filled once per file per process.
+_MD5_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def _cache_key(path: Path) -> tuple[str, int, int]:
+    st = path.stat()
+    return (str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+def md5_of_file(path: str | os.PathLike[str], data: bytes | None = None) -> str:
+    """Hex md5 of the file at ``path``, cached per process (keyed by path, size and mtime).
+
+    ``data``, if given, must be the file's full contents already read by the caller; it is hashed
+    instead of re-reading the file.
+    """
+    path = Path(path)
+    key = _cache_key(path)
+    digest = _MD5_CACHE.get(key)
+    if digest is None:
+        if data is None:
+            h = hashlib.md5()
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            digest = h.hexdigest()
+        else:
+            digest = hashlib.md5(data).hexdigest()
+        _MD5_CACHE[key] = digest
+    return digest
+
+
+def verify_md5(
+    path: str | os.PathLike[str],
+    accepted: Sequence[str],
+    data: bytes | None = None,
+    *,
+    name: str | os.PathLike[str] | None = None,
+    remedy: str | None = None,
+) -> None:
+    """Raise :class:`DatasetError` unless the md5 of ``path`` is one of ``accepted``.
+
+    ``name`` is the file named in the message (default ``path``); ``remedy`` replaces the default advice.
+    """
+    digest = md5_of_file(path, data)
+    if digest not in accepted:
+        if remedy is None:
+            remedy = (
+                f"the file is corrupt, truncated or a different version: replace it ({_HINT}), "
+                f"or load with verify=False if you modified it on purpose"
+            )
+        raise DatasetError(
+            f"{name if name is not None else path}: md5 mismatch: got {digest}, "
+            f"accepted {', '.join(accepted)}; {remedy}."
+        )
+
+
+def _read_file(path: Path, what: str) -> bytes:
+    if not path.is_file():
+        raise DatasetError(f"{path}: missing ({what}); {_HINT}.")
+    return path.read_bytes()
+
+
+# ----------------------------------------------------------------------------------------------
+# MNIST (IDX, gzip)
+# ----------------------------------------------------------------------------------------------
+
+
+def _parse_idx(path: Path, raw: bytes, expected_magic: int) -> tuple[tuple[int, ...], memoryview]:
+    """Return (dims, payload) of an uncompressed IDX file, checking magic number and payload size."""
+    if len(raw) < 4:
+        raise DatasetError(f"{path}: too short to be an IDX file ({len(raw)} bytes after gunzip); {_HINT}.")
+    (magic,) = struct.unpack(">I", raw[:4])
+    if magic != expected_magic:
+        raise DatasetError(
+            f"{path}: wrong IDX magic number 0x{magic:08x}, expected 0x{expected_magic:08x} "
+            f"({'images: ubyte, 3 dims' if expected_magic == _IDX_IMAGES_MAGIC else 'labels: ubyte, 1 dim'}); "
+            f"the file is not the MNIST file it is named after. {_HINT}."
+        )
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DatasetError(f"{path}: IDX header truncated ({len(raw)} < {header} bytes); {_HINT}.")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    expected = header + int(np.prod(dims, dtype=np.int64))
+    if len(raw) != expected:
+        raise DatasetError(
+            f"{path}: wrong size: header says dims {tuple(dims)} -> {expected} bytes, but the file has "
+            f"{len(raw)} bytes after gunzip; the file is truncated or corrupt. {_HINT}."
+        )
+    return tuple(dims), memoryview(raw)[header:]
+
+
+def _read_idx_gz(path: Path, expected_magic: int, verify: bool) -> tuple[tuple[int, ...], np.ndarray]:
+    compressed = _read_file(path, "MNIST IDX file")
+    if verify:
+        verify_md5(path, MNIST_MD5[path.name], compressed)
+    try:
+        raw = gzip.decompress(compressed)
+    except (EOFError, OSError, zlib.error) as e:
+        raise DatasetError(
+            f"{path}: not a valid gzip stream ({type(e).__name__}: {e}); the file is truncated or corrupt. "
+            f"{_HINT}."
+        ) from e
+    dims, payload = _parse_idx(path, raw, expected_magic)
+    # Copy so that the tensor owns writable memory.
+    return dims, np.frombuffer(payload, dtype=np.uint8).copy()
+
+
+def load_mnist(root: str | os.PathLike[str], train: bool, verify: bool = True) -> tuple[Tensor, Tensor]:
+    """Load one MNIST split from ``root/MNIST/raw``.
+
+    Args:
+        root: data directory holding ``MNIST/raw/*.gz``.
+        train: the 60,000-image training split if True, else the 10,000-image test split.
+        verify: check each file's md5 against the accepted list (cached per process).
+
+    Returns:
+        ``(images, labels)``: ``uint8`` ``[n, 1, 28, 28]`` (0..255) and ``int64`` ``[n]`` (0..9).
+    """
+    raw_dir = Path(root) / MNIST_SUBDIR
+    img_path = raw_dir / MNIST_FILES[(train, "images")]
+    lbl_path = raw_dir / MNIST_FILES[(train, "labels")]
+    (n, rows, cols), pixels = _read_idx_gz(img_path, _IDX_IMAGES_MAGIC, verify)
+    (n_labels,), labels = _read_idx_gz(lbl_path, _IDX_LABELS_MAGIC, verify)
+    if n != n_labels:
+        raise DatasetError(f"{img_path} has {n} images but {lbl_path} has {n_labels} labels; {_HINT}.")
+    if labels.size and int(labels.max()) > 9:
+        raise DatasetError(f"{lbl_path}: label {int(labels.max())} out of range 0..9; {_HINT}.")
+    images = torch.from_numpy(pixels).view(n, 1, rows, cols)
+    return images, torch.from_numpy(labels).to(torch.int64)
+
+
+# ----------------------------------------------------------------------------------------------
+# CIFAR-10 (python pickles)
+# ----------------------------------------------------------------------------------------------
+
+
+def _numpy_reconstruct() -> Any:
+    core = getattr(np, "_core", None)  # numpy >= 2; avoids the deprecated numpy.core shim
+    if core is not None:
+        return core.multiarray._reconstruct
+    return np.core.multiarray._reconstruct  # pragma: no cover - numpy 1.x
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only the globals a CIFAR-10 python batch needs.
+
+    The official batches reference exactly ``numpy.core.multiarray._reconstruct``, ``numpy.ndarray`` and
+    ``numpy.dtype`` (the ``data`` field is a numpy array; everything else is dicts, lists, bytes and
+    ints, which need no globals). ``numpy._core.multiarray._reconstruct`` (numpy >= 2 pickles) is also
+    admitted, and so is ``_codecs.encode``, which Python 3 uses for ``bytes`` in protocol <= 2 pickles
+    (a batch re-saved with ``pickle.dump(..., protocol=2)``); it only turns a str into bytes. Any other
+    global raises :class:`DatasetError` *before* it is imported or called.
+    """
+
+    ALLOWED: frozenset[tuple[str, str]] = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("_codecs", "encode"),
+        }
+    )
+
+    def __init__(self, file: io.BufferedIOBase | io.BytesIO, source: str | os.PathLike[str] = "<pickle>") -> None:
+        super().__init__(file, encoding="bytes")
+        self.source = str(source)
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            allowed = ", ".join(sorted(f"{m}.{n}" for m, n in self.ALLOWED))
+            raise DatasetError(
+                f"{self.source}: pickle references the global {module}.{name}, which a CIFAR-10 batch never "
+                f"needs; refusing to load it (a tampered pickle can run code). Allowed globals: {allowed}. "
+                f"Replace the file with the official release ({_HINT})."
+            )
+        if name == "_reconstruct":
+            return _numpy_reconstruct()
+        if name == "encode":
+            return codecs.encode
+        return np.ndarray if name == "ndarray" else np.dtype
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise DatasetError(f"{self.source}: pickle uses persistent id {pid!r}, which CIFAR-10 batches never do.")
+
+
+def _get(d: dict[Any, Any], key: str) -> Any:
+    # encoding="bytes" keeps the Python 2 str keys as bytes; accept str keys too (re-pickled batches).
+    if key.encode() in d:
+        return d[key.encode()]
+    return d.get(key)
+
+
+def _load_cifar_batch(path: Path, verify: bool) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR-10 batch file -> (data uint8 [n, 3072], labels int64 [n])."""
+    raw = _read_file(path, "CIFAR-10 python batch")
+    if verify:
+        verify_md5(path, CIFAR10_MD5[path.name], raw)
+    try:
+        obj = RestrictedUnpickler(io.BytesIO(raw), source=path).load()
+    except DatasetError:
+        raise
+    except Exception as e:  # any parse failure of untrusted bytes: EOFError, UnpicklingError, ValueError, ...
+        raise DatasetError(
+            f"{path}: cannot unpickle ({type(e).__name__}: {e}); the file is truncated or corrupt. {_HINT}."
+        ) from e
+    if not isinstance(obj, dict):
+        raise DatasetError(f"{path}: expected a dict with 'data' and 'labels', got {type(obj).__name__}.")
+    data, labels = _get(obj, "data"), _get(obj, "labels")
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        desc = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise DatasetError(f"{path}: 'data' must be a uint8 array [n, 3072], got {desc}.")
+    try:
+        labels_arr = np.asarray(labels, dtype=np.int64)
+    except (TypeError, ValueError) as e:
+        raise DatasetError(f"{path}: 'labels' must be a list of ints, got {type(labels).__name__}.") from e
+    if labels_arr.shape != (data.shape[0],):
+        raise DatasetError(
+            f"{path}: 'labels' has shape {labels_arr.shape}, expected ({data.shape[0]},) to match 'data'."
+        )
+    if labels_arr.size and (labels_arr.min() < 0 or labels_arr.max() > 9):
+        raise DatasetError(f"{path}: labels out of range 0..9 (min {labels_arr.min()}, max {labels_arr.max()}).")
+    return data, labels_arr
+
+
+def load_cifar10(root: str | os.PathLike[str], train: bool, verify: bool = True) -> tuple[Tensor, Tensor]:
+    """Load one CIFAR-10 split from ``root/cifar-10-batches-py``.
+
+    Args:
+        root: data directory holding ``cifar-10-batches-py/``.
+        train: the 50,000-image training split (``data_batch_1..5``) if True, else ``test_batch``.
+        verify: check each file's md5 against the official or the local-copy md5 (cached per process).
+
+    Returns:
+        ``(images, labels)``: ``uint8`` ``[n, 3, 32, 32]`` (RGB, 0..255) and ``int64`` ``[n]`` (0..9).
+    """
+    batch_dir = Path(root) / CIFAR10_SUBDIR
+    names = CIFAR10_TRAIN_FILES if train else CIFAR10_TEST_FILES
+    parts = [_load_cifar_batch(batch_dir / name, verify) for name in names]
+    data = np.concatenate([d for d, _ in parts])  # a fresh, writable array
+    labels = np.concatenate([lbl for _, lbl in parts])
+    images = torch.from_numpy(data).view(-1, 3, 32, 32)
+    return images, torch.from_numpy(labels)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data directory, download, the combined entry point
+# ----------------------------------------------------------------------------------------------
+
+
+def resolve_data_dir(cfg_value: str | os.PathLike[str] | None) -> Path:
+    """The data directory: ``cfg_value`` if given (non-empty), else ``$QMLHFL_DATA``, else ``./data``."""
+    if cfg_value is not None and str(cfg_value) != "":
+        return Path(cfg_value).expanduser()
+    env = os.environ.get(DATA_ENV_VAR)
+    if env:
+        return Path(env).expanduser()
+    return Path("data")
+
+
+def fetch_url(url: str, dest: Path, timeout: float = 60.0) -> None:
+    """Download ``url`` (http(s):// or file://) to ``dest`` with urllib. Tests replace this function."""
+    with urllib.request.urlopen(url, timeout=timeout) as response, open(dest, "wb") as out:
+        shutil.copyfileobj(response, out, length=1 << 20)
+
+
+def _ensure_writable(directory: Path) -> None:
+    """Raise unless ``directory`` (or, if it does not exist yet, its nearest existing ancestor) is writable."""
+    probe = directory
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK):
+        raise DatasetError(
+            f"{directory}: cannot download here: {probe} is not a writable directory (shared data folders are "
+            f"read-only and are never written to). Set data_dir=... or {DATA_ENV_VAR} to a writable directory, "
+            f"or copy the files there."
+        )
+
+
+def _download_verified(url: str, dest: Path, accepted: Sequence[str]) -> None:
+    """Fetch ``url`` to ``dest`` via a ``.part`` file; on any failure or md5 mismatch remove the partial file."""
+    part = dest.with_name(dest.name + ".part")
+    try:
+        try:
+            fetch_url(url, part)
+        except DatasetError:
+            raise
+        except Exception as e:
+            raise DatasetError(f"{dest}: download from {url} failed ({type(e).__name__}: {e}).") from e
+        verify_md5(
+            part, accepted, name=dest,
+            remedy=f"the download from {url} is corrupt or a different file and was removed; retry later, "
+            f"or fetch the file by hand into {dest.parent}",
+        )
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    os.replace(part, dest)
+
+
+def _download_mnist(root: Path) -> None:
+    raw_dir = root / MNIST_SUBDIR
+    _ensure_writable(raw_dir)
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    for name in MNIST_FILES.values():
+        dest = raw_dir / name
+        if not dest.is_file():
+            _download_verified(MNIST_MIRROR + name, dest, MNIST_MD5[name])
+
+
+def _extract_cifar(archive: Path, root: Path) -> None:
+    """Extract the known batch files of the official archive into ``root/cifar-10-batches-py``.
+
+    Only regular files named in :data:`CIFAR10_MD5` directly under ``cifar-10-batches-py/`` are written
+    (no path traversal, links or other members), each via a temporary name and checked against its md5.
+    """
+    out_dir = root / CIFAR10_SUBDIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    wanted = {f"{CIFAR10_SUBDIR.as_posix()}/{name}": name for name in CIFAR10_MD5}
+    found: set[str] = set()
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            for member in tar:
+                name = wanted.get(member.name)
+                if name is None or not member.isreg():
+                    continue
+                src = tar.extractfile(member)
+                assert src is not None
+                dest = out_dir / name
+                tmp = dest.with_name(dest.name + ".part")
+                try:
+                    with src, open(tmp, "wb") as out:
+                        shutil.copyfileobj(src, out, length=1 << 20)
+                    verify_md5(
+                        tmp, CIFAR10_MD5[name], name=f"{archive}:{member.name}",
+                        remedy=f"the archive is not the official release; delete {archive} and retry",
+                    )
+                except BaseException:
+                    tmp.unlink(missing_ok=True)
+                    raise
+                os.replace(tmp, dest)
+                found.add(name)
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        raise DatasetError(f"{archive}: cannot extract ({type(e).__name__}: {e}); delete it and retry.") from e
+    missing = sorted(set(CIFAR10_TRAIN_FILES + CIFAR10_TEST_FILES) - found)
+    if missing:
+        raise DatasetError(f"{archive}: archive lacks {', '.join(missing)}; delete it and retry.")
+
+
+def _download_cifar10(root: Path) -> None:
+    _ensure_writable(root)
+    root.mkdir(parents=True, exist_ok=True)
+    archive = root / CIFAR10_ARCHIVE
+    if archive.is_file():
+        verify_md5(archive, CIFAR10_ARCHIVE_MD5, remedy=f"delete {archive} and retry")
+    else:
+        _download_verified(CIFAR10_URL, archive, CIFAR10_ARCHIVE_MD5)
+    _extract_cifar(archive, root)
+    archive.unlink()  # the extracted, verified batches are all that is needed
+
+
+def _required_files(name: str, root: Path) -> list[Path]:
+    if name == "mnist":
+        return [root / MNIST_SUBDIR / f for f in MNIST_FILES.values()]
+    return [root / CIFAR10_SUBDIR / f for f in CIFAR10_TRAIN_FILES + CIFAR10_TEST_FILES]
+
+
+@dataclass(frozen=True)
+class DatasetSplits:
+    """A whole dataset in memory.
+
+    Attributes:
+        name: ``"mnist"`` or ``"cifar10"``.
+        train_images, test_images: ``uint8`` ``[n, C, H, W]`` (0..255).
+        train_labels, test_labels: ``int64`` ``[n]`` (0..num_classes-1).
+        mean, std: per-channel statistics of the training pixels in [0, 1] units, for :func:`normalize`.
+        num_classes: number of classes (10 for both).
+    """
+
+    name: str
+    train_images: Tensor
+    train_labels: Tensor
+    test_images: Tensor
+    test_labels: Tensor
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    num_classes: int = 10
+
+
+def dataset_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` per channel, in [0, 1] pixel units, of the named dataset's training split."""
+    name = _check_name(name)
+    return (MNIST_MEAN, MNIST_STD) if name == "mnist" else (CIFAR10_MEAN, CIFAR10_STD)
+
+
+def _check_name(name: str) -> str:
+    key = str(name).lower().replace("-", "").replace("_", "")
+    if key not in DATASET_NAMES:
+        raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASET_NAMES)}")
+    return key
+
+
+def get_dataset(
+    name: Literal["mnist", "cifar10"] | str,
+    root: str | os.PathLike[str],
+    download: bool = False,
+    verify: bool = True,
+) -> DatasetSplits:
+    """Load both splits of ``name`` from ``root``, downloading the official files first if asked.
+
+    Args:
+        name: ``"mnist"`` or ``"cifar10"``.
+        root: data directory (see :func:`resolve_data_dir`).
+        download: if files are missing, fetch the official release into ``root`` (which must be writable;
+            a read-only directory is never written to), verify its md5 and extract it.
+        verify: check md5s when loading (once per file per process).
+
+    Raises:
+        ValueError: unknown ``name``.
+        DatasetError: a file is missing (and ``download`` is false), corrupt or cannot be downloaded.
+    """
+    key = _check_name(name)
+    root = Path(root)
+    missing = [p for p in _required_files(key, root) if not p.is_file()]
+    if missing:
+        if not download:
+            raise DatasetError(
+                f"{key}: missing {', '.join(str(p) for p in missing)}; {_HINT}."
+            )
+        (_download_mnist if key == "mnist" else _download_cifar10)(root)
+    loader = load_mnist if key == "mnist" else load_cifar10
+    train_x, train_y = loader(root, train=True, verify=verify)
+    test_x, test_y = loader(root, train=False, verify=verify)
+    mean, std = dataset_stats(key)
+    return DatasetSplits(key, train_x, train_y, test_x, test_y, mean, std)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batched on-device preprocessing
+# ----------------------------------------------------------------------------------------------
+
+
+def normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """Scale ``uint8`` pixels to [0, 1] and standardise each channel: ``(x / 255 - mean) / std``.
+
+    Args:
+        x: ``uint8`` ``[..., C, H, W]`` on any device.
+        mean, std: ``C`` per-channel values in [0, 1] pixel units (e.g. :data:`CIFAR10_MEAN`).
+
+    Returns:
+        ``float32`` tensor of the same shape and device.
+    """
+    if x.dtype != torch.uint8:
+        raise TypeError(f"normalize expects uint8 pixels (0..255), got dtype {x.dtype}")
+    if x.dim() < 3:
+        raise ValueError(f"normalize expects [..., C, H, W], got shape {tuple(x.shape)}")
+    c = x.shape[-3]
+    if len(mean) != c or len(std) != c:
+        raise ValueError(f"mean/std have {len(mean)}/{len(std)} entries but the images have {c} channels")
+    if any(s <= 0 for s in std):
+        raise ValueError(f"std must be positive, got {tuple(std)}")
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(c, 1, 1)
+    inv = 1.0 / torch.tensor(std, dtype=torch.float32, device=x.device).view(c, 1, 1)
+    return (x.to(torch.float32).mul_(1.0 / 255.0).sub_(m)).mul_(inv)
+
+
+PaddingMode = Literal["zeros", "reflect"]
+
+
+def crop_flip(
+    x: Tensor,
+    offsets_y: Tensor,
+    offsets_x: Tensor,
+    flips: Tensor,
+    padding: int = 4,
+    padding_mode: PaddingMode = "reflect",
+) -> Tensor:
+    """Crop each image of a batch at a given offset from its padded version and flip the chosen ones.
+
+    Output ``[b, :, i, j] = padded[b, :, offsets_y[b] + i, offsets_x[b] + j']`` with
+    ``j' = W - 1 - j`` where ``flips[b]`` else ``j``; ``padded`` is ``x`` padded by ``padding`` pixels
+    on every side (``"zeros"``: zero fill, i.e. the mean pixel after :func:`normalize`; ``"reflect"``:
+    mirror without repeating the edge). One gather, no loop over samples.
+
+    Args:
+        x: float ``[B, C, H, W]``.
+        offsets_y, offsets_x: integer ``[B]`` in ``0 .. 2 * padding`` (``padding`` = no shift).
+        flips: bool ``[B]``, True = mirror horizontally.
+        padding: pixels of padding per side, ``0 <= padding`` (``< H, W`` for reflect).
+        padding_mode: ``"zeros"`` or ``"reflect"``.
+
+    Returns:
+        Tensor like ``x``.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"crop_flip expects [B, C, H, W], got shape {tuple(x.shape)}")
+    if padding_mode not in ("zeros", "reflect"):
+        raise ValueError(f"padding_mode must be 'zeros' or 'reflect', got {padding_mode!r}")
+    if padding < 0:
+        raise ValueError(f"padding must be >= 0, got {padding}")
+    b, c, h, w = x.shape
+    if padding_mode == "reflect" and padding >= min(h, w):
+        raise ValueError(f"reflect padding {padding} must be smaller than the image size {h}x{w}")
+    for t, what in ((offsets_y, "offsets_y"), (offsets_x, "offsets_x"), (flips, "flips")):
+        if t.shape != (b,):
+            raise ValueError(f"{what} must have shape ({b},), got {tuple(t.shape)}")
+    if padding:
+        mode = "constant" if padding_mode == "zeros" else "reflect"
+        xp = F.pad(x, (padding, padding, padding, padding), mode=mode)
+    else:
+        xp = x
+    hp, wp = h + 2 * padding, w + 2 * padding
+    dev = x.device
+    ar_h = torch.arange(h, device=dev)
+    ar_w = torch.arange(w, device=dev)
+    rows = offsets_y.to(dev, torch.long).view(b, 1) + ar_h  # [B, H]
+    col_in = torch.where(flips.to(dev, torch.bool).view(b, 1), (w - 1) - ar_w, ar_w)  # [B, W]
+    cols = offsets_x.to(dev, torch.long).view(b, 1) + col_in  # [B, W]
+    flat_idx = (rows.view(b, h, 1) * wp + cols.view(b, 1, w)).view(b, 1, h * w).expand(b, c, h * w)
+    return xp.reshape(b, c, hp * wp).gather(2, flat_idx).view(b, c, h, w)
+
+
+def random_crop_flip(
+    x: Tensor,
+    padding: int = 4,
+    generator: torch.Generator | None = None,
+    padding_mode: PaddingMode = "reflect",
+) -> Tensor:
+    """Random-crop-with-padding and random horizontal flip (p = 0.5), independently per image.
+
+    The standard CIFAR augmentation (crop ``H x W`` from the image padded by ``padding`` on each side),
+    vectorised over the batch. Default padding is ``"reflect"`` (airbench's choice: after normalisation a
+    constant fill would be an arbitrary colour); ``"zeros"`` pads with 0, the mean pixel.
+
+    Args:
+        x: float ``[B, C, H, W]`` or ``[..., B, C, H, W]`` (e.g. ``[D, B, C, H, W]`` with a leading device
+            dimension; all leading dims are flattened, augmented independently and restored).
+        padding: pixels per side; offsets are drawn uniformly from ``0 .. 2 * padding``.
+        generator: optional ``torch.Generator`` for reproducible draws; the offsets and flips are drawn
+            on the generator's device and moved to ``x.device``. Without one, drawn on ``x.device``.
+        padding_mode: ``"zeros"`` or ``"reflect"``.
+
+    Returns:
+        Tensor with the shape, dtype and device of ``x``.
+    """
+    if x.dim() < 4:
+        raise ValueError(f"random_crop_flip expects [..., B, C, H, W], got shape {tuple(x.shape)}")
+    lead = x.shape[:-3]
+    flat = x.reshape(-1, *x.shape[-3:])
+    n = flat.shape[0]
+    draw_device = generator.device if generator is not None else x.device
+    offsets = torch.randint(0, 2 * padding + 1, (2, n), generator=generator, device=draw_device)
+    flips = torch.rand(n, generator=generator, device=draw_device) < 0.5
+    out = crop_flip(flat, offsets[0], offsets[1], flips, padding=padding, padding_mode=padding_mode)
+    return out.view(*lead, *x.shape[-3:])
