@@ -1,0 +1,545 @@
+"""Choose the intra-layer counts tau_n under a deadline (ALGORITHM.md section 6; the paper's Algorithm 2 is not
+recoverable, so the problem statement below is **ours**, built from the paper's pieces).
+
+Problem. Over integer ``tau in [1, tau_max]^N`` maximise the rate proxy of Remark 2 (**paper**)::
+
+    objective(tau) = mu(tau) * T(tau) * prod_n tau_n,      T(tau) = floor(T_d / T_glob(tau))
+
+subject to T(tau) >= 1 (at least one global iteration fits the deadline T_d) and the learning-rate condition of
+Theorem 1 (Eq. 15, :mod:`lightning_qmlhfl.theory`) holding at mu(tau). ``T_glob`` is :class:`LatencyModel`'s.
+
+How mu enters (**ours**). With ``mu`` = the learning rate you intend to train with:
+
+* ``adapt_mu=True`` (default): mu(tau) = mu where mu satisfies Eq. 15 at tau, else ``safety * mu_max(tau)``.
+  Larger tau then buys more local progress per global iteration (prod tau) and amortises communication, until
+  Eq. 15 binds; beyond that the learning rate must shrink roughly like 1 / prod tau, and rounds get longer, so the
+  objective falls again. Every tau is admissible at its own mu(tau); the plan reports the mu to train with.
+* ``adapt_mu=False``: mu(tau) = mu, and a tau at which mu violates Eq. 15 is infeasible.
+* ``mu=None``: mu(tau) = safety * min(mu_max(tau), 1 / L) (1/L: the classic step-size limit of L-smooth SGD, needed
+  because mu_max is infinite at tau = 1 without quantization). Caveat: since mu_max(tau) * prod tau is nearly constant
+  in tau, this objective is close to "maximise T" and prefers prod tau of 1 or 2; pass your learning rate for a
+  plan that trades local steps against communication.
+
+Only the product L * mu matters. Ties (objective within a relative 1e-12) go to the smaller prod tau, then to the
+lexicographically smaller tau. ``T`` is computed as floor(T_d / T_glob + 1e-9) so that float rounding of an exact
+fit does not lose a round.
+
+Search. Both T_glob and the bracket of Eq. 15 are non-decreasing in every tau_n, so the feasible set is a down-set:
+if tau = (1, ..., 1) is infeasible nothing is, and every feasible tau_n is at most the largest value feasible with
+all other counts at 1 (the per-layer caps).
+
+* ``exact``: evaluates every tau in the box [1, cap_1] x ... x [1, cap_N] (vectorised with numpy, in chunks);
+  refuses boxes larger than ``exact_limit`` points.
+* ``heuristic`` (for large N): coordinate ascent. Starts from (1, ..., 1) and from the best uniform tau = (k, ..., k);
+  repeatedly (a) line-searches each tau_n over [1, cap_n] with the others fixed, and, when no single coordinate
+  improves, (b) tries moves on pairs of layers: (+-1, +-1) and moving a factor 2 from one layer to another
+  (which keeps prod tau); it stops when nothing improves the objective. It only ever moves to feasible points with
+  a strictly better objective from a feasible start, so it never returns an infeasible tau; it is checked against
+  the exact search in ``tests/test_planner.py``.
+* ``auto``: exact when the box has at most ``exact_limit`` points, heuristic otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+
+import numpy as np
+
+from .hierarchy import Hierarchy
+from .latency import LatencyModel, RoundTime, downlink_bits, upload_bits
+from .quantizers import QSGD, make_quantizer
+from .theory import aggregation_ratios, check_taus, lr_condition_bracket_grid, quantizer_variances
+
+__all__ = ["Plan", "InfeasiblePlanError", "plan_taus", "evaluate_taus"]
+
+Method = Literal["auto", "exact", "heuristic"]
+
+_ROUND_SLACK = 1e-9
+_TIE = 1e-12
+_CHUNK = 1 << 18
+
+
+class InfeasiblePlanError(ValueError):
+    """No tau meets the deadline (and the learning-rate condition); the message says what would."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The planner's answer.
+
+    taus: the chosen tau_n, n = 1..N (``None`` when infeasible). rounds: T, global iterations within the deadline.
+    objective: mu * T * prod tau. mu: the learning rate to train with. mu_max: the supremum admissible at taus (Eq. 15).
+    lr_condition: 1 - L^2 mu^2 * bracket at (mu, taus), > 0. round_time: T_glob(taus) split by compute and layer.
+    feasible: whether any tau meets the constraints. method: "exact" or "heuristic". evaluated: tau values scored.
+    message: for an infeasible problem, why and what would help (longer deadline, coarser quantization, faster links).
+    """
+
+    taus: tuple[int, ...] | None
+    rounds: int
+    objective: float
+    mu: float | None
+    mu_max: float | None
+    lr_condition: float | None
+    round_time: RoundTime | None
+    feasible: bool
+    method: str
+    deadline: float
+    evaluated: int
+    message: str = ""
+
+    def require_feasible(self) -> "Plan":
+        """Return self, or raise :class:`InfeasiblePlanError` with :attr:`message`."""
+        if not self.feasible:
+            raise InfeasiblePlanError(self.message)
+        return self
+
+    def summary(self) -> str:
+        """A human-readable report: tau, rounds, time split, learning rate."""
+        if not self.feasible:
+            return self.message
+        rt = self.round_time
+        assert rt is not None and self.taus is not None
+        used = self.rounds * rt.total
+        lines = [
+            f"chosen tau          : {list(self.taus)}  (prod = {math.prod(self.taus)} local steps per global iteration;"
+            f" {self.method} search over {self.evaluated} candidates)",
+            f"global iterations T : {self.rounds}  (T_glob = {rt.total:.6g} s, {used:.6g} s of the "
+            f"{self.deadline:g} s deadline)",
+            "time per global iteration:",
+        ]
+        frac = rt.fractions()
+        lines.append(f"  computation       : {rt.compute:12.6g} s  ({100 * frac['compute']:5.1f} %)")
+        for n, c in enumerate(rt.per_layer_comm, start=1):
+            count = math.prod(self.taus[n:])
+            lines.append(
+                f"  layer {n} links     : {c:12.6g} s  ({100 * frac[f'layer_{n}']:5.1f} %; "
+                f"{count} x {rt.link_time[n - 1]:.6g} s)"
+            )
+        mu_max = "inf" if self.mu_max is None or math.isinf(self.mu_max) else f"{self.mu_max:.6g}"
+        lines.append(
+            f"learning rate mu    : {self.mu:.6g}  (admissible: mu < {mu_max}; Eq. 15 value {self.lr_condition:.4g})"
+        )
+        lines.append(f"rate proxy mu*T*prod(tau) : {self.objective:.6g}")
+        return "\n".join(lines)
+
+
+class _Problem:
+    """Everything the search needs, validated once; :meth:`evaluate` scores many tau at once."""
+
+    def __init__(
+        self,
+        hierarchy: Hierarchy | Sequence[int],
+        quantizers: Sequence[Any],
+        d: int,
+        latency: LatencyModel,
+        deadline: float,
+        L: float,
+        mu: float | None,
+        safety: float,
+        adapt_mu: bool,
+        tau_max: int,
+    ) -> None:
+        if not isinstance(hierarchy, Hierarchy):
+            hierarchy = Hierarchy.balanced(hierarchy)
+        self.hierarchy = hierarchy
+        N = hierarchy.num_layers
+        self.N = N
+        if isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1:
+            raise ValueError(f"d (the number of model parameters) must be an integer >= 1, got {d!r}")
+        self.d = int(d)
+        if isinstance(quantizers, (str, bytes)) or not isinstance(quantizers, Sequence) or len(quantizers) != N:
+            raise ValueError(f"quantizers must list one quantizer spec per layer (N = {N}), got {quantizers!r}")
+        self.quantizers = [make_quantizer(q) for q in quantizers]
+        if not isinstance(latency, LatencyModel):
+            raise ValueError(f"latency must be a LatencyModel, got {type(latency).__name__}")
+        if latency.num_layers != N:
+            raise ValueError(f"the latency model describes {latency.num_layers} layers but the hierarchy has N = {N}")
+        self.latency = latency
+        self.deadline = _positive(deadline, "deadline (seconds)")
+        self.L = _positive(L, "L (the smoothness constant)")
+        self.mu = None if mu is None else _positive(mu, "mu (the learning rate)")
+        s = _positive(safety, "safety")
+        if s >= 1.0:
+            raise ValueError(f"safety must be in (0, 1): mu = safety * mu_max must stay below mu_max; got {safety!r}")
+        self.safety = s
+        self.adapt_mu = bool(adapt_mu)
+        if isinstance(tau_max, bool) or not isinstance(tau_max, numbers.Integral) or tau_max < 1:
+            raise ValueError(f"tau_max must be an integer >= 1, got {tau_max!r}")
+        self.tau_max = int(tau_max)
+        self.qs = quantizer_variances(self.quantizers, self.d)
+        self.rhos = aggregation_ratios(hierarchy, N)
+        self.bits = upload_bits(self.quantizers, self.d)
+        self.down_bits = downlink_bits(self.d) if latency.slowest_downlink_rates is not None else None
+        self.link = latency.link_times(self.bits, self.down_bits)
+        self.evaluated = 0
+
+    # ------------------------------------------------------------------ scoring
+    def evaluate(self, grid: np.ndarray) -> dict[str, np.ndarray]:
+        """Score tau rows [K, N]: objective (-inf where infeasible), mu, mu_max, rounds, T_glob, feasible, bracket."""
+        grid = np.asarray(grid, dtype=np.int64)
+        self.evaluated += grid.shape[0]
+        bracket = lr_condition_bracket_grid(grid, self.qs, self.rhos)
+        with np.errstate(divide="ignore"):
+            mu_max = np.where(bracket > 0, 1.0 / (self.L * np.sqrt(np.maximum(bracket, 1e-300))), np.inf)
+        if self.mu is None:
+            mu = self.safety * np.minimum(mu_max, 1.0 / self.L)
+            lr_ok = np.ones(grid.shape[0], dtype=bool)
+        else:
+            admissible = (self.L * self.mu) ** 2 * bracket < 1.0
+            if self.adapt_mu:
+                mu = np.where(admissible, self.mu, self.safety * mu_max)
+                lr_ok = np.ones(grid.shape[0], dtype=bool)
+            else:
+                mu = np.full(grid.shape[0], self.mu)
+                lr_ok = admissible
+        t_glob = self.latency.round_time_grid(grid, self.link)
+        rounds = np.floor(self.deadline / t_glob + _ROUND_SLACK)
+        feasible = lr_ok & (rounds >= 1)
+        prod = np.prod(grid.astype(np.float64), axis=1)
+        objective = np.where(feasible, mu * rounds * prod, -np.inf)
+        return {
+            "objective": objective,
+            "mu": mu,
+            "mu_max": mu_max,
+            "rounds": rounds,
+            "t_glob": t_glob,
+            "feasible": feasible,
+            "bracket": bracket,
+        }
+
+    def best_index(self, grid: np.ndarray, objective: np.ndarray) -> int | None:
+        """Row of the best tau by (objective desc, prod tau asc, tau lexicographic asc); None if none feasible."""
+        best = objective.max() if objective.size else -np.inf
+        if not np.isfinite(best):
+            return None
+        cand = np.nonzero(objective >= best - abs(best) * _TIE)[0]
+        if cand.size == 1:
+            return int(cand[0])
+        sub = np.asarray(grid, dtype=np.int64)[cand]
+        prod = np.prod(sub.astype(np.float64), axis=1)
+        keys = tuple(sub[:, n] for n in range(sub.shape[1] - 1, -1, -1)) + (prod,)
+        return int(cand[np.lexsort(keys)[0]])
+
+    def caps(self) -> list[int]:
+        """Per layer, the largest tau_n <= tau_max that is feasible with every other count at 1 (0: none)."""
+        caps = []
+        for n in range(self.N):
+            line = np.ones((self.tau_max, self.N), dtype=np.int64)
+            line[:, n] = np.arange(1, self.tau_max + 1)
+            feas = self.evaluate(line)["feasible"]
+            caps.append(int(np.nonzero(feas)[0].max()) + 1 if feas.any() else 0)
+        return caps
+
+    # ------------------------------------------------------------------ answers
+    def plan_for(self, taus: Sequence[int], method: str) -> Plan:
+        row = np.asarray([list(taus)], dtype=np.int64)
+        ev = self.evaluate(row)
+        self.evaluated -= 1
+        rt = self.latency.round_time(list(taus), self.bits, self.down_bits)
+        mu = float(ev["mu"][0])
+        value = 1.0 - (self.L * mu) ** 2 * float(ev["bracket"][0])
+        return Plan(
+            taus=tuple(int(t) for t in taus),
+            rounds=int(ev["rounds"][0]),
+            objective=float(ev["objective"][0]),
+            mu=mu,
+            mu_max=float(ev["mu_max"][0]),
+            lr_condition=value,
+            round_time=rt,
+            feasible=True,
+            method=method,
+            deadline=self.deadline,
+            evaluated=self.evaluated,
+        )
+
+    def infeasible(self, method: str) -> Plan:
+        return Plan(
+            taus=None,
+            rounds=0,
+            objective=0.0,
+            mu=None,
+            mu_max=None,
+            lr_condition=None,
+            round_time=None,
+            feasible=False,
+            method=method,
+            deadline=self.deadline,
+            evaluated=self.evaluated,
+            message=self.explain_infeasible(),
+        )
+
+    def explain_infeasible(self) -> str:
+        """Why tau = (1, ..., 1), the cheapest tau, fails, and what numbers would make it work."""
+        ones = [1] * self.N
+        rt = self.latency.round_time(ones, self.bits, self.down_bits)
+        T_d = self.deadline
+        lines = [f"no tau meets the constraints with deadline T_d = {T_d:g} s."]
+        if rt.total > T_d * (1 + _ROUND_SLACK):
+            parts = [f"compute {rt.compute:.6g} s"] + [
+                f"layer {n} links {c:.6g} s" for n, c in enumerate(rt.per_layer_comm, start=1)
+            ]
+            lines.append(
+                f"Even tau = {ones} needs T_glob = {rt.total:.6g} s for one global iteration ({', '.join(parts)})."
+            )
+            lines.append(f"* Longer deadline: T_d >= {rt.total:.6g} s allows one global iteration at tau = {ones}.")
+            comm = rt.communication
+            shares = [("computation", rt.compute)] + [
+                (f"layer {n}'s communication", c) for n, c in enumerate(rt.per_layer_comm, start=1)
+            ]
+            name, worst = max(shares, key=lambda x: x[1])
+            lines.append(f"* The largest part is {name}: {worst:.6g} s of {rt.total:.6g} s.")
+            budget = T_d - rt.compute
+            if budget <= 0:
+                lines.append(
+                    f"* One local step alone takes {rt.compute:.6g} s >= the deadline: no quantization or link speed "
+                    f"helps; only a longer deadline, faster devices or a smaller model/batch do."
+                )
+            else:
+                factor = comm / budget
+                ups = ", ".join(
+                    f"layer {n}: {r:.4g} -> {r * factor:.4g} bits/s"
+                    for n, r in enumerate(self.latency.slowest_uplink_rates, start=1)
+                )
+                which = "uplink and downlink" if self.down_bits is not None else "uplink"
+                lines.append(
+                    f"* Faster links: every {which} {factor:.4g}x faster ({ups}) fits one global iteration."
+                )
+                others = comm - max(rt.per_layer_comm)
+                k = int(np.argmax(rt.per_layer_comm))
+                if others < budget:
+                    f1 = rt.per_layer_comm[k] / (budget - others)
+                    r = self.latency.slowest_uplink_rates[k]
+                    lines.append(f"  Or only layer {k + 1}'s links {f1:.4g}x faster ({r:.4g} -> {r * f1:.4g} bits/s).")
+                lines.append(self._coarser_quantization_hint(ones, T_d))
+        else:
+            # Only the learning-rate condition (adapt_mu=False) can make tau = (1..1) infeasible here.
+            ev = self.evaluate(np.ones((1, self.N), dtype=np.int64))
+            mu_max = float(ev["mu_max"][0])
+            lines.append(
+                f"tau = {ones} fits the deadline ({rt.total:.6g} s per global iteration) but the learning rate "
+                f"mu = {self.mu:g} violates Eq. 15 even there (admissible: mu < {mu_max:.6g}, from the quantization "
+                f"terms q_n = {[round(q, 6) for q in self.qs]})."
+            )
+            lines.append(
+                f"* Use mu < {mu_max:.6g}, finer quantization (more levels or smaller buckets), or adapt_mu=True "
+                f"(the planner then lowers mu to {self.safety:g} x mu_max)."
+            )
+        return "\n".join(lines)
+
+    def _coarser_quantization_hint(self, ones: list[int], T_d: float) -> str:
+        for b in range(15, 0, -1):  # QSGD with s = 2^b - 1 levels sends 1 + b bits per entry (+32 per bucket)
+            s = 2**b - 1
+            qz = [QSGD(s, q.bucket_size) for q in self.quantizers]
+            bits = upload_bits(qz, self.d)
+            if any(nb > ob for nb, ob in zip(bits, self.bits)):
+                continue  # never suggest more bits than now on any layer
+            rt = self.latency.round_time(ones, bits, self.down_bits)
+            if rt.total <= T_d * (1 + _ROUND_SLACK):
+                return (
+                    f"* Coarser quantization: QSGD with s <= {s} levels on every uplink ({1 + b} bits per entry; "
+                    f"uploads {bits} bits instead of {self.bits}) gives T_glob = {rt.total:.6g} s <= {T_d:g} s "
+                    f"(the learning-rate condition then tightens: q_n grows)."
+                )
+        qz = [QSGD(1, q.bucket_size) for q in self.quantizers]
+        rt = self.latency.round_time(ones, upload_bits(qz, self.d), self.down_bits)
+        return (
+            f"* Coarser quantization alone cannot do it: even s = 1 (2 bits per entry) on every uplink gives "
+            f"T_glob = {rt.total:.6g} s > {T_d:g} s."
+        )
+
+    # ------------------------------------------------------------------ searches
+    def exact(self, caps: list[int], limit: int) -> Plan:
+        size = math.prod(caps)
+        if size > limit:
+            raise ValueError(
+                f"exact search over {' x '.join(map(str, caps))} = {size} tau values exceeds exact_limit={limit}; "
+                f"use method='heuristic', a smaller tau_max, or a larger exact_limit"
+            )
+        best_obj, best_tau = -np.inf, None
+        for start in range(0, size, _CHUNK):
+            idx = np.arange(start, min(size, start + _CHUNK))
+            grid = np.stack(np.unravel_index(idx, caps), axis=1).astype(np.int64) + 1
+            ev = self.evaluate(grid)
+            i = self.best_index(grid, ev["objective"])
+            if i is None:
+                continue
+            if best_tau is None or self._better(ev["objective"][i], grid[i], best_obj, best_tau):
+                best_obj, best_tau = ev["objective"][i], grid[i].copy()
+        if best_tau is None:
+            return self.infeasible("exact")
+        return self.plan_for(best_tau.tolist(), "exact")
+
+    def _better(self, obj: float, tau: np.ndarray, best_obj: float, best_tau: np.ndarray) -> bool:
+        """The search order of :meth:`best_index` for two single candidates."""
+        grid = np.stack([tau, best_tau])
+        return self.best_index(grid, np.array([obj, best_obj])) == 0
+
+    def heuristic(self, caps: list[int]) -> Plan:
+        N = self.N
+        ones = np.ones(N, dtype=np.int64)
+        if not self.evaluate(ones[None])["feasible"][0]:
+            return self.infeasible("heuristic")
+        starts = [ones]
+        k_max = min(caps)
+        if k_max >= 2:
+            uni = np.repeat(np.arange(1, k_max + 1)[:, None], N, axis=1)
+            i = self.best_index(uni, self.evaluate(uni)["objective"])
+            if i is not None and i > 0:
+                starts.append(uni[i])
+        for n in range(N):  # the best tau with a single layer above 1
+            line = np.ones((caps[n], N), dtype=np.int64)
+            line[:, n] = np.arange(1, caps[n] + 1)
+            i = self.best_index(line, self.evaluate(line)["objective"])
+            if i is not None and i > 0:
+                starts.append(line[i])
+        best_tau, best_obj = None, -np.inf
+        for s in starts:
+            tau, obj = self._ascend(s.copy(), caps)
+            if best_tau is None or self._better(obj, tau, best_obj, best_tau):
+                best_tau, best_obj = tau, obj
+        assert best_tau is not None
+        return self.plan_for(best_tau.tolist(), "heuristic")
+
+    def _ascend(self, tau: np.ndarray, caps: list[int]) -> tuple[np.ndarray, float]:
+        """Coordinate ascent from a feasible tau; each stage runs only when the cheaper ones are stuck."""
+        obj = float(self.evaluate(tau[None])["objective"][0])
+        stages = (self._line_moves, self._pair_moves, self._cube_moves)
+        while True:
+            for stage in stages:
+                cands = stage(tau, caps)
+                if len(cands) == 0:
+                    continue
+                ev = self.evaluate(cands)["objective"]
+                i = self.best_index(cands, ev)
+                if i is not None and ev[i] > obj + abs(obj) * _TIE:  # strictly better: the loop terminates
+                    tau, obj = cands[i].copy(), float(ev[i])
+                    break
+            else:
+                return tau, obj
+
+    @staticmethod
+    def _line_moves(tau: np.ndarray, caps: list[int]) -> np.ndarray:
+        """(a) Every value of one tau_n, the others fixed."""
+        rows = []
+        for n in range(len(tau)):
+            line = np.repeat(tau[None], caps[n], axis=0)
+            line[:, n] = np.arange(1, caps[n] + 1)
+            rows.append(line)
+        return np.concatenate(rows)
+
+    @staticmethod
+    def _values(tau_n: int, cap: int, limit: int) -> np.ndarray:
+        """All of 1..cap when there are at most ``limit``, else powers of 2 plus a window around tau_n."""
+        if cap <= limit:
+            return np.arange(1, cap + 1)
+        v = {1, cap} | {2**k for k in range(cap.bit_length()) if 2**k <= cap}
+        v |= {t for t in range(tau_n - limit // 4, tau_n + limit // 4 + 1) if 1 <= t <= cap}
+        return np.array(sorted(v))
+
+    def _pair_moves(self, tau: np.ndarray, caps: list[int]) -> np.ndarray:
+        """(b) Every (tau_i, tau_j) on a grid over [1, cap_i] x [1, cap_j] (thinned beyond 48 values), others fixed."""
+        N = len(tau)
+        rows = []
+        for i in range(N):
+            vi = self._values(int(tau[i]), caps[i], 48)
+            for j in range(i + 1, N):
+                vj = self._values(int(tau[j]), caps[j], 48)
+                block = np.repeat(tau[None], len(vi) * len(vj), axis=0)
+                block[:, i] = np.repeat(vi, len(vj))
+                block[:, j] = np.tile(vj, len(vi))
+                rows.append(block)
+        return np.concatenate(rows) if rows else np.empty((0, N), dtype=np.int64)
+
+    @staticmethod
+    def _cube_moves(tau: np.ndarray, caps: list[int], limit: int = 3**9) -> np.ndarray:
+        """(c) tau + delta for every delta in {-1, 0, 1}^N (N <= 9), clipped to the box."""
+        N = len(tau)
+        if 3**N > limit:
+            return np.empty((0, N), dtype=np.int64)
+        deltas = np.stack(np.unravel_index(np.arange(3**N), (3,) * N), axis=1) - 1
+        cand = tau[None] + deltas
+        ok = (cand >= 1).all(axis=1) & (cand <= np.asarray(caps)[None]).all(axis=1)
+        return cand[ok]
+
+
+def _positive(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{what} must be a positive finite number, got {value!r}")
+    v = float(value)
+    if not (v > 0 and math.isfinite(v)):
+        raise ValueError(f"{what} must be a positive finite number, got {value!r}")
+    return v
+
+
+def plan_taus(
+    hierarchy: Hierarchy | Sequence[int],
+    quantizers: Sequence[Any],
+    d: int,
+    latency: LatencyModel,
+    deadline: float,
+    L: float,
+    mu: float | None = None,
+    *,
+    safety: float = 0.5,
+    adapt_mu: bool = True,
+    tau_max: int = 32,
+    method: Method = "auto",
+    exact_limit: int = 500_000,
+) -> Plan:
+    """Integer tau_n >= 1 maximising mu * floor(T_d / T_glob(tau)) * prod tau under Eq. 15 (module docstring).
+
+    hierarchy: the tree (or a balanced branching list); quantizers: one spec per layer n = 1..N (a Quantizer,
+    an int s, ``None`` = 32-bit); d: number of model parameters; latency: the :class:`LatencyModel`; deadline: T_d in
+    seconds; L: smoothness constant; mu: the learning rate you train with (``None``: chosen per tau);
+    safety in (0, 1): mu = safety * mu_max where mu must be lowered; tau_max: search bound per layer;
+    method: "exact", "heuristic" or "auto"; exact_limit: the largest box the exact search enumerates.
+    Returns a :class:`Plan`; when nothing is feasible, ``plan.feasible`` is False and ``plan.message`` says what
+    would help (``plan.require_feasible()`` raises :class:`InfeasiblePlanError` with it).
+    """
+    if method not in ("auto", "exact", "heuristic"):
+        raise ValueError(f"method must be 'auto', 'exact' or 'heuristic', got {method!r}")
+    if isinstance(exact_limit, bool) or not isinstance(exact_limit, numbers.Integral) or exact_limit < 1:
+        raise ValueError(f"exact_limit must be an integer >= 1, got {exact_limit!r}")
+    prob = _Problem(hierarchy, quantizers, d, latency, deadline, L, mu, safety, adapt_mu, tau_max)
+    caps = prob.caps()
+    if min(caps) == 0:  # (1, ..., 1) is infeasible, hence every tau is (module docstring)
+        return prob.infeasible("exact" if method == "auto" else method)
+    if method == "auto":
+        method = "exact" if math.prod(caps) <= exact_limit else "heuristic"
+    if method == "exact":
+        return prob.exact(caps, int(exact_limit))
+    return prob.heuristic(caps)
+
+
+def evaluate_taus(
+    taus: Sequence[int],
+    hierarchy: Hierarchy | Sequence[int],
+    quantizers: Sequence[Any],
+    d: int,
+    latency: LatencyModel,
+    deadline: float,
+    L: float,
+    mu: float | None = None,
+    *,
+    safety: float = 0.5,
+    adapt_mu: bool = True,
+) -> Plan:
+    """Score one given tau the way :func:`plan_taus` does (e.g. a random feasible tau for comparison).
+
+    Returns a Plan with ``method="given"``; ``feasible`` is False (with the reason) when tau misses the deadline or,
+    with ``adapt_mu=False``, violates Eq. 15.
+    """
+    prob = _Problem(hierarchy, quantizers, d, latency, deadline, L, mu, safety, adapt_mu, 1)
+    t = check_taus(taus, prob.N)
+    ev = prob.evaluate(np.asarray([t], dtype=np.int64))
+    if not ev["feasible"][0]:
+        why = (
+            f"tau = {list(t)} is infeasible: T_glob = {ev['t_glob'][0]:.6g} s"
+            + (f" > deadline {prob.deadline:g} s" if ev["rounds"][0] < 1 else "")
+            + ("" if ev["rounds"][0] < 1 else f"; mu = {mu:g} violates Eq. 15 (mu_max = {ev['mu_max'][0]:.6g})")
+        )
+        return Plan(None, 0, 0.0, None, None, None, None, False, "given", prob.deadline, 1, why)
+    return prob.plan_for(list(t), "given")
