@@ -236,16 +236,17 @@ def test_partitioners():
         assert len(parts) == 12 and allidx.numel() == 600 and allidx.unique().numel() == 600, part
         again = part(labels, h, seed=1)
         assert all(torch.equal(a, b) for a, b in zip(parts, again))  # deterministic
-    shards = Shards(2)(labels, h, seed=0)
-    assert max(labels[p].unique().numel() for p in shards) <= 4  # 2 shards of 25 label-sorted samples, each spans at most 2 classes
-    # grouped by edge: devices under one edge share their classes
-    grouped = Shards(2, group_by_edge=True)(labels, h, seed=0)
-    # one edge's 4 devices split that edge's 2 shards IID between them (not 4 x 2 different classes)
+    # 6 classes x 100 samples: every shard of the label-sorted data holds exactly one class
+    six = torch.arange(6).repeat_interleave(100)
+    shards = Shards(2)(six, h, seed=0)  # 24 shards of 25
+    assert max(six[p].unique().numel() for p in shards) <= 2
+    # grouped by edge: 6 shards of 100, two per edge; the edge's 4 devices split them IID, so all share them
+    grouped = Shards(2, group_by_edge=True)(six, h, seed=0)
     for e in range(3):
-        edge_classes = set(labels[torch.cat(grouped[4 * e : 4 * e + 4])].tolist())
-        assert len(edge_classes) <= 4  # 2 shards of 100 sorted samples, each spanning at most 2 classes
+        edge_classes = set(six[torch.cat(grouped[4 * e : 4 * e + 4])].tolist())
+        assert len(edge_classes) <= 2
         for i in range(4):
-            assert set(labels[grouped[4 * e + i]].tolist()) == edge_classes
+            assert set(six[grouped[4 * e + i]].tolist()) == edge_classes
     iid = IID()(labels, h, seed=0)
     assert max(p.numel() for p in iid) - min(p.numel() for p in iid) <= 1
     with pytest.raises(EmptyPartitionError):
