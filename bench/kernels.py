@@ -1,0 +1,211 @@
+"""Effective bandwidth of quantize-and-aggregate (Eqs. 4/6) against a plain copy and against the torch reference.
+
+    python bench/kernels.py                      # CUDA if present (torch reference + Triton), else CPU (torch only)
+    python bench/kernels.py --device cpu --sizes 21840 1000000 --rows 100 --repeat 3
+
+For each layer size P (parameters) and number of child rows C, a tree of M = ceil(C / fanout) parents with the
+children interleaved over the parents (child c -> parent c mod M, so the kernels' host-side sort is exercised) is
+aggregated with QSGD(s) (whole-row norms by default, ``--bucket`` for buckets).
+
+Effective bytes = C * P * b (one read of the child rows) + 2 * M * P * b (one read and one write of the parent
+rows), b the storage bytes per element: the ideal traffic of the operation. GB/s = effective bytes / time.
+The ceiling is a plain ``copy_`` of the (C + M) * P elements the operation reads, reported as (read + written
+bytes) / time. QSGD needs each row's norm before any of its entries can be quantized, so the Triton path reads
+the child rows twice (norms, then the fused pass): its DRAM traffic is at least (2 C + 3 M) P b, and the table
+gives the best effective/copy ratio that allows (``2-pass limit`` = (C + 2 M) / (2 C + 3 M)).
+
+On CPU only the torch path runs (Triton needs a GPU; its interpreter is for tests), and C is capped so that
+C * P <= ``--max-elems`` (the torch path runs at ~0.05 GB/s on 2 cores); sizes whose buffers would exceed
+``--max-gb`` are skipped. Both are listed in the output. The copy buffer is capped at ``--copy-cap-gb``
+(bandwidth is flat far beyond the caches); the cap is stated in the output when it applies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lightning_qmlhfl.aggregation import aggregate_layer_torch_, row_seeds  # noqa: E402
+from lightning_qmlhfl.quantizers import QSGD, NoQuantization, Quantizer  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:i]")
+    p.add_argument("--sizes", type=int, nargs="+", default=[21_840, 1_000_000, 5_850_000], help="P values")
+    p.add_argument("--rows", type=int, nargs="+", default=[100, 1000], help="numbers of child rows C")
+    p.add_argument("--fanout", type=int, default=10, help="children per parent (M = ceil(C / fanout))")
+    p.add_argument("--levels", type=int, default=8, help="QSGD levels s; 0 = no quantization")
+    p.add_argument("--bucket", type=int, default=None, help="QSGD bucket size (default: whole-row norms)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="storage dtype")
+    p.add_argument("--layout", choices=["segments", "atomic", "both"], default="segments", help="Triton layout")
+    p.add_argument("--block", type=int, default=None, help="Triton columns per program (default 1024)")
+    p.add_argument("--repeat", type=int, default=1, help="CPU: timed calls after one warm-up (median)")
+    p.add_argument("--rep-ms", type=float, default=200.0, help="GPU: do_bench time budget per measurement, ms")
+    p.add_argument("--max-gb", type=float, default=None, help="skip sizes needing more (default: 6 CPU, 100 GPU)")
+    p.add_argument(
+        "--max-elems", type=float, default=None, help="cap C so that C * P <= this (default: 1.5e8 CPU, none GPU)"
+    )
+    p.add_argument("--copy-cap-gb", type=float, default=None, help="cap the copy buffer (default: 1 CPU, none GPU)")
+    p.add_argument("--no-torch", action="store_true", help="skip the torch reference (GPU: Triton vs copy only)")
+    return p.parse_args(argv)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn, device: torch.device, repeat: int, rep_ms: float = 200.0) -> float:
+    """Median time of one ``fn()`` call in ms.
+
+    GPU: ``triton.testing.do_bench`` (CUDA events, L2 flushed between calls, as many calls as fit in ``rep_ms``).
+    CPU: one warm-up call, then ``repeat`` calls timed with ``time.perf_counter``.
+    """
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=max(1.0, rep_ms / 4), rep=rep_ms, return_mode="median"))
+    fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def footprint_gb(C: int, M: int, P: int, itemsize: int, copy_elems: int, with_torch: bool) -> float:
+    """Peak bytes of one configuration: buffers, copy buffers, torch-reference temporaries (fp32 acc + parent)."""
+    base = (C + M) * P * itemsize + 2 * copy_elems * itemsize
+    torch_tmp = (2 * M * P * 4 + 6 * (64 << 20)) if with_torch else 0
+    return (base + torch_tmp) / 1e9
+
+
+def fmt(x: float | None, spec: str = ".3g") -> str:
+    return "n/a" if x is None or math.isnan(x) else format(x, spec)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    on_gpu = device.type == "cuda"
+    repeat = args.repeat
+    max_elems = args.max_elems if args.max_elems is not None else (None if on_gpu else 1.5e8)
+    max_gb = args.max_gb if args.max_gb is not None else (100.0 if on_gpu else 6.0)
+    copy_cap_gb = args.copy_cap_gb if args.copy_cap_gb is not None else (None if on_gpu else 1.0)
+    dtype = DTYPES[args.dtype]
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    quantizer: Quantizer = NoQuantization() if args.levels == 0 else QSGD(args.levels, args.bucket)
+    torch.set_grad_enabled(False)
+
+    triton_layouts: list[str] = []
+    if on_gpu:
+        from lightning_qmlhfl.kernels import TRITON_AVAILABLE, aggregate_layer_triton_
+
+        if TRITON_AVAILABLE:
+            triton_layouts = ["segments", "atomic"] if args.layout == "both" else [args.layout]
+        else:
+            print("Triton is not available: only the torch reference is measured.")
+
+    name = torch.cuda.get_device_name(device) if on_gpu else f"CPU ({platform.processor() or platform.machine()}, "\
+        f"{torch.get_num_threads()} threads)"
+    print(f"# quantize-and-aggregate: {quantizer!r}, {args.dtype} storage, fanout {args.fanout}, on {name}")
+    timing = f"do_bench median over {args.rep_ms:g} ms" if on_gpu else f"median of {repeat} call(s) after a warm-up"
+    print(f"torch {torch.__version__}; {timing}; GB = 1e9 bytes")
+    print()
+    header = ["P", "C", "M", "eff. MB", "copy GB/s"]
+    if not args.no_torch:
+        header += ["torch GB/s", "torch/copy"]
+    for lay in triton_layouts:
+        header += [f"triton[{lay}] GB/s", "/copy", "/torch"]
+    header += ["2-pass limit"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    skipped, notes, done = [], [], set()
+    for P in args.sizes:
+        for C in args.rows:
+            if max_elems is not None and C * P > max_elems:
+                capped = max(args.fanout, int(max_elems // P) // args.fanout * args.fanout)
+                notes.append(f"P={P}, C={C}: rows capped to C={capped} (C * P <= --max-elems {max_elems:g})")
+                C = capped
+            if (P, C) in done:
+                continue
+            done.add((P, C))
+            M = -(-C // args.fanout)
+            copy_elems = (C + M) * P
+            if copy_cap_gb is not None and copy_elems * itemsize > copy_cap_gb * 1e9:
+                copy_elems = int(copy_cap_gb * 1e9) // itemsize
+                notes.append(f"P={P}, C={C}: copy measured on a {copy_elems * itemsize / 1e9:.2f} GB buffer")
+            need = footprint_gb(C, M, P, itemsize, copy_elems, not args.no_torch)
+            if need > max_gb:
+                skipped.append(f"P={P}, C={C} (needs ~{need:.1f} GB > --max-gb {max_gb:g})")
+                continue
+            g = torch.Generator(device=device).manual_seed(P + C)
+            parent = torch.randn(M, P, device=device, generator=g).to(dtype)
+            parent_index = torch.arange(C, device=device) % M
+            child = parent[parent_index].float()
+            child.add_(torch.randn(C, P, device=device, generator=g), alpha=0.01)
+            child = child.to(dtype)
+            weights = 1.0 / torch.bincount(parent_index, minlength=M).float()[parent_index]
+            seeds = row_seeds(seed=0, round_idx=0, layer=1, event=0, num_rows=C)
+            eff_bytes = (C + 2 * M) * P * itemsize
+
+            src = torch.empty(copy_elems, dtype=dtype, device=device)
+            dst = torch.empty_like(src)
+            t_copy = time_ms(lambda: dst.copy_(src), device, max(repeat, 10), args.rep_ms)  # cheap: more samples
+            copy_gbs = 2 * copy_elems * itemsize / t_copy / 1e6
+            del src, dst
+
+            row = [f"{P:,}", str(C), str(M), f"{eff_bytes / 1e6:,.1f}", fmt(copy_gbs)]
+            torch_gbs = float("nan")
+            if not args.no_torch:
+                work = parent.clone()
+
+                def run_torch() -> None:
+                    aggregate_layer_torch_(work, child, parent_index, weights, quantizer, seeds)
+
+                t_torch = time_ms(run_torch, device, repeat, args.rep_ms)
+                torch_gbs = eff_bytes / t_torch / 1e6
+                row += [fmt(torch_gbs), fmt(torch_gbs / copy_gbs)]
+                del work
+            for lay in triton_layouts:
+                work = parent.clone()
+
+                def run_triton(lay: str = lay) -> None:
+                    aggregate_layer_triton_(work, child, parent_index, weights, quantizer, seeds,
+                                            layout=lay, block=args.block)
+
+                t_tri = time_ms(run_triton, device, repeat, args.rep_ms)
+                tri_gbs = eff_bytes / t_tri / 1e6
+                row += [fmt(tri_gbs), fmt(tri_gbs / copy_gbs), fmt(tri_gbs / torch_gbs)]
+                del work
+            row.append(f"{(C + 2 * M) / (2 * C + 3 * M):.2f}")
+            print("| " + " | ".join(row) + " |", flush=True)
+            del parent, child
+            if on_gpu:
+                torch.cuda.empty_cache()
+    print()
+    print("eff. MB = (C + 2M) P b / 1e6: child rows read once, parent rows read and written once (the ideal).")
+    print("copy GB/s = (read + written bytes) / time of dst.copy_(src) over the (C + M) P elements read.")
+    print("2-pass limit = (C + 2M) / (2C + 3M): the best triton/copy possible when norms need their own pass.")
+    for n in notes:
+        print(f"note: {n}")
+    for s in skipped:
+        print(f"skipped: {s}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,684 @@
+"""Fused quantize-and-aggregate for one layer (Eqs. 4 and 6) in Triton, and its launchers.
+
+For every parent p of the layer::
+
+    parent[p] <- parent[p] + sum_{c : parent_index[c] = p}  w_c * Q(child[c] - parent[p])
+
+with Q the QSGD quantizer of :mod:`lightning_qmlhfl.quantizers` (or the identity). The numbers are those of
+:func:`lightning_qmlhfl.aggregation.aggregate_layer_torch_` fed with :func:`triton_uniforms`; the tests compare the
+two element by element.
+
+Two passes
+----------
+QSGD scales every entry by the L2 norm of its whole row (or bucket), so no entry can be quantized before the
+whole row has been read once. A row of 5.85M fp32 parameters (23 MB) does not fit in on-chip memory, so the
+work is split in two launches:
+
+1. ``_diff_sumsq_kernel``: sums of squares of ``child[c] - parent[p(c)]`` per (row, bucket, column block), in
+   fp64, written as small partials (one fp64 per 4 KB of data read) that the host reduces and square-roots.
+   Nothing of size [C, P] is written. fp64 accumulation (the square of an fp32 number is exact in fp64, and
+   fp64 neither overflows at 1e30**2 * 1e7 nor underflows at 1e-30**2) is what the torch reference does, so the
+   norms agree to fp32 rounding, i.e. are identical except when the two fp64 sums (different orders) round
+   to different fp32 numbers, a chance of about 1e-8 per norm.
+2. Between the launches the host checks that all norms are finite; if one is not, the parent is left untouched
+   and the norms are returned (the engine names the layer, node and round). This costs one sync per call.
+3. ``_aggregate_segments_kernel``: forms the difference again, quantizes it with counter-based random numbers,
+   weights it and accumulates it into the parent, for all parents in one launch.
+
+The child rows are therefore read twice; the traffic is (2 C + 3 M) P elements against the ideal (C + 2 M) P
+(one read of the children, one read and write of the parents), i.e. at most ~52% of copy bandwidth in the
+"effective" metric for 10 children per parent. ``bench/kernels.py`` reports both. Beating that needs the norms
+from elsewhere: computed by the producer of the child rows (the last local step), or, in bucketed mode with
+buckets no longer than a block, in registers within a single pass (not done: the NaN/Inf check would then
+have to happen after the parent is written, so it would need a separate output buffer).
+
+Blocks are tiles [BLOCK / 4, 4] in memory order: each thread owns runs of 4 consecutive columns, which become
+128-bit loads for fp32 when P (the row stride) is a multiple of 16, as Triton then specializes the launch
+(``python -m lightning_qmlhfl.kernels.compile_check`` shows the PTX); other P work with scalar loads.
+
+Segments or atomics
+-------------------
+*Segments* (the default): the host sorts the children by parent (stable ``argsort``, so each parent keeps its
+children in their original order) and builds CSR offsets; each program owns one (parent, column block), keeps
+the parent block in registers, loops over that parent's children and writes the parent block once. No atomics,
+each parent element is read and written exactly once, and the fp32 sum is taken in child order, the order of
+the torch reference on CPU, so the result does not depend on scheduling: this is what makes a resumed run
+bit-for-bit the same. Its weakness is parallelism when M * P / BLOCK is small (a cloud with few parameters).
+*Atomics* (``layout="atomic"``): each program owns one (child, column block) and ``tl.atomic_add`` s its
+weighted, dequantized block into a zeroed fp32 accumulator [M, P]; the host then adds the accumulator to the
+parent. It has C / M times more parallelism but writes M P fp32 zeros, performs C P atomic adds (resolved in L2)
+and reads the accumulator again, and the fp32 summation order changes from run to run. We keep segments as
+the default because determinism is a requirement, and atomics as an option for small layers; the choice should
+be revisited with ``bench/kernels.py --layout atomic`` on a GPU (none was available when this was written).
+
+Random numbers
+--------------
+Each child row c has a 63-bit seed ``seeds[c]`` from :func:`lightning_qmlhfl.aggregation.row_seeds` (run seed,
+round, layer, event, node). Triton's Philox (``tl.randint4x`` / ``tl.rand4x``) takes the seed as a uint64 and
+uses its two 32-bit halves as the Philox key, so the seed is used whole, with no folding:
+key = (seed mod 2**32, seed >> 32). Column j of row c draws word (j mod 4) of Philox4x32-10 with counter
+(j div 4, 0, 0, 0), converted to [0, 1) exactly as ``tl.rand`` does. One Philox evaluation thus serves four
+columns (Philox is the costliest arithmetic in the kernel) and the draw of column j depends only on (seed, j),
+not on the block size or the launch shape. Counters are int32: P must be below 2**31 - 2**16 columns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..quantizers import QSGD, Encoded, Quantizer
+from . import INTERPRET
+
+__all__ = ["aggregate_layer_triton_", "encode_uploads_triton", "row_norms_triton", "triton_uniforms"]
+
+_STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_MAX_COLS = 2**31 - 2**16  # column indices (and block starts past them) must fit in int32
+_MAX_PROGRAMS = 2**31 - 1  # 1D grid limit
+_DEFAULT_BLOCK = 1024
+_LAYOUTS = ("segments", "atomic")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton device functions
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _column_tile(start, BLOCK: tl.constexpr):
+    """Column indices start + 4 i + j of a block, as an int32 tile [BLOCK // 4, 4] (row-major = memory order)."""
+    return start + tl.arange(0, BLOCK // 4)[:, None] * 4 + tl.arange(0, 4)[None, :]
+
+
+@triton.jit
+def _philox_uniforms(seed, start, BLOCK: tl.constexpr):
+    """U[0, 1) draws for columns start + 4 i + j (``start`` a multiple of 4), fp32 [BLOCK // 4, 4].
+
+    Column 4 k + j takes word j of Philox4x32-10(key=seed, counter=(k, 0, 0, 0)), converted like ``tl.rand``.
+    """
+    counter = start // 4 + tl.arange(0, BLOCK // 4)
+    u0, u1, u2, u3 = tl.rand4x(seed, counter)
+    word = tl.arange(0, 4)[None, :]
+    return tl.where(
+        word == 0,
+        u0[:, None],
+        tl.where(word == 1, u1[:, None], tl.where(word == 2, u2[:, None], u3[:, None])),
+    )
+
+
+@triton.jit
+def _qsgd_levels(x, norm, u, s):
+    """Signed QSGD levels sign(x) * xi as fp32, element for element as ``quantizers.quantize_levels``.
+
+    ``x`` fp32 differences, ``norm`` the fp32 norm of each entry's row/bucket (scalar or x's shape), ``u`` U[0, 1)
+    draws, ``s`` the number of levels (fp32). Division is correctly rounded (``div_rn``) like torch's.
+    """
+    safe = tl.where(norm > 0, norm, 1.0)
+    r = tl.minimum(tl.math.div_rn(tl.abs(x), safe), 1.0)
+    scaled = r * s
+    low = tl.floor(scaled)
+    xi = low + tl.where(u < scaled - low, 1.0, 0.0)
+    xi = tl.minimum(xi, s)
+    xi = tl.where(norm > 0, xi, 0.0)  # Q(0) = 0 exactly
+    return tl.where(x > 0, xi, tl.where(x < 0, -xi, 0.0))
+
+
+@triton.jit
+def _to_storage(x, dtype: tl.constexpr):
+    """Cast fp32 ``x`` to the storage ``dtype`` with round-to-nearest-even, like torch's ``copy_``.
+
+    For bf16 the rounding is done on the bits (add 0x7FFF plus the lowest kept bit, clear the low half), so the
+    final cast is exact: Triton's interpreter truncates fp32 -> bf16 instead of rounding.
+    """
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = ((bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16) << 16
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _upload_norm(norm_ptr, c, cols, mask, NUM_BUCKETS, BUCKET: tl.constexpr):
+    """fp32 norm that scales each entry of row c: a scalar (BUCKET == 0, one norm per row) or a gathered tile."""
+    if BUCKET == 0:
+        norm = tl.load(norm_ptr + c)
+    else:
+        norm = tl.load(norm_ptr + c * NUM_BUCKETS + cols // BUCKET, mask=mask, other=0.0)
+    return norm
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _diff_sumsq_kernel(
+    parent_ptr,
+    child_ptr,
+    order_ptr,
+    parent_index_ptr,
+    partial_ptr,
+    C,
+    P,
+    stride_parent,
+    stride_child,
+    bucket,
+    blocks_per_bucket,
+    partial_stride,
+    R: tl.constexpr,
+    W: tl.constexpr,
+):
+    """Pass 1: fp64 sums of squares of child[c] - parent[p(c)] over a tile of R buckets x W columns.
+
+    Program ``pid`` handles column program j = pid // C of child order[pid % C] (consecutive programs share a
+    column block and, children being sorted by parent, mostly the parent block too, which then comes from L2).
+    A tile row r covers columns [b * bucket + sub * W, ... + W) of bucket b = (j // blocks_per_bucket) * R + r,
+    sub = j % blocks_per_bucket, and writes its sum to partial[c, j * R + r].
+    """
+    pid = tl.program_id(0)
+    k = pid % C
+    j = pid // C
+    c = tl.load(order_ptr + k)
+    p = tl.load(parent_index_ptr + c)
+    sub = j % blocks_per_bucket
+    first_bucket = (j // blocks_per_bucket) * R
+    in_bucket = sub * W + tl.arange(0, W)[None, :]
+    cols = (first_bucket + tl.arange(0, R)[:, None]) * bucket + in_bucket
+    mask = (in_bucket < bucket) & (cols < P)
+    xc = tl.load(child_ptr + c * stride_child + cols, mask=mask, other=0.0).to(tl.float32)
+    xp = tl.load(parent_ptr + p * stride_parent + cols, mask=mask, other=0.0).to(tl.float32)
+    d = (xc - xp).to(tl.float64)
+    sumsq = tl.sum(d * d, axis=1)
+    tl.store(partial_ptr + c * partial_stride + j * R + tl.arange(0, R), sumsq)
+
+
+@triton.jit
+def _aggregate_segments_kernel(
+    parent_ptr,
+    child_ptr,
+    order_ptr,
+    segment_ptr,
+    weight_ptr,
+    seed_ptr,
+    norm_ptr,
+    P,
+    stride_parent,
+    stride_child,
+    num_col_blocks,
+    s,
+    NUM_BUCKETS,
+    BUCKET: tl.constexpr,
+    QUANTIZE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Pass 2, segmented layout: program (p, block) does parent[p, block] += sum_c w_c Q(child[c] - parent[p]).
+
+    The children of p are order[segment[p]:segment[p + 1]], visited in that order; the sum is fp32, starting
+    from 0 and added to the parent at the end, as in the torch reference. Storage is cast back to the parent dtype.
+    """
+    pid = tl.program_id(0)
+    p = (pid // num_col_blocks).to(tl.int64)
+    start = (pid % num_col_blocks) * BLOCK
+    cols = _column_tile(start, BLOCK)
+    mask = cols < P
+    parent_row = parent_ptr + p * stride_parent
+    xp = tl.load(parent_row + cols, mask=mask, other=0.0).to(tl.float32)
+    acc = tl.zeros([BLOCK // 4, 4], dtype=tl.float32)
+    lo = tl.load(segment_ptr + p)
+    hi = tl.load(segment_ptr + p + 1)
+    for k in range(lo, hi):
+        c = tl.load(order_ptr + k)
+        x = tl.load(child_ptr + c * stride_child + cols, mask=mask, other=0.0).to(tl.float32) - xp
+        if QUANTIZE:
+            norm = _upload_norm(norm_ptr, c, cols, mask, NUM_BUCKETS, BUCKET)
+            u = _philox_uniforms(tl.load(seed_ptr + c), start, BLOCK)
+            q = _qsgd_levels(x, norm, u, s) * tl.math.div_rn(norm, s)
+        else:
+            q = x
+        acc += q * tl.load(weight_ptr + c)
+    tl.store(parent_row + cols, _to_storage(xp + acc, parent_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _upload_kernel(
+    parent_ptr,
+    child_ptr,
+    order_ptr,
+    parent_index_ptr,
+    weight_ptr,
+    seed_ptr,
+    norm_ptr,
+    out_ptr,
+    C,
+    P,
+    stride_parent,
+    stride_child,
+    s,
+    NUM_BUCKETS,
+    BUCKET: tl.constexpr,
+    QUANTIZE: tl.constexpr,
+    ATOMIC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Per upload (child, column block): program pid handles block pid // C of child order[pid % C].
+
+    ATOMIC=False: store the level codes sign * xi of Q(child[c] - parent[p]) into out[c] (the wire message).
+    ATOMIC=True: atomically add w_c * Q(child[c] - parent[p]) (or w_c * diff without QUANTIZE) into the fp32
+    accumulator out[p] (the atomic layout of pass 2).
+    """
+    pid = tl.program_id(0)
+    c = tl.load(order_ptr + pid % C)
+    p = tl.load(parent_index_ptr + c)
+    start = (pid // C) * BLOCK
+    cols = _column_tile(start, BLOCK)
+    mask = cols < P
+    xp = tl.load(parent_ptr + p * stride_parent + cols, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(child_ptr + c * stride_child + cols, mask=mask, other=0.0).to(tl.float32) - xp
+    if QUANTIZE:
+        norm = _upload_norm(norm_ptr, c, cols, mask, NUM_BUCKETS, BUCKET)
+        u = _philox_uniforms(tl.load(seed_ptr + c), start, BLOCK)
+        level = _qsgd_levels(x, norm, u, s)
+    if ATOMIC:
+        if QUANTIZE:
+            q = level * tl.math.div_rn(norm, s)
+        else:
+            q = x
+        tl.atomic_add(out_ptr + p * P + cols, q * tl.load(weight_ptr + c), mask=mask)
+    else:
+        tl.store(out_ptr + c * P + cols, level.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _uniforms_kernel(seed_ptr, out_ptr, d, num_col_blocks, BLOCK: tl.constexpr):
+    """out[row, :d] = the draws of :func:`_philox_uniforms` for seed_ptr[row] (what the fused kernels use)."""
+    pid = tl.program_id(0)
+    row = (pid // num_col_blocks).to(tl.int64)
+    start = (pid % num_col_blocks) * BLOCK
+    cols = _column_tile(start, BLOCK)
+    u = _philox_uniforms(tl.load(seed_ptr + row), start, BLOCK)
+    tl.store(out_ptr + row * d + cols, u, mask=cols < d)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Host side: validation, layout, launch
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Layer:
+    """Validated, kernel-ready view of one layer's aggregation inputs."""
+
+    parent: Tensor  # [M, P], stride(1) == 1 (a contiguous copy of the caller's tensor if it was not)
+    caller_parent: Tensor  # the caller's tensor (written back to when ``parent`` is a copy)
+    child: Tensor  # [C, P], stride(1) == 1
+    parent_index: Tensor  # int64 [C] on the device
+    order: Tensor  # int64 [C]: child rows sorted by parent, stable
+    segments: Tensor  # int64 [M + 1]: children of p are order[segments[p]:segments[p + 1]]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.parent.shape[0], self.child.shape[0], self.child.shape[1]
+
+
+def _check_block(block: int | None) -> int:
+    if block is None:
+        return _DEFAULT_BLOCK
+    if isinstance(block, bool) or not isinstance(block, int) or block < 16 or block & (block - 1):
+        raise ValueError(f"block must be a power of two >= 16 (columns per program), got {block!r}")
+    return block
+
+
+def _num_warps(block: int) -> int:
+    return max(1, min(8, block // 256))
+
+
+def _prepare(parent: Tensor, child: Tensor, parent_index: Tensor, who: str) -> _Layer:
+    """Validate shapes, dtypes, devices and index range; make strides kernel-friendly; sort children by parent."""
+    for name, t in (("parent", parent), ("child", child), ("parent_index", parent_index)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{who}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if parent.dim() != 2 or child.dim() != 2 or parent.shape[1] != child.shape[1]:
+        raise ValueError(
+            f"{who}: parent [M, P] and child [C, P] must be 2-D and share P; got {tuple(parent.shape)} and "
+            f"{tuple(child.shape)}"
+        )
+    M, P = parent.shape
+    C = child.shape[0]
+    if P > _MAX_COLS:
+        raise ValueError(
+            f"{who}: P = {P} columns is unsupported by the Triton kernels (column indices are int32 Philox "
+            f"counters); at most {_MAX_COLS}. Use backend='torch' for larger rows."
+        )
+    for name, t in (("parent", parent), ("child", child)):
+        if t.dtype not in _STORAGE_DTYPES:
+            raise ValueError(
+                f"{who}: {name} dtype {t.dtype} is not supported; allowed storage dtypes: "
+                f"{', '.join(str(d) for d in _STORAGE_DTYPES)}"
+            )
+    if child.device != parent.device:
+        raise ValueError(f"{who}: parent is on {parent.device} but child is on {child.device}; use one device")
+    if parent.device.type != "cuda" and not (parent.device.type == "cpu" and INTERPRET):
+        raise RuntimeError(
+            f"{who}: Triton kernels need CUDA tensors (got {parent.device}), or TRITON_INTERPRET=1 set before "
+            "lightning_qmlhfl.kernels is imported to run them on CPU in Triton's interpreter; "
+            "use backend='torch' otherwise"
+        )
+    if parent_index.shape != (C,):
+        raise ValueError(f"{who}: parent_index must have shape ({C},), got {tuple(parent_index.shape)}")
+    if parent_index.dtype == torch.bool or parent_index.is_floating_point() or parent_index.is_complex():
+        raise ValueError(f"{who}: parent_index must be an integer tensor, got dtype {parent_index.dtype}")
+    if M < 1:
+        raise ValueError(f"{who}: parent must have at least one row, got shape {tuple(parent.shape)}")
+    device = parent.device
+    parent_index = parent_index.to(device=device, dtype=torch.int64)
+    if C:
+        lo, hi = (int(v) for v in torch.aminmax(parent_index))
+        if lo < 0 or hi >= M:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{who}: parent_index holds {bad}, outside the {M} parent rows [0, {M - 1}]")
+    # Rows may be strided (views into a bigger stack); columns must be unit-stride.
+    caller_parent = parent
+    if parent.stride(1) != 1 or parent.stride(0) < P:
+        parent = parent.contiguous()
+    if child.stride(1) != 1 or child.stride(0) < P:
+        child = child.contiguous()
+    order = torch.argsort(parent_index, stable=True)
+    counts = torch.bincount(parent_index, minlength=M)
+    segments = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+    return _Layer(parent, caller_parent, child, parent_index, order, segments)
+
+
+def _per_row(t: Tensor, C: int, name: str, device: torch.device, dtype: torch.dtype, who: str) -> Tensor:
+    if not isinstance(t, Tensor) or t.shape != (C,):
+        shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+        raise ValueError(f"{who}: {name} must be a tensor of shape ({C},), got {shape}")
+    return t.to(device=device, dtype=dtype).contiguous()
+
+
+def _seeds(seeds: Tensor, C: int, device: torch.device, who: str) -> Tensor:
+    if not isinstance(seeds, Tensor) or seeds.shape != (C,) or seeds.dtype != torch.int64:
+        desc = f"{tuple(seeds.shape)} {seeds.dtype}" if isinstance(seeds, Tensor) else type(seeds).__name__
+        raise ValueError(f"{who}: seeds must be an int64 tensor of shape ({C},) (from row_seeds), got {desc}")
+    return seeds.to(device).contiguous()
+
+
+def _buckets(quantizer: Quantizer | None, bucket_size: int | None, P: int) -> int | None:
+    """The effective bucket size (None = one norm per row), with the torch reference's rule."""
+    if quantizer is not None:
+        bucket_size = quantizer.bucket_size if isinstance(quantizer, QSGD) else None
+    bad = isinstance(bucket_size, bool) or not isinstance(bucket_size, int) or bucket_size < 1
+    if bucket_size is not None and bad:
+        raise ValueError(f"bucket_size must be None or an integer >= 1, got {bucket_size!r}")
+    if bucket_size is None or bucket_size >= P:
+        return None
+    return bucket_size
+
+
+def _norms(layer: _Layer, bucket_size: int | None, block: int) -> Tensor:
+    """Pass 1: float32 [C, buckets] L2 norms of child[c] - parent[p(c)] (whole row when bucket_size is None)."""
+    M, C, P = layer.shape
+    if P == 0:  # empty rows have norm 0, one "bucket", as in the torch reference
+        return torch.zeros(C, 1, dtype=torch.float32, device=layer.parent.device)
+    bucket = P if bucket_size is None else bucket_size
+    nb = -(-P // bucket)
+    if C == 0:
+        return torch.zeros(C, nb, dtype=torch.float32, device=layer.parent.device)
+    if bucket <= block:  # several whole buckets per program, one tile row each
+        W = triton.next_power_of_2(bucket)
+        R = min(block // W, triton.next_power_of_2(nb))
+        blocks_per_bucket = 1
+        num_col = -(-nb // R)
+    else:  # a bucket spans several programs; the host adds their partial sums
+        W, R = block, 1
+        blocks_per_bucket = -(-bucket // block)
+        num_col = nb * blocks_per_bucket
+    if C * num_col > _MAX_PROGRAMS:
+        raise ValueError(f"{C} rows x {num_col} column blocks exceed the launch grid; use a larger block")
+    partial = torch.empty(C, num_col * R, dtype=torch.float64, device=layer.parent.device)
+    _diff_sumsq_kernel[(C * num_col,)](
+        layer.parent,
+        layer.child,
+        layer.order,
+        layer.parent_index,
+        partial,
+        C,
+        P,
+        layer.parent.stride(0),
+        layer.child.stride(0),
+        bucket,
+        blocks_per_bucket,
+        num_col * R,
+        R=R,
+        W=W,
+        num_warps=_num_warps(R * W),
+        enable_fp_fusion=False,
+    )
+    sums = partial[:, : nb * blocks_per_bucket].reshape(C, nb, blocks_per_bucket).sum(dim=2)
+    return sums.sqrt_().to(torch.float32)
+
+
+def _writeback(layer: _Layer) -> None:
+    if layer.parent.data_ptr() != layer.caller_parent.data_ptr():
+        layer.caller_parent.copy_(layer.parent)
+
+
+@torch.no_grad()
+def row_norms_triton(
+    parent: Tensor,
+    child: Tensor,
+    parent_index: Tensor,
+    bucket_size: int | None = None,
+    *,
+    block: int | None = None,
+) -> Tensor:
+    """L2 norms of ``child[c] - parent[parent_index[c]]`` per row, or per bucket of ``bucket_size`` columns.
+
+    ``parent`` [M, P], ``child`` [C, P] (fp32/fp16/bf16/fp64 storage), ``parent_index`` int [C].
+    Returns float32 [C, buckets] (buckets = 1 without bucketing or when bucket_size >= P), equal to
+    ``quantizers.row_norms(child.float() - parent.float()[parent_index], bucket_size)`` to fp32 rounding.
+    The difference is never materialised; squares are summed in fp64.
+    """
+    block = _check_block(block)
+    layer = _prepare(parent, child, parent_index, "row_norms_triton")
+    return _norms(layer, _buckets(None, bucket_size, layer.shape[2]), block)
+
+
+@torch.no_grad()
+def aggregate_layer_triton_(
+    parent: Tensor,
+    child: Tensor,
+    parent_index: Tensor,
+    weights: Tensor,
+    quantizer: Quantizer,
+    seeds: Tensor,
+    *,
+    layout: str = "segments",
+    block: int | None = None,
+) -> Tensor:
+    """Eq. 4/6 for all parents of one layer, in place on ``parent``: the Triton twin of ``aggregate_layer_torch_``.
+
+    ``parent`` [M, P] and ``child`` [C, P] in fp32/fp16/bf16 (fp64 also accepted; arithmetic is fp32),
+    ``parent_index`` int [C] (children need not be grouped by parent), ``weights`` float [C] (|C(c)| / |C(p)|),
+    ``quantizer`` a :class:`QSGD` or :class:`NoQuantization`, ``seeds`` int64 [C] from ``row_seeds``.
+    Returns float32 [C, buckets] upload norms. If one is NaN/Inf, ``parent`` is left untouched.
+
+    ``layout``: "segments" (default, deterministic) or "atomic" (see the module docstring).
+    ``block``: columns per program, a power of two >= 16 (default 1024).
+    With the draws of :func:`triton_uniforms`, the result equals ``aggregate_layer_torch_`` on CPU element for
+    element (fp32 products are not fused into FMAs, divisions are correctly rounded, children are summed in the
+    same order); on GPU the torch reference itself differs by an ulp (it multiplies by 1/s and sums with
+    atomics), so compare there with a relative tolerance of ~1e-6 of the update.
+    """
+    who = "aggregate_layer_triton_"
+    if layout not in _LAYOUTS:
+        raise ValueError(f"{who}: layout must be one of {_LAYOUTS}, got {layout!r}")
+    if not isinstance(quantizer, Quantizer):
+        raise TypeError(f"{who}: quantizer must be a Quantizer (QSGD or NoQuantization), got {quantizer!r}")
+    block = _check_block(block)
+    layer = _prepare(parent, child, parent_index, who)
+    M, C, P = layer.shape
+    device = layer.parent.device
+    weights = _per_row(weights, C, "weights", device, torch.float32, who)
+    quantize = not quantizer.is_identity
+    if quantize and not isinstance(quantizer, QSGD):
+        raise TypeError(f"{who}: the Triton kernels implement QSGD and NoQuantization, got {quantizer!r}")
+    seeds = _seeds(seeds, C, device, who) if quantize else weights  # unused placeholder pointer without QSGD
+    bucket = _buckets(quantizer, None, P)
+    norms = _norms(layer, bucket, block)
+    if C == 0 or P == 0 or not bool(torch.isfinite(norms).all()):
+        return norms
+    num_buckets = norms.shape[1]
+    s = float(quantizer.levels) if quantize else 1.0
+    bucket_const = 0 if bucket is None else bucket
+    num_col = triton.cdiv(P, block)
+    common = dict(BUCKET=bucket_const, QUANTIZE=quantize, BLOCK=block, num_warps=_num_warps(block))
+    if layout == "segments":
+        if M * num_col > _MAX_PROGRAMS:
+            raise ValueError(
+                f"{who}: {M} parents x {num_col} column blocks exceed the launch grid; use a larger block"
+            )
+        _aggregate_segments_kernel[(M * num_col,)](
+            layer.parent,
+            layer.child,
+            layer.order,
+            layer.segments,
+            weights,
+            seeds,
+            norms,
+            P,
+            layer.parent.stride(0),
+            layer.child.stride(0),
+            num_col,
+            s,
+            num_buckets,
+            enable_fp_fusion=False,
+            **common,
+        )
+    else:
+        if C * num_col > _MAX_PROGRAMS:
+            raise ValueError(
+                f"{who}: {C} children x {num_col} column blocks exceed the launch grid; use a larger block"
+            )
+        acc = torch.zeros(M, P, dtype=torch.float32, device=device)
+        _upload_kernel[(C * num_col,)](
+            layer.parent,
+            layer.child,
+            layer.order,
+            layer.parent_index,
+            weights,
+            seeds,
+            norms,
+            acc,
+            C,
+            P,
+            layer.parent.stride(0),
+            layer.child.stride(0),
+            s,
+            num_buckets,
+            ATOMIC=True,
+            enable_fp_fusion=False,
+            **common,
+        )
+        layer.parent.copy_(layer.parent.to(torch.float32).add_(acc))
+    _writeback(layer)
+    return norms
+
+
+@torch.no_grad()
+def encode_uploads_triton(
+    parent: Tensor,
+    child: Tensor,
+    parent_index: Tensor,
+    quantizer: Quantizer,
+    seeds: Tensor,
+    *,
+    block: int | None = None,
+) -> Encoded:
+    """The wire messages Q(child[c] - parent[parent_index[c]]) of one aggregation event, for bit accounting/tests.
+
+    QSGD: ``Encoded(norms float32 [C, buckets], levels [C, P] of ``quantizer.code_dtype``)``, drawn with the same
+    random numbers as :func:`aggregate_layer_triton_` (so ``quantizer.decode`` of it is exactly what the fused
+    kernel adds). NoQuantization: norms and the fp32 differences in ``values``, like ``encode_uploads``.
+    """
+    who = "encode_uploads_triton"
+    if not isinstance(quantizer, Quantizer):
+        raise TypeError(f"{who}: quantizer must be a Quantizer (QSGD or NoQuantization), got {quantizer!r}")
+    block = _check_block(block)
+    layer = _prepare(parent, child, parent_index, who)
+    M, C, P = layer.shape
+    device = layer.parent.device
+    bucket = _buckets(quantizer, None, P)
+    norms = _norms(layer, bucket, block)
+    if quantizer.is_identity:
+        diff = layer.child.to(torch.float32) - layer.parent.to(torch.float32)[layer.parent_index]
+        return Encoded(norms=norms, levels=None, values=diff)
+    if not isinstance(quantizer, QSGD):
+        raise TypeError(f"{who}: the Triton kernels implement QSGD and NoQuantization, got {quantizer!r}")
+    seeds = _seeds(seeds, C, device, who)
+    levels = torch.zeros(C, P, dtype=quantizer.code_dtype, device=device)
+    if C == 0 or P == 0:
+        return Encoded(norms=norms, levels=levels)
+    num_col = triton.cdiv(P, block)
+    if C * num_col > _MAX_PROGRAMS:
+        raise ValueError(f"{who}: {C} rows x {num_col} column blocks exceed the launch grid; use a larger block")
+    _upload_kernel[(C * num_col,)](
+        layer.parent,
+        layer.child,
+        layer.order,
+        layer.parent_index,
+        norms,  # weights: unused when ATOMIC=False
+        seeds,
+        norms,
+        levels,
+        C,
+        P,
+        layer.parent.stride(0),
+        layer.child.stride(0),
+        float(quantizer.levels),
+        norms.shape[1],
+        BUCKET=0 if bucket is None else bucket,
+        QUANTIZE=True,
+        ATOMIC=False,
+        BLOCK=block,
+        num_warps=_num_warps(block),
+        enable_fp_fusion=False,
+    )
+    return Encoded(norms=norms, levels=levels)
+
+
+@torch.no_grad()
+def triton_uniforms(
+    seeds: Tensor, d: int, device: torch.device | str | None = None, *, block: int | None = None
+) -> Tensor:
+    """float32 [len(seeds), d]: the exact U[0, 1) draws the fused kernels use for row i with seed ``seeds[i]``.
+
+    Feed them to ``aggregate_layer_torch_(..., uniforms=...)`` or ``QSGD.encode(..., uniforms=...)`` to reproduce
+    the kernels' numbers with the torch reference. The draws do not depend on ``block``. On CPU this needs
+    TRITON_INTERPRET=1 (set before import).
+    """
+    block = _check_block(block)
+    if isinstance(d, bool) or not isinstance(d, int) or d < 0 or d > _MAX_COLS:
+        raise ValueError(f"triton_uniforms: d must be an integer in [0, {_MAX_COLS}], got {d!r}")
+    if not isinstance(seeds, Tensor) or seeds.dim() != 1 or seeds.dtype != torch.int64:
+        desc = f"{tuple(seeds.shape)} {seeds.dtype}" if isinstance(seeds, Tensor) else type(seeds).__name__
+        raise ValueError(f"triton_uniforms: seeds must be a 1-D int64 tensor (from row_seeds), got {desc}")
+    device = torch.device(device) if device is not None else seeds.device
+    if device.type != "cuda" and not (device.type == "cpu" and INTERPRET):
+        raise RuntimeError(
+            f"triton_uniforms: needs a CUDA device (got {device}) or TRITON_INTERPRET=1 set before import"
+        )
+    seeds = seeds.to(device).contiguous()
+    rows = seeds.shape[0]
+    out = torch.empty(rows, d, dtype=torch.float32, device=device)
+    if rows == 0 or d == 0:
+        return out
+    num_col = triton.cdiv(d, block)
+    _uniforms_kernel[(rows * num_col,)](
+        seeds, out, d, num_col, BLOCK=block, num_warps=_num_warps(block), enable_fp_fusion=False
+    )
+    return out
