@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .quantizers import Encoded, Quantizer, quantize_levels, row_norms
+from .quantizers import QSGD, Encoded, Quantizer, row_norms
 
 __all__ = ["row_seeds", "row_uniforms", "aggregate_layer_", "aggregate_layer_torch_", "encode_uploads"]
 
@@ -59,8 +59,31 @@ def row_uniforms(seeds: Tensor, d: int, device: torch.device | str) -> Tensor:
     return out
 
 
-def _chunk_rows(num_cols: int, budget_bytes: int = 64 << 20) -> int:
-    return max(1, budget_bytes // max(1, 4 * num_cols * 3))
+def _chunk_rows(num_cols: int, budget_bytes: int = 1 << 20) -> int:
+    """Rows per chunk so one fp32 chunk is ~1 MB: the dozen elementwise passes then run in the CPU caches."""
+    return max(1, budget_bytes // max(1, 4 * num_cols))
+
+
+def _weighted_qsgd_(diff: Tensor, norms: Tensor, uniforms: Tensor, quantizer: QSGD, weights: Tensor) -> Tensor:
+    """w_c * Q(diff_c) for the rows of ``diff`` (float32, overwritten), number for number what
+    ``quantizer.decode(quantizer.encode(diff, uniforms)) * w`` gives (and what the Triton kernel computes), in a
+    few in-place passes instead of ~20 allocating ones. ``norms`` [rows, buckets] are the upload norms."""
+    rows, d = diff.shape
+    s = float(quantizer.levels)
+    if norms.shape[1] == 1:
+        nfull = norms
+    else:
+        nfull = norms.repeat_interleave(quantizer.bucket_size, dim=1)[:, :d]
+    safe = torch.where(nfull > 0, nfull, torch.ones_like(nfull))
+    t = diff.abs()
+    t.div_(safe).clamp_(max=1.0).mul_(s)  # r = |x| / ||x|| <= 1, scaled = r * s
+    level = torch.floor(t)
+    t.sub_(level)  # fractional part
+    level.add_(uniforms < t)  # stochastic rounding up with probability frac; <= s because r <= 1
+    # A zero norm means every entry of its row/bucket is 0, so level is already 0 there (Q(0) = 0 exactly).
+    level.copysign_(diff)  # sign(x) * xi (a zero level stays zero, whatever its sign bit)
+    level.mul_(nfull / s).mul_(weights[:, None])
+    return level
 
 
 def encode_uploads(
@@ -102,16 +125,21 @@ def aggregate_layer_torch_(
         stop = min(c_rows, start + step)
         idx = parent_index[start:stop]
         diff = child[start:stop].to(torch.float32) - pf[idx]
+        w = weights[start:stop]
         if quantizer.is_identity:
             norms = row_norms(diff)
-            q = diff
+            q = diff.mul_(w[:, None])
         else:
             u = uniforms[start:stop] if uniforms is not None else row_uniforms(seeds[start:stop], d, device)
-            enc = quantizer.encode(diff, uniforms=u)
-            norms = enc.norms
-            q = quantizer.decode(enc, d)
+            if isinstance(quantizer, QSGD):
+                norms = row_norms(diff, quantizer.bucket_size)
+                q = _weighted_qsgd_(diff, norms, u.to(torch.float32), quantizer, w)
+            else:  # any other Quantizer: through its public encode/decode
+                enc = quantizer.encode(diff, uniforms=u)
+                norms = enc.norms
+                q = quantizer.decode(enc, d) * w[:, None]
         norms_out.append(norms)
-        acc.index_add_(0, idx, q * weights[start:stop, None])
+        acc.index_add_(0, idx, q)
     norms = torch.cat(norms_out) if norms_out else torch.zeros(0, 1, device=device)
     if not bool(torch.isfinite(norms).all()):
         return norms

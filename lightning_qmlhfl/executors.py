@@ -96,8 +96,8 @@ class VmapExecutor(_ExecutorBase):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
 
-        def f(p_row: Tensor, bufs: dict[str, Tensor], ints: dict[str, Tensor], batch: Any):
-            named = {"inner." + k: v for k, v in self.param_layout.views(p_row).items()}
+        def f(pars: dict[str, Tensor], bufs: dict[str, Tensor], ints: dict[str, Tensor], batch: Any):
+            named = {"inner." + k: v for k, v in pars.items()}
             named.update({"inner." + k: v for k, v in bufs.items()})
             named.update({"inner." + k: v for k, v in ints.items()})
             return torch.func.functional_call(self.objective, named, (batch,))
@@ -113,12 +113,14 @@ class VmapExecutor(_ExecutorBase):
         ints = self._int_copies()
         views = self.buffer_layout.views(buffers)
         bufs = {k: v.clone() for k, v in views.items()}
-        leaf = params.detach().requires_grad_(True)  # shares storage with the stack
+        # One autograd leaf per parameter (views of the stack, no copy). Differentiating with respect to the
+        # whole [N_tot, P] stack instead would make every per-parameter slice's backward materialise a full
+        # [N_tot, P] zero tensor and add into it: measured 64% of an MLP step on a 2-core CPU.
+        leaves = {k: v.detach().requires_grad_(True) for k, v in self.param_layout.views(params).items()}
         with torch.enable_grad():
-            losses, aux = self._fn(leaf, bufs, ints, batch)
-            (grads,) = torch.autograd.grad(losses.sum(), leaf, allow_unused=True)
-        if grads is None:
-            grads = torch.zeros_like(params)
+            losses, aux = self._fn(leaves, bufs, ints, batch)
+            parts = torch.autograd.grad(losses.sum(), list(leaves.values()), allow_unused=True)
+        grads = _join_grads(parts, leaves.values(), params)
         with torch.no_grad():
             for k, v in views.items():
                 v.copy_(bufs[k])
@@ -136,22 +138,37 @@ class LoopExecutor(_ExecutorBase):
         aux_rows: dict[str, list[Tensor]] = {}
         ints: dict[str, Tensor] = {}
         for i in range(rows):
-            row = params[i].detach().requires_grad_(True)  # a view of the stacked buffer, not a copy
+            # one leaf per parameter, each a view of row i of the stacked buffer (no copies)
+            leaves = {k: v.detach().requires_grad_(True) for k, v in self.param_layout.views(params[i]).items()}
             batch_i = tree_map(lambda t: t[i] if isinstance(t, Tensor) else t, batch)
             ints = self._int_copies()
             with torch.enable_grad():
-                named = self._named(row, buffers[i], ints)
+                named = {"inner." + k: v for k, v in leaves.items()}
+                named.update({"inner." + k: v for k, v in self.buffer_layout.views(buffers[i]).items()})
+                named.update({"inner." + k: v for k, v in ints.items()})
                 loss, aux = torch.func.functional_call(self.objective, named, (batch_i,))
-                (g,) = torch.autograd.grad(loss, row, allow_unused=True)
-            if g is None:
-                grads[i].zero_()
-            else:
-                grads[i] = g
+                parts = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+            for g, view in zip(parts, self.param_layout.views(grads[i]).values()):
+                if g is None:
+                    view.zero_()
+                else:
+                    view.copy_(g)
             losses[i] = loss.detach()
             for k, v in aux.items():
                 aux_rows.setdefault(k, []).append(v.detach().reshape(()))
         self._store_ints(ints)
         return grads, losses, {k: torch.stack(v) for k, v in aux_rows.items()}
+
+
+def _join_grads(parts: tuple[Tensor | None, ...], leaves: Any, params: Tensor) -> Tensor:
+    """Per-parameter gradients [N_tot, *shape] -> one [N_tot, P] tensor in the stack's layout (None -> zeros)."""
+    rows = params.shape[0]
+    cols = [
+        (g if g is not None else torch.zeros_like(leaf)).reshape(rows, -1) for g, leaf in zip(parts, leaves)
+    ]
+    if not cols:
+        return torch.zeros_like(params)
+    return torch.cat(cols, dim=1)
 
 
 def choose_executor(module: nn.Module, device: torch.device) -> str:

@@ -184,7 +184,7 @@ class QMLHFLStrategy(SingleDeviceStrategy):
         weighting: "devices" (|C(child)|/|C(parent)|, the paper's) or "samples" (by local data size, ours).
         global_rounds: stop after this many global rounds (alternative to ``max_steps``).
         latency: a :class:`LatencyModel` for the simulated time (logged as ``fl/sim_time``). Default: 1 ms per
-            local step and 100/1000/10000 Mbit/s... links (see :meth:`_default_latency`).
+            local step, uplinks of 100 Mbit/s from the devices and 10x slower per layer up (see :meth:`_default_latency`).
         smoothness: L; when given, the learning-rate condition (Eq. 15) is checked at setup.
         strict_lr: turn the learning-rate warning into an error.
         train_transform: ``f(batch, generator) -> batch`` applied to each stacked per-device batch on the training
@@ -436,9 +436,10 @@ class QMLHFLStrategy(SingleDeviceStrategy):
         return self.latency
 
     def _default_latency(self) -> LatencyModel:
-        """Documented default: 1 ms per local step; uplink 10 Mbit/s from devices, 10x faster per layer up."""
+        """Documented default: 1 ms per local step; uplinks 100 Mbit/s from the devices (short, local links), 10x
+        slower for every layer up (longer, shared wide-area links)."""
         N = self.hierarchy.num_layers
-        return LatencyModel(compute_time=1e-3, uplink_rates=[10e6 * 10**n for n in range(N)])
+        return LatencyModel(compute_time=1e-3, uplink_rates=[1e8 / 10**n for n in range(N)])
 
     def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
         """No-op: the engine already computed every device's gradient and update inside ``training_step``."""

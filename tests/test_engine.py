@@ -411,3 +411,32 @@ def test_unsupported_optimizer_and_integer_params():
         QMLHFLEngine(m, ce_loss, h, (1,))
     with pytest.raises(ValueError, match="executor must be"):
         QMLHFLEngine(MLP(), ce_loss, h, (1,), executor="threads")
+
+
+@pytest.mark.parametrize("quantizer", [QSGD(8), QSGD(3, bucket_size=7), QSGD(1), NoQuantization()], ids=repr)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_fast_torch_aggregation_equals_encode_decode(quantizer, dtype):
+    """The in-place fast path of aggregate_layer_torch_ == the quantizer's public encode/decode, number for number
+    (same draws), including zero rows, an irregular parent assignment and chunk boundaries (P = 300 000 gives
+    one row per ~1 MB chunk)."""
+    torch.manual_seed(0)
+    for C, M, P in [(7, 3, 1001), (5, 2, 300_000)]:
+        parent_index = torch.tensor([0, 2, 2, 1, 0, 2, 1][:C]).clamp(max=M - 1)
+        parent = torch.randn(M, P).to(dtype)
+        child = (parent.float()[parent_index] + 0.1 * torch.randn(C, P)).to(dtype)
+        child[1] = parent[parent_index[1]]  # a zero upload
+        weights = torch.rand(C)
+        seeds = row_seeds(3, 1, 2, 0, C)
+        expected = parent.float().clone()
+        diff = child.float() - parent.float()[parent_index]
+        if quantizer.is_identity:
+            q = diff
+        else:
+            enc = quantizer.encode(diff, uniforms=row_uniforms(seeds, P, "cpu"))
+            q = quantizer.decode(enc, P)
+            assert torch.equal(q[1], torch.zeros(P))
+        acc = torch.zeros(M, P).index_add_(0, parent_index, q * weights[:, None])
+        expected = (expected + acc).to(dtype)
+        got = parent.clone()
+        aggregation_mod.aggregate_layer_torch_(got, child, parent_index, weights, quantizer, seeds)
+        assert got.dtype == dtype and torch.equal(got, expected)
