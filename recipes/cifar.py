@@ -1,0 +1,8 @@
+"""QMLHFL on non-IID CIFAR-10. ``python -m recipes.cifar [hydra overrides]`` (config: conf/cifar.yaml)."""
+
+from recipes.common import hydra_entry
+
+main = hydra_entry("cifar")
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,8 @@
+"""The main job: QMLHFL on non-IID MNIST. ``python -m recipes.mnist [hydra overrides]`` (config: conf/mnist.yaml)."""
+
+from recipes.common import hydra_entry
+
+main = hydra_entry("mnist")
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,664 @@
+"""Compare finished runs: ``python -m recipes.report RUN_DIR... [--out DIR] [--group-by KEY ...]``.
+
+Every ``RUN_DIR`` is either a run directory written by :mod:`recipes.common` (it holds ``summary.json`` and
+``history.json``) or a directory above such runs, e.g. a Hydra multirun directory
+``multirun/depth/2026-11-30_10-00-00/`` with numbered job subdirectories: it is searched recursively and every
+directory holding a ``summary.json`` is one run.
+
+Runs that differ only by their seed form one *setting*. Settings are told apart by dotted config keys: the ones given
+with ``--group-by`` (e.g. ``hierarchy.branching partition.alpha quantizer.levels``), or, by default, every config
+leaf whose value differs across the runs, except seeds, the run ``name``, name-like fields that embed a timestamp,
+``data_dir`` and anything under ``hydra``.
+
+Written into ``--out`` (default ``./report``):
+
+- ``report.md``: one table row per setting: seeds, final/best cloud test accuracy (mean ± sample std over seeds),
+  accuracy at a common simulated-time budget, rounds, simulated time, bits sent against the 32-bit baseline and
+  wall time; the run directories used;
+- ``report.json``: the same numbers, machine-readable;
+- ``accuracy_vs_round.png``, ``accuracy_vs_sim_time.png``, ``accuracy_vs_bits.png``: per setting the mean accuracy
+  curve over seeds with a shaded band (± 1 sample std, or min-max with ``--band minmax``). Seeds are aligned on the
+  rounds they all evaluated; for simulated time and bits each seed is linearly interpolated onto the knots of all
+  seeds inside the x range every seed covers.
+
+The accuracy at the budget ``T`` (``--budget-sim-time``) of a run is the test accuracy of its last evaluated round
+with simulated time <= T; by default ``T`` is the smallest final simulated time over all runs, a time every run
+reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "Run",
+    "Curve",
+    "X_AXES",
+    "collect_runs",
+    "load_run",
+    "flatten_config",
+    "auto_group_keys",
+    "group_runs",
+    "default_budget",
+    "accuracy_at_sim_time",
+    "run_curve",
+    "interpolate_common",
+    "align_rounds",
+    "aggregate_curve",
+    "mean_std",
+    "summarize",
+    "write_report",
+    "plot_curves",
+    "main",
+]
+
+SUMMARY = "summary.json"
+HISTORY = "history.json"
+X_AXES: tuple[str, ...] = ("round", "sim_time", "bits")
+BANDS: tuple[str, ...] = ("std", "minmax")
+_BITS_PER_MB = 8e6
+_REL_TOL = 1e-9  # tolerance of the budget comparison, so a run whose final time equals T counts as having reached T
+_TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}|\d{2}[-_:]\d{2}[-_:]\d{2}")
+_REQUIRED_NUMBERS = ("rounds", "bits_total", "baseline_bits_total", "sim_time_s", "wall_time_s")
+_OPTIONAL_ACCURACIES = ("final_test_acc", "best_test_acc")
+
+
+# ====================================================================================================== loading
+@dataclass
+class Run:
+    """One finished run: its directory, ``summary.json``, ``history.json`` and flattened config."""
+
+    path: Path
+    summary: dict[str, Any]
+    history: list[dict[str, Any]]
+    flat_config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def seed(self) -> Any:
+        """The run's seed (``summary["seed"]``, else ``config["seed"]``, else None)."""
+        if "seed" in self.summary:
+            return self.summary["seed"]
+        return self.summary["config"].get("seed")
+
+    @property
+    def final_sim_time(self) -> float:
+        """Simulated seconds at the end of the run (``summary["sim_time_s"]``)."""
+        return float(self.summary["sim_time_s"])
+
+
+def flatten_config(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted leaf keys of a nested dict: ``{"a": {"b": 1}, "c": [1, 2]}`` -> ``{"a.b": 1, "c": [1, 2]}``.
+
+    Lists (and empty dicts) are leaves.
+    """
+    out: dict[str, Any] = {}
+    for key, value in cfg.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten_config(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e}") from e
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"malformed JSON in {path}: {e}") from e
+
+
+def _validate_summary(summary: Any, path: Path) -> dict[str, Any]:
+    if not isinstance(summary, dict):
+        raise ValueError(f"malformed {path}: expected a JSON object, got {type(summary).__name__}")
+    if not isinstance(summary.get("config"), dict):
+        raise ValueError(f"malformed {path}: 'config' must be an object (the resolved run config), "
+                         f"got {summary.get('config')!r}")
+    for key in _REQUIRED_NUMBERS:
+        if key not in summary:
+            raise ValueError(f"malformed {path}: missing key {key!r}")
+        if not _is_number(summary[key]):
+            raise ValueError(f"malformed {path}: {key!r} must be a number, got {summary[key]!r}")
+    for key in _OPTIONAL_ACCURACIES:
+        if key not in summary:
+            raise ValueError(f"malformed {path}: missing key {key!r}")
+        if summary[key] is not None and not _is_number(summary[key]):
+            raise ValueError(f"malformed {path}: {key!r} must be a number or null, got {summary[key]!r}")
+    return summary
+
+
+def _validate_history(history: Any, path: Path) -> list[dict[str, Any]]:
+    if not isinstance(history, list):
+        raise ValueError(f"malformed {path}: expected a JSON list of per-round records, got {type(history).__name__}")
+    for i, rec in enumerate(history):
+        if not isinstance(rec, dict):
+            raise ValueError(f"malformed {path}: record {i} must be an object, got {rec!r}")
+        if not _is_number(rec.get("round")):
+            raise ValueError(f"malformed {path}: record {i} has no numeric 'round' (got {rec.get('round')!r})")
+        for key in ("test_acc", "sim_time", "bits_total"):
+            if key in rec and rec[key] is not None and not _is_number(rec[key]):
+                raise ValueError(f"malformed {path}: record {i} has {key!r} = {rec[key]!r}, expected a number")
+    return history
+
+
+def load_run(run_dir: str | os.PathLike) -> Run:
+    """Read and validate ``summary.json`` and ``history.json`` of one run directory.
+
+    Raises:
+        ValueError: a file is missing or malformed; the message names the file.
+    """
+    run_dir = Path(run_dir)
+    summary_path, history_path = run_dir / SUMMARY, run_dir / HISTORY
+    if not summary_path.is_file():
+        raise ValueError(f"no {SUMMARY} in run directory {run_dir}")
+    if not history_path.is_file():
+        raise ValueError(f"run directory {run_dir} has a {SUMMARY} but no {HISTORY} ({history_path})")
+    summary = _validate_summary(_read_json(summary_path), summary_path)
+    history = _validate_history(_read_json(history_path), history_path)
+    return Run(path=run_dir, summary=summary, history=history, flat_config=flatten_config(summary["config"]))
+
+
+def collect_runs(paths: Iterable[str | os.PathLike]) -> list[Run]:
+    """Every run below ``paths``: each path is a run directory or a directory searched recursively for them.
+
+    Runs are returned sorted by path (numbers in names numerically: job ``2/`` before ``10/``), each once.
+
+    Raises:
+        ValueError: a path does not exist, a path holds no run, or a run's files are malformed.
+    """
+    found: dict[Path, Path] = {}
+    paths = list(paths)
+    if not paths:
+        raise ValueError("no run directories given")
+    for p in paths:
+        root = Path(p)
+        if not root.exists():
+            raise ValueError(f"run directory {root} does not exist")
+        if not root.is_dir():
+            raise ValueError(f"{root} is not a directory (give run directories or their parents)")
+        hits: list[Path] = []
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            if SUMMARY in filenames:
+                hits.append(Path(dirpath))
+        if not hits:
+            raise ValueError(f"no {SUMMARY} found in {root} or any directory below it")
+        for h in hits:
+            found.setdefault(h.resolve(), h)
+    return [load_run(found[key]) for key in sorted(found, key=_natural_key)]
+
+
+def _natural_key(path: Path) -> tuple:
+    """Sort key of a path with numbers compared numerically, so Hydra job ``2/`` comes before ``10/``."""
+    return tuple(tuple((0, int(c), "") if c.isdigit() else (1, 0, c) for c in re.split(r"(\d+)", part) if c)
+                 for part in path.parts)
+
+
+# ===================================================================================================== grouping
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def _display(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return json.dumps(value)
+
+
+def _sort_key(value: Any) -> tuple:
+    """Orders config values naturally: null < numbers (numerically) < strings < lists < objects."""
+    if value is None:
+        return (0,)
+    if isinstance(value, bool):
+        return (1, float(value))
+    if _is_number(value):
+        return (1, float(value))
+    if isinstance(value, str):
+        return (2, value)
+    if isinstance(value, (list, tuple)):
+        return (3, tuple(_sort_key(v) for v in value))
+    return (4, _canonical(value))
+
+
+_MISSING = "<unset>"
+
+
+def _is_excluded(key: str, values: Sequence[Any], extra: Sequence[str]) -> bool:
+    last = key.rsplit(".", 1)[-1]
+    if last == "seed" or key == "name" or last == "data_dir" or key.split(".", 1)[0] == "hydra":
+        return True
+    if any(key == e or key.startswith(e + ".") for e in extra):
+        return True
+    if "name" in last and any(isinstance(v, str) and _TIMESTAMP.search(v) for v in values):
+        return True
+    return False
+
+
+def auto_group_keys(runs: Sequence[Run], exclude: Sequence[str] = ()) -> list[str]:
+    """Dotted config keys whose value differs across ``runs`` (a key absent from some runs differs), sorted.
+
+    Seeds, the top-level ``name``, name-like fields holding a timestamp, ``data_dir``, ``hydra.*`` and the keys (or
+    key prefixes) in ``exclude`` are left out.
+    """
+    all_keys = sorted({k for r in runs for k in r.flat_config})
+    keys = []
+    for key in all_keys:
+        values = [r.flat_config.get(key, _MISSING) for r in runs]
+        if len({_canonical(v) for v in values}) > 1 and not _is_excluded(key, values, exclude):
+            keys.append(key)
+    return keys
+
+
+def group_runs(runs: Sequence[Run], keys: Sequence[str] | None = None,
+               exclude: Sequence[str] = ()) -> dict[str, list[Run]]:
+    """Group runs into settings by the values of dotted config ``keys`` (default: :func:`auto_group_keys`).
+
+    Returns ``{label: runs}`` with labels like ``"hierarchy.branching=[8, 8], partition.alpha=0.5"`` (or
+    ``"all runs"`` when no key tells runs apart), in a stable order: sorted by the key values, numbers numerically.
+    Runs inside a setting keep their (path) order.
+
+    Raises:
+        ValueError: a key given explicitly is in no run's config.
+    """
+    if not runs:
+        raise ValueError("no runs to group")
+    if keys is None:
+        keys = auto_group_keys(runs, exclude)
+    else:
+        keys = list(keys)
+        for key in keys:
+            if not any(key in r.flat_config for r in runs):
+                available = sorted({k for r in runs for k in r.flat_config})
+                raise ValueError(f"--group-by key {key!r} is in no run's config; available keys: "
+                                 f"{', '.join(available)}")
+    buckets: dict[tuple[str, ...], list[Run]] = {}
+    values_of: dict[tuple[str, ...], list[Any]] = {}
+    for r in runs:
+        values = [r.flat_config.get(k, _MISSING) for k in keys]
+        ident = tuple(_canonical(v) for v in values)
+        buckets.setdefault(ident, []).append(r)
+        values_of[ident] = values
+    order = sorted(buckets, key=lambda ident: tuple(_sort_key(v) for v in values_of[ident]))
+    groups: dict[str, list[Run]] = {}
+    for ident in order:
+        label = ", ".join(f"{k}={_display(v)}" for k, v in zip(keys, values_of[ident])) or "all runs"
+        groups[label] = buckets[ident]
+    return groups
+
+
+# ================================================================================================== statistics
+def mean_std(values: Iterable[float | None]) -> tuple[float | None, float | None, int]:
+    """Mean, sample std (ddof = 1; None for fewer than 2 values) and count of the non-None values."""
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return None, None, 0
+    mean = float(np.mean(vals))
+    std = float(np.std(vals, ddof=1)) if len(vals) >= 2 else None
+    return mean, std, len(vals)
+
+
+def _record_x(rec: Mapping[str, Any], x: str) -> float | None:
+    """The x value of a history record (bits in MB); a round-0 record without it sits at 0."""
+    if x == "round":
+        return float(rec["round"])
+    key = "sim_time" if x == "sim_time" else "bits_total"
+    value = rec.get(key)
+    if value is None:
+        return 0.0 if rec["round"] == 0 else None
+    return float(value) / _BITS_PER_MB if x == "bits" else float(value)
+
+
+def accuracy_at_sim_time(run: Run, budget: float) -> float | None:
+    """Test accuracy of the last evaluated record of ``run`` with ``sim_time <= budget`` (None if none)."""
+    limit = budget + _REL_TOL * max(1.0, abs(budget))
+    acc = None
+    best_t = -math.inf
+    for rec in run.history:
+        if rec.get("test_acc") is None:
+            continue
+        t = _record_x(rec, "sim_time")
+        if t is not None and t <= limit and t >= best_t:
+            best_t, acc = t, float(rec["test_acc"])
+    return acc
+
+
+def default_budget(runs: Sequence[Run]) -> float:
+    """The smallest final simulated time over ``runs``: a time every run reached."""
+    if not runs:
+        raise ValueError("no runs to take a simulated-time budget from")
+    return min(r.final_sim_time for r in runs)
+
+
+def summarize(groups: Mapping[str, Sequence[Run]], budget: float | None = None) -> list[dict[str, Any]]:
+    """One row of numbers per setting, in the order of ``groups``.
+
+    Accuracies are in percent with mean, sample std over seeds (None for one seed), the number of seeds that had a
+    value, and the per-seed values. ``budget`` is the simulated time (s) of the common-budget accuracy; None: the
+    smallest final simulated time over all runs.
+    """
+    all_runs = [r for rs in groups.values() for r in rs]
+    if budget is None:
+        budget = default_budget(all_runs)
+    rows: list[dict[str, Any]] = []
+
+    def acc_stats(values: list[float | None]) -> dict[str, Any]:
+        pct = [None if v is None else 100.0 * v for v in values]
+        mean, std, n = mean_std(pct)
+        return {"mean": mean, "std": std, "n": n, "values": pct}
+
+    for label, runs in groups.items():
+        s = [r.summary for r in runs]
+        rounds = [int(x["rounds"]) for x in s]
+        ratios = [x["bits_total"] / x["baseline_bits_total"] if x["baseline_bits_total"] else None for x in s]
+        seeds = [r.seed for r in runs]
+        rows.append({
+            "setting": label,
+            "n_seeds": len(runs),
+            "seeds": seeds,
+            "duplicate_seeds": len(set(map(_canonical, seeds))) < len(seeds),
+            "run_dirs": [str(r.path) for r in runs],
+            "final_test_acc_pct": acc_stats([x["final_test_acc"] for x in s]),
+            "best_test_acc_pct": acc_stats([x["best_test_acc"] for x in s]),
+            "budget_sim_time_s": float(budget),
+            "budget_test_acc_pct": acc_stats([accuracy_at_sim_time(r, budget) for r in runs]),
+            "rounds": {"mean": float(np.mean(rounds)), "min": min(rounds), "max": max(rounds)},
+            "sim_time_s_mean": float(np.mean([x["sim_time_s"] for x in s])),
+            "bits_total_mb_mean": float(np.mean([x["bits_total"] for x in s])) / _BITS_PER_MB,
+            "baseline_bits_total_mb_mean": float(np.mean([x["baseline_bits_total"] for x in s])) / _BITS_PER_MB,
+            "bits_ratio_to_32bit_mean": mean_std(ratios)[0],
+            "wall_time_s_mean": float(np.mean([x["wall_time_s"] for x in s])),
+        })
+    return rows
+
+
+# ====================================================================================================== curves
+@dataclass
+class Curve:
+    """The mean accuracy curve (fractions) of one setting over its seeds, with its band ``lo``..``hi``."""
+
+    x: np.ndarray
+    mean: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    n: int
+
+
+def run_curve(run: Run, x: str) -> tuple[np.ndarray, np.ndarray]:
+    """Evaluated points of one run: x (round, simulated s, or cumulative MB sent) and test accuracy, sorted by x.
+
+    Records without ``test_acc`` (or without the x value) are skipped; of several records at the same x the last
+    one is kept, so x is strictly increasing.
+    """
+    if x not in X_AXES:
+        raise ValueError(f"x axis must be one of {X_AXES}, got {x!r}")
+    points: dict[float, float] = {}
+    for rec in run.history:
+        if rec.get("test_acc") is None:
+            continue
+        xv = _record_x(rec, x)
+        if xv is not None:
+            points[xv] = float(rec["test_acc"])
+    xs = np.array(sorted(points), dtype=float)
+    return xs, np.array([points[v] for v in xs], dtype=float)
+
+
+def interpolate_common(curves: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray] | None:
+    """Put curves with different x grids onto one grid with linear interpolation (``np.interp``).
+
+    The grid is the union of all curves' x values inside ``[max of the starts, min of the ends]``, the range every
+    curve covers, so no curve is extrapolated. Returns ``(grid, ys)`` with ``ys[i]`` curve i on the grid, or None if
+    some curve is empty or the ranges do not overlap.
+    """
+    if not curves or any(len(xs) == 0 for xs, _ in curves):
+        return None
+    lo = max(float(xs[0]) for xs, _ in curves)
+    hi = min(float(xs[-1]) for xs, _ in curves)
+    if lo > hi:
+        return None
+    knots = np.concatenate([np.asarray(xs, dtype=float) for xs, _ in curves] + [np.array([lo, hi])])
+    grid = np.unique(knots[(knots >= lo) & (knots <= hi)])
+    ys = np.stack([np.interp(grid, xs, y) for xs, y in curves])
+    return grid, ys
+
+
+def align_rounds(curves: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray] | None:
+    """Keep the rounds every curve evaluated: ``(rounds, ys)``, or None if there are none in common."""
+    if not curves:
+        return None
+    common = set(curves[0][0].tolist())
+    for xs, _ in curves[1:]:
+        common &= set(xs.tolist())
+    if not common:
+        return None
+    grid = np.array(sorted(common), dtype=float)
+    ys = np.stack([y[np.searchsorted(xs, grid)] for xs, y in curves])
+    return grid, ys
+
+
+def aggregate_curve(runs: Sequence[Run], x: str, band: str = "std") -> Curve | None:
+    """Mean over seeds of the runs' accuracy curves against ``x``, with a ± 1 sample std or min-max band.
+
+    None if the seeds share no evaluated round (``x="round"``) or no x range (``sim_time``, ``bits``).
+    """
+    if band not in BANDS:
+        raise ValueError(f"band must be one of {BANDS}, got {band!r}")
+    curves = [run_curve(r, x) for r in runs]
+    aligned = align_rounds(curves) if x == "round" else interpolate_common(curves)
+    if aligned is None:
+        return None
+    grid, ys = aligned
+    mean = ys.mean(axis=0)
+    if band == "minmax":
+        lo, hi = ys.min(axis=0), ys.max(axis=0)
+    elif len(ys) >= 2:
+        std = ys.std(axis=0, ddof=1)
+        lo, hi = mean - std, mean + std
+    else:
+        lo, hi = mean.copy(), mean.copy()
+    return Curve(x=grid, mean=mean, lo=lo, hi=hi, n=len(ys))
+
+
+_X_LABEL = {"round": "global round", "sim_time": "simulated time [s]", "bits": "cumulative bits sent [MB]"}
+_X_FILE = {"round": "accuracy_vs_round.png", "sim_time": "accuracy_vs_sim_time.png", "bits": "accuracy_vs_bits.png"}
+_BAND_TEXT = {"std": "band: mean ± 1 sample std over seeds", "minmax": "band: min-max over seeds"}
+
+
+def plot_curves(groups: Mapping[str, Sequence[Run]], x: str, path: Path, band: str = "std",
+                title: str = "") -> list[str]:
+    """Plot the mean accuracy curve and band of every setting against ``x`` into a PNG (Agg, no pyplot).
+
+    Returns the labels of settings left out because their seeds have no common x range / rounds.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    skipped: list[str] = []
+    plotted = 0
+    for i, (label, runs) in enumerate(groups.items()):
+        curve = aggregate_curve(runs, x, band)
+        if curve is None:
+            skipped.append(label)
+            continue
+        color = f"C{i % 10}"
+        marker = "o" if len(curve.x) == 1 else None
+        ax.plot(curve.x, 100 * curve.mean, color=color, marker=marker, label=f"{label} (n={curve.n})")
+        if curve.n >= 2:
+            ax.fill_between(curve.x, 100 * curve.lo, 100 * curve.hi, color=color, alpha=0.2, linewidth=0)
+        plotted += 1
+    if plotted == 0:
+        ax.text(0.5, 0.5, "no evaluated records in common", ha="center", va="center", transform=ax.transAxes)
+    else:
+        ax.legend(fontsize=7, loc="best")
+    ax.set_xlabel(_X_LABEL[x])
+    ax.set_ylabel("cloud test accuracy [%]")
+    ax.grid(alpha=0.3)
+    ax.set_title(f"{title + ': ' if title else ''}accuracy vs {_X_LABEL[x]}\n({_BAND_TEXT[band]})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return skipped
+
+
+# ====================================================================================================== output
+def _fmt_acc(stats: Mapping[str, Any]) -> str:
+    if stats["mean"] is None:
+        return "n/a"
+    std = "n/a" if stats["std"] is None else f"{stats['std']:.2f}"
+    return f"{stats['mean']:.2f} ± {std}"
+
+
+def _fmt_rounds(r: Mapping[str, Any]) -> str:
+    return str(r["min"]) if r["min"] == r["max"] else f"{r['min']}–{r['max']} (mean {r['mean']:.1f})"
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], budget: float) -> str:
+    """The Markdown table of :func:`summarize`'s rows."""
+    header = ["setting", "seeds", "final acc (%)", "best acc (%)", f"acc @ T = {budget:.2f} s sim. (%)", "rounds",
+              "sim. time (s)", "bits sent (MB)", "vs 32-bit", "wall time (s)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for r in rows:
+        ratio = r["bits_ratio_to_32bit_mean"]
+        cells = [
+            _md_cell(r["setting"]),
+            str(r["n_seeds"]),
+            _fmt_acc(r["final_test_acc_pct"]),
+            _fmt_acc(r["best_test_acc_pct"]),
+            _fmt_acc(r["budget_test_acc_pct"]),
+            _fmt_rounds(r["rounds"]),
+            f"{r['sim_time_s_mean']:.2f}",
+            f"{r['bits_total_mb_mean']:.2f}",
+            "n/a" if ratio is None else f"{ratio:.3f}x",
+            f"{r['wall_time_s_mean']:.1f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(out: str | os.PathLike, groups: Mapping[str, Sequence[Run]], rows: Sequence[Mapping[str, Any]],
+                 budget: float, *, title: str = "report", keys: Sequence[str] = (),
+                 xs: Sequence[str] = X_AXES, band: str = "std") -> dict[str, Path]:
+    """Write ``report.md``, ``report.json`` and one ``accuracy_vs_<x>.png`` per entry of ``xs`` into ``out``.
+
+    Returns the written paths by name (``"md"``, ``"json"`` and the x axes).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    run_dirs = [str(r.path) for rs in groups.values() for r in rs]
+    written: dict[str, Path] = {}
+    skipped: dict[str, list[str]] = {}
+    for x in xs:
+        path = out / _X_FILE[x]
+        skipped[x] = plot_curves(groups, x, path, band=band, title=title)
+        written[x] = path
+
+    grouped_by = ", ".join(keys) if keys else "(nothing differs: one setting)"
+    md = [
+        f"# {title}",
+        "",
+        f"Settings grouped by: {grouped_by}; seeds pooled. Accuracies: mean ± sample std (ddof = 1) over seeds, "
+        f"in %. `acc @ T`: test accuracy of the last evaluated round with simulated time <= T = {budget:.2f} s. "
+        f"Bits: mean total bits sent over all layers, in MB (bits / 8e6), and their ratio to 32-bit uploads.",
+        "",
+        format_table(rows, budget),
+        "",
+    ]
+    dups = [r["setting"] for r in rows if r["duplicate_seeds"]]
+    if dups:
+        md += [f"Warning: repeated seeds within: {'; '.join(dups)}.", ""]
+    for x in xs:
+        if skipped[x]:
+            md += [f"Not in {_X_FILE[x]} (seeds share no {x} range): {'; '.join(skipped[x])}.", ""]
+    md += [f"![accuracy vs {x}]({_X_FILE[x]})" for x in xs]
+    md += ["", f"Run directories ({len(run_dirs)}): " + ", ".join(f"`{d}`" for d in run_dirs), ""]
+    written["md"] = out / "report.md"
+    written["md"].write_text("\n".join(md))
+
+    payload = {
+        "title": title,
+        "group_by": list(keys),
+        "budget_sim_time_s": float(budget),
+        "band": band,
+        "run_dirs": run_dirs,
+        "plots": {x: _X_FILE[x] for x in xs},
+        "settings": list(rows),
+    }
+    written["json"] = out / "report.json"
+    written["json"].write_text(json.dumps(payload, indent=2))
+    return written
+
+
+# ========================================================================================================= CLI
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m recipes.report",
+        description="Turn run directories (or directories above them, e.g. a Hydra multirun) into a Markdown table "
+                    "and accuracy plots with seed bands.",
+    )
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="a run directory (holding summary.json) or a directory searched recursively for runs")
+    p.add_argument("--out", type=Path, default=None, help="output directory (default: ./report)")
+    p.add_argument("--name", default=None,
+                   help="report title (default: the runs' config names)")
+    p.add_argument("--group-by", nargs="+", default=None, metavar="KEY",
+                   help="dotted config keys that tell settings apart, e.g. hierarchy.branching partition.alpha "
+                        "(default: every config leaf that differs across runs, except seeds, names, data_dir)")
+    p.add_argument("--exclude", nargs="+", default=[], metavar="KEY",
+                   help="config keys (or key prefixes) to leave out of the automatic grouping, e.g. logger")
+    p.add_argument("--x", nargs="+", choices=X_AXES, default=list(X_AXES), dest="xs",
+                   help="x axes to plot accuracy against (default: all of round sim_time bits)")
+    p.add_argument("--budget-sim-time", type=float, default=None, metavar="T",
+                   help="simulated seconds of the common-budget accuracy (default: smallest final simulated "
+                        "time over all runs)")
+    p.add_argument("--band", choices=BANDS, default="std",
+                   help="shaded band of the curves: ± 1 sample std over seeds (default) or min-max")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
+    """Command-line entry point; returns the written paths. Errors exit with a message naming the culprit."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.budget_sim_time is not None and not (math.isfinite(args.budget_sim_time) and args.budget_sim_time >= 0):
+        parser.error(f"--budget-sim-time must be a finite number >= 0, got {args.budget_sim_time}")
+    try:
+        runs = collect_runs(args.run_dirs)
+        keys = args.group_by if args.group_by is not None else auto_group_keys(runs, args.exclude)
+        groups = group_runs(runs, keys)
+        budget = args.budget_sim_time if args.budget_sim_time is not None else default_budget(runs)
+        rows = summarize(groups, budget)
+    except ValueError as e:
+        raise SystemExit(f"report: error: {e}") from e
+    title = args.name or ", ".join(sorted({str(r.summary.get("name", "runs")) for r in runs}))
+    out = args.out if args.out is not None else Path.cwd() / "report"
+    written = write_report(out, groups, rows, budget, title=title, keys=keys, xs=args.xs, band=args.band)
+    print(format_table(rows, budget))
+    print(f"\n{len(runs)} runs in {len(groups)} settings; wrote {', '.join(str(p) for p in written.values())}")
+    return written
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""Hydra configs (every group option, every experiment preset, the W&B sweep files) and end-to-end recipe runs."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from recipes.common import build_hierarchy, build_latency, build_quantizers, rounds_for
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+GROUPS = ["dataset", "model", "hierarchy", "quantizer", "partition", "trainer", "logger"]
+
+
+def _compose(config: str, overrides: list[str], hydra_cfg: bool = False):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name=config, overrides=overrides, return_hydra_config=hydra_cfg)
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
+def test_every_group_option_composes(group, option):
+    for config in ("mnist", "cifar"):
+        cfg = _compose(config, [f"{group}={option}"])
+        assert cfg[group] is not None
+        h = build_hierarchy(cfg)
+        qs = build_quantizers(cfg, h.num_layers)
+        assert len(qs) == h.num_layers == len(cfg.hierarchy.taus)
+        build_latency(cfg, h.num_layers)
+        if group in ("dataset", "model", "partition", "logger"):
+            assert cfg[group].name == option or (group, option) == ("dataset", "cifar10") and cfg[group].name == "cifar10"
+
+
+def test_hierarchy_presets_share_devices_and_prod_tau():
+    """The depth experiment compares these: same 64 devices and the same prod(tau) = 40; lower links faster."""
+    seen = set()
+    for option in ("two_layer", "three_layer", "four_layer"):
+        cfg = _compose("mnist", [f"hierarchy={option}"])
+        h = build_hierarchy(cfg)
+        seen.add((h.num_devices, math.prod(cfg.hierarchy.taus)))
+        rates = list(cfg.hierarchy.uplink_rates)
+        assert len(rates) == h.num_layers and rates == sorted(rates, reverse=True)
+    assert seen == {(64, 40)}
+    assert {build_hierarchy(_compose("mnist", [f"hierarchy={o}"])).num_layers
+            for o in ("two_layer", "three_layer", "four_layer")} == {2, 3, 4}
+
+
+def test_main_job_defaults_match_the_issue():
+    """Non-IID MNIST with Dirichlet alpha = 0.5, >= 50 devices, >= 3 layers, quantized links."""
+    cfg = _compose("mnist", [])
+    h = build_hierarchy(cfg)
+    assert cfg.dataset.name == "mnist" and cfg.partition.name == "dirichlet" and cfg.partition.alpha == 0.5
+    assert h.num_devices >= 50 and h.num_layers >= 3
+    assert all(q.__class__.__name__ == "QSGD" for q in build_quantizers(cfg, h.num_layers))
+
+
+@pytest.mark.parametrize("config,preset", [("mnist", "depth"), ("cifar", "quant_sensitivity"), ("mnist", "planning")])
+def test_experiment_presets_compose_with_every_sweep_point(config, preset):
+    cfg = _compose(config, [f"+experiment={preset}"], hydra_cfg=True)
+    assert cfg.name == preset
+    params = OmegaConf.to_container(cfg.hydra.sweeper.params) if cfg.hydra.sweeper.get("params") else {}
+    axes = [[f"{k}={v}" for v in _split_values(str(vals))] for k, vals in (params or {}).items()]
+    points = list(itertools.product(*axes)) or [()]
+    for point in points:
+        c = _compose(config, [f"+experiment={preset}", *point])
+        h = build_hierarchy(c)
+        build_quantizers(c, h.num_layers)
+    if preset == "depth":
+        assert len(points) == 18  # 3 hierarchies x 2 alphas x 3 seeds
+    if preset == "quant_sensitivity":
+        levels = {str(OmegaConf.to_container(_compose(config, [f"+experiment={preset}", *p]).quantizer)["levels"])
+                  for p in points}
+        assert levels == {"[4, 8]", "[8, 8]", "[8, 4]", "None"}
+        assert cfg.hierarchy.branching and len(cfg.hierarchy.branching) == 2
+    if preset == "planning":
+        assert cfg.trainer.deadline > 0 and cfg.planning.random_taus >= 5 and len(cfg.planning.seeds) >= 3
+
+
+def _split_values(s: str) -> list[str]:
+    """Split a Hydra sweep value list on top-level commas ("[4,8],[8,8],null" -> three values)."""
+    out, depth, cur = [], 0, ""
+    for ch in s:
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "," and depth == 0:
+            out.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    return out + [cur.strip()]
+
+
+@pytest.mark.parametrize("path", sorted((CONF / "sweep").glob("*.yaml")), ids=lambda p: p.stem)
+def test_wandb_sweep_files_drive_the_recipes_through_hydra_overrides(path):
+    sweep = yaml.safe_load(path.read_text())
+    cmd = sweep["command"]
+    assert "${args_no_hyphens}" in cmd and "-m" in cmd
+    recipe = cmd[cmd.index("-m") + 1]
+    assert recipe in ("recipes.mnist", "recipes.cifar")
+    config = recipe.split(".")[1]
+    fixed = [c for c in cmd if "=" in c and not c.startswith("$")]
+    for key, spec in sweep["parameters"].items():
+        values = spec.get("values") or [spec.get("min")]
+        for v in values:
+            _compose(config, [*fixed, f"{key}={v}"])  # every value is a valid Hydra override
+
+
+def test_deadline_sets_the_number_of_rounds():
+    cfg = _compose("mnist", ["+experiment=planning", "hierarchy.taus=[5,4,2]"])
+    h = build_hierarchy(cfg)
+    qs = build_quantizers(cfg, h.num_layers)
+    lat = build_latency(cfg, h.num_layers)
+    t_glob = lat.round_time_for([5, 4, 2], qs, 21840).total
+    assert rounds_for(cfg, lat, qs, 21840) == math.floor(cfg.trainer.deadline / t_glob)
+    short = _compose("mnist", ["+experiment=planning", "trainer.deadline=0.01"])
+    with pytest.raises(ValueError, match="shorter than one global round"):
+        rounds_for(short, lat, qs, 21840)
+
+
+def test_bad_quantizer_levels_length():
+    cfg = _compose("mnist", ["quantizer.levels=[4,8]"])
+    with pytest.raises(ValueError, match="N = 3"):
+        build_quantizers(cfg, 3)
+
+
+def _run_recipe(module: str, tmp_path: Path, *overrides: str, wandb_mode: str = "disabled"):
+    env = dict(os.environ, WANDB_MODE=wandb_mode, QMLHFL_THREADS="2", WANDB_DIR=str(tmp_path))
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-m", module, f"hydra.run.dir={tmp_path}/run", *overrides],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _check_outputs(run: Path, out: subprocess.CompletedProcess, rounds: int) -> dict:
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    history = json.loads((run / "history.json").read_text())
+    assert summary["rounds"] == rounds and len([r for r in history if "test_acc" in r]) == rounds
+    assert (run / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "cloud test accuracy: final" in out.stdout and "simulated time" in out.stdout
+    assert all(0 < b <= base for b, base in zip(summary["bits_per_layer"], summary["baseline_bits_per_layer"]))
+    assert summary["final_test_acc"] == history[-1]["test_acc"]
+    return summary
+
+
+def test_mnist_recipe_end_to_end(tmp_path, data_root):
+    out = _run_recipe("recipes.mnist", tmp_path, "dataset.train_subset=2000", "dataset.test_subset=500",
+                      "hierarchy=four_layer", "hierarchy.branching=[2,1,2,2]", "hierarchy.taus=[2,1,2,1]",
+                      "quantizer.levels=[4,8,8,8]", "partition.alpha=0.1", "trainer.rounds=5", "logger=csv",
+                      "trainer.progress_bar=false")
+    s = _check_outputs(tmp_path / "run", out, 5)
+    assert s["layers"] == 4 and s["devices"] == 8 and s["local_steps"] == 20
+    assert all(b < base for b, base in zip(s["bits_per_layer"], s["baseline_bits_per_layer"]))
+    assert s["quantizers"][0].startswith("QSGD(4") and (tmp_path / "run" / "last.ckpt").exists()
+    assert (tmp_path / "run" / "csv" / "metrics.csv").exists()
+    assert s["final_test_acc"] > 0.3  # chance is 0.1; 20 local steps of 8 devices on 2000 images
+
+
+def test_cifar_recipe_end_to_end_with_wandb_offline(tmp_path, data_root):
+    out = _run_recipe("recipes.cifar", tmp_path, "dataset.train_subset=512", "dataset.test_subset=256",
+                      "hierarchy.branching=[2,2]", "hierarchy.taus=[2,1]", "quantizer.levels=[4,null]",
+                      "trainer.rounds=1", "logger=wandb", "logger.mode=offline", "trainer.checkpoint=false",
+                      wandb_mode="offline")  # offline: W&B writes its run files locally and reaches nothing
+    s = _check_outputs(tmp_path / "run", out, 1)
+    assert s["quantizers"] == ["QSGD(4, bucket_size=512)", "NoQuantization()"]
+    assert s["bits_per_layer"][1] == s["baseline_bits_per_layer"][1]
+    assert list((tmp_path / "run").rglob("offline-run-*")), "no offline W&B run was written"
