@@ -79,7 +79,8 @@ def candidates(cfg: DictConfig) -> tuple[Plan, list[Plan], dict[str, Any]]:
         ev = evaluate_taus(t, h, qs, d, latency, deadline, **common)
         if ev.feasible:
             chosen.append(ev)
-    setting = {"d": d, "deadline": deadline, "hierarchy": list(cfg.hierarchy.branching),
+    setting = {"d": d, "deadline": deadline, "model": str(cfg.model.name), "partition": str(cfg.partition.name) + (
+               f" alpha {cfg.partition.alpha}" if "alpha" in cfg.partition else ""), "hierarchy": list(cfg.hierarchy.branching),
                "quantizers": [repr(q) for q in qs], "uplink_rates": list(latency.uplink_rates),
                "compute_time": latency.compute_time, **common, "tau_max": int(p.tau_max), "draws": tries}
     return plan, chosen, setting
@@ -122,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
                      "t_glob": pl.round_time.total if pl.round_time else None,
                      "acc_mean": statistics.fmean(accs), "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                      "runs": results})
-    wall = time.time() - t0
+    # Sum of the runs' own wall times (reused runs keep theirs), so a resumed sweep reports the full cost.
+    wall = sum(r["wall"] for row in rows for r in row["runs"])
+    print(f"done in {time.time() - t0:.0f} s; the runs took {wall:.0f} s of wall time in all")
     write(out, rows, setting, overrides, wall)
     return 0
 
@@ -139,10 +142,10 @@ def write(out: Path, rows: list[dict[str, Any]], setting: dict[str, Any], overri
     lines = [
         "# Experiment 3: planner tau vs random feasible tau under one deadline",
         "",
-        f"Command: `python -m recipes.planning {' '.join(overrides)}`".rstrip() + f" ({wall / 60:.1f} min on this "
-        "2-core CPU, every run included)",
+        f"Command: `{' '.join(['python -m recipes.planning', *overrides])}` ({wall / 60:.1f} min "
+        "of training wall time on this 2-core CPU, all runs summed)",
         "",
-        f"Setting: non-IID MNIST (Dirichlet alpha 0.5), LeNet (d = {setting['d']:,}), hierarchy "
+        f"Setting: non-IID MNIST ({setting['partition']}), model {setting['model']} (d = {setting['d']:,}), hierarchy "
         f"{setting['hierarchy']} ({math.prod(setting['hierarchy'])} devices), uploads {setting['quantizers']}, "
         f"uplinks {setting['uplink_rates']} bit/s (layer 1 first), {setting['compute_time'] * 1e3:g} ms per local "
         f"step, simulated deadline T_d = {setting['deadline']:g} s. Learning rate: mu = {setting['mu']:g} where Eq. 15 "

@@ -177,3 +177,36 @@ def test_cifar_recipe_end_to_end_with_wandb_offline(tmp_path, data_root):
     assert s["quantizers"] == ["QSGD(4, bucket_size=512)", "NoQuantization()"]
     assert s["bits_per_layer"][1] == s["baseline_bits_per_layer"][1]
     assert list((tmp_path / "run").rglob("offline-run-*")), "no offline W&B run was written"
+
+
+def test_planning_candidates_are_feasible_and_scored_like_the_planner():
+    from recipes.planning import candidates, compose_cfg
+
+    cfg = compose_cfg([])
+    plan, randoms, setting = candidates(cfg)
+    assert plan.feasible and len(randoms) == cfg.planning.random_taus >= 5
+    taus = [tuple(plan.taus)] + [tuple(r.taus) for r in randoms]
+    assert len(set(taus)) == len(taus)  # distinct, none equal to the plan
+    for r in randoms:
+        assert r.feasible and r.rounds >= 1 and r.objective <= plan.objective + 1e-12
+        assert r.rounds == math.floor(setting["deadline"] / r.round_time.total + 1e-9)
+
+
+def test_planning_driver_end_to_end(tmp_path, data_root):
+    from recipes.planning import main
+
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    rc = main(["dataset.train_subset=1500", "dataset.test_subset=300", "hierarchy.branching=[2,2,2]",
+               "trainer.deadline=1.5", "planning.random_taus=1", "planning.seeds=[0,1]", "planning.tau_max=3",
+               f"planning.out={out}", f"planning.runs_dir={runs}"])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert [r["kind"] for r in res["rows"]] == ["planner", "random"]
+    for row in res["rows"]:
+        assert [r["seed"] for r in row["runs"]] == [0, 1]
+        for r in row["runs"]:
+            assert r["rounds"] == row["rounds"] and r["sim_time"] <= 1.5 + 1e-9
+    md = (out / "results.md").read_text()
+    assert "| planner |" in md and "ranks" in md
+    assert (out / "accuracy_at_deadline.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(list(runs.glob("*/summary.json"))) == 4
