@@ -130,7 +130,8 @@ class QMLHFLEngine:
         self.executor = make_executor(
             executor, module, loss_fn, self.state.param_layout, self.state.buffer_layout, self.device
         )
-        self.optimizer = DeviceOptimizer(self.state.params[0], optimizer, optimizer_kwargs or {"lr": 0.01})
+        self.optimizer = DeviceOptimizer(self.state.params[0], optimizer, optimizer_kwargs or {"lr": 0.01},
+                                         layout=self.state.param_layout)
         # Per layer n = 1..N (stored at index n-1): parent index of the children and their weights.
         self._parent_index = [hierarchy.parent_index(n - 1).to(self.device) for n in range(1, self.N + 1)]
         self._weights = [

@@ -1,8 +1,8 @@
 """Executors: compute the Eq. 3 gradient of every device at once, from the stacked device rows.
 
 Both take the stacked device parameters [N_tot, P], float buffers [N_tot, B] and one mini-batch per device
-(any pytree of tensors whose leading dimension is N_tot) and return the gradients [N_tot, P] (fp32 or the
-storage dtype), the per-device losses [N_tot] and per-device auxiliary scalars {name: [N_tot]}.
+(any pytree of tensors whose leading dimension is N_tot) and return the gradients (``loop``: one [N_tot, P]
+tensor; ``vmap``: one [N_tot, *shape] tensor per parameter in layout order, ``None`` for an unused one), the per-device losses [N_tot] and per-device auxiliary scalars {name: [N_tot]}.
 
 - ``vmap``: ``torch.func.functional_call`` under ``torch.func.vmap`` with ``randomness="different"`` (dropout
   masks differ per device), differentiated by ordinary reverse-mode autograd. One vectorised computation.
@@ -120,7 +120,7 @@ class VmapExecutor(_ExecutorBase):
         with torch.enable_grad():
             losses, aux = self._fn(leaves, bufs, ints, batch)
             parts = torch.autograd.grad(losses.sum(), list(leaves.values()), allow_unused=True)
-        grads = _join_grads(parts, leaves.values(), params)
+        grads = list(parts)  # per parameter, in layout order: the device optimiser takes them as they are
         with torch.no_grad():
             for k, v in views.items():
                 v.copy_(bufs[k])
@@ -158,17 +158,6 @@ class LoopExecutor(_ExecutorBase):
                 aux_rows.setdefault(k, []).append(v.detach().reshape(()))
         self._store_ints(ints)
         return grads, losses, {k: torch.stack(v) for k, v in aux_rows.items()}
-
-
-def _join_grads(parts: tuple[Tensor | None, ...], leaves: Any, params: Tensor) -> Tensor:
-    """Per-parameter gradients [N_tot, *shape] -> one [N_tot, P] tensor in the stack's layout (None -> zeros)."""
-    rows = params.shape[0]
-    cols = [
-        (g if g is not None else torch.zeros_like(leaf)).reshape(rows, -1) for g, leaf in zip(parts, leaves)
-    ]
-    if not cols:
-        return torch.zeros_like(params)
-    return torch.cat(cols, dim=1)
 
 
 def choose_executor(module: nn.Module, device: torch.device) -> str:
