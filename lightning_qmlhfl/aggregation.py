@@ -68,12 +68,8 @@ def _weighted_qsgd_(diff: Tensor, norms: Tensor, uniforms: Tensor, quantizer: QS
     """w_c * Q(diff_c) for the rows of ``diff`` (float32, overwritten), number for number what
     ``quantizer.decode(quantizer.encode(diff, uniforms)) * w`` gives (and what the Triton kernel computes), in a
     few in-place passes instead of ~20 allocating ones. ``norms`` [rows, buckets] are the upload norms."""
-    rows, d = diff.shape
     s = float(quantizer.levels)
-    if norms.shape[1] == 1:
-        nfull = norms
-    else:
-        nfull = norms.repeat_interleave(quantizer.bucket_size, dim=1)[:, :d]
+    nfull = quantizer.expand_norms(norms, diff.shape[1])
     safe = torch.where(nfull > 0, nfull, torch.ones_like(nfull))
     t = diff.abs()
     t.div_(safe).clamp_(max=1.0).mul_(s)  # r = |x| / ||x|| <= 1, scaled = r * s

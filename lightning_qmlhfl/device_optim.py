@@ -103,8 +103,7 @@ class DeviceOptimizer:
             if len(parts) != len(self.columns):
                 raise ValueError(f"got {len(parts)} gradients for {len(self.columns)} parameters")
         for col, g in zip(self.columns, parts):
-            g = torch.zeros_like(col) if g is None else g.view(col.shape) if g.shape != col.shape else g
-            col.grad = g if g.dtype == col.dtype else g.to(col.dtype)
+            col.grad = torch.zeros_like(col) if g is None else g.to(col.dtype)
         self.optimizer.step()
         for col in self.columns:
             col.grad = None

@@ -72,11 +72,10 @@ class _ExecutorBase:
             n: b for n, b in module.named_buffers() if b is not None and not b.is_floating_point()
         }
 
-    def _named(self, p_row: Tensor, b_row: Tensor, ints: dict[str, Tensor]) -> dict[str, Tensor]:
-        named = {"inner." + k: v for k, v in self.param_layout.views(p_row).items()}
-        named.update({"inner." + k: v for k, v in self.buffer_layout.views(b_row).items()})
-        named.update({"inner." + k: v for k, v in ints.items()})
-        return named
+    @staticmethod
+    def _named(*groups: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The ``functional_call`` mapping of the wrapped module: parameters, float buffers, integer buffers."""
+        return {"inner." + k: v for group in groups for k, v in group.items()}
 
     def _int_copies(self) -> dict[str, Tensor]:
         return {k: v.clone() for k, v in self._int_buffers.items()}
@@ -97,10 +96,7 @@ class VmapExecutor(_ExecutorBase):
         super().__init__(*args, **kwargs)
 
         def f(pars: dict[str, Tensor], bufs: dict[str, Tensor], ints: dict[str, Tensor], batch: Any):
-            named = {"inner." + k: v for k, v in pars.items()}
-            named.update({"inner." + k: v for k, v in bufs.items()})
-            named.update({"inner." + k: v for k, v in ints.items()})
-            return torch.func.functional_call(self.objective, named, (batch,))
+            return torch.func.functional_call(self.objective, self._named(pars, bufs, ints), (batch,))
 
         self._fn = torch.func.vmap(f, in_dims=(0, 0, None, 0), randomness="different")
 
@@ -143,9 +139,7 @@ class LoopExecutor(_ExecutorBase):
             batch_i = tree_map(lambda t: t[i] if isinstance(t, Tensor) else t, batch)
             ints = self._int_copies()
             with torch.enable_grad():
-                named = {"inner." + k: v for k, v in leaves.items()}
-                named.update({"inner." + k: v for k, v in self.buffer_layout.views(buffers[i]).items()})
-                named.update({"inner." + k: v for k, v in ints.items()})
+                named = self._named(leaves, self.buffer_layout.views(buffers[i]), ints)
                 loss, aux = torch.func.functional_call(self.objective, named, (batch_i,))
                 parts = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
             for g, view in zip(parts, self.param_layout.views(grads[i]).values()):

@@ -31,7 +31,7 @@ import torch
 
 from .quantizers import Quantizer, make_quantizer
 
-__all__ = ["LatencyModel", "RoundTime", "upload_bits", "downlink_bits", "measure_compute_time"]
+__all__ = ["LatencyModel", "RoundTime", "upload_bits", "downlink_bits", "default_uplink_rates", "measure_compute_time"]
 
 Rate = Union[float, Sequence[float]]
 """A layer's link rate in bits/s: one number (all senders alike) or one number per sender of that layer."""
@@ -55,6 +55,12 @@ def _slowest_rate(rate: object, what: str) -> float:
             raise ValueError(f"{what} is an empty list; give one rate (bits/s) or one per sender")
         return min(_positive(r, f"{what}[{i}]") for i, r in enumerate(rate))
     return _positive(rate, what)
+
+
+def default_uplink_rates(num_layers: int) -> list[float]:
+    """The project's default links, in bit/s for layers n = 1..N: 100 Mbit/s from the devices (short, local
+    links), 10x slower for every layer up (longer, shared wide-area links)."""
+    return [1e8 / 10**n for n in range(num_layers)]
 
 
 def upload_bits(quantizers: Sequence[Any], d: int) -> list[int]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["Quantizer", "QSGD", "NoQuantization", "Encoded", "make_quantizer", "row_norms"]
+__all__ = ["Quantizer", "QSGD", "NoQuantization", "Encoded", "make_quantizer", "layer_quantizers", "row_norms"]
 
 
 @dataclass
@@ -169,21 +169,18 @@ class QSGD(Quantizer):
             raise ValueError(f"uniforms must have the shape of x {tuple(x.shape)}, got {tuple(uniforms.shape)}")
         norms = row_norms(x, self.bucket_size)  # [rows, nb]
         xf = x.to(torch.float32)
-        if norms.shape[1] == 1:
-            nfull = norms
-        else:
-            nfull = norms.repeat_interleave(self.bucket_size, dim=1)[:, :d]
-        levels = quantize_levels(xf, nfull, uniforms.to(torch.float32), s)
+        levels = quantize_levels(xf, self.expand_norms(norms, d), uniforms.to(torch.float32), s)
         return Encoded(norms=norms, levels=levels.to(self.code_dtype))
 
     def decode(self, enc: Encoded, d: int) -> Tensor:
         assert enc.levels is not None
-        norms = enc.norms
+        return enc.levels.to(torch.float32) * (self.expand_norms(enc.norms, d) / float(self.levels))
+
+    def expand_norms(self, norms: Tensor, d: int) -> Tensor:
+        """The norm that scales each entry: [rows, 1] as is (broadcasts), [rows, buckets] repeated to [rows, d]."""
         if norms.shape[1] == 1:
-            nfull = norms
-        else:
-            nfull = norms.repeat_interleave(self.bucket_size, dim=1)[:, :d]
-        return enc.levels.to(torch.float32) * (nfull / float(self.levels))
+            return norms
+        return norms.repeat_interleave(self.bucket_size, dim=1)[:, :d]
 
     def variance_bound(self, d: int) -> float:
         d = int(d)
@@ -241,5 +238,25 @@ def make_quantizer(spec: object) -> Quantizer:
         bucket = d.pop("bucket_size", None)
         if d:
             raise ValueError(f"unknown quantizer options {sorted(d)}; allowed: levels, bucket_size")
-        return make_quantizer(levels) if bucket is None or levels is None else QSGD(levels, bucket)
+        q = make_quantizer(levels)
+        return q if bucket is None or q.is_identity else QSGD(q.levels, bucket)
     raise ValueError(f"cannot build a quantizer from {spec!r}; use an int s >= 1, 'none', or a Quantizer")
+
+
+def layer_quantizers(levels: object, bucket_size: object, num_layers: int) -> list[Quantizer]:
+    """Q_1..Q_N from config values: ``levels`` and ``bucket_size`` are each one value for every layer or a list of
+    N (``None``/"none" levels = 32-bit uploads; ``None`` bucket_size = one norm per upload)."""
+
+    def per_layer(value: object, what: str) -> list:
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+            return [value] * num_layers
+        value = list(value)
+        if len(value) != num_layers:
+            raise ValueError(
+                f"{what} has {len(value)} entries {value} but the hierarchy has N = {num_layers} layers: "
+                f"give one value per layer, or a single value"
+            )
+        return value
+
+    pairs = zip(per_layer(levels, "quantizer.levels"), per_layer(bucket_size, "quantizer.bucket_size"))
+    return [make_quantizer({"levels": s, "bucket_size": b}) for s, b in pairs]

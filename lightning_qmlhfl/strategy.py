@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, default_collate
 from .aggregation import _mix
 from .engine import NonFiniteUpdateError, QMLHFLEngine, validate_quantizers, validate_taus
 from .hierarchy import Hierarchy
-from .latency import LatencyModel
+from .latency import LatencyModel, default_uplink_rates
 from .partition import Dirichlet, Partitioner, make_partitioner
 from .quantizers import QSGD, Quantizer
 
@@ -436,10 +436,8 @@ class QMLHFLStrategy(SingleDeviceStrategy):
         return self.latency
 
     def _default_latency(self) -> LatencyModel:
-        """Documented default: 1 ms per local step; uplinks 100 Mbit/s from the devices (short, local links), 10x
-        slower for every layer up (longer, shared wide-area links)."""
-        N = self.hierarchy.num_layers
-        return LatencyModel(compute_time=1e-3, uplink_rates=[1e8 / 10**n for n in range(N)])
+        """Documented default: 1 ms per local step and :func:`~lightning_qmlhfl.latency.default_uplink_rates`."""
+        return LatencyModel(compute_time=1e-3, uplink_rates=default_uplink_rates(self.hierarchy.num_layers))
 
     def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
         """No-op: the engine already computed every device's gradient and update inside ``training_step``."""

@@ -29,10 +29,10 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from lightning_qmlhfl import Hierarchy  # noqa: E402
 from lightning_qmlhfl.datasets import get_dataset, normalize, random_crop_flip, resolve_data_dir  # noqa: E402
-from lightning_qmlhfl.latency import LatencyModel  # noqa: E402
+from lightning_qmlhfl.latency import LatencyModel, default_uplink_rates  # noqa: E402
 from lightning_qmlhfl.models import build_model  # noqa: E402
 from lightning_qmlhfl.partition import make_partitioner  # noqa: E402
-from lightning_qmlhfl.quantizers import QSGD, NoQuantization, Quantizer  # noqa: E402
+from lightning_qmlhfl.quantizers import Quantizer, layer_quantizers  # noqa: E402
 from lightning_qmlhfl.strategy import QMLHFLStrategy  # noqa: E402
 
 __all__ = ["run", "build_quantizers", "build_hierarchy"]
@@ -46,25 +46,10 @@ def build_hierarchy(cfg: DictConfig) -> Hierarchy:
 
 
 def build_quantizers(cfg: DictConfig, num_layers: int) -> list[Quantizer]:
-    """``quantizer.levels``: one value for every layer or a list of N; null/none entries mean 32-bit uploads."""
-    q = cfg.quantizer
-    levels = q.levels
-    if levels is None or isinstance(levels, (int, str)):
-        levels = [levels] * num_layers
-    else:
-        levels = list(levels)
-    if len(levels) != num_layers:
-        raise ValueError(
-            f"quantizer.levels has {len(levels)} entries {levels} but hierarchy has N = {num_layers} layers: "
-            f"give one level per layer, or a single int"
-        )
-    out: list[Quantizer] = []
-    for s in levels:
-        if s is None or (isinstance(s, str) and s.lower() in ("none", "null")):
-            out.append(NoQuantization())
-        else:
-            out.append(QSGD(s, bucket_size=q.get("bucket_size")))
-    return out
+    """``quantizer.levels`` / ``quantizer.bucket_size``: one value for every layer or a list of N; null/none levels
+    mean 32-bit uploads."""
+    q = OmegaConf.to_container(cfg.quantizer, resolve=True)
+    return layer_quantizers(q.get("levels"), q.get("bucket_size"), num_layers)
 
 
 class _History(Callback):
@@ -116,7 +101,7 @@ def _make_logger(cfg: DictConfig, run_dir: Path):
 def _uplink_rates(cfg: DictConfig, num_layers: int) -> list[float]:
     rates = cfg.hierarchy.get("uplink_rates")
     if rates is None:
-        return [1e8 / 10**n for n in range(num_layers)]
+        return default_uplink_rates(num_layers)
     rates = list(rates)
     if len(rates) != num_layers:
         raise ValueError(f"hierarchy.uplink_rates has {len(rates)} entries, the hierarchy has N = {num_layers}")

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_qmlhfl.hierarchy import Hierarchy
 from lightning_qmlhfl.latency import LatencyModel, measure_compute_time, upload_bits
 from lightning_qmlhfl.planner import Plan, plan_taus
-from lightning_qmlhfl.quantizers import QSGD, NoQuantization, Quantizer
+from lightning_qmlhfl.quantizers import Quantizer, layer_quantizers
 from lightning_qmlhfl.theory import lr_condition_terms, quantizer_variances, term_provenance
 
 
@@ -34,11 +34,8 @@ def _per_layer(value: Any, N: int, what: str) -> list[Any]:
 
 
 def build_quantizers(cfg: DictConfig, N: int) -> list[Quantizer]:
-    levels = _per_layer(cfg.quantizer.levels, N, "quantizer.levels")
-    buckets = _per_layer(cfg.quantizer.get("bucket_size"), N, "quantizer.bucket_size")
-    return [
-        NoQuantization() if s is None else QSGD(int(s), None if b is None else int(b)) for s, b in zip(levels, buckets)
-    ]
+    q = OmegaConf.to_container(cfg.quantizer, resolve=True)
+    return layer_quantizers(q.get("levels"), q.get("bucket_size"), N)
 
 
 def measure(cfg: DictConfig) -> tuple[float, int]:

@@ -40,6 +40,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from lightning_qmlhfl.models import build_model  # noqa: E402
 from lightning_qmlhfl.planner import Plan, evaluate_taus, plan_taus  # noqa: E402
 from recipes.common import build_hierarchy, build_latency, build_quantizers, run  # noqa: E402
+from recipes.report import interpolate_common  # noqa: E402
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -179,17 +180,18 @@ def write(out: Path, rows: list[dict[str, Any]], setting: dict[str, Any], overri
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in rows:
-        start = max(run_["curve"][0][0] for run_ in r["runs"])  # first evaluation (end of round 1) of every seed
-        grid = np.linspace(start, setting["deadline"], 60)
-        curves = []
-        for run_ in r["runs"]:
-            xs, ys = zip(*run_["curve"])
-            curves.append(np.interp(grid, xs, ys))  # held at the last value after the last round
-        m, sd = 100 * np.mean(curves, 0), 100 * np.std(curves, 0)
-        ax.plot(grid, m, lw=2.5 if r["kind"] == "planner" else 1, label=f"{r['kind']} {r['taus']}")
+        curves = [tuple(np.array(v, dtype=float) for v in zip(*run_["curve"])) for run_ in r["runs"]]
+        common = interpolate_common(curves)  # the simulated-time range every seed covers, no extrapolation
+        if common is None:
+            continue
+        grid, ys = common
+        m = 100 * ys.mean(0)
+        sd = 100 * ys.std(0, ddof=1) if len(ys) > 1 else np.zeros_like(m)
+        ax.plot(grid, m, marker=".", lw=2.5 if r["kind"] == "planner" else 1, label=f"{r['kind']} {r['taus']}")
         ax.fill_between(grid, m - sd, m + sd, alpha=0.15)
     ax.set_xlabel("simulated time [s]")
-    ax.set_ylabel("cloud test accuracy [%] (mean ± std over seeds)")
+    ax.set_ylabel("cloud test accuracy [%]")
+    ax.set_title("mean ± 1 sample std over seeds", fontsize=9)
     ax.set_ylim(50, 100)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

@@ -183,3 +183,15 @@ def test_bits_accounting():
     assert q.variance_bound(64) == min(64 / 64, 8 / 8)
     assert QSGD(2).variance_bound(100) == min(100 / 4, 10 / 2)
     assert NoQuantization().variance_bound(100) == 0.0
+
+
+def test_layer_quantizers_from_config_values():
+    from lightning_qmlhfl.quantizers import layer_quantizers
+
+    assert layer_quantizers(8, None, 3) == [QSGD(8)] * 3
+    assert layer_quantizers([4, None, "none"], 512, 3) == [QSGD(4, 512), NoQuantization(), NoQuantization()]
+    assert layer_quantizers([4, 8], [None, 64], 2) == [QSGD(4), QSGD(8, 64)]
+    with pytest.raises(ValueError, match="quantizer.levels has 2 entries .* N = 3"):
+        layer_quantizers([4, 8], None, 3)
+    with pytest.raises(ValueError, match="quantizer.bucket_size has 1 entries .* N = 2"):
+        layer_quantizers(4, [16], 2)
