@@ -20,11 +20,12 @@ import torch
 from torch import Tensor, nn
 
 from .aggregation import Backend, aggregate_layer_, row_seeds
+from .cpu_alloc import retain_large_allocations
 from .device_optim import DeviceOptimizer
 from .executors import LossFn, make_executor
 from .hierarchy import Hierarchy
 from .quantizers import NoQuantization, Quantizer, make_quantizer
-from .stacked import StackedState
+from .stacked import ParamOrder, StackedState
 
 __all__ = ["QMLHFLEngine", "NonFiniteUpdateError", "StepResult", "validate_taus", "validate_quantizers"]
 
@@ -97,6 +98,9 @@ class QMLHFLEngine:
             default: every device weighs 1, so weights are |C(child)| / |C(parent)|.
         backend: aggregation backend ("auto": Triton on CUDA, torch elsewhere).
         device: where the stacks live (default: the module's device).
+        param_order: "fast" (default) or "module": the storage order of the flat rows (see
+            :mod:`lightning_qmlhfl.stacked`); it decides which entries share a QSGD bucket and which seeded draw
+            each entry gets, nothing else.
     """
 
     def __init__(
@@ -113,6 +117,7 @@ class QMLHFLEngine:
         device_mass: Tensor | None = None,
         backend: Backend = "auto",
         device: torch.device | str | None = None,
+        param_order: ParamOrder = "fast",
     ) -> None:
         if not isinstance(hierarchy, Hierarchy):
             raise TypeError(f"hierarchy must be a Hierarchy, got {type(hierarchy).__name__}")
@@ -125,8 +130,10 @@ class QMLHFLEngine:
         self.seed = int(seed)
         self.backend = backend
         self.module = module
-        self.state = StackedState(module, hierarchy, device)
+        self.state = StackedState(module, hierarchy, device, param_order)
         self.device = self.state.device
+        if self.device.type == "cpu":
+            retain_large_allocations()  # per-step temporaries of 10s-100s of MB: reuse, don't re-fault (cpu_alloc)
         self.executor = make_executor(
             executor, module, loss_fn, self.state.param_layout, self.state.buffer_layout, self.device
         )
@@ -271,6 +278,8 @@ class QMLHFLEngine:
                 "quantizers": [repr(q) for q in self.quantizers],
                 "hierarchy": self.hierarchy.to_dict(),
                 "seed": self.seed,
+                "param_layout": [[name, list(shape), list(order)] for name, shape, order in
+                                 self.state.param_layout.describe()],
             },
         }
 
@@ -280,6 +289,14 @@ class QMLHFLEngine:
         for key in ("taus", "quantizers", "hierarchy", "seed"):
             if cfg[key] != mine[key]:
                 raise ValueError(f"checkpoint was made with {key}={cfg[key]!r}, this run has {mine[key]!r}")
+        # The meaning of the flat rows (checkpoints from before storage orders were recorded used module order).
+        theirs = cfg.get("param_layout") or [[n, shp, list(range(len(shp)))] for n, shp, _ in mine["param_layout"]]
+        if theirs != mine["param_layout"]:
+            diff = [(a, b) for a, b in zip(theirs, mine["param_layout"]) if a != b][:3]
+            raise ValueError(
+                f"checkpoint's flat rows use another parameter layout (name, shape, storage order) than this run, "
+                f"e.g. {diff}: build the engine with the param_order the checkpoint was made with"
+            )
         self.state.load_state_dict(sd["stacked"])
         self.optimizer.load_state_dict(sd["optimizer"])
         c = sd["counters"]

@@ -192,6 +192,8 @@ class QMLHFLStrategy(SingleDeviceStrategy):
         label_key: where the labels are in each sample (default: element 1 of tuples, or "label"/"y"/... in dicts).
         backend: aggregation backend ("auto": Triton on CUDA, torch elsewhere; or "torch"/"triton").
         device: training device (default CUDA if available, else CPU).
+        param_order: "fast" (default) or "module": storage order of the stacked rows (:mod:`.stacked`); it decides
+            which entries share a QSGD bucket and which draw each entry gets, not the model or its gradients.
     """
 
     strategy_name = "qmlhfl"
@@ -213,6 +215,7 @@ class QMLHFLStrategy(SingleDeviceStrategy):
         label_key: str | int | None = None,
         backend: str = "auto",
         device: str | torch.device | None = None,
+        param_order: str = "fast",
     ) -> None:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -251,6 +254,9 @@ class QMLHFLStrategy(SingleDeviceStrategy):
         if backend not in ("auto", "torch", "triton"):
             raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
         self.backend = backend
+        if param_order not in ("fast", "module"):
+            raise ValueError(f"param_order must be 'fast' or 'module', got {param_order!r}")
+        self.param_order = param_order
         self.engine: QMLHFLEngine | None = None
         self.sampler: DeviceSampler | None = None
         self.data: Any = None
@@ -316,7 +322,7 @@ class QMLHFLStrategy(SingleDeviceStrategy):
         self.engine = QMLHFLEngine(
             module, self._device_loss, self.hierarchy, self.taus, self.quantizers, optimizer=cls,
             optimizer_kwargs=hyper, executor=self.executor, seed=self.seed, device_mass=mass,
-            backend=self.backend, device=device,
+            backend=self.backend, device=device, param_order=self.param_order,
         )
         self._aug_generator = torch.Generator(device=device).manual_seed(_mix(self.seed, 3))
         with torch.random.fork_rng(devices=self._cuda_devices()):

@@ -56,6 +56,14 @@ def make_batches(num_devices, steps, shape=(6,), batch=4, seed=0):
     return [(xs[t], ys[t]) for t in range(steps)]
 
 
+# The engine's documented "fast" storage order of each test model, written out by hand: the reference's flat
+# rows (which QSGD's uniforms index) follow it. Linear weights transposed, Conv2d weights channels-last.
+FAST_ORDERS = {
+    "MLP": {"fc1.weight": (1, 0), "fc2.weight": (1, 0)},
+    "SmallCNN": {"conv.weight": (0, 2, 3, 1), "fc.weight": (1, 0)},
+}
+
+
 # ---------------------------------------------------------------- the slow reference
 class RefNode:
     def __init__(self, layer, index, state):
@@ -66,8 +74,11 @@ class RefNode:
 
 
 class ReferenceQMLHFL:
-    def __init__(self, template, hierarchy, taus, quantizers, lr, momentum, seed, uniforms_override=None):
+    def __init__(self, template, hierarchy, taus, quantizers, lr, momentum, seed, uniforms_override=None,
+                 param_order="fast"):
         self.h, self.taus, self.quantizers, self.seed = hierarchy, list(taus), list(quantizers), seed
+        # storage order of each parameter in a flat row (identity when absent)
+        self.orders = FAST_ORDERS[type(template).__name__] if param_order == "fast" else {}
         self.param_names = [n for n, _ in template.named_parameters()]
         self.buffer_names = [n for n, b in template.named_buffers() if b.is_floating_point()]
         init = {k: v.detach().clone() for k, v in template.state_dict().items()}
@@ -107,15 +118,20 @@ class ReferenceQMLHFL:
             loss.backward()
             opt.step()
 
+    def _order(self, k, dim):
+        return self.orders.get(k, tuple(range(dim)))
+
     def _flat(self, state):
-        return torch.cat([state[k].reshape(-1) for k in self.param_names])
+        return torch.cat([state[k].permute(self._order(k, state[k].dim())).reshape(-1) for k in self.param_names])
 
     def _unflat(self, flat, like):
         out, off = {}, 0
         for k in self.param_names:
-            n = like[k].numel()
-            out[k] = flat[off : off + n].view_as(like[k])
-            off += n
+            t = like[k]
+            order = self._order(k, t.dim())
+            block = flat[off : off + t.numel()].view(*(t.shape[i] for i in order))
+            out[k] = block.permute(*[order.index(i) for i in range(t.dim())])  # back to the module's dims
+            off += t.numel()
         return out
 
     def quantize(self, vec, levels, u):
@@ -196,7 +212,7 @@ HIERARCHIES = {
 }
 
 
-def _run_both(hname, quantized, executor, rounds=2, momentum=0.5):
+def _run_both(hname, quantized, executor, rounds=2, momentum=0.5, param_order="fast"):
     h, taus = HIERARCHIES[hname]
     torch.manual_seed(0)
     template = MLP()
@@ -204,10 +220,12 @@ def _run_both(hname, quantized, executor, rounds=2, momentum=0.5):
     steps = math.prod(taus) * rounds
     batches = make_batches(h.num_devices, steps)
     engine = QMLHFLEngine(copy.deepcopy(template), ce_loss, h, taus, qs, optimizer="sgd",
-                          optimizer_kwargs={"lr": 0.2, "momentum": momentum}, executor=executor, seed=7)
+                          optimizer_kwargs={"lr": 0.2, "momentum": momentum}, executor=executor, seed=7,
+                          param_order=param_order)
     for b in batches:
         engine.local_step(b)
-    ref = ReferenceQMLHFL(copy.deepcopy(template), h, taus, qs, lr=0.2, momentum=momentum, seed=7)
+    ref = ReferenceQMLHFL(copy.deepcopy(template), h, taus, qs, lr=0.2, momentum=momentum, seed=7,
+                          param_order=param_order)
     per_round = math.prod(taus)
     for r in range(rounds):
         ref.global_round(batches[r * per_round : (r + 1) * per_round])
@@ -228,9 +246,10 @@ def test_engine_matches_reference_unquantized(hname, executor):
         torch.testing.assert_close(mine, theirs, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("hname", ["N1", "N2", "N3", "irregular"])
-def test_engine_matches_reference_quantized(hname):
-    engine, ref = _run_both(hname, quantized=True, executor="vmap")
+@pytest.mark.parametrize("hname,param_order", [("N1", "fast"), ("N2", "fast"), ("N3", "fast"),
+                                               ("irregular", "fast"), ("N3", "module")])
+def test_engine_matches_reference_quantized(hname, param_order):
+    engine, ref = _run_both(hname, quantized=True, executor="vmap", param_order=param_order)
     torch.testing.assert_close(engine.state.params[0], ref.device_matrix(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(engine.cloud_params(), ref.cloud_flat(), atol=1e-5, rtol=1e-5)
 
@@ -420,8 +439,9 @@ def test_fast_torch_aggregation_equals_encode_decode(quantizer, dtype):
     (same draws), including zero rows, an irregular parent assignment and chunk boundaries (P = 300 000 gives
     one row per ~1 MB chunk)."""
     torch.manual_seed(0)
-    for C, M, P in [(7, 3, 1001), (5, 2, 300_000)]:
-        parent_index = torch.tensor([0, 2, 2, 1, 0, 2, 1][:C]).clamp(max=M - 1)
+    # (13, 4, 300 000): the seeded draws come in blocks of 6 rows, the next block drawn while one is quantized
+    for C, M, P in [(7, 3, 1001), (5, 2, 300_000), (13, 4, 300_000)]:
+        parent_index = torch.tensor([0, 2, 2, 1, 0, 2, 1, 3, 3, 0, 1, 2, 3][:C]).clamp(max=M - 1)
         parent = torch.randn(M, P).to(dtype)
         child = (parent.float()[parent_index] + 0.1 * torch.randn(C, P)).to(dtype)
         child[1] = parent[parent_index[1]]  # a zero upload
