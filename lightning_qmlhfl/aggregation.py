@@ -6,28 +6,30 @@ For every parent p of layer n:   v_p <- v_p + sum_{c child of p} w_c * Q_n(v_c -
 ``parent_index[c]`` the parent of child row c and ``weights[c]`` its weight |C(c)| / |C(p)|.
 
 Randomness: each child row draws its own uniforms from a counter-based seed (:func:`row_seeds`) derived from
-the run's seed, the global round, the layer, the aggregation event and the node index, so draws do not depend
-on how rows are chunked or on the backend's launch shape, and a resumed run redraws exactly the same numbers.
+the run's seed, the global round, the layer, the aggregation event and the node index. Column j of row c uses
+word (j mod 4) of Philox4x32-10 (key = the row's seed, counter = (j div 4, 0, 0, 0)) converted like Triton's
+``tl.rand``: the same numbers in the Triton kernels, the numba CPU kernel and :func:`row_uniforms`, so a run gives
+the same draws on CPU and GPU, whatever the chunking or launch shape, and a resumed run redraws them exactly.
 
-This module is the torch implementation (any device); :mod:`lightning_qmlhfl.kernels` holds the fused Triton
-kernel with the same semantics; :func:`aggregate_layer_` dispatches between them.
+Three implementations with one semantics, checked against each other number for number in the tests:
+this module's torch code (any device, any dtype, any :class:`Quantizer`; the reference), the fused numba kernel
+(:mod:`lightning_qmlhfl.cpu_kernels`; float32 CPU tensors) and the fused Triton kernels
+(:mod:`lightning_qmlhfl.kernels`; CUDA). :func:`aggregate_layer_` dispatches between them.
 """
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import Future
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from ._threads import thread_pool
+from . import cpu_kernels
 from .quantizers import QSGD, Encoded, Quantizer, row_norms
 
-__all__ = ["row_seeds", "row_uniforms", "draw_workers", "aggregate_layer_", "aggregate_layer_torch_", "encode_uploads"]
+__all__ = ["row_seeds", "row_uniforms", "aggregate_layer_", "aggregate_layer_torch_", "encode_uploads"]
 
-Backend = Literal["auto", "torch", "triton"]
+Backend = Literal["auto", "torch", "numba", "triton"]
 
 _MASK63 = (1 << 63) - 1
 
@@ -52,98 +54,11 @@ def row_seeds(seed: int, round_idx: int, layer: int, event: int, num_rows: int) 
     return torch.tensor([_mix(base, i) for i in range(num_rows)], dtype=torch.int64)
 
 
-def row_uniforms(seeds: Tensor, d: int, device: torch.device | str, out: Tensor | None = None) -> Tensor:
-    """float32 [len(seeds), d] of U[0, 1) draws, row i from a generator seeded with ``seeds[i]``.
+def row_uniforms(seeds: Tensor, d: int, device: torch.device | str) -> Tensor:
+    """float32 [len(seeds), d] of U[0, 1) draws, row i from the Philox stream of ``seeds[i]`` (module docstring).
 
-    On CPU the rows are drawn by :func:`draw_workers` threads at once (each row still comes from its own seeded
-    generator, so the numbers do not depend on the thread count). ``out`` (float32 [len(seeds), d]) receives them.
-    """
-    rows = len(seeds)
-    if out is None:
-        out = torch.empty(rows, d, dtype=torch.float32, device=device)
-    elif out.shape != (rows, d) or out.dtype != torch.float32:
-        raise ValueError(f"out must be float32 of shape {(rows, d)}, got {out.dtype} {tuple(out.shape)}")
-    for f in _submit_draws([int(s) for s in seeds.tolist()], out):
-        f.result()
-    return out
-
-
-def _draw_rows(seed_list: list[int], out: Tensor, lo: int, hi: int) -> None:
-    g = torch.Generator(device=out.device)
-    for i in range(lo, hi):
-        g.manual_seed(seed_list[i])
-        out[i].uniform_(0.0, 1.0, generator=g)  # the same numbers as torch.rand(d, generator=g)
-
-
-def _submit_draws(seed_list: list[int], out: Tensor) -> list[Future]:
-    """Start drawing ``out``'s rows: on CPU split over :func:`draw_workers` pool threads (mt19937 runs in C++
-    without the GIL, so they run in parallel with each other and with the caller); elsewhere right here."""
-    rows = len(seed_list)
-    workers = min(draw_workers(), rows) if out.device.type == "cpu" else 1
-    if workers <= 1:
-        done: Future = Future()
-        _draw_rows(seed_list, out, 0, rows)
-        done.set_result(None)
-        return [done]
-    bounds = [rows * k // workers for k in range(workers + 1)]
-    pool = thread_pool(workers)
-    return [pool.submit(_draw_rows, seed_list, out, bounds[k], bounds[k + 1]) for k in range(workers)]
-
-
-class _Draws:
-    """The seeded uniforms of the rows of one aggregation, block by block: while the caller quantizes the rows
-    of one block, the pool threads already draw the next block into a second buffer (so the mt19937 draws,
-    ~40% of a CPU aggregation, overlap with the arithmetic). ``block`` must be a multiple of the caller's chunk."""
-
-    def __init__(self, seeds: Tensor, d: int, device: torch.device, block: int) -> None:
-        self.seeds = [int(s) for s in seeds.tolist()]
-        self.rows, self.block = len(self.seeds), max(1, min(block, len(self.seeds)))
-        nbuf = 2 if self.rows > self.block else 1
-        self.buffers = [torch.empty(self.block, d, dtype=torch.float32, device=device) for _ in range(nbuf)]
-        self.start = -1
-        self.pending: dict[int, list[Future]] = {}
-        self._submit(0)
-
-    def _submit(self, start: int) -> None:
-        if start < self.rows and start not in self.pending:
-            hi = min(self.rows, start + self.block)
-            buf = self.buffers[(start // self.block) % len(self.buffers)]
-            self.pending[start] = _submit_draws(self.seeds[start:hi], buf[: hi - start])
-
-    def rows_(self, start: int, stop: int) -> Tensor:
-        """The uniforms of rows [start, stop) (inside one block)."""
-        first = start - start % self.block
-        if first != self.start:
-            for f in self.pending.pop(first):
-                f.result()
-            self.start = first
-            self._submit(first + self.block)  # into the other buffer, which nobody reads any more
-        buf = self.buffers[(first // self.block) % len(self.buffers)]
-        return buf[start - first : stop - first]
-
-    def close(self) -> None:
-        """Wait for draws still in flight (an early exit must not leave a thread writing a freed buffer)."""
-        for fs in self.pending.values():
-            for f in fs:
-                f.result()
-        self.pending.clear()
-
-
-def draw_workers() -> int:
-    """Threads that draw CPU uniforms: torch's intra-op thread count (``QMLHFL_DRAW_THREADS`` overrides)."""
-    env = os.environ.get("QMLHFL_DRAW_THREADS")
-    if env:
-        try:
-            n = int(env)
-        except ValueError:
-            raise ValueError(f"QMLHFL_DRAW_THREADS must be an integer >= 1, got {env!r}") from None
-        if n < 1:
-            raise ValueError(f"QMLHFL_DRAW_THREADS must be an integer >= 1, got {env!r}")
-        return n
-    return max(1, torch.get_num_threads())
-
-
-_DRAW_BLOCK_BYTES = 8 << 20  # uniforms drawn per block of rows (see aggregate_layer_torch_)
+    Drawn on the CPU by the numba kernel (parallel over rows) and moved to ``device``."""
+    return cpu_kernels.philox_uniforms(seeds, d).to(device)
 
 
 def _chunk_rows(num_cols: int, budget_bytes: int = 1 << 20) -> int:
@@ -204,34 +119,25 @@ def aggregate_layer_torch_(
     pf = parent.to(torch.float32)
     norms_out = []
     step = _chunk_rows(d)
-    draws = None
-    if not quantizer.is_identity and uniforms is None:
-        # blocks of whole chunks, ~8 MB, and at least one row per drawing thread
-        per_block = max(1, _DRAW_BLOCK_BYTES // max(1, 4 * d * step), -(-draw_workers() // step))
-        draws = _Draws(seeds, d, device, step * per_block)
-    try:
-        for start in range(0, c_rows, step):
-            stop = min(c_rows, start + step)
-            idx = parent_index[start:stop]
-            diff = child[start:stop].to(torch.float32) - pf[idx]
-            w = weights[start:stop]
-            if quantizer.is_identity:
-                norms = row_norms(diff)
-                q = diff.mul_(w[:, None])
-            else:
-                u = uniforms[start:stop] if draws is None else draws.rows_(start, stop)
-                if isinstance(quantizer, QSGD):
-                    norms = row_norms(diff, quantizer.bucket_size)
-                    q = _weighted_qsgd_(diff, norms, u.to(torch.float32), quantizer, w)
-                else:  # any other Quantizer: through its public encode/decode
-                    enc = quantizer.encode(diff, uniforms=u)
-                    norms = enc.norms
-                    q = quantizer.decode(enc, d) * w[:, None]
-            norms_out.append(norms)
-            acc.index_add_(0, idx, q)
-    finally:
-        if draws is not None:
-            draws.close()
+    for start in range(0, c_rows, step):
+        stop = min(c_rows, start + step)
+        idx = parent_index[start:stop]
+        diff = child[start:stop].to(torch.float32) - pf[idx]
+        w = weights[start:stop]
+        if quantizer.is_identity:
+            norms = row_norms(diff)
+            q = diff.mul_(w[:, None])
+        else:
+            u = uniforms[start:stop] if uniforms is not None else row_uniforms(seeds[start:stop], d, device)
+            if isinstance(quantizer, QSGD):
+                norms = row_norms(diff, quantizer.bucket_size)
+                q = _weighted_qsgd_(diff, norms, u.to(torch.float32), quantizer, w)
+            else:  # any other Quantizer: through its public encode/decode
+                enc = quantizer.encode(diff, uniforms=u)
+                norms = enc.norms
+                q = quantizer.decode(enc, d) * w[:, None]
+        norms_out.append(norms)
+        acc.index_add_(0, idx, q)
     norms = torch.cat(norms_out) if norms_out else torch.zeros(0, 1, device=device)
     if not bool(torch.isfinite(norms).all()):
         return norms
@@ -258,17 +164,22 @@ def aggregate_layer_(
     seeds: Tensor,
     backend: Backend = "auto",
 ) -> Tensor:
-    """Eq. 4/6 for all parents of one layer, dispatched: Triton for CUDA tensors, torch otherwise.
+    """Eq. 4/6 for all parents of one layer, dispatched: Triton for CUDA tensors, the numba kernel for float32
+    CPU tensors with QSGD or no quantization, the torch code otherwise.
 
-    ``backend="torch"`` or ``"triton"`` forces one. Returns the per-row upload norms (see the torch version).
+    ``backend="torch"``, ``"numba"`` or ``"triton"`` forces one. Returns the per-row upload norms (see the torch
+    version). All three give the same numbers (module docstring).
     """
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    if backend not in ("auto", "torch", "numba", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch', 'numba' or 'triton', got {backend!r}")
     use_triton = backend == "triton" or (backend == "auto" and parent.is_cuda and _triton_available())
     if use_triton:
         from .kernels import aggregate_layer_triton_
 
         return aggregate_layer_triton_(parent, child, parent_index, weights, quantizer, seeds)
+    if backend == "numba" or (backend == "auto" and cpu_kernels.supports(parent, child, quantizer)):
+        _check_shapes(parent, child, parent_index, weights)
+        return cpu_kernels.aggregate_layer_numba_(parent, child, parent_index, weights, quantizer, seeds)
     return aggregate_layer_torch_(parent, child, parent_index, weights, quantizer, seeds)
 
 

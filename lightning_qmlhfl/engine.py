@@ -96,7 +96,8 @@ class QMLHFLEngine:
         seed: seeds the quantizers' counter-based draws (per round, layer, event and node).
         device_mass: optional float [N_tot] (e.g. local sample counts) for ``weighting: samples``;
             default: every device weighs 1, so weights are |C(child)| / |C(parent)|.
-        backend: aggregation backend ("auto": Triton on CUDA, torch elsewhere).
+        backend: aggregation backend ("auto": Triton on CUDA, the numba kernel for float32 on CPU, torch
+            otherwise; or "torch"/"numba"/"triton"). All give the same numbers.
         device: where the stacks live (default: the module's device).
         param_order: "fast" (default) or "module": the storage order of the flat rows (see
             :mod:`lightning_qmlhfl.stacked`); it decides which entries share a QSGD bucket and which seeded draw

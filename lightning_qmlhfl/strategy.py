@@ -190,7 +190,8 @@ class QMLHFLStrategy(SingleDeviceStrategy):
         train_transform: ``f(batch, generator) -> batch`` applied to each stacked per-device batch on the training
             device (e.g. random crop/flip); batch leaves have shape [N_tot, B, ...].
         label_key: where the labels are in each sample (default: element 1 of tuples, or "label"/"y"/... in dicts).
-        backend: aggregation backend ("auto": Triton on CUDA, torch elsewhere; or "torch"/"triton").
+        backend: aggregation backend ("auto": Triton on CUDA, the numba kernel for float32 on CPU, torch
+            otherwise; or "torch"/"numba"/"triton"). All give the same numbers.
         device: training device (default CUDA if available, else CPU).
         param_order: "fast" (default) or "module": storage order of the stacked rows (:mod:`.stacked`); it decides
             which entries share a QSGD bucket and which draw each entry gets, not the model or its gradients.
@@ -251,8 +252,8 @@ class QMLHFLStrategy(SingleDeviceStrategy):
         self.strict_lr = bool(strict_lr)
         self.train_transform = train_transform
         self.label_key = label_key
-        if backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+        if backend not in ("auto", "torch", "numba", "triton"):
+            raise ValueError(f"backend must be 'auto', 'torch', 'numba' or 'triton', got {backend!r}")
         self.backend = backend
         if param_order not in ("fast", "module"):
             raise ValueError(f"param_order must be 'fast' or 'module', got {param_order!r}")

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import lightning_qmlhfl.kernels as kernels
-from lightning_qmlhfl.aggregation import aggregate_layer_, aggregate_layer_torch_, row_seeds
+from lightning_qmlhfl import cpu_kernels
+from lightning_qmlhfl.aggregation import aggregate_layer_, aggregate_layer_torch_, row_seeds, row_uniforms
 from lightning_qmlhfl.kernels import (
     TRITON_AVAILABLE,
     aggregate_layer_triton_,
@@ -347,7 +348,7 @@ def test_dispatch_backend_triton_matches_torch():
     assert torch.equal(a, b)
 
 
-def test_dispatch_auto_on_cpu_takes_the_torch_path(monkeypatch):
+def test_dispatch_auto_on_cpu_takes_a_cpu_path(monkeypatch):
     parent, child, weights = make_layer(torch.float32, seed=11)
     seeds = row_seeds(1, 0, 1, 0, C)
 
@@ -428,3 +429,75 @@ def test_same_seed_same_output_other_round_or_node_other_draws():
     swapped[[1, 2]] = swapped[[2, 1]]
     ls = levels(seeds_for(0)[swapped])
     assert torch.equal(ls[0], la[0]) and float((ls[1] != la[1]).float().mean()) > 0.2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The numba CPU kernel: the same draws and the same numbers as the Triton kernels and the torch reference
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_cpu_draws_are_the_triton_kernels_draws():
+    seeds = row_seeds(seed=7, round_idx=3, layer=1, event=0, num_rows=3)
+    for d in (1, 5, 1001):
+        expected = uniforms(seeds, d)
+        assert torch.equal(cpu_kernels.philox_uniforms(seeds, d), expected)
+        assert torch.equal(row_uniforms(seeds, d, "cpu"), expected)
+    assert cpu_kernels.philox_uniforms(seeds, 0).shape == (3, 0)
+
+
+FP32_CASES = [QSGD(4), QSGD(3, bucket_size=100), QSGD(5, bucket_size=1200), QSGD(1), QSGD(8, bucket_size=2000),
+              NoQuantization()]
+
+
+@pytest.mark.parametrize("quantizer", FP32_CASES, ids=repr)
+def test_numba_kernel_matches_reference(quantizer):
+    parent, child, weights = make_layer(torch.float32, seed=12)
+    seeds = row_seeds(4, 2, 1, 1, C)
+    expected, expected_norms = reference(parent, child, weights, quantizer, seeds)
+    out = parent.clone()
+    norms = cpu_kernels.aggregate_layer_numba_(out, child, PARENT_INDEX, weights, quantizer, seeds)
+    assert torch.equal(out, expected)
+    assert torch.equal(norms, expected_norms)
+    # and the same as the Triton kernel, number for number
+    tri = parent.clone()
+    aggregate_layer_triton_(tri, child, PARENT_INDEX, weights, quantizer, seeds, block=BLOCK)
+    assert torch.equal(out, tri)
+
+
+def test_numba_kernel_edge_cases():
+    parent, child, weights = make_layer(torch.float32, seed=13)
+    seeds = row_seeds(5, 0, 1, 0, C)
+    q = QSGD(4, bucket_size=100)
+    expected, _ = reference(parent, child, weights, q, seeds)
+    # a parent that is a strided view of a wider stack is written back in place
+    wide = torch.zeros(M, P + 9)
+    wide[:, 5 : 5 + P] = parent
+    cpu_kernels.aggregate_layer_numba_(wide[:, 5 : 5 + P], child, PARENT_INDEX, weights, q, seeds)
+    assert torch.equal(wide[:, 5 : 5 + P], expected) and not bool(wide[:, :5].any())
+    # a NaN/Inf upload: non-finite norm for that row, parents untouched
+    bad = child.clone()
+    bad[2, 40] = float("inf")
+    out = parent.clone()
+    norms = cpu_kernels.aggregate_layer_numba_(out, bad, PARENT_INDEX, weights, QSGD(4), seeds)
+    assert not bool(torch.isfinite(norms[2]).all()) and torch.equal(out, parent)
+    # no children, no columns
+    norms = cpu_kernels.aggregate_layer_numba_(out, child[:0], PARENT_INDEX[:0], weights[:0], q, seeds[:0])
+    assert norms.shape[0] == 0 and torch.equal(out, parent)
+    norms = cpu_kernels.aggregate_layer_numba_(torch.zeros(M, 0), torch.zeros(C, 0), PARENT_INDEX, weights, q, seeds)
+    assert norms.shape == (C, 1) and not bool(norms.any())
+    with pytest.raises(ValueError, match="float32 CPU tensors and a QSGD or NoQuantization"):
+        cpu_kernels.aggregate_layer_numba_(parent.half(), child.half(), PARENT_INDEX, weights, q, seeds)
+
+
+def test_dispatch_auto_on_cpu_uses_numba_for_float32_only(monkeypatch):
+    parent, child, weights = make_layer(torch.float32, seed=14)
+    seeds = row_seeds(2, 0, 1, 0, C)
+    calls = []
+    real = cpu_kernels.aggregate_layer_numba_
+    monkeypatch.setattr(cpu_kernels, "aggregate_layer_numba_", lambda *a: calls.append(1) or real(*a))
+    aggregate_layer_(parent.clone(), child, PARENT_INDEX, weights, QSGD(4), seeds)
+    assert calls == [1]
+    aggregate_layer_(parent.half(), child.half(), PARENT_INDEX, weights, QSGD(4), seeds)  # torch path
+    assert calls == [1]
+    with pytest.raises(ValueError, match="backend must be 'auto', 'torch', 'numba' or 'triton'"):
+        aggregate_layer_(parent, child, PARENT_INDEX, weights, QSGD(4), seeds, backend="cuda")

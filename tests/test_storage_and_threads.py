@@ -1,5 +1,5 @@
 """The engine's CPU speed-ups, each against its plain counterpart: the "fast" storage order of the stacked rows,
-the threaded loop executor, the prefetched seeded draws and the allocator setting."""
+the threaded loop executor and the allocator setting (the numba aggregation kernel is tested in test_kernels)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_qmlhfl import QSGD, Hierarchy
-from lightning_qmlhfl.aggregation import row_seeds, row_uniforms
 from lightning_qmlhfl.engine import QMLHFLEngine
 from lightning_qmlhfl.executors import LoopExecutor
 from lightning_qmlhfl.stacked import ParamLayout
@@ -181,20 +180,6 @@ def test_loop_threads_validation():
 
 
 # ---------------------------------------------------------------- draws and allocator
-def test_row_uniforms_do_not_depend_on_the_thread_count(monkeypatch):
-    seeds = row_seeds(1, 2, 3, 0, 5)
-    monkeypatch.setenv("QMLHFL_DRAW_THREADS", "1")
-    one = row_uniforms(seeds, 1000, "cpu")
-    monkeypatch.setenv("QMLHFL_DRAW_THREADS", "3")
-    three = row_uniforms(seeds, 1000, "cpu")
-    assert torch.equal(one, three)
-    g = torch.Generator().manual_seed(int(seeds[4]))
-    assert torch.equal(three[4], torch.rand(1000, generator=g))  # row i: torch.rand from its own seed
-    monkeypatch.setenv("QMLHFL_DRAW_THREADS", "none")
-    with pytest.raises(ValueError, match="QMLHFL_DRAW_THREADS must be an integer >= 1, got 'none'"):
-        row_uniforms(seeds, 10, "cpu")
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
 def test_allocator_setting_applies_once_and_can_be_switched_off():
     code = "from lightning_qmlhfl.cpu_alloc import retain_large_allocations as r; print(r(), r())"
