@@ -59,7 +59,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from lightning_qmlhfl import Hierarchy
-from lightning_qmlhfl.engine import QMLHFLEngine
+from lightning_qmlhfl.engine import QMLHFLEngine, gather_batch
 
 POOL = 60_000  # synthetic MNIST-sized training set, resident in memory
 BATCH = 32
@@ -312,7 +312,7 @@ def run_one(name: str, warm: int | None, rounds: int | None, threads: int) -> di
         def step() -> None:
             pos = torch.randint(0, per_dev, (n_dev, BATCH), generator=g)
             idx = part.gather(1, pos)  # [N_tot, B] indices into the resident pool
-            engine.local_step((X[idx], Y[idx]))
+            engine.local_step((gather_batch(X, idx), gather_batch(Y, idx)))  # what the strategy does
 
         def counts() -> list[int]:
             # uploads per layer = aggregations x senders

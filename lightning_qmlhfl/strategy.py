@@ -34,7 +34,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from torch.utils.data import DataLoader, default_collate
 
 from .aggregation import _mix
-from .engine import NonFiniteUpdateError, QMLHFLEngine, validate_quantizers, validate_taus
+from .engine import NonFiniteUpdateError, QMLHFLEngine, gather_batch, validate_quantizers, validate_taus
 from .hierarchy import Hierarchy
 from .latency import LatencyModel, default_uplink_rates
 from .partition import Dirichlet, Partitioner, make_partitioner
@@ -347,7 +347,7 @@ class QMLHFLStrategy(SingleDeviceStrategy):
     def _next_batch(self) -> Any:
         assert self.sampler is not None
         idx = self.sampler.next_indices().to(self.root_device)
-        batch = tree_map(lambda t: t[idx], self.data)
+        batch = tree_map(lambda t: gather_batch(t, idx), self.data)
         if self.train_transform is not None:
             batch = self.train_transform(batch, self._aug_generator)
         return batch

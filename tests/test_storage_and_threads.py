@@ -192,3 +192,13 @@ def test_allocator_setting_applies_once_and_can_be_switched_off():
     expected = "True True" if platform.libc_ver()[0] == "glibc" else "False False"
     assert on.stdout.split() == expected.split()
     assert off.stdout.split() == ["False", "False"]
+
+
+def test_gather_batch_is_advanced_indexing():
+    from lightning_qmlhfl.engine import gather_batch
+
+    data = torch.randn(50, 3, 4)
+    idx = torch.randint(0, 50, (6, 5))
+    assert torch.equal(gather_batch(data, idx), data[idx])
+    labels = torch.randint(0, 9, (50,))
+    assert torch.equal(gather_batch(labels, idx), labels[idx])
