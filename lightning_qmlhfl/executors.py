@@ -61,6 +61,46 @@ class Objective(nn.Module):
         return loss, aux
 
 
+class _DirectSwap:
+    """Put tensors in place of a module's parameters and buffers by writing its modules' ``_parameters`` /
+    ``_buffers`` entries, and put the originals back: what ``functional_call`` does, without its per-call
+    bookkeeping (~0.15 ms of a 1.5 ms LeNet forward on the 2-core CPU). Every alias of a tied tensor is swapped.
+
+    Only for modules whose classes all keep ``nn.Module.__setattr__``: a class that overrides it (RNNs keep a
+    cache of their weights there) would not see the swap, so such modules go through ``functional_call``.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.slots: dict[str, list[tuple[dict, str]]] = {}
+        for kind, named in (("_parameters", module.named_parameters), ("_buffers", module.named_buffers)):
+            canonical: dict[int, str] = {}
+            for name, t in named(remove_duplicate=False):
+                if t is None:
+                    continue
+                key = canonical.setdefault(id(t), name)  # the first name is the one named_*() reports
+                prefix, _, attr = name.rpartition(".")
+                owner = module.get_submodule(prefix)
+                self.slots.setdefault(key, []).append((owner.__dict__[kind], attr))
+
+    @staticmethod
+    def applicable(module: nn.Module) -> bool:
+        return all(type(m).__setattr__ is nn.Module.__setattr__ for m in module.modules())
+
+    def swap(self, *groups: dict[str, Tensor]) -> list[tuple[dict, str, Any]]:
+        saved = []
+        for group in groups:
+            for name, t in group.items():
+                for table, attr in self.slots[name]:
+                    saved.append((table, attr, table[attr]))
+                    table[attr] = t
+        return saved
+
+    @staticmethod
+    def restore(saved: list[tuple[dict, str, Any]]) -> None:
+        for table, attr, old in reversed(saved):
+            table[attr] = old
+
+
 class _ExecutorBase:
     name = "base"
 
@@ -145,6 +185,8 @@ class LoopExecutor(_ExecutorBase):
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise ValueError(f"threads must be None or an integer >= 1, got {threads!r}")
         self.threads = threads
+        inner = self.objective.inner
+        self._swap = _DirectSwap(inner) if _DirectSwap.applicable(inner) else None
 
     def _workers(self, params: Tensor) -> int:
         if params.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
@@ -163,10 +205,17 @@ class LoopExecutor(_ExecutorBase):
             leaves = [v.detach().requires_grad_(True) for v in self.param_layout.views(params[i]).values()]
             batch_i = tree_map(lambda t: t[i] if isinstance(t, Tensor) else t, batch)
             ints = self._int_copies()
+            pars = dict(zip(self.param_layout.names, leaves))
             with torch.enable_grad():
-                named = self._named(dict(zip(self.param_layout.names, leaves)),
-                                    self.buffer_layout.views(buffers[i]), ints)
-                loss, aux = torch.func.functional_call(self.objective, named, (batch_i,))
+                if self._swap is not None:
+                    saved = self._swap.swap(pars, self.buffer_layout.views(buffers[i]), ints)
+                    try:
+                        loss, aux = self.objective(batch_i)
+                    finally:
+                        self._swap.restore(saved)
+                else:
+                    named = self._named(pars, self.buffer_layout.views(buffers[i]), ints)
+                    loss, aux = torch.func.functional_call(self.objective, named, (batch_i,))
             losses[i] = loss.detach()
             aux_rows[i] = {k: v.detach().reshape(()) for k, v in aux.items()}
             if i == rows - 1:

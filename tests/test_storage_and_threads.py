@@ -202,3 +202,46 @@ def test_gather_batch_is_advanced_indexing():
     assert torch.equal(gather_batch(data, idx), data[idx])
     labels = torch.randint(0, 9, (50,))
     assert torch.equal(gather_batch(labels, idx), labels[idx])
+
+
+class Tied(nn.Module):
+    """A weight shared by two Linear layers, and an LSTM (its class overrides __setattr__)."""
+
+    def __init__(self, lstm=False):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+        self.b.weight = self.a.weight
+        self.rnn = nn.LSTM(4, 4, batch_first=True) if lstm else None
+
+    def forward(self, x):
+        h = self.b(torch.relu(self.a(x)))
+        if self.rnn is not None:
+            h = self.rnn(h.unsqueeze(1))[0].squeeze(1)
+        return h
+
+
+@pytest.mark.parametrize("lstm", [False, True])
+def test_loop_parameter_swap_matches_functional_call(lstm):
+    """The loop executor's direct parameter swap (tied weights swapped at every alias) gives functional_call's
+    gradients; modules with their own __setattr__ (LSTM) use functional_call."""
+    torch.manual_seed(0)
+    m = Tied(lstm)
+    layout = ParamLayout.of_parameters(m)
+    params = torch.stack([layout.flatten(dict(m.named_parameters())) + 0.01 * k for k in range(3)])
+    x, y = torch.randn(3, 5, 4), torch.randint(0, 4, (3, 5))
+
+    def loss(module, batch):
+        return F.cross_entropy(module(batch[0]), batch[1])
+
+    ex = LoopExecutor(m, loss, layout, ParamLayout([]), threads=1)
+    assert (ex._swap is None) == lstm
+    grads, losses, _ = ex(params, torch.zeros(3, 0), (x, y))
+    for i in range(3):
+        leaves = {k: v.detach().requires_grad_(True) for k, v in layout.views(params[i]).items()}
+        out = torch.func.functional_call(m, leaves, (x[i],))
+        expected = torch.autograd.grad(F.cross_entropy(out, y[i]), list(leaves.values()))
+        for g, view in zip(expected, layout.views(grads[i]).values()):
+            torch.testing.assert_close(view, g, atol=1e-6, rtol=1e-6)
+    # the template's own parameters are back in place
+    assert isinstance(m.a.weight, nn.Parameter) and m.b.weight is m.a.weight
