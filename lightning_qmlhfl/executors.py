@@ -174,8 +174,9 @@ class LoopExecutor(_ExecutorBase):
     that is order-dependent (dropout masks from torch's global generator, BatchNorm statistics, torchmetrics
     states, ``self.log``) happens exactly as in a plain loop; the backward passes and gradient copies, about two
     thirds of a CNN step, run concurrently. Gradients are computed per device exactly as in the plain loop.
-    Measured on the 2-core CPU of bench/RESULTS.md for 100 LeNets: 1.5x the single-thread loop. Autocast
-    (mixed precision) is thread-local, so under autocast the loop runs in the calling thread only.
+    Measured on the 2-core CPU of bench/RESULTS.md, one local step of 100 LeNets: 575 device-steps/s with two
+    workers against 480 in the calling thread (three workers: 446). Autocast (mixed precision) is thread-local,
+    so under autocast the loop runs in the calling thread only.
     """
 
     name = "loop"
@@ -288,9 +289,9 @@ def _turn_taking(rows: int, workers: int, forward: Callable, backward: Callable)
 def choose_executor(module: nn.Module, device: torch.device) -> str:
     """The documented automatic rule: ``loop`` for modules with convolutions on CPU, ``vmap`` otherwise.
 
-    Measured on a 2-core CPU (bench/engine.py, 100 devices): vmap is 1.15x the loop's speed for a 784-200-10 MLP,
-    but 0.80x for LeNet and 0.37x for the small CIFAR CNN, whose convolutions become grouped convolutions under
-    vmap. On CUDA vmap is used throughout.
+    Measured on a 2-core CPU (bench/engine.py, 100 devices; bench/RESULTS.md): vmap is 2.2x the loop's speed for a
+    784-200-10 MLP, but 0.70x for LeNet (its convolutions become grouped convolutions under vmap), and 0.6x for the
+    225k-parameter CIFAR CNN (16 devices). On CUDA vmap is used throughout.
     """
     if device.type != "cpu":
         return "vmap"
