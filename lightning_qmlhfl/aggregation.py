@@ -57,7 +57,13 @@ def row_seeds(seed: int, round_idx: int, layer: int, event: int, num_rows: int) 
 def row_uniforms(seeds: Tensor, d: int, device: torch.device | str) -> Tensor:
     """float32 [len(seeds), d] of U[0, 1) draws, row i from the Philox stream of ``seeds[i]`` (module docstring).
 
-    Drawn on the CPU by the numba kernel (parallel over rows) and moved to ``device``."""
+    On a CUDA device with Triton: drawn there by the Triton kernels' own generator; otherwise drawn on the CPU by
+    the numba kernel (parallel over rows) and moved to ``device``. Same numbers either way (tested)."""
+    device = torch.device(device)
+    if device.type == "cuda" and _triton_available():
+        from .kernels import triton_uniforms
+
+        return triton_uniforms(seeds, d, device)
     return cpu_kernels.philox_uniforms(seeds, d).to(device)
 
 
