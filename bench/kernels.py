@@ -131,6 +131,12 @@ def main(argv: list[str] | None = None) -> None:
         header += ["torch GB/s", "torch/copy"]
     for lay in triton_layouts:
         header += [f"triton[{lay}] GB/s", "/copy", "/torch"]
+    # the fused numba kernel: the default CPU path for float32 (lightning_qmlhfl.cpu_kernels)
+    with_numba = not on_gpu and dtype == torch.float32
+    if with_numba:
+        from lightning_qmlhfl import cpu_kernels
+
+        header += ["numba GB/s", "/copy", "/torch"]
     header += ["2-pass limit"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
@@ -194,6 +200,16 @@ def main(argv: list[str] | None = None) -> None:
                 t_tri = time_ms(run_triton, device, repeat, args.rep_ms)
                 tri_gbs = eff_bytes / t_tri / 1e6
                 row += [fmt(tri_gbs), fmt(tri_gbs / copy_gbs), fmt(tri_gbs / torch_gbs)]
+                del work
+            if with_numba:
+                work = parent.clone()
+
+                def run_numba() -> None:
+                    cpu_kernels.aggregate_layer_numba_(work, child, parent_index, weights, quantizer, seeds)
+
+                t_nb = time_ms(run_numba, device, repeat, args.rep_ms)
+                nb_gbs = eff_bytes / t_nb / 1e6
+                row += [fmt(nb_gbs), fmt(nb_gbs / copy_gbs), fmt(nb_gbs / torch_gbs)]
                 del work
             row.append(f"{(C + 2 * M) / (2 * C + 3 * M):.2f}")
             print("| " + " | ".join(row) + " |", flush=True)
