@@ -135,6 +135,8 @@ class QMLHFLEngine:
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise ValueError(f"seed must be an integer, got {seed!r}")
         self.seed = int(seed)
+        if backend not in ("auto", "torch", "numba", "triton"):
+            raise ValueError(f"backend must be 'auto', 'torch', 'numba' or 'triton', got {backend!r}")
         self.backend = backend
         self.module = module
         self.state = StackedState(module, hierarchy, device, param_order)

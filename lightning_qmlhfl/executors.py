@@ -169,14 +169,15 @@ class VmapExecutor(_ExecutorBase):
 class LoopExecutor(_ExecutorBase):
     """Walks the device rows with ordinary autograd.
 
-    On CPU the rows are shared by ``threads`` worker threads (default: torch's intra-op thread count). The
-    forward passes still run one at a time in row order, under a turn-taking lock, so everything a forward does
-    that is order-dependent (dropout masks from torch's global generator, BatchNorm statistics, torchmetrics
-    states, ``self.log``) happens exactly as in a plain loop; the backward passes and gradient copies, about two
-    thirds of a CNN step, run concurrently. Gradients are computed per device exactly as in the plain loop.
-    Measured on the 2-core CPU of bench/RESULTS.md, one local step of 100 LeNets: 575 device-steps/s with two
-    workers against 480 in the calling thread (three workers: 446). Autocast (mixed precision) is thread-local,
-    so under autocast the loop runs in the calling thread only.
+    On CPU the rows are shared by ``threads`` worker threads (default 2; never more than torch's intra-op thread
+    count, so ``torch.set_num_threads(1)`` means a plain loop), each using an equal share of the intra-op threads.
+    The forward passes still run one at a time in row order, under a turn-taking lock, so everything a forward
+    does that is order-dependent (dropout masks from torch's global generator, BatchNorm statistics, torchmetrics
+    states, ``self.log``) happens exactly as in a plain loop; a backward pass and its gradient copy (about 55% of
+    a LeNet step) overlaps with the next forward. Since the forwards form a chain, more than two workers do not
+    help: measured on the 2-core CPU of bench/RESULTS.md, one local step of 100 LeNets ran at 575 device-steps/s
+    with two workers, 480 in the calling thread and 446 with three. Autocast (mixed precision) is thread-local, so
+    under autocast the loop runs in the calling thread only.
     """
 
     name = "loop"
@@ -192,7 +193,7 @@ class LoopExecutor(_ExecutorBase):
     def _workers(self, params: Tensor) -> int:
         if params.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
             return 1
-        return max(1, min(self.threads or torch.get_num_threads(), params.shape[0]))
+        return max(1, min(self.threads or 2, torch.get_num_threads(), params.shape[0]))
 
     def __call__(self, params: Tensor, buffers: Tensor, batch: Any) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         rows = params.shape[0]
@@ -256,10 +257,10 @@ def _turn_taking(rows: int, workers: int, forward: Callable, backward: Callable)
     intra_op = torch.get_num_threads()
 
     def work(k: int) -> None:
-        # One intra-op thread per worker: the workers are the parallelism. With torch's default each worker would
-        # start its own OpenMP team as wide as the machine, and the oversubscribed teams made the step 2-3x slower
-        # than the plain loop (measured). The count is per thread; it is put back before the worker returns.
-        torch.set_num_threads(1)
+        # An equal share of the intra-op threads per worker. With torch's default each worker would start its own
+        # OpenMP team as wide as the machine, and the oversubscribed teams made the step 2-3x slower than the
+        # plain loop (measured, 2 workers on 2 cores). The count is per thread; it is put back before returning.
+        torch.set_num_threads(max(1, intra_op // workers))
         try:
             for i in range(k, rows, workers):
                 with cond:

@@ -430,6 +430,8 @@ def test_unsupported_optimizer_and_integer_params():
         QMLHFLEngine(m, ce_loss, h, (1,))
     with pytest.raises(ValueError, match="executor must be"):
         QMLHFLEngine(MLP(), ce_loss, h, (1,), executor="threads")
+    with pytest.raises(ValueError, match="backend must be 'auto', 'torch', 'numba' or 'triton', got 'cuda'"):
+        QMLHFLEngine(MLP(), ce_loss, h, (1,), backend="cuda")
 
 
 @pytest.mark.parametrize("quantizer", [QSGD(8), QSGD(3, bucket_size=7), QSGD(1), NoQuantization()], ids=repr)

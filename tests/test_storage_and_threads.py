@@ -135,15 +135,22 @@ def _loop_once(threads, seed=3):
     torch.manual_seed(0)
     e = QMLHFLEngine(Net(), loss_with_aux, Hierarchy.balanced([7]), (1,), executor="loop")
     e.executor.threads = threads
-    torch.manual_seed(seed)
-    grads, losses, aux = e.executor(e.state.params[0], e.state.buffers[0], batch_for(7))
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)  # workers are capped by the intra-op thread count
+    try:
+        assert e.executor._workers(e.state.params[0]) == threads
+        torch.manual_seed(seed)
+        grads, losses, aux = e.executor(e.state.params[0], e.state.buffers[0], batch_for(7))
+        assert torch.get_num_threads() == 3  # the workers' own counts did not leak into this thread
+    finally:
+        torch.set_num_threads(before)
     return grads, losses, aux, e.state.buffers[0].clone(), torch.get_rng_state()
 
 
 def test_threaded_loop_equals_the_plain_loop():
     """Dropout masks (torch's global generator), BatchNorm statistics and logged values come out as in the plain
     loop, because the forwards keep their row order; values agree to float tolerance (a worker's single intra-op
-    thread may sum in another order than two)."""
+    thread may sum in another order than three)."""
     g1, l1, a1, b1, rng1 = _loop_once(threads=1)
     g3, l3, a3, b3, rng3 = _loop_once(threads=3)
     torch.testing.assert_close(l1, l3, atol=1e-6, rtol=1e-6)  # other masks would differ by ~0.1
