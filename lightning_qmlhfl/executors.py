@@ -14,14 +14,15 @@ Floating-point buffers (BatchNorm running statistics) are updated in place in th
 
 from __future__ import annotations
 
+import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from ._threads import thread_pool
 from .stacked import ParamLayout
 
 __all__ = ["Objective", "VmapExecutor", "LoopExecutor", "make_executor", "choose_executor"]
@@ -247,6 +248,28 @@ class LoopExecutor(_ExecutorBase):
         return grads, losses, {k: torch.stack([a[k] for a in aux_rows]) for k in names}
 
 
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _thread_pool(workers: int) -> ThreadPoolExecutor:
+    """The loop executor's worker threads (torch operators and autograd release the GIL, so they run on separate
+    cores), created once and grown when more workers are asked for."""
+    global _POOL
+    if _POOL is None or _POOL._max_workers < workers:  # noqa: SLF001
+        if _POOL is not None:
+            _POOL.shutdown(wait=False)
+        _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qmlhfl-loop")
+    return _POOL
+
+
+def _forget_pool_after_fork() -> None:
+    global _POOL
+    _POOL = None  # a forked child (a DataLoader worker) has none of the parent's threads
+
+
+os.register_at_fork(after_in_child=_forget_pool_after_fork)
+
+
 def _turn_taking(rows: int, workers: int, forward: Callable, backward: Callable) -> None:
     """Rows i = k, k + workers, ... on worker k; forward(i) starts only after forward(i - 1) has returned (so the
     forwards run in row order), backward(i, *forward(i)) overlaps with the other workers' forwards. The first
@@ -280,7 +303,7 @@ def _turn_taking(rows: int, workers: int, forward: Callable, backward: Callable)
         finally:
             torch.set_num_threads(intra_op)
 
-    futures = [thread_pool(workers).submit(work, k) for k in range(workers)]
+    futures = [_thread_pool(workers).submit(work, k) for k in range(workers)]
     errors = [f.exception() for f in futures]
     first = next((e for e in errors if e is not None), None)
     if first is not None:

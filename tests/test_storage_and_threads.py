@@ -159,7 +159,6 @@ def test_threaded_loop_equals_the_plain_loop():
     torch.testing.assert_close(b1, b3, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(g1, g3, atol=1e-6, rtol=1e-6)
     assert len(set(l1.tolist())) == 7  # dropout differs per device
-    assert torch.get_num_threads() >= 1
 
 
 def test_threaded_loop_stops_on_the_first_error():
