@@ -25,11 +25,20 @@ import torch
 from torch import Tensor
 
 from . import cpu_kernels
+from .hierarchy import check_layer_shapes
 from .quantizers import QSGD, Encoded, Quantizer, row_norms
 
-__all__ = ["row_seeds", "row_uniforms", "aggregate_layer_", "aggregate_layer_torch_", "encode_uploads"]
+__all__ = ["check_backend", "row_seeds", "row_uniforms", "aggregate_layer_", "aggregate_layer_torch_", "encode_uploads"]
 
 Backend = Literal["auto", "torch", "numba", "triton"]
+BACKENDS = ("auto", "torch", "numba", "triton")
+
+
+def check_backend(backend: object) -> str:
+    """The aggregation backend, or a ValueError naming the allowed ones."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto', 'torch', 'numba' or 'triton', got {backend!r}")
+    return backend
 
 _MASK63 = (1 << 63) - 1
 
@@ -116,7 +125,7 @@ def aggregate_layer_torch_(
     ``uniforms`` [C, P] overrides the seeded draws (tests feed the same draws to a reference this way).
     Processes children in chunks so the temporaries stay small for 1000s of rows.
     """
-    _check_shapes(parent, child, parent_index, weights)
+    check_layer_shapes(parent, child, parent_index, weights)
     c_rows, d = child.shape
     device = parent.device
     parent_index = parent_index.to(device)
@@ -151,16 +160,6 @@ def aggregate_layer_torch_(
     return norms
 
 
-def _check_shapes(parent: Tensor, child: Tensor, parent_index: Tensor, weights: Tensor) -> None:
-    if parent.dim() != 2 or child.dim() != 2 or parent.shape[1] != child.shape[1]:
-        raise ValueError(f"parent [M, P] and child [C, P] must share P; got {tuple(parent.shape)}, {tuple(child.shape)}")
-    if parent_index.shape != (child.shape[0],) or weights.shape != (child.shape[0],):
-        raise ValueError(
-            f"parent_index and weights must have shape ({child.shape[0]},); got "
-            f"{tuple(parent_index.shape)}, {tuple(weights.shape)}"
-        )
-
-
 def aggregate_layer_(
     parent: Tensor,
     child: Tensor,
@@ -176,15 +175,13 @@ def aggregate_layer_(
     ``backend="torch"``, ``"numba"`` or ``"triton"`` forces one. Returns the per-row upload norms (see the torch
     version). All three give the same numbers (module docstring).
     """
-    if backend not in ("auto", "torch", "numba", "triton"):
-        raise ValueError(f"backend must be 'auto', 'torch', 'numba' or 'triton', got {backend!r}")
+    check_backend(backend)
     use_triton = backend == "triton" or (backend == "auto" and parent.is_cuda and _triton_available())
     if use_triton:
         from .kernels import aggregate_layer_triton_
 
         return aggregate_layer_triton_(parent, child, parent_index, weights, quantizer, seeds)
     if backend == "numba" or (backend == "auto" and cpu_kernels.supports(parent, child, quantizer)):
-        _check_shapes(parent, child, parent_index, weights)
         return cpu_kernels.aggregate_layer_numba_(parent, child, parent_index, weights, quantizer, seeds)
     return aggregate_layer_torch_(parent, child, parent_index, weights, quantizer, seeds)
 

@@ -25,6 +25,9 @@ import numba
 from numba import njit, prange
 from torch import Tensor
 
+from .hierarchy import check_layer_shapes, children_by_parent
+from .quantizers import QSGD, NoQuantization, Quantizer
+
 __all__ = ["philox_uniforms", "aggregate_layer_numba_"]
 
 _M32 = np.uint64(0xFFFFFFFF)
@@ -182,22 +185,23 @@ def _aggregate_kernel(parent, child, order, segments, weights, seeds, norms, buc
             parent[p, start + i] = parent[p, start + i] + acc[i]
 
 
-def supports(parent: Tensor, child: Tensor, quantizer: object) -> bool:
+def supports(parent: Tensor, child: Tensor, quantizer: Quantizer) -> bool:
     """Whether :func:`aggregate_layer_numba_` handles these tensors and this quantizer."""
-    from .quantizers import QSGD, NoQuantization
-
     return (parent.device.type == "cpu" and child.device.type == "cpu" and parent.dtype == torch.float32
             and child.dtype == torch.float32 and isinstance(quantizer, (QSGD, NoQuantization)))
 
 
 @torch.no_grad()
 def aggregate_layer_numba_(
-    parent: Tensor, child: Tensor, parent_index: Tensor, weights: Tensor, quantizer: object, seeds: Tensor
+    parent: Tensor, child: Tensor, parent_index: Tensor, weights: Tensor, quantizer: Quantizer, seeds: Tensor
 ) -> Tensor:
     """Eq. 4/6 for all parents of one layer, in place on ``parent`` (float32 CPU); returns the upload norms
     float32 [C, buckets] (non-finite if an upload held NaN/Inf; then ``parent`` is untouched)."""
     if not supports(parent, child, quantizer):
         raise ValueError("aggregate_layer_numba_ takes float32 CPU tensors and a QSGD or NoQuantization quantizer")
+    check_layer_shapes(parent, child, parent_index, weights)
+    if not quantizer.is_identity and seeds.shape != (child.shape[0],):
+        raise ValueError(f"seeds must have shape ({child.shape[0]},), got {tuple(seeds.shape)}")
     c_rows, d = child.shape
     quantize = not quantizer.is_identity
     bucket = quantizer.bucket_size if quantize and quantizer.bucket_size is not None else 0
@@ -206,6 +210,8 @@ def aggregate_layer_numba_(
     par = parent if parent.is_contiguous() else parent.contiguous()  # written back below
     chi = child.contiguous()
     pidx = parent_index.to(torch.int64).cpu().contiguous()
+    order, segments = children_by_parent(pidx, par.shape[0], "aggregate_layer_numba_")  # range-checked: the
+    # kernels index without bounds checks
     norms = torch.empty(c_rows, nb, dtype=torch.float32)
     if c_rows == 0:
         return norms
@@ -214,10 +220,6 @@ def aggregate_layer_numba_(
     _norms_kernel(pa, ch, pidx.numpy(), bucket if bucket else d, norms.numpy())
     if not bool(torch.isfinite(norms).all()):
         return norms
-    order = torch.argsort(pidx, stable=True)  # children grouped by parent, in index order inside a group
-    counts = torch.bincount(pidx, minlength=par.shape[0])
-    segments = torch.zeros(par.shape[0] + 1, dtype=torch.int64)
-    torch.cumsum(counts, 0, out=segments[1:])
     s = np.float32(quantizer.levels if quantize else 1)
     _aggregate_kernel(pa, ch, order.numpy(), segments.numpy(), weights.to(torch.float32).contiguous().numpy(),
                       seeds.to(torch.int64).contiguous().numpy(), norms.numpy(), bucket, s, quantize, _BLOCK)

@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .aggregation import Backend, aggregate_layer_, row_seeds
+from .aggregation import Backend, aggregate_layer_, check_backend, row_seeds
 from .cpu_alloc import retain_large_allocations
 from .device_optim import DeviceOptimizer
 from .executors import LossFn, make_executor
@@ -135,9 +135,7 @@ class QMLHFLEngine:
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise ValueError(f"seed must be an integer, got {seed!r}")
         self.seed = int(seed)
-        if backend not in ("auto", "torch", "numba", "triton"):
-            raise ValueError(f"backend must be 'auto', 'torch', 'numba' or 'triton', got {backend!r}")
-        self.backend = backend
+        self.backend = check_backend(backend)
         self.module = module
         self.state = StackedState(module, hierarchy, device, param_order)
         self.device = self.state.device

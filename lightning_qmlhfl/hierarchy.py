@@ -23,6 +23,35 @@ def _check_int(value: object, what: str, minimum: int) -> int:
     return int(value)
 
 
+def check_layer_shapes(parent: torch.Tensor, child: torch.Tensor, parent_index: torch.Tensor,
+                       weights: torch.Tensor) -> None:
+    """One layer's aggregation inputs: parent [M, P], child [C, P], parent_index and weights [C]."""
+    if parent.dim() != 2 or child.dim() != 2 or parent.shape[1] != child.shape[1]:
+        raise ValueError(f"parent [M, P] and child [C, P] must share P; got {tuple(parent.shape)}, {tuple(child.shape)}")
+    if parent_index.shape != (child.shape[0],) or weights.shape != (child.shape[0],):
+        raise ValueError(
+            f"parent_index and weights must have shape ({child.shape[0]},); got "
+            f"{tuple(parent_index.shape)}, {tuple(weights.shape)}"
+        )
+
+
+def children_by_parent(parent_index: torch.Tensor, num_parents: int, who: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group child rows by parent for the fused aggregation kernels: ``order`` int64 [C] (children sorted by
+    parent, stable, so each parent keeps its children in index order) and ``segments`` int64 [M + 1] (the children
+    of p are ``order[segments[p]:segments[p + 1]]``). ``parent_index`` int64 [C]; an index outside [0, M) raises."""
+    if parent_index.numel():
+        lo, hi = (int(v) for v in torch.aminmax(parent_index))
+        if lo < 0 or hi >= num_parents:
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"{who}: parent_index holds {bad}, outside the {num_parents} parent rows [0, {num_parents - 1}]"
+            )
+    order = torch.argsort(parent_index, stable=True)
+    counts = torch.bincount(parent_index, minlength=num_parents)
+    segments = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+    return order, segments
+
+
 @dataclass(frozen=True, eq=False)
 class Hierarchy:
     """An N-layer tree: ``parents[n][i]`` is the index in layer n+1 of the parent of node i of layer n.

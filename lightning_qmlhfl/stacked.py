@@ -36,10 +36,17 @@ from torch import Tensor, nn
 
 from .hierarchy import Hierarchy
 
-__all__ = ["ParamLayout", "StackedState", "fast_orders"]
+__all__ = ["ParamLayout", "StackedState", "check_param_order", "fast_orders"]
 
 
 ParamOrder = Literal["fast", "module"]
+
+
+def check_param_order(order: object) -> str:
+    """The storage order, or a ValueError naming the allowed ones."""
+    if order not in ("fast", "module"):
+        raise ValueError(f"param_order must be 'fast' or 'module', got {order!r}")
+    return order
 
 
 @dataclass(frozen=True)
@@ -107,9 +114,7 @@ class ParamLayout:
                     f"parameter {name!r} has dtype {p.dtype}; only floating-point parameters can be trained and "
                     f"aggregated"
                 )
-        if order not in ("fast", "module"):
-            raise ValueError(f"param_order must be 'fast' or 'module', got {order!r}")
-        return cls(named, fast_orders(module) if order == "fast" else None)
+        return cls(named, fast_orders(module) if check_param_order(order) == "fast" else None)
 
     def describe(self) -> list[tuple[str, tuple[int, ...], tuple[int, ...]]]:
         """(name, shape, storage order) per slot: what a checkpoint's flat rows mean."""

@@ -33,12 +33,13 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from torch.utils.data import DataLoader, default_collate
 
-from .aggregation import _mix
+from .aggregation import _mix, check_backend
 from .engine import NonFiniteUpdateError, QMLHFLEngine, gather_batch, validate_quantizers, validate_taus
 from .hierarchy import Hierarchy
 from .latency import LatencyModel, default_uplink_rates
 from .partition import Dirichlet, Partitioner, make_partitioner
 from .quantizers import QSGD, Quantizer
+from .stacked import check_param_order
 
 __all__ = ["QMLHFLStrategy", "DeviceSampler", "materialize_dataset"]
 
@@ -252,12 +253,8 @@ class QMLHFLStrategy(SingleDeviceStrategy):
         self.strict_lr = bool(strict_lr)
         self.train_transform = train_transform
         self.label_key = label_key
-        if backend not in ("auto", "torch", "numba", "triton"):
-            raise ValueError(f"backend must be 'auto', 'torch', 'numba' or 'triton', got {backend!r}")
-        self.backend = backend
-        if param_order not in ("fast", "module"):
-            raise ValueError(f"param_order must be 'fast' or 'module', got {param_order!r}")
-        self.param_order = param_order
+        self.backend = check_backend(backend)
+        self.param_order = check_param_order(param_order)
         self.engine: QMLHFLEngine | None = None
         self.sampler: DeviceSampler | None = None
         self.data: Any = None

@@ -485,6 +485,11 @@ def test_numba_kernel_edge_cases():
     assert norms.shape[0] == 0 and torch.equal(out, parent)
     norms = cpu_kernels.aggregate_layer_numba_(torch.zeros(M, 0), torch.zeros(C, 0), PARENT_INDEX, weights, q, seeds)
     assert norms.shape == (C, 1) and not bool(norms.any())
+    # the kernel indexes without bounds checks, so bad indices and shapes are refused before it runs
+    with pytest.raises(ValueError, match="parent_index holds 4, outside the 4 parent rows"):
+        cpu_kernels.aggregate_layer_numba_(parent.clone(), child, PARENT_INDEX.clamp(max=2) + 2, weights, q, seeds)
+    with pytest.raises(ValueError, match=r"seeds must have shape \(7,\)"):
+        cpu_kernels.aggregate_layer_numba_(parent.clone(), child, PARENT_INDEX, weights, q, seeds[:3])
     with pytest.raises(ValueError, match="float32 CPU tensors and a QSGD or NoQuantization"):
         cpu_kernels.aggregate_layer_numba_(parent.half(), child.half(), PARENT_INDEX, weights, q, seeds)
 

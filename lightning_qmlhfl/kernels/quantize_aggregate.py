@@ -71,6 +71,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..hierarchy import children_by_parent
 from ..quantizers import QSGD, Encoded, Quantizer
 from . import INTERPRET
 
@@ -376,20 +377,13 @@ def _prepare(parent: Tensor, child: Tensor, parent_index: Tensor, who: str) -> _
         raise ValueError(f"{who}: parent must have at least one row, got shape {tuple(parent.shape)}")
     device = parent.device
     parent_index = parent_index.to(device=device, dtype=torch.int64)
-    if C:
-        lo, hi = (int(v) for v in torch.aminmax(parent_index))
-        if lo < 0 or hi >= M:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"{who}: parent_index holds {bad}, outside the {M} parent rows [0, {M - 1}]")
+    order, segments = children_by_parent(parent_index, M, who)
     # Rows may be strided (views into a bigger stack); columns must be unit-stride.
     caller_parent = parent
     if parent.stride(1) != 1 or parent.stride(0) < P:
         parent = parent.contiguous()
     if child.stride(1) != 1 or child.stride(0) < P:
         child = child.contiguous()
-    order = torch.argsort(parent_index, stable=True)
-    counts = torch.bincount(parent_index, minlength=M)
-    segments = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
     return _Layer(parent, caller_parent, child, parent_index, order, segments)
 
 
