@@ -34,7 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_qmlhfl.aggregation import aggregate_layer_torch_, row_seeds  # noqa: E402
+from lightning_qmlhfl.kernels import aggregate_layer_torch_
+from lightning_qmlhfl.rng import row_seeds  # noqa: E402
 from lightning_qmlhfl.quantizers import QSGD, NoQuantization, Quantizer  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -113,9 +114,11 @@ def main(argv: list[str] | None = None) -> None:
 
     triton_layouts: list[str] = []
     if on_gpu:
-        from lightning_qmlhfl.kernels import TRITON_AVAILABLE, aggregate_layer_triton_
+        from lightning_qmlhfl.kernels import triton_available
 
-        if TRITON_AVAILABLE:
+        if triton_available():
+            from lightning_qmlhfl.kernels.triton_cuda import aggregate_layer_triton_
+
             triton_layouts = ["segments", "atomic"] if args.layout == "both" else [args.layout]
         else:
             print("Triton is not available: only the torch reference is measured.")
@@ -134,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     # the fused numba kernel: the default CPU path for float32 (lightning_qmlhfl.cpu_kernels)
     with_numba = not on_gpu and dtype == torch.float32
     if with_numba:
-        from lightning_qmlhfl import cpu_kernels
+        from lightning_qmlhfl.kernels import numba_cpu as cpu_kernels
 
         header += ["numba GB/s", "/copy", "/torch"]
     header += ["2-pass limit"]

@@ -19,7 +19,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .aggregation import Backend, aggregate_layer_, check_backend, row_seeds
+from .kernels import Backend, aggregate_layer_, check_backend
+from .rng import row_seeds
 from .cpu_alloc import retain_large_allocations
 from .device_optim import DeviceOptimizer
 from .executors import LossFn, make_executor

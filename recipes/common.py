@@ -28,10 +28,10 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from lightning_qmlhfl import Hierarchy  # noqa: E402
-from lightning_qmlhfl.datasets import get_dataset, normalize, random_crop_flip, resolve_data_dir  # noqa: E402
-from lightning_qmlhfl.latency import LatencyModel, default_uplink_rates  # noqa: E402
-from lightning_qmlhfl.models import build_model  # noqa: E402
-from lightning_qmlhfl.partition import make_partitioner  # noqa: E402
+from recipes.datasets import get_dataset, normalize, random_crop_flip, resolve_data_dir  # noqa: E402
+from lightning_qmlhfl.theory.latency import LatencyModel, default_uplink_rates  # noqa: E402
+from recipes.models import build_model  # noqa: E402
+from lightning_qmlhfl.data import make_partitioner  # noqa: E402
 from lightning_qmlhfl.quantizers import Quantizer, layer_quantizers  # noqa: E402
 from lightning_qmlhfl.strategy import QMLHFLStrategy  # noqa: E402
 

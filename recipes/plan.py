@@ -17,8 +17,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_qmlhfl.hierarchy import Hierarchy
-from lightning_qmlhfl.latency import LatencyModel, measure_compute_time, upload_bits
-from lightning_qmlhfl.planner import Plan, plan_taus
+from lightning_qmlhfl.theory.latency import LatencyModel, measure_compute_time, upload_bits
+from lightning_qmlhfl.theory.planner import Plan, plan_taus
 from lightning_qmlhfl.quantizers import Quantizer, layer_quantizers
 from lightning_qmlhfl.theory import lr_condition_terms, quantizer_variances, term_provenance
 

@@ -4,11 +4,11 @@
 ``+experiment=planning`` (the setting: hierarchy, links, compute time per step, simulated deadline, the smoothness
 constant L assumed for Eq. 15, the learning rate mu we would like to train with), then
 
-1. plans tau with :func:`lightning_qmlhfl.planner.plan_taus` (objective mu(tau) * floor(T_d / T_glob) * prod tau,
+1. plans tau with :func:`lightning_qmlhfl.theory.planner.plan_taus` (objective mu(tau) * floor(T_d / T_glob) * prod tau,
    subject to Eq. 15; mu(tau) is mu where Eq. 15 admits it, else ``safety * mu_max(tau)``);
 2. draws ``planning.random_taus`` distinct random tau uniformly from [1, tau_max]^N, keeping only those that are
    feasible (at least one global round fits the deadline) and differ from the plan; each is scored the same way
-   (:func:`lightning_qmlhfl.planner.evaluate_taus`) and trained with its own admissible mu(tau), so the
+   (:func:`lightning_qmlhfl.theory.planner.evaluate_taus`) and trained with its own admissible mu(tau), so the
    comparison is about tau, not about who got the better learning rate;
 3. trains every tau for every seed in ``planning.seeds`` with ``recipes.common.run``: exactly
    T = floor(T_d / T_glob(tau)) global rounds (``trainer.deadline``), so every run stops at the same simulated
@@ -37,8 +37,8 @@ import numpy as np  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from lightning_qmlhfl.models import build_model  # noqa: E402
-from lightning_qmlhfl.planner import Plan, evaluate_taus, plan_taus  # noqa: E402
+from recipes.models import build_model  # noqa: E402
+from lightning_qmlhfl.theory.planner import Plan, evaluate_taus, plan_taus  # noqa: E402
 from recipes.common import build_hierarchy, build_latency, build_quantizers, run  # noqa: E402
 from recipes.report import interpolate_common  # noqa: E402
 

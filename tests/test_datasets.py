@@ -23,8 +23,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_qmlhfl import datasets as D
-from lightning_qmlhfl.datasets import DatasetError
+from recipes import datasets as D
+from recipes.datasets import DatasetError
 
 # ------------------------------------------------------------------------------------------------
 # helpers: crafted files

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_qmlhfl import QSGD, Hierarchy, NoQuantization
-from lightning_qmlhfl import aggregation as aggregation_mod
-from lightning_qmlhfl.aggregation import row_seeds, row_uniforms
+from lightning_qmlhfl import kernels as aggregation_mod
+from lightning_qmlhfl.kernels import row_uniforms
+from lightning_qmlhfl.rng import row_seeds
 from lightning_qmlhfl.engine import NonFiniteUpdateError, QMLHFLEngine
 
 

@@ -14,16 +14,19 @@ import math
 import pytest
 import torch
 
-import lightning_qmlhfl.kernels as kernels
-from lightning_qmlhfl import cpu_kernels
-from lightning_qmlhfl.aggregation import aggregate_layer_, aggregate_layer_torch_, row_seeds, row_uniforms
-from lightning_qmlhfl.kernels import (
-    TRITON_AVAILABLE,
+from lightning_qmlhfl.kernels import aggregate_layer_, aggregate_layer_torch_, row_uniforms, triton_available
+from lightning_qmlhfl.kernels import numba_cpu as cpu_kernels
+from lightning_qmlhfl.rng import row_seeds
+
+TRITON_AVAILABLE = triton_available()
+if TRITON_AVAILABLE:
+    import lightning_qmlhfl.kernels.triton_cuda as kernels
+    from lightning_qmlhfl.kernels.triton_cuda import (
     aggregate_layer_triton_,
     encode_uploads_triton,
     row_norms_triton,
     triton_uniforms,
-)
+    )
 from lightning_qmlhfl.quantizers import QSGD, NoQuantization, row_norms
 
 pytestmark = pytest.mark.skipif(not TRITON_AVAILABLE, reason="Triton (or its interpreter) is not available")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_qmlhfl.models import MLP, MODEL_NAMES, CifarCNN3, CifarSmallCNN, LeNet, build_model
+from recipes.models import MLP, MODEL_NAMES, CifarCNN3, CifarSmallCNN, LeNet, build_model
 
 # name -> (input shape of one sample, exact parameter count at default settings)
 SPECS = {

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from lightning_qmlhfl.hierarchy import Hierarchy
-from lightning_qmlhfl.latency import LatencyModel, downlink_bits, measure_compute_time, upload_bits
-from lightning_qmlhfl.planner import InfeasiblePlanError, evaluate_taus, plan_taus
+from lightning_qmlhfl.theory.latency import LatencyModel, downlink_bits, measure_compute_time, upload_bits
+from lightning_qmlhfl.theory.planner import InfeasiblePlanError, evaluate_taus, plan_taus
 from lightning_qmlhfl.quantizers import QSGD, make_quantizer
 from lightning_qmlhfl.theory import lr_condition_bracket, lr_condition_value, quantizer_variances, rate_proxy
 

@@ -16,10 +16,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from torch.utils._pytree import tree_map
 
 from lightning_qmlhfl import QSGD, Hierarchy
-from lightning_qmlhfl.aggregation import _mix
 from lightning_qmlhfl.engine import NonFiniteUpdateError, QMLHFLEngine
-from lightning_qmlhfl.partition import IID, Dirichlet, EmptyPartitionError, Shards
-from lightning_qmlhfl.strategy import DeviceSampler, QMLHFLStrategy, extract_labels, materialize_dataset
+from lightning_qmlhfl.data import IID, DeviceSampler, Dirichlet, EmptyPartitionError, Shards, materialize_dataset
+from lightning_qmlhfl.data.materialize import extract_labels
+from lightning_qmlhfl.rng import Stream, mix
+from lightning_qmlhfl.strategy import QMLHFLStrategy
 
 from helpers.fl_modules import MnistCNN, loaders
 
@@ -82,8 +83,8 @@ def test_one_round_through_fit_equals_engine():
     ref_module = MnistCNN(lr=0.05, optimizer="adam")
     ref_module.load_state_dict(init)
     data = materialize_dataset(train_dl.dataset)
-    parts = Shards(2)(extract_labels(data, None), h, seed=_mix(seed, 1))
-    sampler = DeviceSampler(parts, 8, seed=_mix(seed, 2))
+    parts = Shards(2)(extract_labels(data, None), h, seed=mix(seed, Stream.PARTITION))
+    sampler = DeviceSampler(parts, 8, seed=mix(seed, Stream.SAMPLER))
     losses = []
 
     def loss_fn(m, batch):

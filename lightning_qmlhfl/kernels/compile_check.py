@@ -28,7 +28,7 @@ QUICK = ("segments fp32 bucket=0 quantize=True", "segments bf16 bucket=100 quant
 
 
 def _variants():
-    from . import quantize_aggregate as qa
+    from . import triton_cuda as qa
 
     seg = ["parent_ptr", "child_ptr", "order_ptr", "segment_ptr", "weight_ptr", "seed_ptr", "norm_ptr", "P",
            "stride_parent", "stride_child", "num_col_blocks", "s", "NUM_BUCKETS"]

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_qmlhfl.datasets import load_mnist
+from recipes.datasets import load_mnist
 
 DATA = Path(os.environ.get("QMLHFL_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
 

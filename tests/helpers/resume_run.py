@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from helpers.fl_modules import MnistCNN, loaders  # noqa: E402
 
 from lightning_qmlhfl import QSGD, Hierarchy  # noqa: E402
-from lightning_qmlhfl.partition import Dirichlet  # noqa: E402
+from lightning_qmlhfl.data import Dirichlet  # noqa: E402
 from lightning_qmlhfl.strategy import QMLHFLStrategy  # noqa: E402
 
 

@@ -60,8 +60,8 @@ from typing import Mapping, Sequence, Union
 
 import numpy as np
 
-from .hierarchy import Hierarchy
-from .quantizers import Quantizer, make_quantizer
+from ..hierarchy import Hierarchy
+from ..quantizers import Quantizer, make_quantizer
 
 __all__ = [
     "LearningRateWarning",

@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence, Union
 import numpy as np
 import torch
 
-from .quantizers import Quantizer, make_quantizer
+from ..quantizers import Quantizer, make_quantizer
 
 __all__ = ["LatencyModel", "RoundTime", "upload_bits", "downlink_bits", "default_uplink_rates", "measure_compute_time"]
 
@@ -204,7 +204,7 @@ class LatencyModel:
         downlink_bits: int | Sequence[int] | None = None,
     ) -> RoundTime:
         """T_glob(tau) and its split (see the module docstring). ``upload_bits``: bits per upload, per layer."""
-        from .theory import check_taus  # local import: theory does not depend on latency either way
+        from .convergence import check_taus  # local import: theory does not depend on latency either way
 
         t = check_taus(taus, self.num_layers)
         link = self.link_times(upload_bits, downlink_bits)

@@ -1,11 +1,14 @@
-"""Fused quantize-and-aggregate for one layer (Eqs. 4 and 6) in Triton, and its launchers.
+"""Fused quantize-and-aggregate for one layer (Eqs. 4 and 6) in Triton, and its launchers (the CUDA backend).
+
+Importing this module imports Triton; :func:`lightning_qmlhfl.kernels.triton_available` says whether it can run.
+Users do not call it directly: :func:`lightning_qmlhfl.kernels.aggregate_layer_` dispatches to it for CUDA tensors.
 
 For every parent p of the layer::
 
     parent[p] <- parent[p] + sum_{c : parent_index[c] = p}  w_c * Q(child[c] - parent[p])
 
 with Q the QSGD quantizer of :mod:`lightning_qmlhfl.quantizers` (or the identity). The numbers are those of
-:func:`lightning_qmlhfl.aggregation.aggregate_layer_torch_` fed with :func:`triton_uniforms`; the tests compare the
+:func:`lightning_qmlhfl.kernels.reference.aggregate_layer_torch_` fed with :func:`triton_uniforms`; the tests compare the
 two element by element.
 
 Two passes
@@ -53,7 +56,7 @@ be revisited with ``bench/kernels.py --layout atomic`` on a GPU (none was availa
 
 Random numbers
 --------------
-Each child row c has a 63-bit seed ``seeds[c]`` from :func:`lightning_qmlhfl.aggregation.row_seeds` (run seed,
+Each child row c has a 63-bit seed ``seeds[c]`` from :func:`lightning_qmlhfl.rng.row_seeds` (run seed,
 round, layer, event, node). Triton's Philox (``tl.randint4x`` / ``tl.rand4x``) takes the seed as a uint64 and
 uses its two 32-bit halves as the Philox key, so the seed is used whole, with no folding:
 key = (seed mod 2**32, seed >> 32). Column j of row c draws word (j mod 4) of Philox4x32-10 with counter
@@ -64,6 +67,7 @@ not on the block size or the launch shape. Counters are int32: P must be below 2
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -73,9 +77,11 @@ from torch import Tensor
 
 from ..hierarchy import children_by_parent
 from ..quantizers import QSGD, Encoded, Quantizer
-from . import INTERPRET
 
-__all__ = ["aggregate_layer_triton_", "encode_uploads_triton", "row_norms_triton", "triton_uniforms"]
+INTERPRET: bool = os.environ.get("TRITON_INTERPRET") == "1"
+"""Whether the kernels run in Triton's CPU interpreter (Triton decides this when this module is first imported)."""
+
+__all__ = ["INTERPRET", "aggregate_layer_triton_", "encode_uploads_triton", "row_norms_triton", "triton_uniforms"]
 
 _STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _MAX_COLS = 2**31 - 2**16  # column indices (and block starts past them) must fit in int32

@@ -30,130 +30,21 @@ import torch
 from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import RunningStage
 from torch import Tensor
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
-from torch.utils.data import DataLoader, default_collate
+from torch.utils._pytree import tree_map
+from torch.utils.data import DataLoader
 
-from .aggregation import _mix, check_backend
-from .engine import NonFiniteUpdateError, QMLHFLEngine, gather_batch, validate_quantizers, validate_taus
-from .hierarchy import Hierarchy
-from .latency import LatencyModel, default_uplink_rates
-from .partition import Dirichlet, Partitioner, make_partitioner
-from .quantizers import QSGD, Quantizer
-from .stacked import check_param_order
+from ..data.materialize import extract_labels, materialize_dataset
+from ..data.partition import Dirichlet, Partitioner, make_partitioner
+from ..data.sampler import DeviceSampler
+from ..engine import NonFiniteUpdateError, QMLHFLEngine, gather_batch, validate_quantizers, validate_taus
+from ..hierarchy import Hierarchy
+from ..kernels import check_backend
+from ..quantizers import QSGD, Quantizer
+from ..rng import Stream, mix
+from ..stacked import check_param_order
+from ..theory.latency import LatencyModel, default_uplink_rates
 
-__all__ = ["QMLHFLStrategy", "DeviceSampler", "materialize_dataset"]
-
-_LABEL_KEYS = ("label", "labels", "y", "target", "targets")
-
-
-# ---------------------------------------------------------------------------------------------------------- data
-def materialize_dataset(dataset: Any, collate_fn: Callable | None = None, chunk: int = 4096) -> Any:
-    """Read a map-style dataset once into a pytree of tensors with leading dimension len(dataset)."""
-    try:
-        n = len(dataset)
-    except TypeError as e:
-        raise TypeError("the train dataloader's dataset must be map-style (have __len__ and __getitem__)") from e
-    if n == 0:
-        raise ValueError("the train dataloader's dataset is empty")
-    loader = DataLoader(dataset, batch_size=chunk, shuffle=False, collate_fn=collate_fn or default_collate)
-    parts = []
-    spec = None
-    for b in loader:
-        leaves, spec = tree_flatten(b)
-        parts.append([torch.as_tensor(x) for x in leaves])
-    leaves = [torch.cat([p[i] for p in parts]) for i in range(len(parts[0]))]
-    return tree_unflatten(leaves, spec)
-
-
-def extract_labels(data: Any, label_key: str | int | None) -> Tensor:
-    """The label tensor of a materialised dataset: element 1 of (x, y) pairs, or a dict key."""
-    if isinstance(data, dict):
-        keys = [label_key] if label_key is not None else [k for k in _LABEL_KEYS if k in data]
-        if not keys or keys[0] not in data:
-            raise ValueError(
-                f"cannot find the labels in dict samples with keys {sorted(data)}; pass label_key=... "
-                f"(looked for {list(_LABEL_KEYS) if label_key is None else label_key!r})"
-            )
-        y = data[keys[0]]
-    elif isinstance(data, (list, tuple)):
-        idx = 1 if label_key is None else int(label_key)
-        if len(data) <= idx:
-            raise ValueError(f"samples have {len(data)} elements; labels expected at position {idx}")
-        y = data[idx]
-    else:
-        raise ValueError("samples must be (x, y) pairs or dicts to be partitioned by label")
-    y = torch.as_tensor(y)
-    if y.is_floating_point() or y.dim() != 1:
-        raise ValueError(f"labels must be a 1-D integer tensor, got dtype {y.dtype} and shape {tuple(y.shape)}")
-    return y
-
-
-class DeviceSampler:
-    """Per-device shuffled streams of indices; ``next_indices()`` -> LongTensor [N_tot, batch_size].
-
-    Each device walks its own permutation of its own data; when it runs out it draws a new permutation and
-    continues (no sample is dropped or repeated within a device epoch). Deterministic given the seed.
-    """
-
-    def __init__(self, parts: Sequence[Tensor], batch_size: int, seed: int) -> None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        self.batch_size = batch_size
-        self.sizes = torch.tensor([len(p) for p in parts], dtype=torch.long)
-        if bool((self.sizes == 0).any()):
-            raise ValueError(f"device {int((self.sizes == 0).nonzero()[0])} has no data")
-        width = int(self.sizes.max())
-        self.table = torch.full((len(parts), width), -1, dtype=torch.long)
-        for i, p in enumerate(parts):
-            self.table[i, : len(p)] = p
-        self.generator = torch.Generator().manual_seed(int(seed))
-        self.perm = torch.full_like(self.table, -1)
-        self.pos = torch.zeros(len(parts), dtype=torch.long)
-        self.epochs = torch.zeros(len(parts), dtype=torch.long)
-        for i in range(len(parts)):
-            self._reshuffle(i)
-        self._ar = torch.arange(batch_size)
-
-    def _reshuffle(self, i: int) -> None:
-        n = int(self.sizes[i])
-        self.perm[i, :n] = self.table[i, torch.randperm(n, generator=self.generator)]
-        self.pos[i] = 0
-
-    def next_indices(self) -> Tensor:
-        B = self.batch_size
-        crossing = self.pos + B > self.sizes
-        safe_pos = torch.minimum(self.pos, (self.sizes - B).clamp(min=0))
-        cols = (safe_pos[:, None] + self._ar[None, :]).clamp(max=self.table.shape[1] - 1)
-        out = self.perm.gather(1, cols)
-        self.pos += torch.where(crossing, 0, B)
-        for i in crossing.nonzero().flatten().tolist():  # devices running out of data this step
-            row, need = [], B
-            while need:
-                n, p = int(self.sizes[i]), int(self.pos[i])
-                take = min(need, n - p)
-                row.append(self.perm[i, p : p + take].clone())  # clone: a reshuffle rewrites perm in place
-                self.pos[i] += take
-                need -= take
-                if int(self.pos[i]) == n:
-                    self.epochs[i] += 1
-                    self._reshuffle(i)
-            out[i] = torch.cat(row)
-        for i in (self.pos == self.sizes).nonzero().flatten().tolist():  # finished exactly at a batch boundary
-            self.epochs[i] += 1
-            self._reshuffle(i)
-        return out
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"perm": self.perm.clone(), "pos": self.pos.clone(), "epochs": self.epochs.clone(),
-                "generator": self.generator.get_state(), "table": self.table.clone()}
-
-    def load_state_dict(self, sd: dict[str, Any]) -> None:
-        if not torch.equal(sd["table"], self.table):
-            raise ValueError("checkpoint partition differs from this run's partition (different data or seed)")
-        self.perm.copy_(sd["perm"])
-        self.pos.copy_(sd["pos"])
-        self.epochs.copy_(sd["epochs"])
-        self.generator.set_state(sd["generator"])
+__all__ = ["QMLHFLStrategy"]
 
 
 class _RoundBatches:
@@ -311,8 +202,8 @@ class QMLHFLStrategy(SingleDeviceStrategy):
         device = self.root_device
         data = materialize_dataset(dataloader.dataset, dataloader.collate_fn)
         labels = extract_labels(data, self.label_key)
-        parts = self.partitioner(labels, self.hierarchy, seed=_mix(self.seed, 1))
-        self.sampler = DeviceSampler(parts, dataloader.batch_size, seed=_mix(self.seed, 2))
+        parts = self.partitioner(labels, self.hierarchy, seed=mix(self.seed, Stream.PARTITION))
+        self.sampler = DeviceSampler(parts, dataloader.batch_size, seed=mix(self.seed, Stream.SAMPLER))
         self.data = tree_map(lambda t: t.to(device), data)
         mass = torch.tensor([len(p) for p in parts], dtype=torch.float64) if self.weighting == "samples" else None
         cls, hyper = self._optimizer_spec()
@@ -322,16 +213,16 @@ class QMLHFLStrategy(SingleDeviceStrategy):
             optimizer_kwargs=hyper, executor=self.executor, seed=self.seed, device_mass=mass,
             backend=self.backend, device=device, param_order=self.param_order,
         )
-        self._aug_generator = torch.Generator(device=device).manual_seed(_mix(self.seed, 3))
+        self._aug_generator = torch.Generator(device=device).manual_seed(mix(self.seed, Stream.AUGMENT))
         with torch.random.fork_rng(devices=self._cuda_devices()):
-            torch.manual_seed(_mix(self.seed, 4))
+            torch.manual_seed(mix(self.seed, Stream.TORCH_RNG))
             self._rng_state = torch.get_rng_state()
             self._cuda_rng_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
         if self._pending_state is not None:
             self.load_qmlhfl_state(self._pending_state)
             self._pending_state = None
         if self.smoothness is not None:
-            from .theory import check_learning_rate
+            from ..theory import check_learning_rate
 
             check_learning_rate(self.engine.optimizer.lr, self.smoothness, self.taus, list(self.quantizers),
                                 self.hierarchy, d=self.engine.num_params, strict=self.strict_lr)

@@ -1,6 +1,6 @@
 """Fused quantize-and-aggregate for CPU tensors (numba), the CPU counterpart of :mod:`lightning_qmlhfl.kernels`.
 
-Same semantics as the torch reference :func:`lightning_qmlhfl.aggregation.aggregate_layer_torch_` and the Triton
+Same semantics as the torch reference :func:`lightning_qmlhfl.kernels.reference.aggregate_layer_torch_` and the Triton
 kernels, number for number:
 
 - Draws: column j of child row c uses word (j mod 4) of Philox4x32-10 with key (seed mod 2^32, seed >> 32) and
@@ -25,8 +25,8 @@ import numba
 from numba import njit, prange
 from torch import Tensor
 
-from .hierarchy import check_layer_shapes, children_by_parent
-from .quantizers import QSGD, NoQuantization, Quantizer
+from ..hierarchy import check_layer_shapes, children_by_parent
+from ..quantizers import QSGD, NoQuantization, Quantizer
 
 __all__ = ["philox_uniforms", "aggregate_layer_numba_"]
 
@@ -134,7 +134,7 @@ def _norms_kernel(parent, child, parent_index, bucket, norms):
 
 @njit(inline="always", cache=True)
 def _weighted_level(x, u, norm, s, w):
-    """w * Q(x) for one entry, the operations of aggregation._weighted_qsgd_ in their order (fp32)."""
+    """w * Q(x) for one entry, the operations of reference._weighted_qsgd_ in their order (fp32)."""
     safe = norm if norm > 0 else np.float32(1.0)
     t = min(abs(x) / safe, np.float32(1.0)) * s
     level = np.float32(np.floor(t))

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .hierarchy import Hierarchy
+from ..hierarchy import Hierarchy
 
 __all__ = ["Partitioner", "IID", "Dirichlet", "Shards", "EmptyPartitionError", "make_partitioner"]
 

@@ -48,10 +48,10 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
-from .hierarchy import Hierarchy
+from ..hierarchy import Hierarchy
 from .latency import LatencyModel, RoundTime, downlink_bits, upload_bits
-from .quantizers import QSGD, make_quantizer
-from .theory import aggregation_ratios, check_taus, lr_condition_bracket_grid, quantizer_variances
+from ..quantizers import QSGD, make_quantizer
+from .convergence import aggregation_ratios, check_taus, lr_condition_bracket_grid, quantizer_variances
 
 __all__ = ["Plan", "InfeasiblePlanError", "plan_taus", "evaluate_taus"]
 
