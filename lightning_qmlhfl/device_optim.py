@@ -48,6 +48,32 @@ def check_optimizer_class(cls: Any) -> type[torch.optim.Optimizer]:
 
 # Keys of a torch param_group that describe how, not what, to compute; dropped when rebuilding the optimiser.
 _FORBIDDEN = {"params", "fused", "capturable", "differentiable", "foreach"}
+CLIP_ALGORITHMS = ("norm", "value")
+
+
+def check_hyper(hyper: dict[str, Any], where: str) -> dict[str, Any]:
+    """A parameter group's hyperparameters without the keys that say how to compute; lr must be a number >= 0."""
+    hyper = {k: v for k, v in dict(hyper).items() if k not in _FORBIDDEN}
+    if "lr" not in hyper:
+        raise ValueError(f"{where} needs a learning rate 'lr' (mu of Eq. 3)")
+    lr = hyper["lr"]
+    if isinstance(lr, torch.Tensor) and lr.numel() == 1:
+        lr = hyper["lr"] = float(lr)
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr >= 0:
+        raise ValueError(f"{where}: learning rate must be a number >= 0, got {lr!r}")
+    return hyper
+
+
+def check_clip(clip: tuple[str, float] | None) -> tuple[str, float] | None:
+    """``(algorithm, value)`` of per-device gradient clipping, or None."""
+    if clip is None:
+        return None
+    algorithm, value = clip
+    if algorithm not in CLIP_ALGORITHMS:
+        raise ValueError(f"gradient clipping algorithm must be 'norm' or 'value', got {algorithm!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"gradient clipping value must be a number > 0, got {value!r}")
+    return algorithm, float(value)
 
 
 class DeviceOptimizer:
@@ -58,29 +84,53 @@ class DeviceOptimizer:
     [N_tot, *shape] view per model parameter instead of the whole stack, so ``step`` can take the
     per-parameter gradients as the executor produced them, without concatenating them into [N_tot, P] first
     (one full-size copy and allocation per step less). The arithmetic is the same element by element.
+
+    ``groups``: parameter groups with their own hyperparameters, as ``[{"params": [names], "lr": ..., ...}]``
+    (names of ``layout``'s slots; every slot in exactly one group); default one group of everything with ``hyper``.
+    Each device runs every group's rule on its own rows, as one device of plain training would.
+
+    ``clip``: ``("norm", max_norm)`` or ``("value", clip_value)``: each device's own gradient is clipped before its
+    update, as ``torch.nn.utils.clip_grad_norm_`` / ``clip_grad_value_`` would clip one model's (norm: the 2-norm
+    over all of the device's trained parameters).
     """
 
     def __init__(self, params: Tensor, cls: Any = torch.optim.SGD, hyper: dict[str, Any] | None = None,
-                 layout: Any = None) -> None:
+                 layout: Any = None, groups: Sequence[dict[str, Any]] | None = None,
+                 clip: tuple[str, float] | None = None) -> None:
         self.cls = check_optimizer_class(cls)
-        hyper = dict(hyper or {})
-        hyper = {k: v for k, v in hyper.items() if k not in _FORBIDDEN}
-        if "lr" not in hyper:
-            raise ValueError("the optimiser needs a learning rate 'lr' (mu of Eq. 3)")
-        lr = hyper["lr"]
-        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
-            raise ValueError(f"learning rate must be a number > 0, got {lr!r}")
         self.params = params
-        self.hyper = hyper
+        self.clip = check_clip(clip)
         self.layout = layout if layout is not None and layout.slots else None
         if self.layout is None:
+            if groups is not None and len(groups) > 1:
+                raise ValueError("parameter groups need the stack's layout")
             self.columns = [params]
+            hypers = [check_hyper(groups[0] if groups else (hyper or {"lr": 0.01}), "the optimiser")]
+            spec = [{"params": self.columns, **hypers[0]}]
         else:
             if sum(s.numel for s in self.layout.slots) != params.shape[1]:
                 raise ValueError("the layout does not cover the parameter stack")
             # [N_tot, *shape] views: gradients are used with whatever strides autograd gave them (no reshape copy)
-            self.columns = list(self.layout.views(params).values())
-        self.optimizer = self.cls(self.columns, **hyper)
+            views = self.layout.views(params)
+            self.columns = list(views.values())
+            if groups is None:
+                groups = [{"params": list(views), **(hyper or {"lr": 0.01})}]
+            seen: dict[str, int] = {}
+            spec = []
+            for i, g in enumerate(groups):
+                names = list(g["params"])
+                for name in names:
+                    if name not in views:
+                        raise ValueError(f"parameter group {i} names {name!r}, which is not a trained parameter")
+                    if name in seen:
+                        raise ValueError(f"parameter {name!r} is in groups {seen[name]} and {i}")
+                    seen[name] = i
+                spec.append({"params": [views[n] for n in names],
+                             **check_hyper({k: v for k, v in g.items() if k != "params"}, f"parameter group {i}")})
+            missing = [n for n in views if n not in seen]
+            if missing:
+                raise ValueError(f"trained parameters {missing} are in no parameter group")
+        self.optimizer = self.cls(spec)
 
     @property
     def lr(self) -> float:
@@ -90,10 +140,39 @@ class DeviceOptimizer:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
 
+    def set_hyperparameters(self, groups: Sequence[dict[str, Any]]) -> None:
+        """Copy the current hyperparameters of each group (e.g. a scheduler's lr, momentum or betas) in place."""
+        if len(groups) != len(self.optimizer.param_groups):
+            raise ValueError(
+                f"the optimiser now has {len(groups)} parameter groups, but the devices were built with "
+                f"{len(self.optimizer.param_groups)}: the set of trained parameters and its groups are fixed when "
+                f"training starts"
+            )
+        for mine, theirs in zip(self.optimizer.param_groups, groups):
+            for k, v in theirs.items():
+                if k not in _FORBIDDEN:
+                    mine[k] = v
+
     @torch.no_grad()
-    def step(self, grads: Tensor | Sequence[Tensor | None]) -> None:
+    def _clip_(self, grads: list[Tensor]) -> None:
+        algorithm, value = self.clip  # type: ignore[misc]
+        if algorithm == "value":
+            for g in grads:
+                g.clamp_(-value, value)
+            return
+        rows = self.params.shape[0]
+        norms = torch.stack([torch.linalg.vector_norm(g.reshape(rows, -1), dim=1) for g in grads], dim=1)
+        total = torch.linalg.vector_norm(norms, dim=1)
+        coef = (value / (total + 1e-6)).clamp_(max=1.0)  # as torch.nn.utils.clip_grad_norm_, per device
+        for g in grads:
+            g.mul_(coef.view(rows, *([1] * (g.dim() - 1))).to(g.dtype))
+
+    @torch.no_grad()
+    def step(self, grads: Tensor | Sequence[Tensor | None], scaler: Any = None) -> None:
         """``grads``: the [N_tot, P] gradient stack, or one gradient per model parameter ([N_tot, *shape] each,
-        in layout order; ``None`` = zero)."""
+        in layout order; ``None`` = zero). With ``scaler`` (a ``torch.amp.GradScaler`` whose scale multiplied the
+        losses) the gradients are unscaled first and the step is skipped when any is not finite, as in plain mixed
+        precision training."""
         if isinstance(grads, Tensor):
             if grads.shape != self.params.shape:
                 raise ValueError(f"gradient shape {tuple(grads.shape)} != device stack {tuple(self.params.shape)}")
@@ -104,7 +183,15 @@ class DeviceOptimizer:
                 raise ValueError(f"got {len(parts)} gradients for {len(self.columns)} parameters")
         for col, g in zip(self.columns, parts):
             col.grad = torch.zeros_like(col) if g is None else g.to(col.dtype)
-        self.optimizer.step()
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)
+        if self.clip is not None:
+            self._clip_([c.grad for c in self.columns])
+        if scaler is not None:
+            scaler.step(self.optimizer)
+            scaler.update()
+        else:
+            self.optimizer.step()
         for col in self.columns:
             col.grad = None
 

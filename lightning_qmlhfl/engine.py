@@ -109,6 +109,14 @@ class QMLHFLEngine:
         param_order: "fast" (default) or "module": the storage order of the flat rows (see
             :mod:`lightning_qmlhfl.stacked`); it decides which entries share a QSGD bucket and which seeded draw
             each entry gets, nothing else.
+        param_groups: optional ``[{"params": [parameter names], "lr": ..., ...}, ...]``: per-group
+            hyperparameters of the device optimiser, as torch parameter groups. Parameters in no group are frozen.
+            Default: one group of every parameter with ``optimizer_kwargs``.
+        grad_clip: optional ``("norm", max_norm)`` or ``("value", clip_value)``: each device's own gradient is
+            clipped before its update (:class:`~lightning_qmlhfl.device_optim.DeviceOptimizer`).
+
+    Frozen parameters (in no group, or ``requires_grad=False``) are not stacked, trained, sent or counted in the
+    bits: every device uses the template's copy.
     """
 
     def __init__(
@@ -126,6 +134,8 @@ class QMLHFLEngine:
         backend: Backend = "auto",
         device: torch.device | str | None = None,
         param_order: ParamOrder = "fast",
+        param_groups: Sequence[dict[str, Any]] | None = None,
+        grad_clip: tuple[str, float] | None = None,
     ) -> None:
         if not isinstance(hierarchy, Hierarchy):
             raise TypeError(f"hierarchy must be a Hierarchy, got {type(hierarchy).__name__}")
@@ -138,7 +148,19 @@ class QMLHFLEngine:
         self.seed = int(seed)
         self.backend = check_backend(backend)
         self.module = module
-        self.state = StackedState(module, hierarchy, device, param_order)
+        requires = {n for n, p in module.named_parameters() if p.requires_grad}
+        if param_groups is None:
+            trainable = requires
+            groups = None
+        else:
+            named = {n for g in param_groups for n in g["params"]}
+            unknown = sorted(named - {n for n, _ in module.named_parameters()})
+            if unknown:
+                raise ValueError(f"param_groups name parameters the module does not have: {unknown}")
+            trainable = named & requires
+            groups = [{**g, "params": [n for n in g["params"] if n in trainable]} for g in param_groups]
+            groups = [g for g in groups if g["params"]]
+        self.state = StackedState(module, hierarchy, device, param_order, trainable)
         self.device = self.state.device
         if self.device.type == "cpu":
             retain_large_allocations()  # per-step temporaries of 10s-100s of MB: reuse, don't re-fault (cpu_alloc)
@@ -146,11 +168,15 @@ class QMLHFLEngine:
             executor, module, loss_fn, self.state.param_layout, self.state.buffer_layout, self.device
         )
         self.optimizer = DeviceOptimizer(self.state.params[0], optimizer, optimizer_kwargs or {"lr": 0.01},
-                                         layout=self.state.param_layout)
+                                         layout=self.state.param_layout, groups=groups, clip=grad_clip)
+        self._grads: Tensor | list[Tensor | None] | None = None  # accumulated gradients of the current step
+        self._step_losses: list[Tensor] = []
+        self._step_aux: list[dict[str, Tensor]] = []
         # Per layer n = 1..N (stored at index n-1): parent index of the children and their weights.
         self._parent_index = [hierarchy.parent_index(n - 1).to(self.device) for n in range(1, self.N + 1)]
         self._weights = [
-            hierarchy.aggregation_weights(n, device_mass).to(device=self.device, dtype=torch.float32)
+            hierarchy.aggregation_weights(n, device_mass).to(
+                device=self.device, dtype=torch.float64 if self.state.dtype == torch.float64 else torch.float32)
             for n in range(1, self.N + 1)
         ]
         # Eq. 5 resync maps: for layer n, the ancestor in layer n of every node of each layer m < n.
@@ -188,9 +214,35 @@ class QMLHFLEngine:
     # ------------------------------------------------------------------ the schedule
     def local_step(self, batch: Any) -> StepResult:
         """Eq. 3 for every device on its mini-batch (leading dim N_tot), then the aggregations that fall due."""
+        self.compute_gradients(batch)
+        return self.apply_step()
+
+    def compute_gradients(self, batch: Any, loss_scale: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
+        """Every device's gradient of ``loss_scale`` x its loss on its mini-batch, added to the gradients of the
+        current step (several calls before one :meth:`apply_step` = gradient accumulation over mini-batches).
+        Returns the per-device losses [N_tot] and auxiliary values {name: [N_tot]} of this mini-batch."""
         s = self.state
-        grads, losses, aux = self.executor(s.params[0], s.buffers[0], batch)
-        self.optimizer.step(grads)
+        grads, losses, aux = self.executor(s.params[0], s.buffers[0], batch, loss_scale)
+        if self._grads is None:
+            self._grads = grads
+        elif isinstance(grads, Tensor):
+            self._grads.add_(grads)  # type: ignore[union-attr]
+        else:
+            self._grads = [a if b is None else b if a is None else a.add_(b) for a, b in zip(self._grads, grads)]
+        self._step_losses.append(losses)
+        self._step_aux.append(aux)
+        return losses, aux
+
+    def apply_step(self, scaler: Any = None) -> StepResult:
+        """The update of Eq. 3 with the accumulated gradients, then the aggregations that fall due. ``scaler``: the
+        ``torch.amp.GradScaler`` whose scale the losses were multiplied by (mixed precision), or None."""
+        if self._grads is None:
+            raise RuntimeError("apply_step() without gradients: call compute_gradients(batch) first")
+        grads, self._grads = self._grads, None
+        losses = self._step_losses[0] if len(self._step_losses) == 1 else torch.stack(self._step_losses).mean(0)
+        aux = self._step_aux[-1]
+        self._step_losses, self._step_aux = [], []
+        self.optimizer.step(grads, scaler=scaler)
         self.step_in_round += 1
         self.total_steps += 1
         k = self.step_in_round

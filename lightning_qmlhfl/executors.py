@@ -14,8 +14,10 @@ Floating-point buffers (BatchNorm running statistics) are updated in place in th
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Literal
 
@@ -25,7 +27,8 @@ from torch.utils._pytree import tree_map
 
 from .stacked import ParamLayout
 
-__all__ = ["Objective", "VmapExecutor", "LoopExecutor", "make_executor", "choose_executor"]
+__all__ = ["Objective", "VmapExecutor", "LoopExecutor", "GuardedVmapExecutor", "VmapUnsupportedError", "make_executor",
+           "choose_executor"]
 
 ExecutorName = Literal["auto", "vmap", "loop"]
 LossFn = Callable[[nn.Module, Any], Any]
@@ -128,7 +131,9 @@ class _ExecutorBase:
         for k, v in ints.items():
             self._int_buffers[k].copy_(v)
 
-    def __call__(self, params: Tensor, buffers: Tensor, batch: Any) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    def __call__(self, params: Tensor, buffers: Tensor, batch: Any, loss_scale: float = 1.0
+                 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Gradients of ``loss_scale`` x every device's loss (the unscaled losses are returned)."""
         raise NotImplementedError
 
 
@@ -142,8 +147,10 @@ class VmapExecutor(_ExecutorBase):
             return torch.func.functional_call(self.objective, self._named(pars, bufs, ints), (batch,))
 
         self._fn = torch.func.vmap(f, in_dims=(0, 0, None, 0), randomness="different")
+        self._guard = _VmapGuard(self.objective.inner)
 
-    def __call__(self, params: Tensor, buffers: Tensor, batch: Any) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    def __call__(self, params: Tensor, buffers: Tensor, batch: Any, loss_scale: float = 1.0
+                 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         # The per-device losses are independent, so d(sum_i loss_i)/d params[i] is device i's own gradient.
         # Reverse-mode autograd through the vmapped forward (instead of vmap(grad(...))) keeps BatchNorm's
         # in-place running-statistics updates, which torch.func.grad transforms silently drop. The float
@@ -157,8 +164,10 @@ class VmapExecutor(_ExecutorBase):
         # [N_tot, P] zero tensor and add into it: measured 64% of an MLP step on a 2-core CPU.
         leaves = {k: v.detach().requires_grad_(True) for k, v in self.param_layout.views(params).items()}
         with torch.enable_grad():
-            losses, aux = self._fn(leaves, bufs, ints, batch)
-            parts = torch.autograd.grad(losses.sum(), list(leaves.values()), allow_unused=True)
+            with self._guard:  # raises before any effect of an unbatchable step is kept
+                losses, aux = self._fn(leaves, bufs, ints, batch)
+            total = losses.sum() if loss_scale == 1.0 else (losses * loss_scale).sum()
+            parts = torch.autograd.grad(total, list(leaves.values()), allow_unused=True)
         grads = list(parts)  # per parameter, in layout order: the device optimiser takes them as they are
         with torch.no_grad():
             for k, v in views.items():
@@ -196,7 +205,8 @@ class LoopExecutor(_ExecutorBase):
             return 1
         return max(1, min(self.threads or 2, torch.get_num_threads(), params.shape[0]))
 
-    def __call__(self, params: Tensor, buffers: Tensor, batch: Any) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    def __call__(self, params: Tensor, buffers: Tensor, batch: Any, loss_scale: float = 1.0
+                 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         rows = params.shape[0]
         grads = torch.empty_like(params)
         losses = torch.empty(rows, dtype=torch.float32, device=params.device)
@@ -226,7 +236,7 @@ class LoopExecutor(_ExecutorBase):
             return leaves, loss
 
         def backward(i: int, leaves: list[Tensor], loss: Tensor) -> None:
-            parts = torch.autograd.grad(loss, leaves, allow_unused=True)
+            parts = torch.autograd.grad(loss if loss_scale == 1.0 else loss * loss_scale, leaves, allow_unused=True)
             for g, view in zip(parts, self.param_layout.views(grads[i]).values()):
                 if g is None:
                     view.zero_()
@@ -310,27 +320,143 @@ def _turn_taking(rows: int, workers: int, forward: Callable, backward: Callable)
         raise first
 
 
+class VmapUnsupportedError(RuntimeError):
+    """The user's step cannot run under ``torch.func.vmap`` (``executor="vmap"`` was asked for explicitly)."""
+
+
+def _metric_class() -> type | tuple:
+    try:
+        from torchmetrics import Metric
+    except ImportError:  # pragma: no cover - torchmetrics is a dependency
+        return ()
+    return Metric
+
+
+def _refuse_metric(metric: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    raise VmapUnsupportedError(
+        f"the step updates the torchmetrics {type(metric).__name__} (its states are plain tensors updated in place, "
+        f"which vmap cannot batch)"
+    )
+
+
+class _VmapGuard:
+    """Around one vmapped step: makes torchmetrics updates raise before they touch any state, records every module
+    attribute the user's code assigns (a tensor stored on the module under vmap would be a batched tensor that
+    escapes the transform) and puts all of them back. A step that assigned attributes raises VmapUnsupportedError
+    on exit, after the restore, so that nothing of it survives."""
+
+    def __init__(self, module: nn.Module) -> None:
+        metric = _metric_class()
+        self.modules = list(module.named_modules())
+        self.metrics = [m for _, m in self.modules if metric and isinstance(m, metric)]
+
+    def __enter__(self) -> "_VmapGuard":
+        self._methods = []
+        for m in self.metrics:
+            for attr in ("forward", "update"):
+                self._methods.append((m, attr, m.__dict__.get(attr, _MISSING)))
+                m.__dict__[attr] = functools.partial(_refuse_metric, m)
+        metric_ids = {id(m) for m in self.metrics}
+        self._snapshot = [(name, m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules))
+                          for name, m in self.modules if id(m) not in metric_ids]
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        changed = []
+        for name, m, d, params, bufs, mods in self._snapshot:
+            for table, old, what in ((m.__dict__, d, ""), (m._parameters, params, " (parameter)"),
+                                     (m._buffers, bufs, " (buffer)"), (m._modules, mods, " (submodule)")):
+                if table.keys() == old.keys() and all(table[k] is v for k, v in old.items()):
+                    continue
+                keys = sorted(set(table) ^ set(old) | {k for k in set(table) & set(old) if table[k] is not old[k]})
+                changed += [f"{name + '.' if name else ''}{k}{what}" for k in keys]
+                table.clear()
+                table.update(old)
+        for m, attr, old in self._methods:
+            if old is _MISSING:
+                m.__dict__.pop(attr, None)
+            else:
+                m.__dict__[attr] = old
+        if changed and exc_type is None:
+            raise VmapUnsupportedError(f"the step assigns module attribute(s) {changed}")
+
+
+_MISSING = object()
+
+
+class GuardedVmapExecutor:
+    """The vmap executor (whose forward runs inside a :class:`_VmapGuard`) with the loop executor as fallback
+    (``executor="auto"``).
+
+    What cannot run under vmap (torchmetrics updates, ``.item()``, data-dependent Python control flow, assignments
+    to module attributes) is detected at the step where it first happens, before any of its effects remain: the
+    RNG state, float buffers, integer buffers and module attributes are put back. With a fallback, that step and
+    every later one run on the loop executor, after one warning that says why; without one (an explicit
+    ``executor="vmap"``), :class:`VmapUnsupportedError` says why and what to use instead.
+    """
+
+    def __init__(self, vmap: "VmapExecutor", fallback: "LoopExecutor | None") -> None:
+        self.vmap, self.fallback = vmap, fallback
+        self.current: _ExecutorBase = vmap
+        self.fallback_reason: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.current.name
+
+    def __call__(self, params: Tensor, buffers: Tensor, batch: Any, loss_scale: float = 1.0):
+        if self.current is not self.vmap:
+            return self.current(params, buffers, batch, loss_scale)
+        devices = [params.device.index or 0] if params.device.type == "cuda" else []
+        cpu_rng = torch.get_rng_state()
+        cuda_rng = [torch.cuda.get_rng_state(d) for d in devices]
+        try:
+            return self.vmap(params, buffers, batch, loss_scale)
+        except Exception as err:  # noqa: BLE001 - any failure inside the vmapped user code
+            reason = f"{type(err).__name__}: {err}"
+            if self.fallback is None:
+                raise VmapUnsupportedError(
+                    f"executor='vmap' cannot run this training step under torch.func.vmap ({reason}). Use "
+                    f"executor='loop' (or 'auto', which falls back to the loop by itself)"
+                ) from err
+            torch.set_rng_state(cpu_rng)
+            for d, state in zip(devices, cuda_rng):
+                torch.cuda.set_rng_state(state, d)
+            out = self.fallback(params, buffers, batch, loss_scale)  # a genuine error of the user's code raises here
+            self.current, self.fallback_reason = self.fallback, reason
+            warnings.warn(
+                f"executor='auto': the training step cannot run under torch.func.vmap ({reason}); running it on "
+                f"the loop executor from now on (same numbers up to float rounding; pass executor='loop' to skip "
+                f"this check)", RuntimeWarning, stacklevel=2)
+            return out
+
+
 def choose_executor(module: nn.Module, device: torch.device) -> str:
-    """The documented automatic rule: ``loop`` for modules with convolutions on CPU, ``vmap`` otherwise.
+    """The documented automatic rule: ``loop`` for modules with convolutions on CPU and for recurrent modules
+    (LSTM/GRU/RNN: torch has no vmap rule for them), ``vmap`` otherwise (with the loop as fallback for steps vmap
+    cannot run, :class:`GuardedVmapExecutor`).
 
     Measured on a 2-core CPU (bench/engine.py, 100 devices; bench/RESULTS.md): vmap is 2.2x the loop's speed for a
     784-200-10 MLP, but 0.70x for LeNet (its convolutions become grouped convolutions under vmap), and 0.6x for the
     225k-parameter CIFAR CNN (16 devices). On CUDA vmap is used throughout.
     """
+    if any(isinstance(m, nn.RNNBase) for m in module.modules()):
+        return "loop"
     if device.type != "cpu":
         return "vmap"
-    has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())
+    convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+    has_conv = any(isinstance(m, convs) for m in module.modules())
     return "loop" if has_conv else "vmap"
 
 
 def make_executor(
     name: str, module: nn.Module, loss_fn: LossFn, param_layout: ParamLayout, buffer_layout: ParamLayout,
     device: torch.device,
-) -> _ExecutorBase:
-    if name == "auto":
-        name = choose_executor(module, device)
-    if name == "vmap":
-        return VmapExecutor(module, loss_fn, param_layout, buffer_layout)
-    if name == "loop":
+) -> "_ExecutorBase | GuardedVmapExecutor":
+    if name not in ("auto", "vmap", "loop"):
+        raise ValueError(f"executor must be 'auto', 'vmap' or 'loop', got {name!r}")
+    chosen = choose_executor(module, device) if name == "auto" else name
+    if chosen == "loop":
         return LoopExecutor(module, loss_fn, param_layout, buffer_layout)
-    raise ValueError(f"executor must be 'auto', 'vmap' or 'loop', got {name!r}")
+    fallback = LoopExecutor(module, loss_fn, param_layout, buffer_layout) if name == "auto" else None
+    return GuardedVmapExecutor(VmapExecutor(module, loss_fn, param_layout, buffer_layout), fallback)

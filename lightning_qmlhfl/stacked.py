@@ -8,6 +8,8 @@ Buffer policy (this project's choice, documented in the README): floating-point 
 like parameters, travel up with the parameters and are aggregated by the exact weighted mean of Eq. 4 without
 quantization (stochastic rounding could make a running variance negative); their uploads are counted at 32 bits.
 Integer buffers (BatchNorm's ``num_batches_tracked``) are not simulated per device: the template keeps one copy.
+Frozen parameters (``trainable`` leaves them out: no optimizer trains them, or ``requires_grad=False``) are not
+stacked either: every device uses the template's copy, and nothing of them is sent or counted.
 
 Storage order (``param_order``): with ``"fast"`` (the default) a parameter may be stored in a row with its
 dimensions permuted, in the order the kernels that read it and produce its gradient prefer, and the views handed
@@ -106,9 +108,16 @@ class ParamLayout:
         self.size = off
 
     @classmethod
-    def of_parameters(cls, module: nn.Module, order: ParamOrder = "fast") -> "ParamLayout":
-        named = list(module.named_parameters())
+    def of_parameters(cls, module: nn.Module, order: ParamOrder = "fast",
+                      names: "set[str] | None" = None) -> "ParamLayout":
+        """The layout of ``module``'s parameters (only those in ``names``, when given: the trained ones)."""
+        named = [(n, p) for n, p in module.named_parameters() if names is None or n in names]
         for name, p in named:
+            if isinstance(p, nn.parameter.UninitializedParameter):
+                raise ValueError(
+                    f"parameter {name!r} is not initialised yet (a lazy module): run one forward pass before "
+                    f"training (e.g. in the LightningModule's setup) so that every parameter has its shape"
+                )
             if not p.is_floating_point():
                 raise TypeError(
                     f"parameter {name!r} has dtype {p.dtype}; only floating-point parameters can be trained and "
@@ -154,19 +163,20 @@ class StackedState:
     """
 
     def __init__(self, module: nn.Module, hierarchy: Hierarchy, device: torch.device | str | None = None,
-                 param_order: ParamOrder = "fast") -> None:
+                 param_order: ParamOrder = "fast", trainable: "set[str] | None" = None) -> None:
         self.hierarchy = hierarchy
-        self.param_layout = ParamLayout.of_parameters(module, param_order)
+        self.param_layout = ParamLayout.of_parameters(module, param_order, trainable)
         self.buffer_layout = ParamLayout.of_float_buffers(module)
         if self.param_layout.size == 0:
-            raise ValueError("the module has no parameters to train")
-        dtypes = {p.dtype for _, p in module.named_parameters()}
+            raise ValueError("the module has no parameters to train (none is trainable and in the optimizer)")
+        named = dict(module.named_parameters())
+        dtypes = {named[n].dtype for n in self.param_layout.names}
         if len(dtypes) != 1:
             raise TypeError(f"all parameters must share one dtype to be stacked, got {sorted(map(str, dtypes))}")
         self.dtype = dtypes.pop()
-        first = next(module.parameters())
+        first = named[self.param_layout.names[0]]
         self.device = torch.device(device) if device is not None else first.device
-        w = self.param_layout.flatten(dict(module.named_parameters()), self.dtype).to(self.device)
+        w = self.param_layout.flatten(named, self.dtype).to(self.device)
         b = self.buffer_layout.flatten(dict(module.named_buffers()), self.dtype).to(self.device)
         self.params: list[Tensor] = []
         self.buffers: list[Tensor] = []

@@ -20,6 +20,7 @@ from lightning_qmlhfl import kernels as aggregation_mod
 from lightning_qmlhfl.kernels import row_uniforms
 from lightning_qmlhfl.rng import row_seeds
 from lightning_qmlhfl.engine import NonFiniteUpdateError, QMLHFLEngine
+from lightning_qmlhfl.stacked import ParamLayout
 
 
 # ---------------------------------------------------------------- models and data
@@ -283,9 +284,9 @@ def test_schedule_counts_tau_2_3_2_2(monkeypatch):
     engine = QMLHFLEngine(MLP(), ce_loss, h, taus, None, optimizer_kwargs={"lr": 0.01}, executor="vmap")
     real_exec = engine.executor
 
-    def counting_exec(p, b, batch):
+    def counting_exec(p, b, batch, *rest):
         calls["local"] += 1
-        return real_exec(p, b, batch)
+        return real_exec(p, b, batch, *rest)
 
     real_agg = aggregation_mod.aggregate_layer_
 
@@ -426,9 +427,13 @@ def test_unsupported_optimizer_and_integer_params():
     with pytest.raises(ValueError, match="'lion' is not supported; allowed"):
         QMLHFLEngine(MLP(), ce_loss, h, (1,), optimizer="lion")
     m = MLP()
+    # an integer parameter cannot require grad: it is frozen, i.e. not stacked, trained or sent
     m.register_parameter("count", nn.Parameter(torch.zeros(2, dtype=torch.long), requires_grad=False))
+    e = QMLHFLEngine(m, ce_loss, h, (1,))
+    assert "count" not in e.state.param_layout.names
+    assert e.num_params == sum(p.numel() for n, p in m.named_parameters() if n != "count")
     with pytest.raises(TypeError, match="'count' has dtype torch.int64"):
-        QMLHFLEngine(m, ce_loss, h, (1,))
+        ParamLayout.of_parameters(m)  # the layout of every parameter refuses it, naming it
     with pytest.raises(ValueError, match="executor must be"):
         QMLHFLEngine(MLP(), ce_loss, h, (1,), executor="threads")
     with pytest.raises(ValueError, match="backend must be 'auto', 'torch', 'numba' or 'triton', got 'cuda'"):

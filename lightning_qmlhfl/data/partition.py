@@ -28,9 +28,19 @@ class EmptyPartitionError(ValueError):
 
 class Partitioner(ABC):
     group_by_edge: bool = False
+    needs_labels: bool = True
+    """Whether the split depends on the labels (IID does not: it works for any dataset, labels or not)."""
 
-    def __call__(self, labels: Tensor, hierarchy: Hierarchy, seed: int = 0) -> list[Tensor]:
-        """Per-device LongTensors of indices into the dataset (labels: int [n])."""
+    def __call__(self, labels: Tensor | None, hierarchy: Hierarchy, seed: int = 0,
+                 num_samples: int | None = None) -> list[Tensor]:
+        """Per-device LongTensors of indices into the dataset. ``labels``: int [n] class ids, or ``None`` for a
+        partitioner that needs none (then give ``num_samples``)."""
+        if labels is None:
+            if self.needs_labels:
+                raise ValueError(f"{self!r} splits by label and needs one class id per sample; got labels=None")
+            if num_samples is None:
+                raise ValueError("without labels, give num_samples (the dataset's length)")
+            labels = torch.zeros(int(num_samples), dtype=torch.long)  # placeholder: never read by IID
         labels = torch.as_tensor(labels).reshape(-1).long().cpu()
         if labels.numel() == 0:
             raise EmptyPartitionError("the training dataset is empty")
@@ -62,7 +72,9 @@ class Partitioner(ABC):
 
 
 class IID(Partitioner):
-    """Uniformly random, equal-sized shares (sizes differ by at most one)."""
+    """Uniformly random, equal-sized shares (sizes differ by at most one). Needs no labels."""
+
+    needs_labels = False
 
     def _split(self, labels: Tensor, index: Tensor, parts: int, g: torch.Generator) -> list[Tensor]:
         perm = index[torch.randperm(index.numel(), generator=g)]

@@ -64,22 +64,24 @@ def aggregate_layer_torch_(
     float32 [C, buckets] of the uploads (non-finite if an upload held NaN/Inf; then ``parent`` is untouched).
 
     ``uniforms`` [C, P] overrides the seeded draws (tests feed the same draws to a reference this way).
+    Arithmetic is fp32 for fp32/fp16/bf16 storage (what the fused kernels do) and fp64 for fp64 storage.
     """
     from . import row_uniforms
 
     check_layer_shapes(parent, child, parent_index, weights)
     c_rows, d = child.shape
     device = parent.device
+    work = torch.float64 if parent.dtype == torch.float64 else torch.float32
     parent_index = parent_index.to(device)
-    weights = weights.to(device=device, dtype=torch.float32)
-    acc = torch.zeros(parent.shape, dtype=torch.float32, device=device)
-    pf = parent.to(torch.float32)
+    weights = weights.to(device=device, dtype=work)
+    acc = torch.zeros(parent.shape, dtype=work, device=device)
+    pf = parent.to(work)
     norms_out = []
     step = _chunk_rows(d)
     for start in range(0, c_rows, step):
         stop = min(c_rows, start + step)
         idx = parent_index[start:stop]
-        diff = child[start:stop].to(torch.float32) - pf[idx]
+        diff = child[start:stop].to(work) - pf[idx]
         w = weights[start:stop]
         if quantizer.is_identity:
             norms = row_norms(diff)
@@ -88,11 +90,11 @@ def aggregate_layer_torch_(
             u = uniforms[start:stop] if uniforms is not None else row_uniforms(seeds[start:stop], d, device)
             if isinstance(quantizer, QSGD):
                 norms = row_norms(diff, quantizer.bucket_size)
-                q = _weighted_qsgd_(diff, norms, u.to(torch.float32), quantizer, w)
+                q = _weighted_qsgd_(diff, norms.to(work), u.to(work), quantizer, w)
             else:  # any other Quantizer: through its public encode/decode
                 enc = quantizer.encode(diff, uniforms=u)
                 norms = enc.norms
-                q = quantizer.decode(enc, d) * w[:, None]
+                q = quantizer.decode(enc, d).to(work) * w[:, None]
         norms_out.append(norms)
         acc.index_add_(0, idx, q)
     norms = torch.cat(norms_out) if norms_out else torch.zeros(0, 1, device=device)

@@ -1,18 +1,24 @@
 """QMLHFLStrategy: trains an unmodified LightningModule as multi-layer hierarchical FL with quantization.
 
-How it maps onto Lightning (read this before using the counters):
-- One Trainer step = one local SGD step (Eq. 3) of EVERY simulated device, followed by the aggregations that fall
+How it maps onto Lightning (the README's compatibility table lists every feature):
+
+- One Trainer step = one local step (Eq. 3) of EVERY simulated device, followed by the aggregations that fall
   due (ALGORITHM.md section 2). One Lightning epoch = one global round (prod(tau) steps), so validation runs once
   per global round by default, on the cloud model: after each cloud aggregation the LightningModule's own
-  parameters hold w_t, and the user's ``validation_step``, torchmetrics and ``ModelCheckpoint`` work unmodified.
-  ``max_steps`` counts local steps; ``global_rounds=T`` (or ``max_epochs=T``) stops after T global rounds.
-- Data: the dataset of the user's train dataloader is materialised once as tensors on the training device and
-  partitioned over the devices; every step gathers one mini-batch (the dataloader's batch size) per device by
-  indexing. A device that has used up its data reshuffles its own data and continues (per-device epochs).
+  parameters hold w_t, and the user's ``validation_step``, torchmetrics, ``ModelCheckpoint``, ``EarlyStopping``
+  and ``ReduceLROnPlateau`` work unmodified; so do ``trainer.validate/test/predict`` after fit. ``max_steps``
+  counts local steps; ``global_rounds=T`` (or ``max_epochs=T``) stops after T global rounds.
+- Data: the dataset of the user's train dataloader (a DataLoader, from a LightningDataModule or the module) is
+  materialised once as tensors on the training device and partitioned over the devices; every step gathers one
+  mini-batch (the dataloader's batch size) per device by indexing. A device that has used up its data reshuffles
+  its own data and continues (per-device epochs); a dataloader without shuffling keeps index order.
 - The user's ``training_step(batch, batch_idx)`` runs once per device per step, on that device's weights and
-  batch (vmap or loop executor); ``self.log`` inside it is captured per device and logged as the device mean.
-- mu and the optimiser class come from ``configure_optimizers``; an LR scheduler steps as in plain Lightning and
-  its current LR is applied to all devices (one shared schedule). Gradient clipping is not applied.
+  batch (vmap or loop executor); ``self.log`` inside it is captured per device (:mod:`.device_logging`).
+- The optimizer's class and parameter groups come from ``configure_optimizers``; every device runs its own copy
+  (per-device state, per-group hyperparameters). Schedulers step as in plain Lightning and their current values
+  apply to all devices. Parameters in no group or with ``requires_grad=False`` are frozen: not trained, not sent.
+  ``gradient_clip_val`` clips each device's own gradient; ``accumulate_grad_batches=k`` makes one local step of
+  k mini-batches; mixed precision autocasts each device's step (with the Trainer's GradScaler for 16-mixed).
 - Checkpoints hold the whole simulation (all stacked rows, per-device optimiser state, schedule counters,
   RNG states, the partition) under the key ``"qmlhfl"``; they load with ``torch.load(weights_only=True)``.
   Resume from a checkpoint written at a global-round boundary (ModelCheckpoint's default, at epoch end)
@@ -21,8 +27,6 @@ How it maps onto Lightning (read this before using the counters):
 
 from __future__ import annotations
 
-import math
-import warnings
 from typing import Any, Callable, Sequence
 
 import lightning.pytorch as pl
@@ -30,39 +34,18 @@ import torch
 from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import RunningStage
 from torch import Tensor
-from torch.utils._pytree import tree_map
-from torch.utils.data import DataLoader
+from typing_extensions import override
 
-from ..data.materialize import extract_labels, materialize_dataset
-from ..data.partition import Dirichlet, Partitioner, make_partitioner
-from ..data.sampler import DeviceSampler
-from ..engine import NonFiniteUpdateError, QMLHFLEngine, gather_batch, validate_quantizers, validate_taus
+from ..data.partition import Partitioner
+from ..engine import QMLHFLEngine
 from ..hierarchy import Hierarchy
-from ..kernels import check_backend
-from ..quantizers import QSGD, Quantizer
-from ..rng import Stream, mix
-from ..stacked import check_param_order
-from ..theory.latency import LatencyModel, default_uplink_rates
+from ..quantizers import Quantizer
+from ..theory.latency import LatencyModel
+from .core import QMLHFLCore
 
 __all__ = ["QMLHFLStrategy"]
 
 
-class _RoundBatches:
-    """The train 'dataloader' the strategy hands to Lightning: one epoch = the rest of the current global round."""
-
-    def __init__(self, strategy: "QMLHFLStrategy") -> None:
-        self.strategy = strategy
-
-    def __len__(self) -> int:
-        return self.strategy.engine.steps_per_round
-
-    def __iter__(self):
-        s = self.strategy
-        for _ in range(s.engine.steps_per_round - s.engine.step_in_round):
-            yield s._next_batch()
-
-
-# ----------------------------------------------------------------------------------------------------- strategy
 class QMLHFLStrategy(SingleDeviceStrategy):
     """Lightning strategy simulating QMLHFL over a hierarchy of devices (see the module docstring).
 
@@ -72,21 +55,25 @@ class QMLHFLStrategy(SingleDeviceStrategy):
         quantizers: one per layer: Quantizer, int s, or "none" (default QSGD(8) on every layer).
         partition: a Partitioner or config (default ``Dirichlet(alpha=0.5)``).
         seed: seeds the partition, per-device sampling, dropout masks, augmentation and quantization draws.
-        executor: "auto", "vmap" or "loop".
+        executor: "auto", "vmap" or "loop" (``auto`` falls back to the loop for steps vmap cannot run).
         weighting: "devices" (|C(child)|/|C(parent)|, the paper's) or "samples" (by local data size, ours).
         global_rounds: stop after this many global rounds (alternative to ``max_steps``).
         latency: a :class:`LatencyModel` for the simulated time (logged as ``fl/sim_time``). Default: 1 ms per
-            local step, uplinks of 100 Mbit/s from the devices and 10x slower per layer up (see :meth:`_default_latency`).
+            local step, uplinks of 100 Mbit/s from the devices and 10x slower per layer up.
         smoothness: L; when given, the learning-rate condition (Eq. 15) is checked at setup.
         strict_lr: turn the learning-rate warning into an error.
         train_transform: ``f(batch, generator) -> batch`` applied to each stacked per-device batch on the training
             device (e.g. random crop/flip); batch leaves have shape [N_tot, B, ...].
         label_key: where the labels are in each sample (default: element 1 of tuples, or "label"/"y"/... in dicts).
+        label_fn: ``f(data) -> LongTensor[n]``, one class id per sample from the materialised dataset, for
+            label-based partitioners when the labels are not plain class ids (e.g. sequence targets).
         backend: aggregation backend ("auto": Triton on CUDA, the numba kernel for float32 on CPU, torch
             otherwise; or "torch"/"numba"/"triton"). All give the same numbers.
         device: training device (default CUDA if available, else CPU).
-        param_order: "fast" (default) or "module": storage order of the stacked rows (:mod:`.stacked`); it decides
+        param_order: "fast" (default) or "module": storage order of the stacked rows (:mod:`..stacked`); it decides
             which entries share a QSGD bucket and which draw each entry gets, not the model or its gradients.
+        max_dataset_bytes: refuse training sets larger than this as tensors (default: half the free memory of the
+            training device).
     """
 
     strategy_name = "qmlhfl"
@@ -106,291 +93,120 @@ class QMLHFLStrategy(SingleDeviceStrategy):
         strict_lr: bool = False,
         train_transform: Callable[[Any, torch.Generator], Any] | None = None,
         label_key: str | int | None = None,
+        label_fn: Callable[[Any], Tensor] | None = None,
         backend: str = "auto",
         device: str | torch.device | None = None,
         param_order: str = "fast",
+        max_dataset_bytes: int | None = None,
     ) -> None:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         super().__init__(device=torch.device(device))
-        self.hierarchy = hierarchy if hierarchy is not None else Hierarchy.balanced([4, 5, 5])
-        if not isinstance(self.hierarchy, Hierarchy):
-            raise TypeError(f"hierarchy must be a Hierarchy, got {type(self.hierarchy).__name__}")
-        N = self.hierarchy.num_layers
-        if taus is None:
-            taus = [5, 2, 2] if self.hierarchy.nodes_per_layer == (100, 20, 4, 1) else [2] * N
-        self.taus = validate_taus(taus, N)
-        self.quantizers = validate_quantizers(quantizers if quantizers is not None else [QSGD(8)] * N, N)
-        self.partitioner = make_partitioner(partition if partition is not None else Dirichlet(alpha=0.5))
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
-        self.seed = seed
-        if executor not in ("auto", "vmap", "loop"):
-            raise ValueError(f"executor must be 'auto', 'vmap' or 'loop', got {executor!r}")
-        self.executor = executor
-        if weighting not in ("devices", "samples"):
-            raise ValueError(f"weighting must be 'devices' or 'samples', got {weighting!r}")
-        self.weighting = weighting
-        if global_rounds is not None and (isinstance(global_rounds, bool) or not isinstance(global_rounds, int)
-                                          or global_rounds < 1):
-            raise ValueError(f"global_rounds must be None or an integer >= 1, got {global_rounds!r}")
-        self.global_rounds = global_rounds
-        if latency is not None and latency.num_layers != N:
-            raise ValueError(f"latency model describes {latency.num_layers} layers, the hierarchy has N = {N}")
-        self.latency = latency
-        if smoothness is not None and not (isinstance(smoothness, (int, float)) and smoothness > 0):
-            raise ValueError(f"smoothness L must be a number > 0, got {smoothness!r}")
-        self.smoothness = smoothness
-        self.strict_lr = bool(strict_lr)
-        self.train_transform = train_transform
-        self.label_key = label_key
-        self.backend = check_backend(backend)
-        self.param_order = check_param_order(param_order)
-        self.engine: QMLHFLEngine | None = None
-        self.sampler: DeviceSampler | None = None
-        self.data: Any = None
-        self.history: list[dict[str, Any]] = []  # one record per completed global round
-        self.sim_time = 0.0
-        self._pending_state: dict[str, Any] | None = None
-        self._poisoned = False
-        self._round_loss_sum = 0.0
-        self._round_loss_steps = 0
-        self._rng_state: Tensor | None = None
-        self._cuda_rng_state: Tensor | None = None
-        self._aug_generator: torch.Generator | None = None
-        self._batch_idx = 0
+        self.core = QMLHFLCore(
+            hierarchy=hierarchy, taus=taus, quantizers=quantizers, partition=partition, seed=seed,
+            executor=executor, weighting=weighting, global_rounds=global_rounds, latency=latency,
+            smoothness=smoothness, strict_lr=strict_lr, train_transform=train_transform, label_key=label_key,
+            label_fn=label_fn, backend=backend, param_order=param_order, max_dataset_bytes=max_dataset_bytes,
+        )
 
-    # ------------------------------------------------------------------ setup
+    # ------------------------------------------------------------------ the simulation's state, for users
+    @property
+    def engine(self) -> QMLHFLEngine | None:
+        """The :class:`~lightning_qmlhfl.engine.QMLHFLEngine` (built at the first training dataloader)."""
+        return self.core.engine
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """One record per completed global round (bits, simulated time, device train loss, ...)."""
+        return self.core.history
+
+    @property
+    def sim_time(self) -> float:
+        """Simulated seconds so far (the latency model's clock)."""
+        return self.core.sim_time
+
+    @property
+    def hierarchy(self) -> Hierarchy:
+        return self.core.hierarchy
+
+    @property
+    def taus(self) -> tuple[int, ...]:
+        return self.core.taus
+
+    @property
+    def quantizers(self) -> tuple[Quantizer, ...]:
+        return self.core.quantizers
+
+    @property
+    def partitioner(self) -> Partitioner:
+        return self.core.partitioner
+
+    @property
+    def sampler(self) -> Any:
+        return self.core.sampler
+
+    # ------------------------------------------------------------------ Lightning hooks
+    @override
     def setup(self, trainer: pl.Trainer) -> None:
         super().setup(trainer)
-        module = self.lightning_module
-        if not module.automatic_optimization:
-            raise ValueError("QMLHFLStrategy needs automatic optimization (the strategy runs the per-device steps)")
-        if len(self.optimizers) != 1:
-            raise ValueError(f"configure_optimizers must return exactly one optimizer, got {len(self.optimizers)}")
-        if self.global_rounds is not None:
-            trainer.fit_loop.max_epochs = self.global_rounds
+        self.core.setup(self, trainer)
 
-    def _optimizer_spec(self) -> tuple[type, dict[str, Any]]:
-        opt = self.optimizers[0]
-        opt = getattr(opt, "_optimizer", opt)
-        keys = [k for k in opt.defaults if k not in ("params",)]
-        groups = opt.param_groups
-        hyper = {k: groups[0][k] for k in keys if k in groups[0]}
-        for g in groups[1:]:
-            diff = [k for k in keys if k in g and g[k] != groups[0][k]]
-            if diff:
-                raise ValueError(
-                    f"parameter groups with different hyperparameters ({diff}) are not supported: every simulated "
-                    f"device runs one optimiser over its whole flat parameter vector"
-                )
-        return type(opt), hyper
-
+    @override
     def process_dataloader(self, dataloader: object) -> object:
         trainer = self.lightning_module.trainer
         if trainer.state.stage != RunningStage.TRAINING:
             return dataloader
-        if self.engine is None:
-            self._build(dataloader)
-        return _RoundBatches(self)
+        return self.core.round_batches(self, dataloader)
 
-    def _build(self, dataloader: Any) -> None:
-        if not isinstance(dataloader, DataLoader):
-            raise TypeError(f"the train dataloader must be a torch DataLoader, got {type(dataloader).__name__}")
-        if dataloader.batch_size is None:
-            raise ValueError("the train dataloader needs a batch_size (the per-device mini-batch size)")
-        device = self.root_device
-        data = materialize_dataset(dataloader.dataset, dataloader.collate_fn)
-        labels = extract_labels(data, self.label_key)
-        parts = self.partitioner(labels, self.hierarchy, seed=mix(self.seed, Stream.PARTITION))
-        self.sampler = DeviceSampler(parts, dataloader.batch_size, seed=mix(self.seed, Stream.SAMPLER))
-        self.data = tree_map(lambda t: t.to(device), data)
-        mass = torch.tensor([len(p) for p in parts], dtype=torch.float64) if self.weighting == "samples" else None
-        cls, hyper = self._optimizer_spec()
-        module = self.lightning_module
-        self.engine = QMLHFLEngine(
-            module, self._device_loss, self.hierarchy, self.taus, self.quantizers, optimizer=cls,
-            optimizer_kwargs=hyper, executor=self.executor, seed=self.seed, device_mass=mass,
-            backend=self.backend, device=device, param_order=self.param_order,
-        )
-        self._aug_generator = torch.Generator(device=device).manual_seed(mix(self.seed, Stream.AUGMENT))
-        with torch.random.fork_rng(devices=self._cuda_devices()):
-            torch.manual_seed(mix(self.seed, Stream.TORCH_RNG))
-            self._rng_state = torch.get_rng_state()
-            self._cuda_rng_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-        if self._pending_state is not None:
-            self.load_qmlhfl_state(self._pending_state)
-            self._pending_state = None
-        if self.smoothness is not None:
-            from ..theory import check_learning_rate
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        """Every device's ``training_step`` on its own weights and mini-batch (gradients only; the update and the
+        aggregations happen at :meth:`optimizer_step`)."""
+        batch = args[0] if args else kwargs["batch"]
+        batch_idx = args[1] if len(args) > 1 else kwargs.get("batch_idx", 0)
+        return self.core.training_step(self, batch, batch_idx)
 
-            check_learning_rate(self.engine.optimizer.lr, self.smoothness, self.taus, list(self.quantizers),
-                                self.hierarchy, d=self.engine.num_params, strict=self.strict_lr)
-
-    def _cuda_devices(self) -> list[int]:
-        d = self.root_device
-        return [d.index or 0] if d.type == "cuda" else []
-
-    # ------------------------------------------------------------------ one step
-    def _next_batch(self) -> Any:
-        assert self.sampler is not None
-        idx = self.sampler.next_indices().to(self.root_device)
-        batch = tree_map(lambda t: gather_batch(t, idx), self.data)
-        if self.train_transform is not None:
-            batch = self.train_transform(batch, self._aug_generator)
-        return batch
-
-    def _device_loss(self, module: pl.LightningModule, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
-        """The user's training_step on one device's weights and batch, with self.log captured."""
-        captured: dict[str, Tensor] = {}
-
-        def capture(name: str, value: Any, *args: Any, **kwargs: Any) -> None:
-            self._log_kwargs.setdefault(name, kwargs)
-            captured[name] = value if isinstance(value, Tensor) else torch.as_tensor(float(value))
-
-        def capture_dict(dictionary: dict, *args: Any, **kwargs: Any) -> None:
-            for k, v in dictionary.items():
-                capture(k, v, **kwargs)
-
-        module.__dict__["log"] = capture
-        module.__dict__["log_dict"] = capture_dict
-        try:
-            out = module.training_step(batch, self._batch_idx)
-        finally:
-            module.__dict__.pop("log", None)
-            module.__dict__.pop("log_dict", None)
-        if out is None:
-            raise ValueError("training_step returned None: under QMLHFLStrategy every device step needs a loss")
-        if isinstance(out, dict):
-            loss = out["loss"]
-        else:
-            loss = out
-        aux = {k: v.detach().to(torch.float32).reshape(()) for k, v in captured.items() if v.numel() == 1}
-        return loss, aux
-
-    def training_step(self, *args: Any, **kwargs: Any) -> Tensor:
-        assert self.engine is not None
-        batch = args[0]
-        self._batch_idx = int(args[1]) if len(args) > 1 else 0
-        module = self.lightning_module
-        opt = self.optimizers[0]
-        self.engine.set_lr(float(getattr(opt, "_optimizer", opt).param_groups[0]["lr"]))
-        self._log_kwargs: dict[str, dict] = {}
-        try:
-            with torch.random.fork_rng(devices=self._cuda_devices()):
-                torch.set_rng_state(self._rng_state)
-                if self._cuda_rng_state is not None:
-                    torch.cuda.set_rng_state(self._cuda_rng_state, self.root_device)
-                result = self.engine.local_step(batch)
-                self._rng_state = torch.get_rng_state()
-                if self._cuda_rng_state is not None:
-                    self._cuda_rng_state = torch.cuda.get_rng_state(self.root_device)
-        except NonFiniteUpdateError:
-            self._poisoned = True
-            raise
-        n_dev = self.hierarchy.num_devices
-        mean_loss = result.losses.mean()
-        for name, values in result.aux.items():
-            kw = {k: v for k, v in self._log_kwargs.get(name, {}).items() if k not in ("batch_size",)}
-            module.log(name, values.mean(), batch_size=n_dev, **kw)
-        self._round_loss_sum += float(mean_loss)
-        self._round_loss_steps += 1
-        if result.round_completed:
-            self._end_round()
-        return mean_loss
-
-    def _end_round(self) -> None:
-        e = self.engine
-        assert e is not None
-        e.load_cloud_into(self.lightning_module)
-        upload = [e.upload_bits(n) for n in range(1, e.N + 1)]
-        rt = self._latency().round_time(self.taus, upload)
-        self.sim_time += rt.total
-        rec = {
-            "round": e.round,
-            "local_steps": e.total_steps,
-            "train_loss": self._round_loss_sum / max(1, self._round_loss_steps),
-            "sim_time": self.sim_time,
-            "bits_total": sum(e.bits_sent),
-            "bits_baseline_total": sum(e.baseline_bits),
-        }
-        for n in range(1, e.N + 1):
-            rec[f"bits_layer{n}"] = e.bits_sent[n - 1]
-            rec[f"bits_round_layer{n}"] = e.round_bits[n - 1]
-            rec[f"bits_baseline_layer{n}"] = e.baseline_bits[n - 1]
-        self.history.append(rec)
-        module = self.lightning_module
-        for k, v in rec.items():
-            module.log(f"fl/{k}", float(v), on_step=False, on_epoch=True, batch_size=1,
-                       prog_bar=k in ("round", "train_loss"))
-        self._round_loss_sum, self._round_loss_steps = 0.0, 0
-
-    def _latency(self) -> LatencyModel:
-        if self.latency is None:
-            self.latency = self._default_latency()
-        return self.latency
-
-    def _default_latency(self) -> LatencyModel:
-        """Documented default: 1 ms per local step and :func:`~lightning_qmlhfl.latency.default_uplink_rates`."""
-        return LatencyModel(compute_time=1e-3, uplink_rates=default_uplink_rates(self.hierarchy.num_layers))
-
+    @override
     def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
-        """No-op: the engine already computed every device's gradient and update inside ``training_step``."""
+        """No-op: the executors already computed every device's gradient inside ``training_step``."""
         return closure_loss
 
+    @override
     def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
-        """Runs the closure (= the engine step); the user's optimizer itself never steps (it only carries the
-        hyperparameters and the scheduler's learning rate)."""
+        """Runs the closure (every device's training_step), then every device's update and the aggregations that
+        fall due. The user's optimizer itself only carries the hyperparameters (and the schedulers' values): it is
+        stepped with no gradients, which changes no parameter and keeps torch's scheduler bookkeeping right."""
         out = closure()
-        # The devices' optimiser did step: tell torch's LR schedulers so (they warn when a scheduler steps before
-        # its optimizer ever has).
-        getattr(optimizer, "_optimizer", optimizer)._opt_called = True
+        self.core.optimizer_step(self, optimizer)
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
+        optimizer.step()
         return out
 
     # ------------------------------------------------------------------ checkpointing
     def qmlhfl_state_dict(self) -> dict[str, Any]:
-        assert self.engine is not None and self.sampler is not None
-        return {
-            "engine": self.engine.state_dict(),
-            "sampler": self.sampler.state_dict(),
-            "rng": self._rng_state.clone(),
-            "cuda_rng": None if self._cuda_rng_state is None else self._cuda_rng_state.clone(),
-            "aug_rng": self._aug_generator.get_state(),
-            "history": [dict(h) for h in self.history],
-            "sim_time": self.sim_time,
-            "round_loss": [self._round_loss_sum, self._round_loss_steps],
-        }
+        """The whole simulation's state (what checkpoints hold under ``"qmlhfl"``)."""
+        return self.core.state_dict()
 
     def load_qmlhfl_state(self, sd: dict[str, Any]) -> None:
-        assert self.engine is not None and self.sampler is not None
-        self.engine.load_state_dict(sd["engine"])
-        self.sampler.load_state_dict(sd["sampler"])
-        self._rng_state = sd["rng"].clone()
-        self._cuda_rng_state = None if sd["cuda_rng"] is None else sd["cuda_rng"].clone()
-        self._aug_generator.set_state(sd["aug_rng"])
-        self.history = [dict(h) for h in sd["history"]]
-        self.sim_time = float(sd["sim_time"])
-        self._round_loss_sum, self._round_loss_steps = float(sd["round_loss"][0]), int(sd["round_loss"][1])
-        self.engine.load_cloud_into(self.lightning_module)
+        self.core.load_state_dict(sd, self.lightning_module)
 
+    @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
-        if self._poisoned:
+        if self.core.poisoned:
             raise RuntimeError(
                 f"refusing to write checkpoint {filepath}: the simulation hit a non-finite update and its state is "
                 f"poisoned"
             )
-        if self.engine is not None:
-            checkpoint["qmlhfl"] = self.qmlhfl_state_dict()
+        if self.core.engine is not None:
+            checkpoint["qmlhfl"] = self.core.state_dict()
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
+    @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         ckpt = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        state = ckpt.get("qmlhfl")
-        if state is not None:
-            if self.engine is not None:
-                self.load_qmlhfl_state(state)
-            else:
-                self._pending_state = state
+        self.core.restore(ckpt.get("qmlhfl"), self.lightning_module)
         return ckpt
 
 

@@ -1,0 +1,426 @@
+"""The strategy's core: everything QMLHFL does inside a Lightning run, written once for the single-process strategy
+and its multi-process variant. A strategy owns one :class:`QMLHFLCore` and forwards its hooks to it.
+
+The core builds, from the user's train dataloader, LightningModule and optimizer, the resident data, the partition,
+the per-device sampler and the :class:`~lightning_qmlhfl.engine.QMLHFLEngine`; runs every device's
+``training_step`` (with ``self.log`` captured per device, :mod:`.device_logging`); applies the update and the
+aggregations at the optimizer step; keeps the per-round history and simulated clock; and holds the checkpoint
+state. It never touches private Lightning or torch APIs.
+"""
+
+from __future__ import annotations
+
+import numbers
+import warnings
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import Tensor
+from torch.utils._pytree import tree_map
+from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
+
+from ..data.materialize import extract_labels, materialize_dataset, num_samples
+from ..data.partition import Dirichlet, Partitioner, make_partitioner
+from ..data.sampler import DeviceSampler
+from ..engine import NonFiniteUpdateError, QMLHFLEngine, gather_batch, validate_quantizers, validate_taus
+from ..hierarchy import Hierarchy
+from ..kernels import check_backend
+from ..quantizers import QSGD, Quantizer
+from ..rng import Stream, mix
+from ..stacked import check_param_order
+from ..theory.latency import LatencyModel, default_uplink_rates
+from .device_logging import LOG_KEY, OUT_KEY, DeviceLogCapture
+
+if TYPE_CHECKING:
+    from lightning.pytorch.strategies import Strategy
+
+__all__ = ["QMLHFLCore", "RoundBatches"]
+
+_PRECISIONS = (MixedPrecision, HalfPrecision, DoublePrecision)
+
+
+def _check_int(value: object, what: str, minimum: int, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{what} must be {'None or ' if allow_none else ''}an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+class RoundBatches:
+    """The train 'dataloader' the strategy hands to Lightning: one epoch = the rest of the current global round,
+    ``accumulate`` mini-batches per local step."""
+
+    def __init__(self, core: "QMLHFLCore", accumulate: int) -> None:
+        self.core, self.accumulate = core, accumulate
+
+    def __len__(self) -> int:
+        return self.core.engine.steps_per_round * self.accumulate
+
+    def __iter__(self):
+        e = self.core.engine
+        for _ in range((e.steps_per_round - e.step_in_round) * self.accumulate):
+            yield self.core.next_batch()
+
+
+class QMLHFLCore:
+    """QMLHFL inside a Lightning run (see the module docstring); the options are the strategy's."""
+
+    def __init__(
+        self,
+        hierarchy: Hierarchy | None = None,
+        taus: Sequence[int] | None = None,
+        quantizers: Sequence[Quantizer | int | str | None] | None = None,
+        partition: Partitioner | dict | str | None = None,
+        seed: int = 0,
+        executor: str = "auto",
+        weighting: str = "devices",
+        global_rounds: int | None = None,
+        latency: LatencyModel | None = None,
+        smoothness: float | None = None,
+        strict_lr: bool = False,
+        train_transform: Callable[[Any, torch.Generator], Any] | None = None,
+        label_key: str | int | None = None,
+        label_fn: Callable[[Any], Tensor] | None = None,
+        backend: str = "auto",
+        param_order: str = "fast",
+        max_dataset_bytes: int | None = None,
+    ) -> None:
+        self.hierarchy = hierarchy if hierarchy is not None else Hierarchy.balanced([4, 5, 5])
+        if not isinstance(self.hierarchy, Hierarchy):
+            raise TypeError(f"hierarchy must be a Hierarchy, got {type(self.hierarchy).__name__}")
+        N = self.hierarchy.num_layers
+        if taus is None:
+            taus = [5, 2, 2] if self.hierarchy.nodes_per_layer == (100, 20, 4, 1) else [2] * N
+        self.taus = validate_taus(taus, N)
+        self.quantizers = validate_quantizers(quantizers if quantizers is not None else [QSGD(8)] * N, N)
+        self.partitioner = make_partitioner(partition if partition is not None else Dirichlet(alpha=0.5))
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        self.seed = seed
+        if executor not in ("auto", "vmap", "loop"):
+            raise ValueError(f"executor must be 'auto', 'vmap' or 'loop', got {executor!r}")
+        self.executor = executor
+        if weighting not in ("devices", "samples"):
+            raise ValueError(f"weighting must be 'devices' or 'samples', got {weighting!r}")
+        self.weighting = weighting
+        self.global_rounds = _check_int(global_rounds, "global_rounds", 1, allow_none=True)
+        if latency is not None and latency.num_layers != N:
+            raise ValueError(f"latency model describes {latency.num_layers} layers, the hierarchy has N = {N}")
+        self.latency = latency
+        if smoothness is not None and not (isinstance(smoothness, (int, float)) and smoothness > 0):
+            raise ValueError(f"smoothness L must be a number > 0, got {smoothness!r}")
+        self.smoothness = smoothness
+        self.strict_lr = bool(strict_lr)
+        if train_transform is not None and not callable(train_transform):
+            raise TypeError(f"train_transform must be callable f(batch, generator) -> batch, got {train_transform!r}")
+        self.train_transform = train_transform
+        if label_fn is not None and not callable(label_fn):
+            raise TypeError(f"label_fn must be callable f(data) -> Tensor[n], got {label_fn!r}")
+        self.label_key, self.label_fn = label_key, label_fn
+        self.backend = check_backend(backend)
+        self.param_order = check_param_order(param_order)
+        self.max_dataset_bytes = _check_int(max_dataset_bytes, "max_dataset_bytes", 1, allow_none=True)
+
+        self.engine: QMLHFLEngine | None = None
+        self.sampler: DeviceSampler | None = None
+        self.data: Any = None
+        self.history: list[dict[str, Any]] = []  # one record per completed global round
+        self.sim_time = 0.0
+        self.logs = DeviceLogCapture()
+        self._pending_state: dict[str, Any] | None = None
+        self._poisoned = False
+        self._round_loss_sum = 0.0
+        self._round_loss_steps = 0
+        self._rng_state: Tensor | None = None
+        self._cuda_rng_state: Tensor | None = None
+        self._aug_generator: torch.Generator | None = None
+        self._batch_idx = 0
+        self._accumulate = 1
+        self._group_sizes: list[int] = []
+        self._device: torch.device = torch.device("cpu")
+
+    # ------------------------------------------------------------------ setup: what Lightning features mean here
+    def setup(self, strategy: "Strategy", trainer: pl.Trainer) -> None:
+        """Refuse, at setup, what the simulation cannot honour; remember what it must apply itself."""
+        module = strategy.lightning_module
+        if not module.automatic_optimization:
+            raise ValueError(
+                "QMLHFLStrategy needs automatic optimization: the strategy runs every device's optimizer step "
+                "itself. Set self.automatic_optimization = True (manual optimization is not supported)"
+            )
+        if len(strategy.optimizers) != 1:
+            raise ValueError(
+                f"configure_optimizers must return exactly one optimizer, got {len(strategy.optimizers)}: every "
+                f"simulated device runs one optimizer (use parameter groups for per-parameter settings)"
+            )
+        if is_overridden("configure_gradient_clipping", module):
+            raise ValueError(
+                "the LightningModule overrides configure_gradient_clipping, which acts on one model's .grad: "
+                "under QMLHFLStrategy every device clips its own gradients. Use Trainer(gradient_clip_val=..., "
+                "gradient_clip_algorithm='norm' | 'value') instead"
+            )
+        precision = strategy.precision_plugin
+        if type(precision) is not Precision and not isinstance(precision, _PRECISIONS):
+            raise ValueError(
+                f"precision plugin {type(precision).__name__} is not supported by QMLHFLStrategy; use "
+                f"precision='32-true', '64-true', '16-true', 'bf16-true', '16-mixed' or 'bf16-mixed'"
+            )
+        if trainer.overfit_batches:
+            raise ValueError("overfit_batches is not supported: the devices draw their own batches from their data")
+        if not trainer.fast_dev_run and trainer.limit_train_batches != 1.0:
+            raise ValueError(
+                f"limit_train_batches={trainer.limit_train_batches!r} would cut global rounds short (one epoch is "
+                f"one global round of prod(tau) steps): limit the run with global_rounds, max_epochs or max_steps"
+            )
+        self._accumulate = int(trainer.accumulate_grad_batches)
+        self._clip = None
+        if trainer.gradient_clip_val:
+            algorithm = str(getattr(trainer.gradient_clip_algorithm, "value", trainer.gradient_clip_algorithm) or "norm")
+            self._clip = (algorithm, float(trainer.gradient_clip_val))
+        if self.global_rounds is not None:
+            trainer.fit_loop.max_epochs = self.global_rounds
+
+    # ------------------------------------------------------------------ building the simulation from the data
+    def round_batches(self, strategy: "Strategy", dataloader: Any) -> RoundBatches:
+        if self.engine is None:
+            self.build(strategy, dataloader)
+        elif getattr(dataloader, "dataset", None) is not self._dataset:
+            raise ValueError(
+                "QMLHFLStrategy trains on exactly one train dataset: its simulation was built from another one (a "
+                "second train dataloader, or a new fit with new data). Use one train dataloader, and a new "
+                "QMLHFLStrategy for new data"
+            )
+        return RoundBatches(self, self._accumulate)
+
+    def build(self, strategy: "Strategy", dataloader: Any) -> None:
+        if not isinstance(dataloader, DataLoader):
+            raise TypeError(f"the train dataloader must be a torch DataLoader, got {type(dataloader).__name__}")
+        if dataloader.batch_size is None:
+            raise ValueError(
+                "the train dataloader needs a batch_size (the per-device mini-batch size); a custom batch_sampler "
+                "cannot be split over devices"
+            )
+        shuffle = not isinstance(dataloader.sampler, SequentialSampler)
+        if not isinstance(dataloader.sampler, (SequentialSampler, RandomSampler)):
+            warnings.warn(
+                f"the train dataloader's sampler {type(dataloader.sampler).__name__} is replaced by per-device "
+                f"shuffling of each device's own partition", UserWarning, stacklevel=2)
+        self._dataset = dataloader.dataset
+        device = self._device = strategy.root_device
+        data = materialize_dataset(dataloader.dataset, dataloader.collate_fn, max_bytes=self.max_dataset_bytes,
+                                   device=device)
+        n = num_samples(data)
+        labels = extract_labels(data, self.label_key, self.label_fn) if self.partitioner.needs_labels else None
+        parts = self.partitioner(labels, self.hierarchy, seed=mix(self.seed, Stream.PARTITION), num_samples=n)
+        self.sampler = DeviceSampler(parts, dataloader.batch_size, seed=mix(self.seed, Stream.SAMPLER),
+                                     shuffle=shuffle)
+        self.data = tree_map(lambda t: t.to(device), data)
+        mass = torch.tensor([len(p) for p in parts], dtype=torch.float64) if self.weighting == "samples" else None
+        module = strategy.lightning_module
+        cls, groups = self._optimizer_spec(module, strategy.optimizers[0])
+        self.engine = QMLHFLEngine(
+            module, self._device_loss, self.hierarchy, self.taus, self.quantizers, optimizer=cls,
+            executor=self.executor, seed=self.seed, device_mass=mass, backend=self.backend, device=device,
+            param_order=self.param_order, param_groups=groups, grad_clip=self._clip,
+        )
+        self._aug_generator = torch.Generator(device=device).manual_seed(mix(self.seed, Stream.AUGMENT))
+        with torch.random.fork_rng(devices=self._cuda_devices()):
+            torch.manual_seed(mix(self.seed, Stream.TORCH_RNG))
+            self._rng_state = torch.get_rng_state()
+            self._cuda_rng_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        if self._pending_state is not None:
+            self.load_state_dict(self._pending_state, module)
+            self._pending_state = None
+        if self.smoothness is not None:
+            from ..theory import check_learning_rate
+
+            check_learning_rate(self.engine.optimizer.lr, self.smoothness, self.taus, list(self.quantizers),
+                                self.hierarchy, d=self.engine.num_params, strict=self.strict_lr)
+
+    @staticmethod
+    def _optimizer_spec(module: torch.nn.Module, optimizer: torch.optim.Optimizer
+                        ) -> tuple[type, list[dict[str, Any]]]:
+        """The optimizer class and its parameter groups by parameter name (the user's optimizer may be built from
+        ``self.parameters()``, ``self.trainer.model.parameters()`` or a submodule's)."""
+        names = {id(p): n for n, p in module.named_parameters()}
+        groups = []
+        for i, g in enumerate(optimizer.param_groups):
+            missing = [tuple(p.shape) for p in g["params"] if id(p) not in names]
+            if missing:
+                raise ValueError(
+                    f"parameter group {i} of the optimizer holds tensors that are not parameters of the "
+                    f"LightningModule (shapes {missing[:3]}): build the optimizer from the module's parameters"
+                )
+            groups.append({**{k: v for k, v in g.items() if k != "params"},
+                           "params": [names[id(p)] for p in g["params"]]})
+        return type(optimizer), groups
+
+    def _cuda_devices(self) -> list[int]:
+        d = self._device
+        return [d.index or 0] if d.type == "cuda" else []
+
+    # ------------------------------------------------------------------ one step
+    def next_batch(self) -> Any:
+        assert self.sampler is not None
+        idx = self.sampler.next_indices().to(self._device)
+        batch = tree_map(lambda t: gather_batch(t, idx), self.data)
+        if self.train_transform is not None:
+            batch = self.train_transform(batch, self._aug_generator)
+        return batch
+
+    def _device_loss(self, module: pl.LightningModule, batch: Any) -> tuple[Tensor, dict[Any, Tensor]]:
+        """The user's training_step on one device's weights and batch, with self.log captured."""
+        with self.logs.installed(module) as captured:
+            out = module.training_step(batch, self._batch_idx)
+        if out is None:
+            raise ValueError(
+                "training_step returned None: under QMLHFLStrategy every device step needs a loss (skipping a "
+                "step is not supported)"
+            )
+        extras: dict[str, Tensor] = {}
+        if isinstance(out, dict):
+            if "loss" not in out:
+                raise ValueError(f"training_step returned a dict without 'loss' (keys {sorted(out)})")
+            loss = out["loss"]
+            extras = {k: v.detach().to(torch.float32).reshape(()) for k, v in out.items()
+                      if k != "loss" and isinstance(v, Tensor) and v.numel() == 1}
+        else:
+            loss = out
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise ValueError(f"training_step must return a scalar loss tensor (or a dict with 'loss'), got {out!r}")
+        aux = {(LOG_KEY, k): v for k, v in captured.items()}
+        aux.update({(OUT_KEY, k): v for k, v in extras.items()})
+        return loss.reshape(()), aux
+
+    def _loss_scale(self, strategy: "Strategy") -> float:
+        scale = 1.0 / self._accumulate if self._accumulate > 1 else 1.0
+        scaler = self._scaler(strategy)
+        if scaler is None:
+            return scale
+        return scale * float(scaler.scale(torch.ones((), device=self._device)))  # (scale() initialises the scaler)
+
+    @staticmethod
+    def _scaler(strategy: "Strategy") -> Any:
+        precision = strategy.precision_plugin
+        return precision.scaler if isinstance(precision, MixedPrecision) else None
+
+    def training_step(self, strategy: "Strategy", batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        """Every device's training_step on its mini-batch: gradients (accumulated until the optimizer step) and
+        the per-device logs, logged as device means."""
+        assert self.engine is not None
+        self._batch_idx = int(batch_idx)
+        module = strategy.lightning_module
+        self.logs.reset()
+        with strategy.precision_plugin.train_step_context():
+            with torch.random.fork_rng(devices=self._cuda_devices()):
+                torch.set_rng_state(self._rng_state)
+                if self._cuda_rng_state is not None:
+                    torch.cuda.set_rng_state(self._cuda_rng_state, self._device)
+                losses, aux = self.engine.compute_gradients(batch, self._loss_scale(strategy))
+                self._rng_state = torch.get_rng_state()
+                if self._cuda_rng_state is not None:
+                    self._cuda_rng_state = torch.cuda.get_rng_state(self._device)
+        self.logs.log_step(module, aux, batch_size=self.sampler.batch_size)
+        mean_loss = losses.mean()
+        self._round_loss_sum += float(mean_loss) / self._accumulate
+        out = {"loss": mean_loss}
+        out.update({k[1]: v.mean() for k, v in aux.items() if k[0] == OUT_KEY})
+        return out
+
+    def optimizer_step(self, strategy: "Strategy", optimizer: torch.optim.Optimizer) -> None:
+        """Eq. 3's update of every device with the step's gradients, then the aggregations that fall due."""
+        assert self.engine is not None
+        groups = optimizer.param_groups
+        sizes = [len(g["params"]) for g in groups]
+        if not self._group_sizes:
+            self._group_sizes = sizes
+        elif sizes != self._group_sizes:
+            raise ValueError(
+                f"the optimizer's parameter groups changed during training ({self._group_sizes} -> {sizes} "
+                f"parameters per group): the set of trained parameters is fixed when training starts"
+            )
+        self.engine.optimizer.set_hyperparameters([{k: v for k, v in g.items() if k != "params"} for g in groups])
+        try:
+            result = self.engine.apply_step(scaler=self._scaler(strategy))
+        except NonFiniteUpdateError:
+            self._poisoned = True
+            raise
+        self._round_loss_steps += 1
+        if result.round_completed:
+            self._end_round(strategy.lightning_module)
+
+    def _end_round(self, module: pl.LightningModule) -> None:
+        e = self.engine
+        assert e is not None
+        e.load_cloud_into(module)
+        upload = [e.upload_bits(n) for n in range(1, e.N + 1)]
+        rt = self._latency().round_time(self.taus, upload)
+        self.sim_time += rt.total
+        rec = {
+            "round": e.round,
+            "local_steps": e.total_steps,
+            "train_loss": self._round_loss_sum / max(1, self._round_loss_steps),
+            "sim_time": self.sim_time,
+            "bits_total": sum(e.bits_sent),
+            "bits_baseline_total": sum(e.baseline_bits),
+        }
+        for n in range(1, e.N + 1):
+            rec[f"bits_layer{n}"] = e.bits_sent[n - 1]
+            rec[f"bits_round_layer{n}"] = e.round_bits[n - 1]
+            rec[f"bits_baseline_layer{n}"] = e.baseline_bits[n - 1]
+        self.history.append(rec)
+        for k, v in rec.items():
+            module.log(f"fl/{k}", float(v), on_step=False, on_epoch=True, batch_size=1,
+                       prog_bar=k in ("round", "train_loss"))
+        self._round_loss_sum, self._round_loss_steps = 0.0, 0
+
+    def _latency(self) -> LatencyModel:
+        if self.latency is None:
+            # Documented default: 1 ms per local step and default_uplink_rates
+            self.latency = LatencyModel(compute_time=1e-3, uplink_rates=default_uplink_rates(self.hierarchy.num_layers))
+        return self.latency
+
+    # ------------------------------------------------------------------ checkpointing
+    @property
+    def poisoned(self) -> bool:
+        return self._poisoned
+
+    def state_dict(self) -> dict[str, Any]:
+        assert self.engine is not None and self.sampler is not None
+        return {
+            "engine": self.engine.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "rng": self._rng_state.clone(),
+            "cuda_rng": None if self._cuda_rng_state is None else self._cuda_rng_state.clone(),
+            "aug_rng": self._aug_generator.get_state(),
+            "history": [dict(h) for h in self.history],
+            "sim_time": self.sim_time,
+            "round_loss": [self._round_loss_sum, self._round_loss_steps],
+        }
+
+    def load_state_dict(self, sd: dict[str, Any], module: pl.LightningModule) -> None:
+        assert self.engine is not None and self.sampler is not None
+        self.engine.load_state_dict(sd["engine"])
+        self.sampler.load_state_dict(sd["sampler"])
+        self._rng_state = sd["rng"].clone()
+        self._cuda_rng_state = None if sd["cuda_rng"] is None else sd["cuda_rng"].clone()
+        self._aug_generator.set_state(sd["aug_rng"])
+        self.history = [dict(h) for h in sd["history"]]
+        self.sim_time = float(sd["sim_time"])
+        self._round_loss_sum, self._round_loss_steps = float(sd["round_loss"][0]), int(sd["round_loss"][1])
+        self.engine.load_cloud_into(module)
+
+    def restore(self, sd: dict[str, Any] | None, module: pl.LightningModule) -> None:
+        """Load a checkpoint's simulation state now, or when the simulation is built (at the first training
+        dataloader)."""
+        if sd is None:
+            return
+        if self.engine is not None:
+            self.load_state_dict(sd, module)
+        else:
+            self._pending_state = sd
+
