@@ -7,12 +7,18 @@ global round), QSGD with s = 8 on every layer, plain SGD (lr 0.01), batch 32, fo
 - ``lenet``: the HierFAVG MNIST LeNet (conv 1->10 k5, maxpool2, relu, conv 10->20 k5, dropout2d, maxpool2, relu,
   fc 320->50, relu, dropout, fc 50->10; 21,840 parameters),
 - ``mlp``: a 784-200-10 MLP (159,010 parameters),
+- ``cifar_small`` (configs ``cifar100:*``, ``cifar1000:*``): the recipes' small CIFAR-10 CNN (``model=cifar_small``,
+  ``[conv 3x3 pad 1 -> relu -> maxpool 2] x 3`` with 32, 64, 128 channels, fc 2048->64, relu, fc 64->10; 225,034
+  parameters), copied here as a plain nn.Module,
 
-plus 1000 MLP devices (branching [10, 10, 10], same tau and quantizers).
+plus 1000 devices (branching [10, 10, 10], same tau and quantizers) of each model. The default set (no
+``--configs``) is the 100-device MLP and LeNet configs and the 1000-device MLP without the loop executor; the
+CIFAR CNN and the 1000-device LeNet/CIFAR configs are extras (the 1000-device ones are meant for CUDA).
 
-Data: synthetic, MNIST-shaped and resident in memory: 60,000 random images [1, 28, 28] with random labels (the
-size of MNIST's training set), partitioned IID by index over the devices (600 per device for 100 devices, 60 for
-1000). Random data is fine for throughput: the work per step does not depend on the values.
+Data: synthetic and resident in memory: for ``mlp``/``lenet`` 60,000 random MNIST-shaped images [1, 28, 28] (the
+size of MNIST's training set), for ``cifar_small`` 50,000 random CIFAR-shaped images [3, 32, 32] (CIFAR-10's), with
+random labels, partitioned IID by index over the devices (600 MNIST / 500 CIFAR samples per device for 100
+devices, 60 / 50 for 1000). Random data is fine for throughput: the work per step does not depend on the values.
 
 - ``vmap`` / ``loop``: :class:`lightning_qmlhfl.engine.QMLHFLEngine` with that executor. Each local step gathers
   one mini-batch per device from the resident tensors by one indexing operation (random positions inside each
@@ -22,7 +28,25 @@ size of MNIST's training set), partitioned IID by index over the devices (600 pe
   devices for every local step, uploads as ``copy.deepcopy(model.state_dict())``, per-node Python loops that
   flatten, QSGD-quantize (plain torch ops, one flat vector per child node, s = 8) and average the state dicts,
   and downloads by deep copies + ``load_state_dict``. Same schedule, same number of device-steps and of
-  aggregations (asserted) as the engine run.
+  aggregations (asserted) as the engine run. With 60 or 50 samples per device (1000 devices) the loader's last
+  batch of each local epoch is short (28 or 18 samples), as it is in such code.
+
+FLOPs and peaks: the model's FLOPs per device-step are counted once per configuration with
+``torch.utils.flop_counter.FlopCounterMode`` on one device's forward + backward of one mini-batch of 32 (it counts
+the matmul/convolution-type operations and their backward, i.e. the GEMM work; element-wise operations, pooling,
+the optimiser update and the aggregations are not counted). GFLOP/s = that count x device-steps/s (median round).
+For the naive runs, whose loader ends each local epoch with a short batch, this overstates the work done by
+32 / (mean batch) - 1: 1.3% (MNIST) and 2.4% (CIFAR) at 100 devices, 6.7% and 28% at 1000. In the same run the
+driver measures the machine's fp32 and bf16 GEMM peaks with the benchmark's thread count (:func:`gemm_peaks`: a
+4096 x 4096 matmul, best of a few repetitions); bf16 counts as available only if its measured GEMM rate beats
+fp32's. The table gives each configuration's GFLOP/s as a fraction of both peaks. (The engine computes in fp32;
+the bf16 column says how far a bf16 path could go, not what this run used.)
+
+``--device cuda``: data, models and engine on the GPU (the naive baseline keeps its dataset on the host and moves
+each batch with ``.to(device)``, as public code does), ``torch.cuda.synchronize()`` around every timed round, and
+the memory column is ``torch.cuda.max_memory_allocated`` over the configuration (data included) instead of the
+RSS. ``--in-process`` (CUDA only) runs the configurations in the driver process one after the other (the peak
+memory counter is reset per configuration), which saves a process start and a CUDA initialisation per config.
 
 Every configuration runs in a fresh subprocess (``--one NAME``) so that the peak RSS (``ru_maxrss``, monotone over
 a process's life) belongs to that configuration alone; the reported memory is the peak RSS minus the RSS right
@@ -38,16 +62,22 @@ Usage::
     python bench/engine.py --repeats 2              # run the whole set twice, report both
     python bench/engine.py --configs mlp1000:loop   # extra: the loop executor on 1000 devices (slow)
     python bench/engine.py --one mlp100:vmap        # one configuration, JSON line
+    python bench/engine.py --device cuda --in-process --rounds 1 --configs lenet1000:vmap,lenet1000:naive
+    python bench/engine.py --configs mlp100:vmap --branching 2,2,2 --rounds 1 --warm 2   # tiny smoke run
+    python bench/engine.py --device cuda --configs cifar1000:vmap --dry-run              # check the options only
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
+import math
 import os
 import platform
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -58,10 +88,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+
 from lightning_qmlhfl import Hierarchy
 from lightning_qmlhfl.engine import QMLHFLEngine, gather_batch
 
 POOL = 60_000  # synthetic MNIST-sized training set, resident in memory
+CIFAR_POOL = 50_000  # synthetic CIFAR-10-sized training set
 BATCH = 32
 LR = 0.01
 LEVELS = 8  # QSGD s on every layer
@@ -101,7 +134,33 @@ class MLP(nn.Module):
         return self.fc2(F.relu(self.fc1(x.flatten(1))))
 
 
-MODELS = {"lenet": LeNet, "mlp": MLP}
+class CifarSmall(nn.Module):
+    """The recipes' small CIFAR-10 CNN (``model=cifar_small``, width 32; 225,034 parameters), without Lightning.
+
+    ``[conv 3x3 (pad 1) -> relu -> maxpool 2] x 3`` with 32, 64, 128 channels, then fc 2048 -> 64, relu, fc 64 -> 10.
+    Input [B, 3, 32, 32], output logits [B, 10].
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 32, 3, padding=1)
+        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
+        self.conv3 = nn.Conv2d(64, 128, 3, padding=1)
+        self.fc1 = nn.Linear(128 * 4 * 4, 64)
+        self.fc2 = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)  # [B, 32, 16, 16]
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # [B, 64, 8, 8]
+        x = F.max_pool2d(F.relu(self.conv3(x)), 2)  # [B, 128, 4, 4]
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+MODELS = {"lenet": LeNet, "mlp": MLP, "cifar_small": CifarSmall}
+# model -> (synthetic pool size, sample shape)
+INPUTS: dict[str, tuple[int, tuple[int, ...]]] = {
+    "lenet": (POOL, (1, 28, 28)), "mlp": (POOL, (1, 28, 28)), "cifar_small": (CIFAR_POOL, (3, 32, 32)),
+}
 
 # name -> (model, branching, executor, warm-up local steps, timed global rounds of 20 local steps)
 CONFIGS: dict[str, tuple[str, list[int], str, int, int]] = {
@@ -115,8 +174,19 @@ CONFIGS: dict[str, tuple[str, list[int], str, int, int]] = {
     "mlp1000:naive": ("mlp", [10, 10, 10], "naive", 5, 1),
     "mlp1000:vmap": ("mlp", [10, 10, 10], "vmap", 5, 1),
     "mlp1000:loop": ("mlp", [10, 10, 10], "loop", 5, 1),  # not in the default set (slow)
+    # extras, not in the default set: the small CIFAR-10 CNN, and 1000 LeNet / CIFAR devices (meant for CUDA)
+    "cifar100:naive": ("cifar_small", [4, 5, 5], "naive", 20, 2),
+    "cifar100:vmap": ("cifar_small", [4, 5, 5], "vmap", 20, 2),
+    "cifar100:loop": ("cifar_small", [4, 5, 5], "loop", 20, 2),
+    "lenet1000:naive": ("lenet", [10, 10, 10], "naive", 5, 1),
+    "lenet1000:vmap": ("lenet", [10, 10, 10], "vmap", 5, 1),
+    "lenet1000:loop": ("lenet", [10, 10, 10], "loop", 5, 1),
+    "cifar1000:naive": ("cifar_small", [10, 10, 10], "naive", 5, 1),
+    "cifar1000:vmap": ("cifar_small", [10, 10, 10], "vmap", 5, 1),
+    "cifar1000:loop": ("cifar_small", [10, 10, 10], "loop", 5, 1),
 }
-DEFAULT = [k for k in CONFIGS if k != "mlp1000:loop"]
+DEFAULT = ["mlp100:naive", "mlp100:vmap", "mlp100:loop", "lenet100:naive", "lenet100:vmap", "lenet100:loop",
+           "mlp1000:naive", "mlp1000:vmap"]
 TAUS = (5, 2, 2)
 
 
@@ -137,12 +207,124 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
-def make_data(num_devices: int, seed: int = 0):
+def make_data(num_devices: int, seed: int = 0, pool: int = POOL, shape: tuple[int, ...] = (1, 28, 28)):
+    """Random images X [pool, *shape] (float32), labels Y [pool] in 0..9 and an IID partition
+    part [num_devices, pool // num_devices] of indices into them, all on the CPU, drawn from one seeded generator."""
     g = torch.Generator().manual_seed(seed)
-    X = torch.randn(POOL, 1, 28, 28, generator=g)
-    Y = torch.randint(0, 10, (POOL,), generator=g)
-    part = torch.randperm(POOL, generator=g)[: (POOL // num_devices) * num_devices].view(num_devices, -1)
+    X = torch.randn(pool, *shape, generator=g)
+    Y = torch.randint(0, 10, (pool,), generator=g)
+    part = torch.randperm(pool, generator=g)[: (pool // num_devices) * num_devices].view(num_devices, -1)
     return X, Y, part
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); a no-op on CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def count_flops(model_name: str) -> int:
+    """FLOPs of one device's forward + backward on one mini-batch of BATCH samples, as counted by
+    ``torch.utils.flop_counter.FlopCounterMode`` (matmul/convolution-type operations and their backward; on the
+    CPU, with the global RNG state restored afterwards so that the benchmark's draws are untouched)."""
+    # imported here, after the timed rounds: it pulls in sympy and other modules whose memory would otherwise
+    # shift the "RSS after imports" baseline of the memory column
+    from torch.utils.flop_counter import FlopCounterMode
+
+    pool, shape = INPUTS[model_name]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = MODELS[model_name]()
+        model.train()
+        x = torch.randn(BATCH, *shape)
+        y = torch.randint(0, 10, (BATCH,))
+        counter = FlopCounterMode(display=False)
+        with counter:
+            F.cross_entropy(model(x), y).backward()
+    return int(counter.get_total_flops())
+
+
+def gemm_peaks(device: torch.device, n: int | None = None, reps: int | None = None) -> dict:
+    """The machine's fp32 and bf16 GEMM rates in GFLOP/s (1e9 x 2 n^3 / seconds of one n x n matmul, best of
+    ``reps`` timed repetitions after a warm-up; on CUDA each repetition is 10 back-to-back matmuls between two
+    synchronisations). Runs with the current ``torch.get_num_threads()`` (the driver sets the benchmark's).
+    Defaults: n = 4096; 3 repetitions on CPU, 5 on CUDA.
+
+    bf16 counts as available only if its measured rate is above the fp32 rate (a CPU without bf16 GEMM support
+    runs it through conversions, slower than fp32); otherwise ``bf16_gflops`` is None and ``bf16_note`` says why.
+    """
+    on_gpu = device.type == "cuda"
+    n = n if n is not None else 4096
+    reps = reps if reps is not None else (5 if on_gpu else 3)
+    if n < 1 or reps < 1:
+        raise ValueError(f"GEMM size and repetitions must be >= 1, got n={n}, reps={reps}")
+    iters = 10 if on_gpu else 1
+    g = torch.Generator().manual_seed(0)
+    base_a = torch.randn(n, n, generator=g)
+    base_b = torch.randn(n, n, generator=g)
+
+    def rate(dtype: torch.dtype) -> float:
+        a = base_a.to(device=device, dtype=dtype)
+        b = base_b.to(device=device, dtype=dtype)
+        c = torch.empty(n, n, device=device, dtype=dtype)
+        torch.matmul(a, b, out=c)  # warm-up (library initialisation, kernel choice)
+        sync(device)
+        best = math.inf
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                torch.matmul(a, b, out=c)
+            sync(device)
+            best = min(best, (time.perf_counter() - t0) / iters)
+        return 2 * n**3 / best / 1e9
+
+    fp32 = rate(torch.float32)
+    out = {"gemm_n": n, "gemm_reps": reps, "gemm_threads": torch.get_num_threads(), "fp32_gflops": fp32,
+           "fp32_matmul_precision": torch.get_float32_matmul_precision(), "bf16_gflops": None,
+           "bf16_measured_gflops": None, "bf16_note": ""}
+    try:
+        bf16 = rate(torch.bfloat16)
+    except RuntimeError as e:  # no bf16 matmul on this device
+        out["bf16_note"] = f"bf16 matmul failed: {e}"
+        return out
+    out["bf16_measured_gflops"] = bf16
+    if bf16 > fp32:
+        out["bf16_gflops"] = bf16
+        out["bf16_note"] = f"bf16 GEMM {bf16 / fp32:.2f}x fp32"
+    else:
+        out["bf16_note"] = f"not available: bf16 GEMM {bf16:,.0f} GFLOP/s is not faster than fp32 ({fp32:,.0f})"
+    return out
+
+
+def cpu_bf16_flags() -> list[str]:
+    """The CPU's bf16-related feature flags from /proc/cpuinfo (informational; availability is measured)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return sorted(f for f in set(flags) if f in {"avx512_bf16", "amx_bf16", "amx_tile", "avx_vnni"})
+
+
+def parse_device(spec: str) -> torch.device:
+    """``cpu`` or ``cuda``/``cuda:i``; a CUDA device must exist."""
+    try:
+        device = torch.device(spec)
+    except RuntimeError as e:
+        raise SystemExit(f"--device {spec!r}: not a device ({e}); use cpu or cuda[:i]") from None
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device {spec!r}: only cpu and cuda[:i] are supported")
+    return device
+
+
+def check_cuda(device: torch.device) -> None:
+    if device.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise SystemExit(f"--device {device}: no usable CUDA device (torch {torch.__version__}, built for CUDA "
+                         f"{torch.version.cuda}; torch.cuda.is_available() is False)")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise SystemExit(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
 
 
 # ---------------------------------------------------------------------------------------------------- naive
@@ -170,8 +352,9 @@ def unflatten_sd(flat: torch.Tensor, like: dict) -> dict:
 
 
 class Client:
-    def __init__(self, model: nn.Module, dataset, indices: list[int]) -> None:
+    def __init__(self, model: nn.Module, dataset, indices: list[int], device: torch.device) -> None:
         self.model = model
+        self.device = device
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=LR)
         self.loader = DataLoader(Subset(dataset, indices), batch_size=BATCH, shuffle=True)
         self.it = iter(self.loader)
@@ -186,6 +369,8 @@ class Client:
 
     def local_update(self) -> None:
         x, y = self.next_batch()
+        if self.device.type != "cpu":
+            x, y = x.to(self.device), y.to(self.device)
         self.model.train()
         self.optimizer.zero_grad()
         loss = F.cross_entropy(self.model(x), y)
@@ -212,15 +397,16 @@ class Server:
 class NaiveHierFL:
     """HierFAVG-style multi-layer hierarchical FL with per-node QSGD; see the module docstring."""
 
-    def __init__(self, model_fn, branching: list[int], taus: tuple[int, ...], X, Y, part) -> None:
-        template = model_fn()
+    def __init__(self, model_fn, branching: list[int], taus: tuple[int, ...], X, Y, part,
+                 device: torch.device = torch.device("cpu")) -> None:
+        template = model_fn().to(device)
         init = copy.deepcopy(template.state_dict())
-        dataset = TensorDataset(X, Y)
+        dataset = TensorDataset(X, Y)  # host tensors: batches go to the device in Client.local_update
         self.clients = []
         for i in range(part.shape[0]):
             m = model_fn()
             m.load_state_dict(init)
-            self.clients.append(Client(m, dataset, part[i].tolist()))
+            self.clients.append(Client(m.to(device), dataset, part[i].tolist(), device))
         self.taus = taus
         # Build the tree top-down: layers[0] = clients, layers[N] = [cloud].
         n_layers = len(branching)
@@ -281,22 +467,40 @@ class NaiveHierFL:
 
 
 # ---------------------------------------------------------------------------------------------------- one config
-def run_one(name: str, warm: int | None, rounds: int | None, threads: int) -> dict:
+def run_one(name: str, warm: int | None, rounds: int | None, threads: int, device: torch.device | None = None,
+            branching: list[int] | None = None, peaks: dict | None = None, gemm_size: int | None = None,
+            gemm_reps: int | None = None) -> dict:
+    """Run one configuration and return its record (the JSON line); see the module docstring.
+
+    ``branching`` replaces the configuration's tree (same tau and quantizers; for small smoke runs). ``peaks``:
+    the driver's :func:`gemm_peaks` of this run; if None they are measured here after the timed rounds (with
+    ``gemm_size``/``gemm_reps``), so that they do not enter the peak memory.
+    """
+    device = torch.device("cpu") if device is None else device
+    on_gpu = device.type == "cuda"
     torch.set_num_threads(threads)
+    cuda_base = 0
+    if on_gpu:  # the peak counter belongs to this configuration alone (also when run in the driver's process)
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        cuda_base = torch.cuda.memory_allocated(device)
     base = rss_mb()
     load0 = os.getloadavg()[0]
-    model_name, branching, executor, warm0, rounds0 = CONFIGS[name]
+    model_name, branching0, executor, warm0, rounds0 = CONFIGS[name]
+    branching = list(branching0) if branching is None else list(branching)
     warm = warm0 if warm is None else warm
     rounds = rounds0 if rounds is None else rounds
     steps = 20  # one global round: prod(TAUS)
     h = Hierarchy.balanced(branching)
     n_dev = h.num_devices
-    X, Y, part = make_data(n_dev)
+    pool, shape = INPUTS[model_name]
+    X, Y, part = make_data(n_dev, pool=pool, shape=shape)
     data_mb = (X.numel() * 4 + Y.numel() * 8 + part.numel() * 8) / 2**20
     torch.manual_seed(0)
     model_fn = MODELS[model_name]
     if executor == "naive":
-        sim = NaiveHierFL(model_fn, branching, TAUS, X, Y, part)
+        sim = NaiveHierFL(model_fn, branching, TAUS, X, Y, part, device)
 
         def step() -> None:
             sim.local_step()
@@ -304,13 +508,15 @@ def run_one(name: str, warm: int | None, rounds: int | None, threads: int) -> di
         def counts() -> list[int]:
             return list(sim.aggregations)
     else:
-        engine = QMLHFLEngine(model_fn(), ce_loss, h, TAUS, [LEVELS] * len(TAUS), optimizer="sgd",
+        if on_gpu:
+            X, Y, part = X.to(device), Y.to(device), part.to(device)
+        engine = QMLHFLEngine(model_fn().to(device), ce_loss, h, TAUS, [LEVELS] * len(TAUS), optimizer="sgd",
                               optimizer_kwargs={"lr": LR}, executor=executor, seed=0)
         per_dev = part.shape[1]
-        g = torch.Generator().manual_seed(1)
+        g = torch.Generator(device=device).manual_seed(1)
 
         def step() -> None:
-            pos = torch.randint(0, per_dev, (n_dev, BATCH), generator=g)
+            pos = torch.randint(0, per_dev, (n_dev, BATCH), generator=g, device=device)
             idx = part.gather(1, pos)  # [N_tot, B] indices into the resident pool
             engine.local_step((gather_batch(X, idx), gather_batch(Y, idx)))  # what the strategy does
 
@@ -320,11 +526,13 @@ def run_one(name: str, warm: int | None, rounds: int | None, threads: int) -> di
 
     for _ in range(warm):
         step()
+    sync(device)
     times = []
     for _ in range(rounds):
         t0 = time.perf_counter()
         for _ in range(steps):
             step()
+        sync(device)
         times.append(time.perf_counter() - t0)
     dt = statistics.median(times)
     total = warm + steps * rounds
@@ -336,17 +544,30 @@ def run_one(name: str, warm: int | None, rounds: int | None, threads: int) -> di
     got = counts()
     assert got == expected, f"{name}: uploads per layer {got} != expected {expected}"
     peak = peak_rss_mb()
+    cuda_peak = (torch.cuda.max_memory_allocated(device) - cuda_base) / 2**20 if on_gpu else None
+    load1 = os.getloadavg()[0]
+    flops = count_flops(model_name)
+    if peaks is None:
+        peaks = gemm_peaks(device, gemm_size, gemm_reps)
+    rate, best_rate = steps * n_dev / dt, steps * n_dev / min(times)
+    gflops = flops * rate / 1e9
+    bf16 = peaks["bf16_gflops"]
     return {
         "name": name, "model": model_name, "devices": n_dev, "executor": executor, "warm": warm, "steps": steps,
-        "rounds": rounds, "round_seconds": times, "seconds": dt, "device_steps_per_s": steps * n_dev / dt,
-        "best_device_steps_per_s": steps * n_dev / min(times), "peak_rss_mb": peak, "base_rss_mb": base,
+        "rounds": rounds, "round_seconds": times, "seconds": dt, "device_steps_per_s": rate,
+        "best_device_steps_per_s": best_rate, "peak_rss_mb": peak, "base_rss_mb": base,
         "delta_rss_mb": peak - base, "data_mb": data_mb, "uploads": got, "threads": threads,
-        "load_before": load0, "load_after": os.getloadavg()[0],
+        "load_before": load0, "load_after": load1,
+        "device": str(device), "branching": branching, "cuda_peak_mb": cuda_peak,
+        "flops_per_device_step": flops, "gflops_per_s": gflops, "best_gflops_per_s": flops * best_rate / 1e9,
+        "fp32_peak_gflops": peaks["fp32_gflops"], "frac_fp32_peak": gflops / peaks["fp32_gflops"],
+        "bf16_peak_gflops": bf16, "frac_bf16_peak": gflops / bf16 if bf16 else None,
+        "bf16_note": peaks["bf16_note"], "gemm": peaks, "cpu_bf16_flags": cpu_bf16_flags(),
     }
 
 
 # ---------------------------------------------------------------------------------------------------- driver
-def machine() -> str:
+def machine(device: torch.device, threads: int) -> str:
     cpu = "?"
     try:
         with open("/proc/cpuinfo") as f:
@@ -354,29 +575,72 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     load = os.getloadavg()
+    where = f"CPU, {threads} threads"
+    if device.type == "cuda":
+        where = (f"CUDA {torch.version.cuda} on {torch.cuda.get_device_name(device)}, host {threads} threads; "
+                 f"triton {_version('triton')}")
     return (f"{platform.machine()}, {os.cpu_count()} CPUs ({cpu}), torch {torch.__version__} "
-            f"(CPU, 2 threads), Python {platform.python_version()}, load average at start "
+            f"({where}), Python {platform.python_version()}, load average at start "
             f"{load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}")
+
+
+def _version(module: str) -> str:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return "not installed"
+
+
+def peaks_line(p: dict) -> str:
+    bf16 = f"bf16 {p['bf16_gflops']:,.0f} GFLOP/s ({p['bf16_note']})" if p["bf16_gflops"] else f"bf16 {p['bf16_note']}"
+    return (f"GEMM peaks (this run, {p['gemm_n']}x{p['gemm_n']} matmul, best of {p['gemm_reps']}, "
+            f"{p['gemm_threads']} threads): fp32 {p['fp32_gflops']:,.0f} GFLOP/s "
+            f"(float32 matmul precision '{p['fp32_matmul_precision']}'), {bf16}")
 
 
 def table(results: list[dict]) -> str:
     naive = {(r["model"], r["devices"]): r["device_steps_per_s"] for r in results if r["executor"] == "naive"}
+    on_gpu = any(r.get("cuda_peak_mb") is not None for r in results)
+    mem = "peak CUDA MB" if on_gpu else "peak RSS delta MB"
     lines = [
         "| config | executor | warm-up steps + timed rounds | device-steps/s (median round) | vs naive | "
-        "best round | peak RSS delta MB | load avg before/after |",
-        "|---|---|---|---:|---:|---:|---:|---|",
+        f"best round | {mem} | load avg before/after | GFLOP/s | of fp32 peak | of bf16 peak |",
+        "|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     for r in results:
         base = naive.get((r["model"], r["devices"]))
         ratio = f"{r['device_steps_per_s'] / base:.2f}x" if base else "n/a"
         cfg = f"{r['model']} x {r['devices']} devices"
+        mb = r["cuda_peak_mb"] if on_gpu else r["delta_rss_mb"]
+        bf16 = f"{100 * r['frac_bf16_peak']:.1f}%" if r.get("frac_bf16_peak") else "n/a"
         lines.append(f"| {cfg} | {r['executor']} | {r['warm']} + {r['rounds']} x {r['steps']} | "
                      f"{r['device_steps_per_s']:,.0f} | {ratio} | {r['best_device_steps_per_s']:,.0f} | "
-                     f"{r['delta_rss_mb']:,.0f} | {r['load_before']:.1f}/{r['load_after']:.1f} |")
+                     f"{mb:,.0f} | {r['load_before']:.1f}/{r['load_after']:.1f} | {r['gflops_per_s']:,.1f} | "
+                     f"{100 * r['frac_fp32_peak']:.1f}% | {bf16} |")
     return "\n".join(lines)
 
 
-def main() -> None:
+class _Terminated(BaseException):
+    """SIGTERM arrived (e.g. from ``timeout``): stop, print what was measured."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise _Terminated()
+
+
+def parse_branching(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        b = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"--branching {text!r}: expected {len(TAUS)} comma-separated integers, e.g. 2,2,2") from None
+    if len(b) != len(TAUS) or min(b) < 1:
+        raise SystemExit(f"--branching {text!r}: expected {len(TAUS)} integers >= 1 (one per layer, tau = {TAUS})")
+    return b
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--one", help="run one configuration in this process and print its JSON line")
     ap.add_argument("--configs", default=",".join(DEFAULT), help=f"comma-separated, from {list(CONFIGS)}")
@@ -384,40 +648,122 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=None, help="timed global rounds (default: per config)")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     ap.add_argument("--repeats", type=int, default=1, help="run the whole set this many times, interleaved")
-    args = ap.parse_args()
-    if args.one:
-        print(json.dumps(run_one(args.one, args.warm, args.rounds, args.threads)), flush=True)
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda[:i]: where data, models and engine live")
+    ap.add_argument("--branching", default=None,
+                    help=f"replace every config's tree by this one ({len(TAUS)} comma-separated fan-outs, e.g. "
+                         "2,2,2 = 8 devices; for smoke runs)")
+    ap.add_argument("--in-process", action="store_true",
+                    help="CUDA only: run the configs in this process (peak CUDA memory is reset per config)")
+    ap.add_argument("--jsonl", default=None, help="append each configuration's JSON line to this file as it ends")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="start no further configuration after this many seconds (the rest are listed as skipped)")
+    ap.add_argument("--gemm-size", type=int, default=None, help="n of the n x n peak GEMMs (default 4096)")
+    ap.add_argument("--gemm-reps", type=int, default=None, help="timed repetitions of the peak GEMMs (best of)")
+    ap.add_argument("--gemm-peaks", default=None, help=argparse.SUPPRESS)  # the driver's peaks, to --one
+    ap.add_argument("--dry-run", action="store_true", help="check the options, print the plan, run nothing")
+    args = ap.parse_args(argv)
+
+    names = [args.one] if args.one else [n for n in args.configs.split(",") if n]
+    bad = [n for n in names if n not in CONFIGS]
+    if bad or not names:
+        ap.error(f"unknown configuration(s) {bad or names!r}; choose from {', '.join(CONFIGS)}")
+    for opt, value, low in (("--warm", args.warm, 0), ("--rounds", args.rounds, 1), ("--threads", args.threads, 1),
+                            ("--repeats", args.repeats, 1), ("--gemm-size", args.gemm_size, 1),
+                            ("--gemm-reps", args.gemm_reps, 1)):
+        if value is not None and value < low:
+            ap.error(f"{opt} must be >= {low}, got {value}")
+    branching = parse_branching(args.branching)
+    if branching is not None:
+        n_dev = math.prod(branching)
+        small = [n for n in names if INPUTS[CONFIGS[n][0]][0] // n_dev < 1]
+        if small:
+            ap.error(f"--branching {args.branching}: {n_dev} devices leave no sample per device for {small}")
+    device = parse_device(args.device)
+    if args.in_process and device.type != "cuda":
+        ap.error("--in-process needs --device cuda: on CPU the peak RSS of a configuration is only its own in a "
+                 "fresh process")
+    if args.dry_run:
+        print(f"dry run: device {device}, {args.threads} threads, configs {names}, warm {args.warm}, rounds "
+              f"{args.rounds}, branching {branching}, {'in-process' if args.in_process else 'one process each'}")
+        for n in names:
+            model_name, b, executor, warm0, rounds0 = CONFIGS[n]
+            b = branching or b
+            print(f"  {n}: {model_name} x {math.prod(b)} devices {b}, {executor}, warm-up "
+                  f"{warm0 if args.warm is None else args.warm} steps, "
+                  f"{rounds0 if args.rounds is None else args.rounds} timed round(s)")
         return
-    cmd = "python bench/engine.py " + " ".join(sys.argv[1:])
+    check_cuda(device)
+    if args.one:
+        peaks = json.loads(args.gemm_peaks) if args.gemm_peaks else None
+        r = run_one(args.one, args.warm, args.rounds, args.threads, device, branching, peaks, args.gemm_size,
+                    args.gemm_reps)
+        print(json.dumps(r), flush=True)
+        return
+    torch.set_num_threads(args.threads)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    cmd = "python bench/engine.py " + " ".join(sys.argv[1:] if argv is None else argv)
     print(f"command: {cmd.strip()}")
-    print(f"machine: {machine()}")
+    print(f"machine: {machine(device, args.threads)}")
+    pool_txt = f"{POOL} MNIST-shaped / {CIFAR_POOL} CIFAR-shaped samples"
+    mem_txt = ("peak CUDA MB = torch.cuda.max_memory_allocated over the config (includes the data)"
+               if device.type == "cuda" else
+               "peak RSS delta = peak RSS - RSS after imports (includes ~188 MB data; ~614 MB for CIFAR)")
     print(f"setup: tau={TAUS}, QSGD s={LEVELS} on every layer, SGD lr={LR}, batch {BATCH}, synthetic resident "
-          f"data ({POOL} MNIST-shaped samples); peak RSS delta = peak RSS - RSS after imports (includes ~188 MB "
-          f"data)\n", flush=True)
-    names = args.configs.split(",")
+          f"data ({pool_txt}); {mem_txt}; GFLOP/s = FlopCounterMode forward+backward FLOPs of one device-step x "
+          f"device-steps/s\n", flush=True)
+    t_run = time.perf_counter()
     for rep in range(args.repeats):
-        results = []
+        results: list[dict] = []
+        skipped: list[str] = []
         t_start = time.perf_counter()
-        for name in names:
-            extra = ["--threads", str(args.threads)]
-            if args.warm is not None:
-                extra += ["--warm", str(args.warm)]
-            if args.rounds is not None:
-                extra += ["--rounds", str(args.rounds)]
-            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", name, *extra],
-                                 capture_output=True, text=True)
-            if out.returncode != 0:
-                print(f"{name}: FAILED (exit {out.returncode})\n{out.stderr[-3000:]}", flush=True)
-                continue
-            r = json.loads(out.stdout.strip().splitlines()[-1])
-            results.append(r)
-            rs = ", ".join(f"{t:.1f}" for t in r["round_seconds"])
-            print(f"  {name}: {r['device_steps_per_s']:,.0f} device-steps/s (rounds of {r['steps']} steps: "
-                  f"{rs} s), peak RSS delta {r['delta_rss_mb']:,.0f} MB, load {r['load_before']:.1f}->"
-                  f"{r['load_after']:.1f}", flush=True)
+        try:
+            peaks = gemm_peaks(device, args.gemm_size, args.gemm_reps)
+            print(peaks_line(peaks), flush=True)
+            for name in names:
+                if args.budget_s is not None and time.perf_counter() - t_run > args.budget_s:
+                    skipped.append(name)
+                    continue
+                if args.in_process:
+                    try:
+                        r = run_one(name, args.warm, args.rounds, args.threads, device, branching, peaks)
+                    except Exception as e:  # noqa: BLE001 - report it and go on with the next configuration
+                        print(f"{name}: FAILED ({type(e).__name__}: {e})", flush=True)
+                        continue
+                else:
+                    extra = ["--threads", str(args.threads), "--device", str(device), "--gemm-peaks",
+                             json.dumps(peaks)]
+                    if args.warm is not None:
+                        extra += ["--warm", str(args.warm)]
+                    if args.rounds is not None:
+                        extra += ["--rounds", str(args.rounds)]
+                    if args.branching is not None:
+                        extra += ["--branching", args.branching]
+                    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", name, *extra],
+                                         capture_output=True, text=True)
+                    if out.returncode != 0:
+                        print(f"{name}: FAILED (exit {out.returncode})\n{out.stderr[-3000:]}", flush=True)
+                        continue
+                    r = json.loads(out.stdout.strip().splitlines()[-1])
+                results.append(r)
+                if args.jsonl:
+                    with open(args.jsonl, "a") as f:
+                        f.write(json.dumps(r) + "\n")
+                rs = ", ".join(f"{t:.1f}" for t in r["round_seconds"])
+                mem = (f"peak CUDA {r['cuda_peak_mb']:,.0f} MB" if r["cuda_peak_mb"] is not None else
+                       f"peak RSS delta {r['delta_rss_mb']:,.0f} MB")
+                print(f"  {name}: {r['device_steps_per_s']:,.0f} device-steps/s (rounds of {r['steps']} steps: "
+                      f"{rs} s), {r['gflops_per_s']:,.1f} GFLOP/s ({100 * r['frac_fp32_peak']:.1f}% of fp32 "
+                      f"peak), {mem}, load {r['load_before']:.1f}->{r['load_after']:.1f}", flush=True)
+        except _Terminated:
+            print(f"\nterminated (SIGTERM) after {time.perf_counter() - t_start:.0f} s; partial results of run "
+                  f"{rep + 1}:\n")
+            print(table(results) + "\n", flush=True)
+            sys.exit(143)
         print(f"\nrun {rep + 1} of {args.repeats} ({time.perf_counter() - t_start:.0f} s, load average now "
               f"{os.getloadavg()[0]:.2f}):\n")
         print(table(results) + "\n", flush=True)
+        if skipped:
+            print(f"skipped (--budget-s {args.budget_s:g} s reached): {', '.join(skipped)}\n", flush=True)
 
 
 if __name__ == "__main__":

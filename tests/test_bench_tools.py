@@ -1,0 +1,100 @@
+"""The benchmark tooling: bench/gpu_check.sh (its --dry-run, on this machine with or without a GPU),
+scripts/setup.sh's options, and a tiny run of bench/engine.py with its GFLOP/s and GEMM-peak fields."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _bench_engine():
+    spec = importlib.util.spec_from_file_location("bench_engine", REPO / "bench" / "engine.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    env.update(WANDB_MODE="disabled", **extra)
+    return env
+
+
+def test_gpu_check_dry_run_passes(tmp_path: Path, data_root: Path) -> None:
+    out = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run"], cwd=REPO, capture_output=True, text=True,
+                         timeout=150, env=_env(OUT=str(tmp_path), QMLHFL_DATA=str(data_root)))
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert "all checks passed" in out.stdout
+    assert "MISSING" not in out.stdout
+    for step in ("versions", "tests", "kernels_fp32", "kernels_bf16", "kernels_bucket512", "engine", "main_job",
+                 "cifar_job"):
+        assert f"  {step} " in out.stdout, f"step {step} not in the plan"
+    assert "constraints-cuda.txt consistent" in out.stdout
+    assert (tmp_path / "dry_run" / "main_job_config.log").read_text().count("accelerator: gpu") == 1
+    assert not (tmp_path / "steps.tsv").exists(), "a dry run must not run the steps"
+
+
+def test_gpu_check_dry_run_fails_when_something_is_missing(tmp_path: Path) -> None:
+    out = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run"], cwd=REPO, capture_output=True, text=True,
+                         timeout=60, env=_env(OUT=str(tmp_path), QMLHFL_PYTHON=str(tmp_path / "no-python"),
+                                              QMLHFL_DATA=str(tmp_path / "no-data")))
+    assert out.returncode == 1
+    assert f"MISSING  python {tmp_path / 'no-python'}" in out.stdout
+    assert f"MISSING  data {tmp_path / 'no-data'}/MNIST/raw" in out.stdout
+
+
+def test_scripts_reject_unknown_options() -> None:
+    for script in ("bench/gpu_check.sh", "scripts/setup.sh"):
+        out = subprocess.run(["bash", script, "--no-such-option"], cwd=REPO, capture_output=True, text=True,
+                             timeout=30)
+        assert out.returncode == 2 and "--no-such-option" in out.stderr, (script, out.stderr)
+    out = subprocess.run(["bash", "scripts/setup.sh", "--help"], cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and "--cuda" in out.stdout
+
+
+def test_bench_models_and_flop_count() -> None:
+    engine = _bench_engine()
+    counts = {name: sum(p.numel() for p in cls().parameters()) for name, cls in engine.MODELS.items()}
+    assert counts == {"lenet": 21_840, "mlp": 159_010, "cifar_small": 225_034}
+    x = torch.randn(2, *engine.INPUTS["cifar_small"][1])
+    assert engine.CifarSmall()(x).shape == (2, 10)
+    # MLP 784-200-10, batch 32: forward 2*32*(784*200 + 200*10); backward: both weight gradients (the same) plus
+    # the input gradient of fc2 (2*32*10*200); the input of fc1 needs no gradient
+    fwd = 2 * 32 * (784 * 200 + 200 * 10)
+    assert engine.count_flops("mlp") == 2 * fwd + 2 * 32 * 10 * 200
+    # the default set (no --configs) is the one the RESULTS tables compare across sessions
+    assert engine.DEFAULT == ["mlp100:naive", "mlp100:vmap", "mlp100:loop", "lenet100:naive", "lenet100:vmap",
+                              "lenet100:loop", "mlp1000:naive", "mlp1000:vmap"]
+
+
+def test_engine_bench_smoke_reports_gflops(tmp_path: Path) -> None:
+    jsonl = tmp_path / "engine.jsonl"
+    cmd = [sys.executable, "bench/engine.py", "--configs", "mlp100:naive,mlp100:vmap", "--branching", "2,2,2",
+           "--rounds", "1", "--warm", "2", "--gemm-size", "512", "--gemm-reps", "2", "--jsonl", str(jsonl)]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env=_env())
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "FAILED" not in out.stdout, out.stdout[-3000:]
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert [r["name"] for r in records] == ["mlp100:naive", "mlp100:vmap"]
+    for r in records:
+        assert r["devices"] == 8 and r["device"] == "cpu"
+        assert r["flops_per_device_step"] > 0
+        assert r["gflops_per_s"] > 0 and r["best_gflops_per_s"] >= r["gflops_per_s"]
+        assert r["fp32_peak_gflops"] > 0 and r["frac_fp32_peak"] > 0
+        assert r["gflops_per_s"] == pytest.approx(r["flops_per_device_step"] * r["device_steps_per_s"] / 1e9)
+        if r["bf16_peak_gflops"] is None:  # measured, not assumed: bf16 only counts when it beats fp32
+            assert r["frac_bf16_peak"] is None and "not" in r["bf16_note"]
+        else:
+            assert r["bf16_peak_gflops"] > r["fp32_peak_gflops"] and r["frac_bf16_peak"] > 0
+    assert records[0]["fp32_peak_gflops"] == records[1]["fp32_peak_gflops"], "one peak measurement per run"
+    assert "| GFLOP/s | of fp32 peak | of bf16 peak |" in out.stdout
+    assert "GEMM peaks (this run, 512x512 matmul" in out.stdout
