@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_qmlhfl.kernels import aggregate_layer_torch_
 from lightning_qmlhfl.rng import row_seeds  # noqa: E402
-from lightning_qmlhfl.quantizers import QSGD, NoQuantization, Quantizer  # noqa: E402
+from lightning_qmlhfl.compressors import QSGD, NoQuantization, Quantizer  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

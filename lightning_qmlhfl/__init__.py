@@ -14,16 +14,18 @@ import importlib.util
 import sys
 from typing import Any
 
+from .compressors import (QSGD, Compressor, Identity, NaturalCompression, NoQuantization, Quantizer, RandomK,
+                          ScaledSign, TopK, make_compressor, make_quantizer, upload_bits)
 from .data.partition import IID, Dirichlet, Shards
 from .hierarchy import Hierarchy
-from .quantizers import QSGD, NoQuantization, Quantizer, make_quantizer
 
 __version__ = "0.1.0"
 
 _LAZY = {"QMLHFLStrategy": ".strategy"}
 
-__all__ = ["Hierarchy", "QSGD", "NoQuantization", "Quantizer", "make_quantizer", "IID", "Dirichlet", "Shards",
-           *_LAZY]
+__all__ = ["Hierarchy", "Compressor", "QSGD", "TopK", "RandomK", "ScaledSign", "NaturalCompression", "Identity",
+           "NoQuantization", "Quantizer", "make_compressor", "make_quantizer", "upload_bits", "IID", "Dirichlet",
+           "Shards", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

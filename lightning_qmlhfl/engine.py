@@ -25,10 +25,11 @@ from .cpu_alloc import retain_large_allocations
 from .device_optim import DeviceOptimizer
 from .executors import LossFn, make_executor
 from .hierarchy import Hierarchy
-from .quantizers import NoQuantization, Quantizer, make_quantizer
+from .compressors import Compressor, Identity, upload_bits, validate_compressors
 from .stacked import ParamOrder, StackedState
 
-__all__ = ["QMLHFLEngine", "NonFiniteUpdateError", "StepResult", "gather_batch", "validate_taus", "validate_quantizers"]
+__all__ = ["QMLHFLEngine", "NonFiniteUpdateError", "StepResult", "gather_batch", "validate_taus", "validate_quantizers",
+           "resolve_compressors"]
 
 
 class NonFiniteUpdateError(FloatingPointError):
@@ -57,17 +58,19 @@ def validate_taus(taus: Sequence[int], num_layers: int) -> tuple[int, ...]:
     return tuple(out)
 
 
-def validate_quantizers(quantizers: Any, num_layers: int) -> tuple[Quantizer, ...]:
-    if quantizers is None:
-        return tuple(NoQuantization() for _ in range(num_layers))
-    if isinstance(quantizers, (Quantizer, numbers.Integral, str)):
-        raise ValueError(f"quantizers must be a list of {num_layers} quantizers (one per layer), got {quantizers!r}")
-    quantizers = list(quantizers)
-    if len(quantizers) != num_layers:
-        raise ValueError(
-            f"quantizers has length {len(quantizers)} but the hierarchy has N = {num_layers} layers: give one per layer"
-        )
-    return tuple(make_quantizer(q) for q in quantizers)
+def validate_quantizers(quantizers: Any, num_layers: int) -> tuple[Compressor, ...]:
+    """One compressor per layer from ``quantizers=`` (the earlier name of ``compressors=``)."""
+    return validate_compressors(quantizers, num_layers, what="quantizers")
+
+
+def resolve_compressors(compressors: Any, quantizers: Any, num_layers: int, default: Any = None
+                        ) -> tuple[Compressor, ...]:
+    """``compressors=`` or its alias ``quantizers=`` (not both), validated; ``default`` when neither is given."""
+    if compressors is not None and quantizers is not None:
+        raise ValueError("give compressors= or its alias quantizers=, not both")
+    if quantizers is not None:
+        return validate_quantizers(quantizers, num_layers)
+    return validate_compressors(compressors if compressors is not None else default, num_layers)
 
 
 def gather_batch(data: Tensor, idx: Tensor) -> Tensor:
@@ -96,8 +99,9 @@ class QMLHFLEngine:
             each device's weights and mini-batch.
         hierarchy: the tree (N layers).
         taus: (tau_1, ..., tau_N), every tau_n >= 1.
-        quantizers: one per layer (Q_1 for device->layer-1 uploads, ..., Q_N for the uploads to the cloud);
-            ``None`` for no quantization anywhere. Config values (int s, "none") are accepted.
+        compressors: one per layer (C_1 for device->layer-1 uploads, ..., C_N for the uploads to the cloud), each
+            optionally with error feedback (:mod:`lightning_qmlhfl.compressors`); ``None`` for 32-bit uploads
+            everywhere. Config values (int s, "none", dicts) are accepted. ``quantizers=`` is an alias.
         optimizer: an element-wise torch optimiser class (or its name) and ``optimizer_kwargs`` (lr = mu, ...).
         executor: "auto" (documented rule in :func:`executors.choose_executor`), "vmap" or "loop".
         seed: seeds the quantizers' counter-based draws (per round, layer, event and node).
@@ -125,7 +129,7 @@ class QMLHFLEngine:
         loss_fn: LossFn,
         hierarchy: Hierarchy,
         taus: Sequence[int],
-        quantizers: Sequence[Quantizer | int | str | None] | None = None,
+        compressors: Sequence[Compressor | int | str | None] | None = None,
         optimizer: Any = torch.optim.SGD,
         optimizer_kwargs: dict[str, Any] | None = None,
         executor: str = "auto",
@@ -136,13 +140,14 @@ class QMLHFLEngine:
         param_order: ParamOrder = "fast",
         param_groups: Sequence[dict[str, Any]] | None = None,
         grad_clip: tuple[str, float] | None = None,
+        quantizers: Sequence[Compressor | int | str | None] | None = None,
     ) -> None:
         if not isinstance(hierarchy, Hierarchy):
             raise TypeError(f"hierarchy must be a Hierarchy, got {type(hierarchy).__name__}")
         self.hierarchy = hierarchy
         self.N = hierarchy.num_layers
         self.taus = validate_taus(taus, self.N)
-        self.quantizers = validate_quantizers(quantizers, self.N)
+        self.compressors = resolve_compressors(compressors, quantizers, self.N)
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise ValueError(f"seed must be an integer, got {seed!r}")
         self.seed = int(seed)
@@ -161,6 +166,8 @@ class QMLHFLEngine:
             groups = [{**g, "params": [n for n in g["params"] if n in trainable]} for g in param_groups]
             groups = [g for g in groups if g["params"]]
         self.state = StackedState(module, hierarchy, device, param_order, trainable)
+        for c in self.compressors:
+            c.check_dims(self.state.num_params)
         self.device = self.state.device
         if self.device.type == "cpu":
             retain_large_allocations()  # per-step temporaries of 10s-100s of MB: reuse, don't re-fault (cpu_alloc)
@@ -169,6 +176,13 @@ class QMLHFLEngine:
         )
         self.optimizer = DeviceOptimizer(self.state.params[0], optimizer, optimizer_kwargs or {"lr": 0.01},
                                          layout=self.state.param_layout, groups=groups, clip=grad_clip)
+        # Error-feedback memory: per layer n (index n-1) with an EF compressor, one row per sender of layer n-1,
+        # stacked like the models, in the arithmetic dtype of the aggregation; checkpointed, never aggregated.
+        work = torch.float64 if self.state.dtype == torch.float64 else torch.float32
+        self.memory: list[Tensor | None] = [
+            torch.zeros(self.state.params[n - 1].shape, dtype=work, device=self.device)
+            if self.compressors[n - 1].error_feedback else None for n in range(1, self.N + 1)
+        ]
         self._grads: Tensor | list[Tensor | None] | None = None  # accumulated gradients of the current step
         self._step_losses: list[Tensor] = []
         self._step_aux: list[dict[str, Tensor]] = []
@@ -204,9 +218,15 @@ class QMLHFLEngine:
     def executor_name(self) -> str:
         return self.executor.name
 
+    @property
+    def quantizers(self) -> tuple[Compressor, ...]:
+        """The per-layer compressors (the earlier name)."""
+        return self.compressors
+
     def upload_bits(self, n: int) -> int:
-        """Bits of one upload into layer n (parameters quantized by Q_n, float buffers at 32 bits)."""
-        return self.quantizers[n - 1].bits(self.state.num_params) + 32 * self.state.num_buffer_elems
+        """Bits of one upload into layer n (:func:`lightning_qmlhfl.compressors.upload_bits`: the parameters
+        compressed by C_n, float buffers at 32 bits)."""
+        return upload_bits(self.compressors[n - 1], self.state.num_params, self.state.num_buffer_elems)
 
     def upload_baseline_bits(self, n: int) -> int:
         return 32 * (self.state.num_params + self.state.num_buffer_elems)
@@ -282,12 +302,13 @@ class QMLHFLEngine:
             bad = ~torch.isfinite(s.buffers[n - 1]).all(dim=1)
             if bool(bad.any()):
                 raise NonFiniteUpdateError(n, int(bad.nonzero()[0]), self.round, self.step_in_round, "buffer")
-        norms = aggregate_layer_(s.params[n], s.params[n - 1], idx, w, self.quantizers[n - 1], seeds, self.backend)
+        norms = aggregate_layer_(s.params[n], s.params[n - 1], idx, w, self.compressors[n - 1], seeds, self.backend,
+                                 memory=self.memory[n - 1])
         bad = ~torch.isfinite(norms).all(dim=1)
         if bool(bad.any()):
             raise NonFiniteUpdateError(n, int(bad.nonzero()[0]), self.round, self.step_in_round)
         if s.num_buffer_elems:
-            aggregate_layer_(s.buffers[n], s.buffers[n - 1], idx, w, NoQuantization(), seeds, "torch")
+            aggregate_layer_(s.buffers[n], s.buffers[n - 1], idx, w, Identity(), seeds, "torch")
         # Eq. 5: everything below layer n continues from its layer-n ancestor's new model.
         # index_select into the rows directly: a gather-then-copy would allocate a temporary as large as the
         # whole device stack (0.64 GB for 1000 MLP devices) at every aggregation.
@@ -322,6 +343,7 @@ class QMLHFLEngine:
         """Everything needed to continue bit-for-bit (tensors and plain python only)."""
         return {
             "stacked": self.state.state_dict(),
+            "memory": [None if m is None else m.clone() for m in self.memory],
             "optimizer": self.optimizer.state_dict(),
             "counters": {
                 "round": self.round,
@@ -335,7 +357,7 @@ class QMLHFLEngine:
             },
             "config": {
                 "taus": list(self.taus),
-                "quantizers": [repr(q) for q in self.quantizers],
+                "compressors": [repr(q) for q in self.compressors],
                 "hierarchy": self.hierarchy.to_dict(),
                 "seed": self.seed,
                 "param_layout": [[name, list(shape), list(order)] for name, shape, order in
@@ -344,9 +366,11 @@ class QMLHFLEngine:
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        cfg = sd["config"]
+        cfg = dict(sd["config"])
+        if "compressors" not in cfg:  # checkpoints from before compressors: "quantizers", NoQuantization's name
+            cfg["compressors"] = [q.replace("NoQuantization()", "Identity()") for q in cfg.get("quantizers", [])]
         mine = self.state_dict()["config"]
-        for key in ("taus", "quantizers", "hierarchy", "seed"):
+        for key in ("taus", "compressors", "hierarchy", "seed"):
             if cfg[key] != mine[key]:
                 raise ValueError(f"checkpoint was made with {key}={cfg[key]!r}, this run has {mine[key]!r}")
         # The meaning of the flat rows (checkpoints from before storage orders were recorded used module order).
@@ -358,6 +382,11 @@ class QMLHFLEngine:
                 f"e.g. {diff}: build the engine with the param_order the checkpoint was made with"
             )
         self.state.load_state_dict(sd["stacked"])
+        for n, (mine_m, theirs_m) in enumerate(zip(self.memory, sd.get("memory", [None] * self.N)), start=1):
+            if (mine_m is None) != (theirs_m is None):
+                raise ValueError(f"checkpoint and run disagree on error feedback at layer {n}")
+            if mine_m is not None:
+                mine_m.copy_(theirs_m)
         self.optimizer.load_state_dict(sd["optimizer"])
         c = sd["counters"]
         self.round, self.step_in_round, self.total_steps = c["round"], c["step_in_round"], c["total_steps"]

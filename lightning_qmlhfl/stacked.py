@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from .hierarchy import Hierarchy
 
-__all__ = ["ParamLayout", "StackedState", "check_param_order", "fast_orders"]
+__all__ = ["ParamLayout", "StackedState", "check_param_order", "fast_orders", "upload_dims"]
 
 
 ParamOrder = Literal["fast", "module"]
@@ -154,6 +154,14 @@ class ParamLayout:
         parts = [tensors[s.name].detach().permute(s.order).reshape(-1) for s in self.slots]
         out = torch.cat(parts)
         return out if dtype is None else out.to(dtype)
+
+
+def upload_dims(module: nn.Module) -> tuple[int, int]:
+    """(trainable parameter entries, float buffer entries) of ``module``: the d and B of one upload when every
+    trainable parameter is in the optimizer (what the recipes and the planner count bits for)."""
+    d = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    b = sum(t.numel() for t in module.buffers() if t is not None and t.is_floating_point())
+    return d, b
 
 
 class StackedState:

@@ -27,29 +27,16 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-from lightning_qmlhfl import Hierarchy  # noqa: E402
 from recipes.datasets import get_dataset, normalize, random_crop_flip, resolve_data_dir  # noqa: E402
 from lightning_qmlhfl.theory.latency import LatencyModel, default_uplink_rates  # noqa: E402
 from recipes.models import build_model  # noqa: E402
 from lightning_qmlhfl.data import make_partitioner  # noqa: E402
-from lightning_qmlhfl.quantizers import Quantizer, layer_quantizers  # noqa: E402
+from lightning_qmlhfl.compressors import Compressor  # noqa: E402
+from lightning_qmlhfl.stacked import upload_dims  # noqa: E402
 from lightning_qmlhfl.strategy import QMLHFLStrategy  # noqa: E402
+from recipes.building import build_compressors, build_hierarchy  # noqa: E402
 
-__all__ = ["run", "build_quantizers", "build_hierarchy"]
-
-
-def build_hierarchy(cfg: DictConfig) -> Hierarchy:
-    h = cfg.hierarchy
-    if h.get("parents") is not None:
-        return Hierarchy.from_parents(OmegaConf.to_container(h.parents))
-    return Hierarchy.balanced(list(h.branching))
-
-
-def build_quantizers(cfg: DictConfig, num_layers: int) -> list[Quantizer]:
-    """``quantizer.levels`` / ``quantizer.bucket_size``: one value for every layer or a list of N; null/none levels
-    mean 32-bit uploads."""
-    q = OmegaConf.to_container(cfg.quantizer, resolve=True)
-    return layer_quantizers(q.get("levels"), q.get("bucket_size"), num_layers)
+__all__ = ["run", "build_compressors", "build_hierarchy"]
 
 
 class _History(Callback):
@@ -113,15 +100,16 @@ def build_latency(cfg: DictConfig, num_layers: int) -> LatencyModel:
     return LatencyModel(compute_time=float(cfg.latency.compute_time), uplink_rates=_uplink_rates(cfg, num_layers))
 
 
-def rounds_for(cfg: DictConfig, latency: LatencyModel, quantizers: list[Quantizer], d: int) -> int:
-    """``trainer.rounds``, or with ``trainer.deadline`` = T_d (simulated seconds) T = floor(T_d / T_glob(tau))."""
+def rounds_for(cfg: DictConfig, latency: LatencyModel, quantizers: list[Compressor], d: int, buffers: int = 0) -> int:
+    """``trainer.rounds``, or with ``trainer.deadline`` = T_d (simulated seconds) T = floor(T_d / T_glob(tau)),
+    with the engine's bits per upload (d parameters and ``buffers`` float buffer entries)."""
     deadline = cfg.trainer.get("deadline")
     if deadline is None:
         rounds = int(cfg.trainer.rounds)
         if rounds < 1:
             raise ValueError(f"trainer.rounds must be an integer >= 1, got {rounds}")
         return rounds
-    t_glob = latency.round_time_for(list(cfg.hierarchy.taus), quantizers, d).total
+    t_glob = latency.round_time_for(list(cfg.hierarchy.taus), quantizers, d, buffers).total
     rounds = math.floor(float(deadline) / t_glob + 1e-9)
     if rounds < 1:
         raise ValueError(
@@ -152,9 +140,9 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict[str, 
 
     hierarchy = build_hierarchy(cfg)
     N = hierarchy.num_layers
-    quantizers = build_quantizers(cfg, N)
+    compressors = build_compressors(cfg, N)
     latency = build_latency(cfg, N)
-    rounds = rounds_for(cfg, latency, quantizers, sum(p.numel() for p in model.parameters()))
+    rounds = rounds_for(cfg, latency, compressors, *upload_dims(model))
     transform = None
     if cfg.dataset.get("augment"):
         def transform(batch, generator):  # noqa: E306 - stacked [N_tot, B, C, H, W] batches
@@ -162,7 +150,7 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict[str, 
             return [random_crop_flip(x, padding=4, generator=generator), y]
 
     strategy = QMLHFLStrategy(
-        hierarchy=hierarchy, taus=list(cfg.hierarchy.taus), quantizers=quantizers,
+        hierarchy=hierarchy, taus=list(cfg.hierarchy.taus), compressors=compressors,
         partition=make_partitioner(OmegaConf.to_container(cfg.partition, resolve=True)), seed=int(cfg.seed),
         executor=cfg.trainer.executor, weighting=cfg.trainer.weighting, global_rounds=rounds,
         latency=latency, smoothness=cfg.trainer.get("smoothness"), train_transform=transform,
@@ -198,7 +186,7 @@ def summarise(cfg: DictConfig, strategy: QMLHFLStrategy, records: list[dict], wa
         "layers": N,
         "devices": strategy.hierarchy.num_devices,
         "taus": list(e.taus),
-        "quantizers": [repr(q) for q in e.quantizers],
+        "compressors": [repr(q) for q in e.compressors],
         "partition": repr(strategy.partitioner),
         "seed": int(cfg.seed),
         "rounds": e.round,
@@ -222,7 +210,7 @@ def format_summary(s: dict[str, Any]) -> str:
 
     lines = [
         f"== {s['name']}: {s['dataset']} / {s['model']} ({s['num_params']:,} params), {s['devices']} devices, "
-        f"N = {s['layers']}, taus {s['taus']}, {s['quantizers']}",
+        f"N = {s['layers']}, taus {s['taus']}, {s['compressors']}",
         f"   rounds {s['rounds']} ({s['local_steps']} local steps), executor {s['executor']}, "
         f"wall {s['wall_time_s']:.1f} s",
         f"   cloud test accuracy: final {pct(s['final_test_acc'])}, best {pct(s['best_test_acc'])}",
@@ -237,7 +225,7 @@ def format_summary(s: dict[str, Any]) -> str:
 def write_outputs(run_dir: Path, cfg: DictConfig, summary: dict[str, Any], records: list[dict]) -> None:
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     (run_dir / "history.json").write_text(json.dumps(records, indent=2))
-    plot_history(records, run_dir / "accuracy.png", title=f"{summary['name']}: {summary['quantizers']}")
+    plot_history(records, run_dir / "accuracy.png", title=f"{summary['name']}: {summary['compressors']}")
 
 
 def plot_history(records: list[dict], path: Path, title: str = "") -> None:

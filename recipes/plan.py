@@ -17,10 +17,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_qmlhfl.hierarchy import Hierarchy
+from lightning_qmlhfl.stacked import upload_dims
 from lightning_qmlhfl.theory.latency import LatencyModel, measure_compute_time, upload_bits
 from lightning_qmlhfl.theory.planner import Plan, plan_taus
-from lightning_qmlhfl.quantizers import Quantizer, layer_quantizers
 from lightning_qmlhfl.theory import lr_condition_terms, quantizer_variances, term_provenance
+from recipes.building import build_compressors
 
 
 def _per_layer(value: Any, N: int, what: str) -> list[Any]:
@@ -33,13 +34,8 @@ def _per_layer(value: Any, N: int, what: str) -> list[Any]:
     return [value] * N
 
 
-def build_quantizers(cfg: DictConfig, N: int) -> list[Quantizer]:
-    q = OmegaConf.to_container(cfg.quantizer, resolve=True)
-    return layer_quantizers(q.get("levels"), q.get("bucket_size"), N)
-
-
-def measure(cfg: DictConfig) -> tuple[float, int]:
-    """Instantiate ``cfg.model`` and time one local step on random data: (seconds per step, number of parameters)."""
+def measure(cfg: DictConfig) -> tuple[float, torch.nn.Module]:
+    """Instantiate ``cfg.model`` and time one local step on random data: (seconds per step, the model)."""
     if cfg.model is None or cfg.model.get("_target_") is None:
         raise ValueError("compute_time is null: give it in seconds per local step, or set model._target_ to measure it")
     model = hydra.utils.instantiate(cfg.model)
@@ -47,18 +43,20 @@ def measure(cfg: DictConfig) -> tuple[float, int]:
     x = torch.randn(*shape)
     y = torch.randint(0, int(cfg.num_classes), (shape[0],))
     seconds = measure_compute_time(model, (x, y), loss_fn=torch.nn.functional.cross_entropy)
-    return seconds, sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return seconds, model
 
 
 def run(cfg: DictConfig) -> Plan:
     """Build everything from the config, plan, print the report; returns the :class:`Plan`."""
     hierarchy = Hierarchy.balanced([int(b) for b in cfg.hierarchy.branching])
     N = hierarchy.num_layers
-    quantizers = build_quantizers(cfg, N)
+    quantizers = build_compressors(cfg, N)
+    buffers = int(cfg.get("buffer_elems") or 0)
     d = int(cfg.d)
     compute_time = cfg.compute_time
     if compute_time is None:
-        compute_time, d = measure(cfg)
+        compute_time, model = measure(cfg)
+        d, buffers = upload_dims(model)
         print(f"measured compute time: {compute_time:.6g} s per local step of {cfg.model._target_} (d = {d})")
     latency = LatencyModel(
         compute_time=float(compute_time),
@@ -81,9 +79,10 @@ def run(cfg: DictConfig) -> Plan:
         tau_max=int(cfg.tau_max),
         method=str(cfg.method),
         exact_limit=int(cfg.exact_limit),
+        buffer_elems=buffers,
     )
     qs = quantizer_variances(quantizers, d)
-    bits = upload_bits(quantizers, d)
+    bits = upload_bits(quantizers, d, buffers)
     print(f"hierarchy           : N = {N} layers, nodes per layer {list(hierarchy.nodes_per_layer)}")
     for n, (qz, q, b) in enumerate(zip(quantizers, qs, bits), start=1):
         print(f"  layer {n} uplink     : {qz!r}, q_{n} = {q:.4g}, {b} bits per upload (32-bit: {32 * d})")

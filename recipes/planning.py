@@ -39,7 +39,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from recipes.models import build_model  # noqa: E402
 from lightning_qmlhfl.theory.planner import Plan, evaluate_taus, plan_taus  # noqa: E402
-from recipes.common import build_hierarchy, build_latency, build_quantizers, run  # noqa: E402
+from recipes.common import build_compressors, build_hierarchy, build_latency, run  # noqa: E402
 from recipes.report import interpolate_common  # noqa: E402
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -59,7 +59,7 @@ def candidates(cfg: DictConfig) -> tuple[Plan, list[Plan], dict[str, Any]]:
     """The planner's plan and the random feasible tau, each scored with the planner's objective."""
     p = cfg.planning
     h = build_hierarchy(cfg)
-    qs = build_quantizers(cfg, h.num_layers)
+    qs = build_compressors(cfg, h.num_layers)
     d = count_params(cfg)
     latency = build_latency(cfg, h.num_layers)
     common = dict(L=float(p.L), mu=float(p.mu), safety=float(p.safety))

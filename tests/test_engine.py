@@ -15,12 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_qmlhfl import QSGD, Hierarchy, NoQuantization
+from lightning_qmlhfl import QSGD, Hierarchy, Identity, NaturalCompression, NoQuantization, RandomK, ScaledSign, TopK
 from lightning_qmlhfl import kernels as aggregation_mod
 from lightning_qmlhfl.kernels import row_uniforms
 from lightning_qmlhfl.rng import row_seeds
 from lightning_qmlhfl.engine import NonFiniteUpdateError, QMLHFLEngine
 from lightning_qmlhfl.stacked import ParamLayout
+
+from helpers.compress_by_hand import compress_by_hand
 
 
 # ---------------------------------------------------------------- models and data
@@ -136,21 +138,9 @@ class ReferenceQMLHFL:
             off += t.numel()
         return out
 
-    def quantize(self, vec, levels, u):
-        """QSGD written out per element."""
-        norm = math.sqrt(sum(float(v) ** 2 for v in vec))
-        out = torch.zeros_like(vec)
-        if norm == 0:
-            return out
-        for j, v in enumerate(vec.tolist()):
-            r = levels * abs(v) / norm
-            low = math.floor(r)
-            xi = low + (1 if float(u[j]) < r - low else 0)
-            out[j] = norm * math.copysign(1.0, v) * xi / levels if v != 0 else 0.0
-        return out
-
     def aggregate(self, n, event):
-        """Eq. 4 (n < N) / Eq. 6 (n == N) at every node of layer n, then Eq. 5 down the subtree."""
+        """Eq. 4 (n < N) / Eq. 6 (n == N) at every node of layer n, then Eq. 5 down the subtree. Each child node
+        keeps its own error-feedback memory (a flat vector), kept across re-synchronisations."""
         q = self.quantizers[n - 1]
         seeds = row_seeds(self.seed, self.round, n, event, self.h.nodes_per_layer[n - 1])
         if n == 1:
@@ -163,11 +153,18 @@ class ReferenceQMLHFL:
             for child in parent.children:
                 w = child.mass / parent.mass
                 diff = self._flat(child.state) - vp
-                if isinstance(q, NoQuantization):
-                    qd = diff
+                mem = getattr(child, "memory", torch.zeros_like(diff))
+                x = diff + mem if q.error_feedback == "ef" else diff - mem if q.error_feedback == "ef21" else diff
+                u = row_uniforms(seeds[child.index : child.index + 1], diff.numel(), "cpu")[0].tolist() \
+                    if q.uses_uniforms else None
+                c = torch.tensor(compress_by_hand(q, x.tolist(), u))
+                if q.error_feedback == "ef":
+                    child.memory, qd = x - c, c
+                elif q.error_feedback == "ef21":
+                    child.memory = mem + c
+                    qd = child.memory
                 else:
-                    u = row_uniforms(seeds[child.index : child.index + 1], diff.numel(), "cpu")[0]
-                    qd = self.quantize(diff, q.levels, u)
+                    qd = c
                 new_p += w * qd
                 for k in self.buffer_names:
                     new_b[k] += w * (child.state[k] - parent.state[k])
@@ -214,11 +211,12 @@ HIERARCHIES = {
 }
 
 
-def _run_both(hname, quantized, executor, rounds=2, momentum=0.5, param_order="fast"):
+def _run_both(hname, quantized, executor, rounds=2, momentum=0.5, param_order="fast", compressors=None):
     h, taus = HIERARCHIES[hname]
     torch.manual_seed(0)
     template = MLP()
     qs = [QSGD(s) for s in (4, 8, 2, 16)[: h.num_layers]] if quantized else [NoQuantization()] * h.num_layers
+    qs = compressors if compressors is not None else qs
     steps = math.prod(taus) * rounds
     batches = make_batches(h.num_devices, steps)
     engine = QMLHFLEngine(copy.deepcopy(template), ce_loss, h, taus, qs, optimizer="sgd",
@@ -254,6 +252,62 @@ def test_engine_matches_reference_quantized(hname, param_order):
     engine, ref = _run_both(hname, quantized=True, executor="vmap", param_order=param_order)
     torch.testing.assert_close(engine.state.params[0], ref.device_matrix(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(engine.cloud_params(), ref.cloud_flat(), atol=1e-5, rtol=1e-5)
+
+
+COMPRESSOR_SETS = {
+    "topk-ef/sign-ef21/natural": [TopK(ratio=0.3, error_feedback="ef"), ScaledSign(bucket_size=16,
+                                  error_feedback="ef21"), NaturalCompression()],
+    "randomk/qsgd-ef/identity-ef": [RandomK(ratio=0.5), QSGD(4, bucket_size=20, error_feedback="ef"),
+                                    Identity("ef")],
+    "sign-ef/natural-ef/topk-ef21": [ScaledSign(error_feedback="ef"), NaturalCompression("ef"),
+                                     TopK(k=10, error_feedback="ef21")],
+}
+
+
+@pytest.mark.parametrize("name", list(COMPRESSOR_SETS))
+def test_engine_matches_reference_with_compressors_and_error_feedback(name):
+    """Every compressor, with and without EF/EF21, in the engine (fused numba paths and the torch reference)
+    against the per-node loop with per-node memory, over rounds that re-synchronise every node."""
+    engine, ref = _run_both("N3", quantized=False, executor="vmap", rounds=3, compressors=COMPRESSOR_SETS[name])
+    torch.testing.assert_close(engine.state.params[0], ref.device_matrix(), atol=1e-5, rtol=1e-5)
+    for n in range(1, engine.N + 1):
+        theirs = torch.stack([ref._flat(node.state) for node in ref.layers[n]])
+        torch.testing.assert_close(engine.state.params[n], theirs, atol=1e-5, rtol=1e-5)
+        if engine.memory[n - 1] is not None:  # every sender's memory row, kept across the resyncs
+            mem = torch.stack([getattr(node, "memory", torch.zeros(engine.num_params)) for node in ref.layers[n - 1]])
+            torch.testing.assert_close(engine.memory[n - 1], mem, atol=1e-5, rtol=1e-5)
+
+
+def test_identity_with_error_feedback_equals_the_uncompressed_run():
+    a, _ = _run_both("N2", quantized=False, executor="loop", compressors=[Identity("ef"), Identity("ef")])
+    b, _ = _run_both("N2", quantized=False, executor="loop", compressors=[Identity(), Identity()])
+    assert torch.equal(a.state.params[0], b.state.params[0]) and torch.equal(a.cloud_params(), b.cloud_params())
+    assert all(torch.equal(m, torch.zeros_like(m)) for m in a.memory)
+
+
+def test_error_feedback_memory_is_checkpointed():
+    h, taus = HIERARCHIES["N2"]
+    cs = [TopK(ratio=0.2, error_feedback="ef"), QSGD(4)]
+    batches = make_batches(h.num_devices, 8)
+    torch.manual_seed(0)
+    template = MLP()
+    full = QMLHFLEngine(copy.deepcopy(template), ce_loss, h, taus, cs, optimizer_kwargs={"lr": 0.2}, seed=1)
+    for b in batches:
+        full.local_step(b)
+    half = QMLHFLEngine(copy.deepcopy(template), ce_loss, h, taus, cs, optimizer_kwargs={"lr": 0.2}, seed=1)
+    for b in batches[:4]:
+        half.local_step(b)
+    sd = half.state_dict()
+    assert sd["memory"][0].abs().sum() > 0 and sd["memory"][1] is None
+    resumed = QMLHFLEngine(copy.deepcopy(template), ce_loss, h, taus, cs, optimizer_kwargs={"lr": 0.2}, seed=1)
+    resumed.load_state_dict(sd)
+    for b in batches[4:]:
+        resumed.local_step(b)
+    assert torch.equal(resumed.state.params[0], full.state.params[0]) and torch.equal(resumed.memory[0],
+                                                                                         full.memory[0])
+    with pytest.raises(ValueError, match="compressors="):
+        QMLHFLEngine(copy.deepcopy(template), ce_loss, h, taus, [QSGD(4), QSGD(4)], optimizer_kwargs={"lr": 0.2},
+                     seed=1).load_state_dict(sd)
 
 
 def test_batchnorm_buffers_match_reference():
@@ -411,7 +465,7 @@ def test_state_dict_roundtrip_continues_identically():
         ((1,), None, "taus has length 1 but the hierarchy has N = 2"),
         ((1, 0), None, "tau_2 must be an integer >= 1, got 0"),
         ((1, 2.5), None, "tau_2 must be an integer >= 1"),
-        ((1, 1), [QSGD(4)], "quantizers has length 1 but the hierarchy has N = 2"),
+        ((1, 1), [QSGD(4)], "compressors has length 1 but the hierarchy has N = 2"),
         ((1, 1), [4, 0], "levels must be an integer >= 1"),
     ],
 )

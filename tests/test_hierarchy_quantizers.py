@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lightning_qmlhfl import QSGD, Hierarchy, NoQuantization, make_quantizer
-from lightning_qmlhfl.quantizers import row_norms
+from lightning_qmlhfl.compressors import row_norms
 
 
 # ---------------------------------------------------------------- hierarchy
@@ -87,7 +87,7 @@ def test_make_quantizer_specs():
     assert make_quantizer("none") == NoQuantization()
     assert make_quantizer(8) == QSGD(8)
     assert make_quantizer({"levels": 4, "bucket_size": 16}) == QSGD(4, 16)
-    with pytest.raises(ValueError, match="cannot build a quantizer"):
+    with pytest.raises(ValueError, match="cannot build a compressor"):
         make_quantizer(2.5)
 
 
@@ -186,7 +186,7 @@ def test_bits_accounting():
 
 
 def test_layer_quantizers_from_config_values():
-    from lightning_qmlhfl.quantizers import layer_quantizers
+    from lightning_qmlhfl.compressors import layer_quantizers
 
     assert layer_quantizers(8, None, 3) == [QSGD(8)] * 3
     assert layer_quantizers([4, None, "none"], 512, 3) == [QSGD(4, 512), NoQuantization(), NoQuantization()]

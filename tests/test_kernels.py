@@ -27,7 +27,7 @@ if TRITON_AVAILABLE:
     row_norms_triton,
     triton_uniforms,
     )
-from lightning_qmlhfl.quantizers import QSGD, NoQuantization, row_norms
+from lightning_qmlhfl.compressors import QSGD, NoQuantization, row_norms
 
 pytestmark = pytest.mark.skipif(not TRITON_AVAILABLE, reason="Triton (or its interpreter) is not available")
 
@@ -493,7 +493,7 @@ def test_numba_kernel_edge_cases():
         cpu_kernels.aggregate_layer_numba_(parent.clone(), child, PARENT_INDEX.clamp(max=2) + 2, weights, q, seeds)
     with pytest.raises(ValueError, match=r"seeds must have shape \(7,\)"):
         cpu_kernels.aggregate_layer_numba_(parent.clone(), child, PARENT_INDEX, weights, q, seeds[:3])
-    with pytest.raises(ValueError, match="float32 CPU tensors and a QSGD or NoQuantization"):
+    with pytest.raises(ValueError, match="float32 CPU tensors and Identity, QSGD, ScaledSign or NaturalCompression"):
         cpu_kernels.aggregate_layer_numba_(parent.half(), child.half(), PARENT_INDEX, weights, q, seeds)
 
 
@@ -502,7 +502,7 @@ def test_dispatch_auto_on_cpu_uses_numba_for_float32_only(monkeypatch):
     seeds = row_seeds(2, 0, 1, 0, C)
     calls = []
     real = cpu_kernels.aggregate_layer_numba_
-    monkeypatch.setattr(cpu_kernels, "aggregate_layer_numba_", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(cpu_kernels, "aggregate_layer_numba_", lambda *a, **k: calls.append(1) or real(*a, **k))
     aggregate_layer_(parent.clone(), child, PARENT_INDEX, weights, QSGD(4), seeds)
     assert calls == [1]
     aggregate_layer_(parent.half(), child.half(), PARENT_INDEX, weights, QSGD(4), seeds)  # torch path

@@ -19,7 +19,7 @@ import torch
 from lightning_qmlhfl.hierarchy import Hierarchy
 from lightning_qmlhfl.theory.latency import LatencyModel, downlink_bits, measure_compute_time, upload_bits
 from lightning_qmlhfl.theory.planner import InfeasiblePlanError, evaluate_taus, plan_taus
-from lightning_qmlhfl.quantizers import QSGD, make_quantizer
+from lightning_qmlhfl.compressors import QSGD, make_quantizer
 from lightning_qmlhfl.theory import lr_condition_bracket, lr_condition_value, quantizer_variances, rate_proxy
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from recipes.common import build_hierarchy, build_latency, build_quantizers, rounds_for
+from recipes.common import build_hierarchy, build_latency, build_compressors, rounds_for
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -37,7 +37,7 @@ def test_every_group_option_composes(group, option):
         cfg = _compose(config, [f"{group}={option}"])
         assert cfg[group] is not None
         h = build_hierarchy(cfg)
-        qs = build_quantizers(cfg, h.num_layers)
+        qs = build_compressors(cfg, h.num_layers)
         assert len(qs) == h.num_layers == len(cfg.hierarchy.taus)
         build_latency(cfg, h.num_layers)
         if group in ("dataset", "model", "partition", "logger"):
@@ -64,7 +64,7 @@ def test_main_job_defaults_match_the_issue():
     h = build_hierarchy(cfg)
     assert cfg.dataset.name == "mnist" and cfg.partition.name == "dirichlet" and cfg.partition.alpha == 0.5
     assert h.num_devices >= 50 and h.num_layers >= 3
-    assert all(q.__class__.__name__ == "QSGD" for q in build_quantizers(cfg, h.num_layers))
+    assert all(q.__class__.__name__ == "QSGD" for q in build_compressors(cfg, h.num_layers))
 
 
 @pytest.mark.parametrize("config,preset", [("mnist", "depth"), ("cifar", "quant_sensitivity"), ("mnist", "planning")])
@@ -77,7 +77,7 @@ def test_experiment_presets_compose_with_every_sweep_point(config, preset):
     for point in points:
         c = _compose(config, [f"+experiment={preset}", *point])
         h = build_hierarchy(c)
-        build_quantizers(c, h.num_layers)
+        build_compressors(c, h.num_layers)
     if preset == "depth":
         assert len(points) == 18  # 3 hierarchies x 2 alphas x 3 seeds
     if preset == "quant_sensitivity":
@@ -121,7 +121,7 @@ def test_wandb_sweep_files_drive_the_recipes_through_hydra_overrides(path):
 def test_deadline_sets_the_number_of_rounds():
     cfg = _compose("mnist", ["+experiment=planning", "hierarchy.taus=[5,4,2]"])
     h = build_hierarchy(cfg)
-    qs = build_quantizers(cfg, h.num_layers)
+    qs = build_compressors(cfg, h.num_layers)
     lat = build_latency(cfg, h.num_layers)
     t_glob = lat.round_time_for([5, 4, 2], qs, 21840).total
     assert rounds_for(cfg, lat, qs, 21840) == math.floor(cfg.trainer.deadline / t_glob)
@@ -133,7 +133,7 @@ def test_deadline_sets_the_number_of_rounds():
 def test_bad_quantizer_levels_length():
     cfg = _compose("mnist", ["quantizer.levels=[4,8]"])
     with pytest.raises(ValueError, match="N = 3"):
-        build_quantizers(cfg, 3)
+        build_compressors(cfg, 3)
 
 
 def _run_recipe(module: str, tmp_path: Path, *overrides: str, wandb_mode: str = "disabled"):
@@ -163,7 +163,7 @@ def test_mnist_recipe_end_to_end(tmp_path, data_root):
     s = _check_outputs(tmp_path / "run", out, 5)
     assert s["layers"] == 4 and s["devices"] == 8 and s["local_steps"] == 20
     assert all(b < base for b, base in zip(s["bits_per_layer"], s["baseline_bits_per_layer"]))
-    assert s["quantizers"][0].startswith("QSGD(4") and (tmp_path / "run" / "last.ckpt").exists()
+    assert s["compressors"][0].startswith("QSGD(4") and (tmp_path / "run" / "last.ckpt").exists()
     assert (tmp_path / "run" / "csv" / "metrics.csv").exists()
     assert s["final_test_acc"] > 0.3  # chance is 0.1; 20 local steps of 8 devices on 2000 images
 
@@ -174,7 +174,7 @@ def test_cifar_recipe_end_to_end_with_wandb_offline(tmp_path, data_root):
                       "trainer.rounds=1", "logger=wandb", "logger.mode=offline", "trainer.checkpoint=false",
                       wandb_mode="offline")  # offline: W&B writes its run files locally and reaches nothing
     s = _check_outputs(tmp_path / "run", out, 1)
-    assert s["quantizers"] == ["QSGD(4, bucket_size=512)", "NoQuantization()"]
+    assert s["compressors"] == ["QSGD(4, bucket_size=512)", "Identity()"]
     assert s["bits_per_layer"][1] == s["baseline_bits_per_layer"][1]
     assert list((tmp_path / "run").rglob("offline-run-*")), "no offline W&B run was written"
 
@@ -210,3 +210,35 @@ def test_planning_driver_end_to_end(tmp_path, data_root):
     assert "| planner |" in md and "ranks" in md
     assert (out / "accuracy_at_deadline.png").read_bytes()[:4] == b"\x89PNG"
     assert len(list(runs.glob("*/summary.json"))) == 4
+
+
+def test_compressor_group_from_the_command_line():
+    cfg = _compose("mnist", ["compressor.layers=[topk,qsgd,sign]", "compressor.ratio=0.01",
+                             "compressor.error_feedback=[ef,null,ef21]", "quantizer.levels=[4,8,8]"])
+    from lightning_qmlhfl import QSGD, ScaledSign, TopK
+
+    assert build_compressors(cfg, 3) == [TopK(ratio=0.01, error_feedback="ef"), QSGD(8, 512),
+                                         ScaledSign(512, error_feedback="ef21")]
+    assert build_compressors(_compose("mnist", []), 3) == [QSGD(8, 512)] * 3  # the main job's default
+    with pytest.raises(ValueError, match="compressor.layers\\[1\\] = 'zip' is not a compressor"):
+        build_compressors(_compose("mnist", ["compressor.layers=[qsgd,zip,qsgd]"]), 3)
+
+
+def test_deadline_rounds_and_the_logged_time_count_the_same_bits_for_batchnorm_models():
+    """One bits function: the latency model's upload (used for deadline rounds) counts the float buffers as the
+    engine does."""
+    import torch.nn.functional as F
+
+    from lightning_qmlhfl import QSGD, Hierarchy
+    from lightning_qmlhfl.engine import QMLHFLEngine
+    from lightning_qmlhfl.stacked import upload_dims
+    from lightning_qmlhfl.theory.latency import upload_bits
+    from recipes.models import build_model
+
+    model = build_model("cifar_cnn3")
+    d, b = upload_dims(model)
+    assert b > 0
+    qs = [QSGD(8, 512), QSGD(4)]
+    e = QMLHFLEngine(model, lambda m, batch: F.cross_entropy(m(batch[0]), batch[1]), Hierarchy.balanced([2, 2]),
+                     [1, 1], qs, device="cpu")
+    assert upload_bits(qs, d, b) == [e.upload_bits(1), e.upload_bits(2)]

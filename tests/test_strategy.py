@@ -253,3 +253,26 @@ def test_partitioners():
     assert max(p.numel() for p in iid) - min(p.numel() for p in iid) <= 1
     with pytest.raises(EmptyPartitionError):
         Dirichlet(0.5, min_samples=100)(labels, h, seed=0)
+
+
+def test_compressors_with_error_feedback_through_fit_resume_bit_for_bit(tmp_path):
+    from lightning_qmlhfl import ScaledSign, TopK
+
+    def make(rounds, ckpt_path=None):
+        torch.manual_seed(0)
+        cs = [TopK(ratio=0.05, error_feedback="ef"), ScaledSign(bucket_size=64, error_feedback="ef21")]
+        strategy = QMLHFLStrategy(hierarchy=Hierarchy.balanced([2, 2]), taus=[2, 2], compressors=cs,
+                                  partition=IID(), seed=4)
+        ck = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+        t = _trainer(strategy, max_epochs=rounds, enable_checkpointing=True, callbacks=[ck])
+        train_dl, val_dl = loaders(n_train=400, n_val=50, batch_size=8)
+        t.fit(MnistCNN(lr=0.05), train_dl, val_dl, ckpt_path=ckpt_path)
+        return strategy
+
+    full = make(4)
+    assert full.engine.memory[0].abs().sum() > 0 and full.engine.memory[1].abs().sum() > 0
+    assert full.history[-1]["bits_round_layer1"] == 2 * 4 * full.compressors[0].bits(full.engine.num_params)
+    make(2)
+    resumed = make(4, ckpt_path=str(tmp_path / "last.ckpt"))
+    assert torch.equal(resumed.engine.state.params[0], full.engine.state.params[0])
+    assert all(torch.equal(a, b) for a, b in zip(resumed.engine.memory, full.engine.memory))

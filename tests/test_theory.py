@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from lightning_qmlhfl.hierarchy import Hierarchy
-from lightning_qmlhfl.quantizers import QSGD, NoQuantization
+from lightning_qmlhfl.compressors import QSGD, NoQuantization
 from lightning_qmlhfl.theory import (
     LearningRateWarning,
     aggregation_ratios,

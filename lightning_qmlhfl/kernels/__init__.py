@@ -13,12 +13,15 @@ run gives the same draws on CPU and GPU, whatever the chunking or launch shape, 
 
 Backends, one semantics, checked against each other number for number in the tests:
 
-- ``torch`` (:mod:`.reference`): any device, any dtype, any :class:`Quantizer`; the reference.
-- ``numba`` (:mod:`.numba_cpu`): fused, float32 CPU tensors.
+- ``torch`` (:mod:`.reference`): any device, any dtype, any compressor, error feedback, row subsets; the
+  reference.
+- ``numba`` (:mod:`.numba_cpu`): fused, float32 CPU tensors; Identity, QSGD, ScaledSign, NaturalCompression,
+  with or without error feedback.
 - ``triton`` (:mod:`.triton_cuda`): fused, CUDA tensors (or Triton's CPU interpreter with ``TRITON_INTERPRET=1``
-  set before the Triton module is first imported).
+  set before the Triton module is first imported); what it implements is its ``supports()``.
 
-:func:`aggregate_layer_` dispatches between them.
+Each backend declares what it implements (:func:`backend_supports`); :func:`aggregate_layer_` dispatches to the
+first that can run the request and never hands a backend something it cannot run.
 """
 
 from __future__ import annotations
@@ -31,12 +34,12 @@ from typing import Literal
 from torch import Tensor
 import torch
 
-from ..quantizers import Quantizer
+from ..compressors import Compressor
 from . import numba_cpu
 from .reference import aggregate_layer_torch_, encode_uploads
 
 __all__ = ["Backend", "BACKENDS", "check_backend", "row_uniforms", "aggregate_layer_", "aggregate_layer_torch_",
-           "encode_uploads", "triton_available"]
+           "encode_uploads", "triton_available", "backend_supports", "choose_backend"]
 
 Backend = Literal["auto", "torch", "numba", "triton"]
 BACKENDS = ("auto", "torch", "numba", "triton")
@@ -70,28 +73,84 @@ def row_uniforms(seeds: Tensor, d: int, device: torch.device | str) -> Tensor:
     return numba_cpu.philox_uniforms(seeds, d).to(device)
 
 
+def _triton_supports(parent: Tensor, child: Tensor, compressor: Compressor, memory: Tensor | None,
+                     rows: Tensor | None, out: Tensor | None) -> bool:
+    from .triton_cuda import supports
+
+    return supports(parent, child, compressor, memory, rows, out)
+
+
+def _numba_supports(parent: Tensor, child: Tensor, compressor: Compressor, memory: Tensor | None,
+                    rows: Tensor | None, out: Tensor | None) -> bool:
+    return numba_cpu.supports(parent, child, compressor, memory, out)
+
+
+def backend_supports(backend: str, parent: Tensor, child: Tensor, compressor: Compressor,
+                     memory: Tensor | None = None, rows: Tensor | None = None, out: Tensor | None = None) -> bool:
+    """Whether ``backend`` ("torch", "numba", "triton") runs this aggregation: each backend declares the
+    compressors, dtypes and devices it implements; the torch reference runs everything."""
+    if backend == "torch":
+        return True
+    if backend == "numba":
+        return _numba_supports(parent, child, compressor, memory, rows, out)
+    if backend == "triton":
+        on_device = parent.is_cuda or (parent.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+        return triton_available() and on_device and _triton_supports(parent, child, compressor, memory, rows, out)
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def choose_backend(parent: Tensor, child: Tensor, compressor: Compressor, memory: Tensor | None = None,
+                   rows: Tensor | None = None, out: Tensor | None = None) -> str:
+    """``backend="auto"``: Triton for CUDA tensors, numba for CPU tensors, each only for what it supports; the
+    torch reference otherwise."""
+    first = "triton" if parent.is_cuda else "numba"
+    return first if backend_supports(first, parent, child, compressor, memory, rows, out) else "torch"
+
+
 def aggregate_layer_(
     parent: Tensor,
     child: Tensor,
     parent_index: Tensor,
     weights: Tensor,
-    quantizer: Quantizer,
+    quantizer: Compressor,
     seeds: Tensor,
     backend: Backend = "auto",
+    *,
+    memory: Tensor | None = None,
+    rows: Tensor | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
-    """Eq. 4/6 for all parents of one layer, dispatched: Triton for CUDA tensors, the numba kernel for float32
-    CPU tensors with QSGD or no quantization, the torch code otherwise.
+    """Eq. 4/6 for all parents of one layer with compressor C = ``quantizer``::
 
-    ``backend="torch"``, ``"numba"`` or ``"triton"`` forces one. Returns the per-row upload norms float32
-    [C, buckets] (non-finite if an upload held NaN/Inf; then ``parent`` is untouched). All three give the same
-    numbers (module docstring).
+        for every child row c in ``rows`` (default: all), p = parent_index[c], x = child[c] - parent[p]:
+            no EF: up_c = C(x);   "ef": x += e_c, up_c = C(x), e_c = x - C(x);   "ef21": x -= g_c, g_c += C(x), up_c = g_c
+        acc[p] = sum over c of weights[c] * up_c    (children in index order)
+        parent[p] += acc[p]   (or, with ``out``, out[p] = acc[p] and the parent is left as it is)
+
+    ``memory`` [C, P]: the error-feedback rows (e or g) of the layer's senders, updated in place (needed when the
+    compressor has ``error_feedback``). ``rows``: int64 indices of the child rows that upload (participation);
+    the others are not read and their memory is not touched. Returns the per-upload norms float32
+    [len(rows), buckets]: if one is not finite, nothing is written and the caller names the node.
+
+    ``backend="auto"`` dispatches by :func:`choose_backend`; ``"torch"``, ``"numba"`` or ``"triton"`` forces one
+    and raises ValueError when it does not implement the request. All backends give the same numbers (module
+    docstring).
     """
     check_backend(backend)
-    use_triton = backend == "triton" or (backend == "auto" and parent.is_cuda and triton_available())
-    if use_triton:
+    args = (parent, child, quantizer, memory, rows, out)
+    if backend == "auto":
+        backend = choose_backend(*args)
+    elif not backend_supports(backend, *args):
+        raise ValueError(
+            f"backend {backend!r} does not implement {quantizer!r} on {parent.dtype} {parent.device.type} tensors"
+            f"{' with a rows subset' if rows is not None else ''}{' with out=' if out is not None else ''}; "
+            f"use backend='auto' (which falls back to the torch reference) or 'torch'"
+        )
+    kw = dict(memory=memory, rows=rows, out=out)
+    if backend == "triton":
         from .triton_cuda import aggregate_layer_triton_
 
-        return aggregate_layer_triton_(parent, child, parent_index, weights, quantizer, seeds)
-    if backend == "numba" or (backend == "auto" and numba_cpu.supports(parent, child, quantizer)):
-        return numba_cpu.aggregate_layer_numba_(parent, child, parent_index, weights, quantizer, seeds)
-    return aggregate_layer_torch_(parent, child, parent_index, weights, quantizer, seeds)
+        return aggregate_layer_triton_(parent, child, parent_index, weights, quantizer, seeds, **kw)
+    if backend == "numba":
+        return numba_cpu.aggregate_layer_numba_(parent, child, parent_index, weights, quantizer, seeds, **kw)
+    return aggregate_layer_torch_(parent, child, parent_index, weights, quantizer, seeds, **kw)

@@ -1,34 +1,40 @@
-"""Fused quantize-and-aggregate for CPU tensors (numba), the CPU counterpart of :mod:`lightning_qmlhfl.kernels`.
+"""Fused compress-and-aggregate for CPU tensors (numba), the CPU backend of :mod:`lightning_qmlhfl.kernels`.
 
-Same semantics as the torch reference :func:`lightning_qmlhfl.kernels.reference.aggregate_layer_torch_` and the Triton
-kernels, number for number:
+Same semantics as the torch reference :func:`lightning_qmlhfl.kernels.reference.aggregate_layer_torch_` and the
+Triton kernels, number for number, for Identity, QSGD, ScaledSign and NaturalCompression, each with or without
+error feedback (EF / EF21), over all child rows or a subset (``rows``), adding into the parents or writing the
+aggregate to ``out``:
 
 - Draws: column j of child row c uses word (j mod 4) of Philox4x32-10 with key (seed mod 2^32, seed >> 32) and
   counter (j div 4, 0, 0, 0), converted to [0, 1) as Triton's ``tl.rand`` does. These are exactly the Triton
   kernels' draws, so a run gives the same numbers on CPU and GPU.
-- Pass 1 (parallel over child rows): fp64 sums of squares of the fp32 differences child - parent, per row or per
-  bucket, then the fp32 norms. A non-finite norm stops here: the caller leaves the parents untouched.
-- Pass 2 (parallel over parents x column blocks): for each parent, its children in index order, the fp32
-  quantize-weight-accumulate of Eq. 4/6, then parent += acc, the same operations in the same order as the torch
-  reference (no fused multiply-add: numba emits separate IEEE multiplies and adds unless fastmath is on).
+- Pass 1 (parallel over child rows): fp64 sums of squares (or of absolute values, for ScaledSign) of the fp32
+  compressor inputs x = child - parent (+ EF memory / - EF21 estimate), per row or per bucket, then the fp32 norms.
+  A non-finite norm stops here: the caller leaves parents and memory untouched.
+- Pass 2 (parallel over parents x column blocks): for each parent, its children in index order, x, C(x), the
+  memory update and the fp32 weight-accumulate of Eq. 4/6, then parent += acc, the same operations in the same
+  order as the torch reference (no fused multiply-add: numba emits separate IEEE multiplies and adds unless
+  fastmath is on).
 
-Compared with the torch path (a dozen elementwise passes per ~1 MB chunk plus mt19937 draws on one thread), each
-child row is read twice and every draw is made in registers. Only float32 parents and children are handled
-here (the engine's default); other dtypes and other quantizers use the torch path.
+Compared with the torch path (a dozen elementwise passes per ~1 MB chunk), each child row is read twice and every
+draw is made in registers. Only float32 tensors are handled here (the engine's default); other dtypes and the
+other compressors (TopK, RandomK) use the torch path.
 """
 
 from __future__ import annotations
 
+import math
+
+import numba
 import numpy as np
 import torch
-import numba
 from numba import njit, prange
 from torch import Tensor
 
+from ..compressors import QSGD, Compressor, Identity, NaturalCompression, ScaledSign
 from ..hierarchy import check_layer_shapes, children_by_parent
-from ..quantizers import QSGD, NoQuantization, Quantizer
 
-__all__ = ["philox_uniforms", "aggregate_layer_numba_"]
+__all__ = ["philox_uniforms", "aggregate_layer_numba_", "supports", "KINDS"]
 
 _M32 = np.uint64(0xFFFFFFFF)
 _KEY_A = np.uint64(0x9E3779B9)
@@ -105,14 +111,32 @@ def philox_uniforms(seeds: Tensor, d: int) -> Tensor:
     return out
 
 
+# Compressor kinds and error-feedback modes of the fused kernels (the torch reference handles every compressor).
+KINDS = {Identity: 0, QSGD: 1, ScaledSign: 2, NaturalCompression: 3}
+_EF = {None: 0, "ef": 1, "ef21": 2}
+
+
+@njit(inline="always", cache=True)
+def _input(parent, child, memory, ef, p, c, j):
+    """The compressor's input x for entry j of child c: the difference (Eq. 4), plus the EF memory or minus the
+    EF21 estimate, in fp32 in that order."""
+    x = child[c, j] - parent[p, j]
+    if ef == 1:
+        x = x + memory[c, j]
+    elif ef == 2:
+        x = x - memory[c, j]
+    return x
+
+
 @njit(parallel=True, cache=True)
-def _norms_kernel(parent, child, parent_index, bucket, norms):
-    """Pass 1: norms[c, b] = fp32(sqrt(sum over bucket b of fp64(child[c] - parent[p(c)])^2)).
+def _norms_kernel(parent, child, rows, parent_index, memory, ef, bucket, l1, norms):
+    """Pass 1: norms[k, b] = fp32 of the fp64 L2 (or L1) norm of x over bucket b of child rows[k].
 
     Eight interleaved fp64 partial sums (a fixed order, so deterministic) instead of one dependent chain."""
-    rows, d = child.shape
+    d = child.shape[1]
     nb = norms.shape[1]
-    for c in prange(rows):
+    for k in prange(rows.shape[0]):
+        c = rows[k]
         p = parent_index[c]
         part = np.zeros(8, dtype=np.float64)
         for b in range(nb):
@@ -122,107 +146,168 @@ def _norms_kernel(parent, child, parent_index, bucket, norms):
             j = lo
             while j + 8 <= hi:
                 for t in range(8):
-                    x = np.float64(child[c, j + t] - parent[p, j + t])
-                    part[t] += x * x
+                    x = np.float64(_input(parent, child, memory, ef, p, c, j + t))
+                    part[t] += abs(x) if l1 else x * x
                 j += 8
             for t in range(hi - j):
-                x = np.float64(child[c, j + t] - parent[p, j + t])
-                part[t] += x * x
+                x = np.float64(_input(parent, child, memory, ef, p, c, j + t))
+                part[t] += abs(x) if l1 else x * x
             acc = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]))
-            norms[c, b] = np.float32(np.sqrt(acc))
+            norms[k, b] = np.float32(acc) if l1 else np.float32(np.sqrt(acc))
 
 
 @njit(inline="always", cache=True)
-def _weighted_level(x, u, norm, s, w):
-    """w * Q(x) for one entry, the operations of reference._weighted_qsgd_ in their order (fp32)."""
+def _qsgd(x, u, norm, s):
+    """Q(x) for one entry: level * (norm / s), the operations of QSGD.compress_ in their order (fp32)."""
     safe = norm if norm > 0 else np.float32(1.0)
     t = min(abs(x) / safe, np.float32(1.0)) * s
     level = np.float32(np.floor(t))
     level = level + (np.float32(1.0) if u < t - level else np.float32(0.0))
     level = -level if x < 0 else level
-    return (level * (norm / s)) * w
+    return level * (norm / s)
+
+
+@njit(inline="always", cache=True)
+def _natural(x, u):
+    """NaturalCompression for one fp32 entry: the power of two below |x|, or twice it with probability
+    |x| / lower - 1, with x's sign (frexp is exact, subnormals included; see compressors.natural)."""
+    if x == 0:
+        return x
+    m, e = math.frexp(np.float64(abs(x)))
+    lower = math.ldexp(1.0, e - 1)
+    q = np.float32(2.0 * lower) if np.float64(u) < 2.0 * m - 1.0 else np.float32(lower)
+    return -q if x < 0 else q
 
 
 @njit(parallel=True, cache=True)
-def _aggregate_kernel(parent, child, order, segments, weights, seeds, norms, bucket, s, quantize, block):
-    """Pass 2: parent[p, cols] += sum over children c of p (in ``order``) of w_c * Q(child[c] - parent[p]).
+def _aggregate_kernel(parent, child, order, segments, weights, seeds, norms, norm_row, memory, ef, kind, bucket,
+                      s, out, write_out, block):
+    """Pass 2: for parent p and a block of columns, acc = sum over children c of p (in ``order``) of w_c * up_c,
+    where up_c = C(x) (no EF, EF) or the EF21 estimate g + C(x), updating the EF memory rows as it goes; then
+    parent[p] += acc, or out[p] = acc with ``write_out`` (a server optimizer's pseudo-gradient).
 
-    Per task, the block's draws of one child are made first into a buffer, then the entries are quantized in a
+    Per task, the block's draws of one child are made first into a buffer, then the entries are compressed in a
     plain loop (both loops are simple enough for LLVM to vectorise)."""
     m_rows, d = parent.shape
     nblocks = (d + block - 1) // block
+    draws = kind == 1 or kind == 3
     for task in prange(m_rows * nblocks):
         p = task // nblocks
         start = (task % nblocks) * block
         n = min(d, start + block) - start
         acc = np.zeros(n, dtype=np.float32)
-        ubuf = np.empty(block, dtype=np.float32)
+        ubuf = np.zeros(block, dtype=np.float32)
         for k in range(segments[p], segments[p + 1]):
             c = order[k]
             w = weights[c]
-            if not quantize:
-                for i in range(n):
-                    acc[i] += (child[c, start + i] - parent[p, start + i]) * w
-                continue
-            k0, k1 = _key(seeds[c])
-            first = start // 4
-            for i in range((n + 3) // 4):
-                w0, w1, w2, w3 = _philox(np.uint64(first + i), k0, k1)
-                ubuf[4 * i] = _to_uniform(w0)
-                ubuf[4 * i + 1] = _to_uniform(w1)
-                ubuf[4 * i + 2] = _to_uniform(w2)
-                ubuf[4 * i + 3] = _to_uniform(w3)
-            if bucket > 0:
-                for i in range(n):
-                    x = child[c, start + i] - parent[p, start + i]
-                    acc[i] += _weighted_level(x, ubuf[i], norms[c, (start + i) // bucket], s, w)
-            else:
-                norm = norms[c, 0]
-                for i in range(n):
-                    x = child[c, start + i] - parent[p, start + i]
-                    acc[i] += _weighted_level(x, ubuf[i], norm, s, w)
-        for i in range(n):
-            parent[p, start + i] = parent[p, start + i] + acc[i]
+            r = norm_row[c]
+            if draws:
+                k0, k1 = _key(seeds[c])
+                first = start // 4
+                for i in range((n + 3) // 4):
+                    w0, w1, w2, w3 = _philox(np.uint64(first + i), k0, k1)
+                    ubuf[4 * i] = _to_uniform(w0)
+                    ubuf[4 * i + 1] = _to_uniform(w1)
+                    ubuf[4 * i + 2] = _to_uniform(w2)
+                    ubuf[4 * i + 3] = _to_uniform(w3)
+            for i in range(n):
+                j = start + i
+                x = _input(parent, child, memory, ef, p, c, j)
+                if kind == 0:
+                    q = x
+                elif kind == 1:
+                    q = _qsgd(x, ubuf[i], norms[r, j // bucket], s)
+                elif kind == 2:
+                    b = j // bucket
+                    length = min(d, (b + 1) * bucket) - b * bucket
+                    scale = norms[r, b] / np.float32(length)
+                    q = scale if x >= 0 else -scale
+                else:
+                    q = _natural(x, ubuf[i])
+                if ef == 1:
+                    memory[c, j] = x - q
+                    up = q
+                elif ef == 2:
+                    up = memory[c, j] + q
+                    memory[c, j] = up
+                else:
+                    up = q
+                acc[i] += up * w
+        if write_out:
+            for i in range(n):
+                out[p, start + i] = acc[i]
+        else:
+            for i in range(n):
+                parent[p, start + i] = parent[p, start + i] + acc[i]
 
 
-def supports(parent: Tensor, child: Tensor, quantizer: Quantizer) -> bool:
-    """Whether :func:`aggregate_layer_numba_` handles these tensors and this quantizer."""
-    return (parent.device.type == "cpu" and child.device.type == "cpu" and parent.dtype == torch.float32
-            and child.dtype == torch.float32 and isinstance(quantizer, (QSGD, NoQuantization)))
+def supports(parent: Tensor, child: Tensor, compressor: Compressor, memory: Tensor | None = None,
+             out: Tensor | None = None) -> bool:
+    """Whether :func:`aggregate_layer_numba_` handles these tensors and this compressor: float32 CPU tensors and
+    Identity, QSGD, ScaledSign or NaturalCompression, with or without error feedback."""
+    tensors = [t for t in (parent, child, memory, out) if t is not None]
+    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and type(compressor) in KINDS)
 
 
 @torch.no_grad()
 def aggregate_layer_numba_(
-    parent: Tensor, child: Tensor, parent_index: Tensor, weights: Tensor, quantizer: Quantizer, seeds: Tensor
+    parent: Tensor, child: Tensor, parent_index: Tensor, weights: Tensor, compressor: Compressor, seeds: Tensor,
+    *, memory: Tensor | None = None, rows: Tensor | None = None, out: Tensor | None = None,
 ) -> Tensor:
-    """Eq. 4/6 for all parents of one layer, in place on ``parent`` (float32 CPU); returns the upload norms
-    float32 [C, buckets] (non-finite if an upload held NaN/Inf; then ``parent`` is untouched)."""
-    if not supports(parent, child, quantizer):
-        raise ValueError("aggregate_layer_numba_ takes float32 CPU tensors and a QSGD or NoQuantization quantizer")
+    """One layer's aggregation (see :func:`lightning_qmlhfl.kernels.aggregate_layer_`) on float32 CPU tensors;
+    returns the per-upload norms float32 [len(rows), buckets] (non-finite if an upload held NaN/Inf; then nothing
+    is written)."""
+    if not supports(parent, child, compressor, memory, out):
+        raise ValueError(
+            f"aggregate_layer_numba_ takes float32 CPU tensors and Identity, QSGD, ScaledSign or NaturalCompression; "
+            f"got {compressor!r} with dtypes {parent.dtype}/{child.dtype}"
+        )
     check_layer_shapes(parent, child, parent_index, weights)
-    if not quantizer.is_identity and seeds.shape != (child.shape[0],):
-        raise ValueError(f"seeds must have shape ({child.shape[0]},), got {tuple(seeds.shape)}")
     c_rows, d = child.shape
-    quantize = not quantizer.is_identity
-    bucket = quantizer.bucket_size if quantize and quantizer.bucket_size is not None else 0
+    ef = _EF[compressor.error_feedback]
+    if ef and (memory is None or memory.shape != child.shape):
+        raise ValueError(f"{compressor!r} needs its memory [{c_rows}, {d}], got "
+                         f"{None if memory is None else tuple(memory.shape)}")
+    kind = KINDS[type(compressor)]
+    rows_t = torch.arange(c_rows) if rows is None else rows.to(torch.int64).cpu().contiguous()
+    if compressor.uses_uniforms and seeds.shape != (c_rows,):
+        raise ValueError(f"seeds must have shape ({c_rows},), got {tuple(seeds.shape)}")
+    bucket = compressor.bucket_size if kind in (1, 2) and compressor.bucket_size is not None else 0
     bucket = bucket if 0 < bucket < d else 0
     nb = -(-d // bucket) if bucket else 1
     par = parent if parent.is_contiguous() else parent.contiguous()  # written back below
     chi = child.contiguous()
     pidx = parent_index.to(torch.int64).cpu().contiguous()
-    order, segments = children_by_parent(pidx, par.shape[0], "aggregate_layer_numba_")  # range-checked: the
-    # kernels index without bounds checks
-    norms = torch.empty(c_rows, nb, dtype=torch.float32)
-    if c_rows == 0:
+    if rows_t.numel() and (int(rows_t.min()) < 0 or int(rows_t.max()) >= c_rows):
+        raise ValueError(f"rows must index the {c_rows} child rows, got values in "
+                         f"[{int(rows_t.min())}, {int(rows_t.max())}]")
+    local, segments = children_by_parent(pidx[rows_t], par.shape[0], "aggregate_layer_numba_")  # range-checked:
+    # the kernels index without bounds checks
+    order = rows_t[local]
+    norms = torch.empty(rows_t.numel(), nb, dtype=torch.float32)
+    if c_rows == 0 or rows_t.numel() == 0:
+        if out is not None:
+            out.zero_()
         return norms
-    pa, ch = par.numpy(), chi.numpy()
+    mem = memory if memory is not None else torch.zeros(1, 1)
+    if not mem.is_contiguous():
+        raise ValueError("the error-feedback memory must be contiguous")
+    pa, ch, me = par.numpy(), chi.numpy(), mem.numpy()
     _use_torch_threads()
-    _norms_kernel(pa, ch, pidx.numpy(), bucket if bucket else d, norms.numpy())
+    _norms_kernel(pa, ch, rows_t.numpy(), pidx.numpy(), me, ef, bucket if bucket else d, compressor.norm == "l1",
+                  norms.numpy())
     if not bool(torch.isfinite(norms).all()):
         return norms
-    s = np.float32(quantizer.levels if quantize else 1)
+    norm_row = torch.full((c_rows,), -1, dtype=torch.int64)
+    norm_row[rows_t] = torch.arange(rows_t.numel())
+    s = np.float32(compressor.levels if kind == 1 else 1)
+    o = out if out is not None else torch.zeros(1, 1)
+    if out is not None and (out.shape != par.shape or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous tensor of the parent's shape {tuple(par.shape)}")
     _aggregate_kernel(pa, ch, order.numpy(), segments.numpy(), weights.to(torch.float32).contiguous().numpy(),
-                      seeds.to(torch.int64).contiguous().numpy(), norms.numpy(), bucket, s, quantize, _BLOCK)
+                      seeds.to(torch.int64).contiguous().numpy(), norms.numpy(), norm_row.numpy(), me, ef, kind,
+                      bucket if bucket else d, s, o.numpy(), out is not None, _BLOCK)
     if par is not parent:
         parent.copy_(par)
     return norms

@@ -76,12 +76,12 @@ import triton.language as tl
 from torch import Tensor
 
 from ..hierarchy import children_by_parent
-from ..quantizers import QSGD, Encoded, Quantizer
+from ..compressors import QSGD, Encoded, Identity, Quantizer
 
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET") == "1"
 """Whether the kernels run in Triton's CPU interpreter (Triton decides this when this module is first imported)."""
 
-__all__ = ["INTERPRET", "aggregate_layer_triton_", "encode_uploads_triton", "row_norms_triton", "triton_uniforms"]
+__all__ = ["INTERPRET", "supports", "aggregate_layer_triton_", "encode_uploads_triton", "row_norms_triton", "triton_uniforms"]
 
 _STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _MAX_COLS = 2**31 - 2**16  # column indices (and block starts past them) must fit in int32
@@ -488,6 +488,14 @@ def row_norms_triton(
     return _norms(layer, _buckets(None, bucket_size, layer.shape[2]), block)
 
 
+def supports(parent: Tensor, child: Tensor, compressor: Quantizer, memory: Tensor | None = None,
+             rows: Tensor | None = None, out: Tensor | None = None) -> bool:
+    """What these kernels implement: QSGD and Identity without error feedback, over all child rows, adding into
+    the parents; storage fp32/fp16/bf16/fp64."""
+    return (type(compressor) in (QSGD, Identity) and compressor.error_feedback is None and memory is None
+            and rows is None and out is None and parent.dtype in _STORAGE_DTYPES and child.dtype in _STORAGE_DTYPES)
+
+
 @torch.no_grad()
 def aggregate_layer_triton_(
     parent: Tensor,
@@ -497,6 +505,9 @@ def aggregate_layer_triton_(
     quantizer: Quantizer,
     seeds: Tensor,
     *,
+    memory: Tensor | None = None,
+    rows: Tensor | None = None,
+    out: Tensor | None = None,
     layout: str = "segments",
     block: int | None = None,
 ) -> Tensor:
@@ -515,6 +526,10 @@ def aggregate_layer_triton_(
     atomics), so compare there with a relative tolerance of ~1e-6 of the update.
     """
     who = "aggregate_layer_triton_"
+    if type(quantizer) not in (QSGD, Identity) or quantizer.error_feedback or memory is not None or rows is not None \
+            or out is not None:
+        raise ValueError(f"{who}: implements QSGD and Identity without error feedback, all rows, no out=; got "
+                         f"{quantizer!r}; use the torch backend")
     if layout not in _LAYOUTS:
         raise ValueError(f"{who}: layout must be one of {_LAYOUTS}, got {layout!r}")
     if not isinstance(quantizer, Quantizer):

@@ -25,10 +25,10 @@ from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 from ..data.materialize import extract_labels, materialize_dataset, num_samples
 from ..data.partition import Dirichlet, Partitioner, make_partitioner
 from ..data.sampler import DeviceSampler
-from ..engine import NonFiniteUpdateError, QMLHFLEngine, gather_batch, validate_quantizers, validate_taus
+from ..engine import NonFiniteUpdateError, QMLHFLEngine, gather_batch, resolve_compressors, validate_taus
 from ..hierarchy import Hierarchy
 from ..kernels import check_backend
-from ..quantizers import QSGD, Quantizer
+from ..compressors import QSGD, Compressor
 from ..rng import Stream, mix
 from ..stacked import check_param_order
 from ..theory.latency import LatencyModel, default_uplink_rates
@@ -73,7 +73,7 @@ class QMLHFLCore:
         self,
         hierarchy: Hierarchy | None = None,
         taus: Sequence[int] | None = None,
-        quantizers: Sequence[Quantizer | int | str | None] | None = None,
+        compressors: Sequence[Compressor | int | str | None] | None = None,
         partition: Partitioner | dict | str | None = None,
         seed: int = 0,
         executor: str = "auto",
@@ -88,6 +88,7 @@ class QMLHFLCore:
         backend: str = "auto",
         param_order: str = "fast",
         max_dataset_bytes: int | None = None,
+        quantizers: Sequence[Compressor | int | str | None] | None = None,
     ) -> None:
         self.hierarchy = hierarchy if hierarchy is not None else Hierarchy.balanced([4, 5, 5])
         if not isinstance(self.hierarchy, Hierarchy):
@@ -96,7 +97,7 @@ class QMLHFLCore:
         if taus is None:
             taus = [5, 2, 2] if self.hierarchy.nodes_per_layer == (100, 20, 4, 1) else [2] * N
         self.taus = validate_taus(taus, N)
-        self.quantizers = validate_quantizers(quantizers if quantizers is not None else [QSGD(8)] * N, N)
+        self.compressors = resolve_compressors(compressors, quantizers, N, default=[QSGD(8)] * N)
         self.partitioner = make_partitioner(partition if partition is not None else Dirichlet(alpha=0.5))
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an integer, got {seed!r}")
@@ -223,7 +224,7 @@ class QMLHFLCore:
         module = strategy.lightning_module
         cls, groups = self._optimizer_spec(module, strategy.optimizers[0])
         self.engine = QMLHFLEngine(
-            module, self._device_loss, self.hierarchy, self.taus, self.quantizers, optimizer=cls,
+            module, self._device_loss, self.hierarchy, self.taus, self.compressors, optimizer=cls,
             executor=self.executor, seed=self.seed, device_mass=mass, backend=self.backend, device=device,
             param_order=self.param_order, param_groups=groups, grad_clip=self._clip,
         )
@@ -238,7 +239,7 @@ class QMLHFLCore:
         if self.smoothness is not None:
             from ..theory import check_learning_rate
 
-            check_learning_rate(self.engine.optimizer.lr, self.smoothness, self.taus, list(self.quantizers),
+            check_learning_rate(self.engine.optimizer.lr, self.smoothness, self.taus, list(self.compressors),
                                 self.hierarchy, d=self.engine.num_params, strict=self.strict_lr)
 
     @staticmethod

@@ -39,7 +39,7 @@ from typing_extensions import override
 from ..data.partition import Partitioner
 from ..engine import QMLHFLEngine
 from ..hierarchy import Hierarchy
-from ..quantizers import Quantizer
+from ..compressors import Compressor
 from ..theory.latency import LatencyModel
 from .core import QMLHFLCore
 
@@ -52,7 +52,9 @@ class QMLHFLStrategy(SingleDeviceStrategy):
     Args:
         hierarchy: the tree (default ``Hierarchy.balanced([4, 5, 5])``: 100 devices, N = 3).
         taus: (tau_1..tau_N) (default ``[5, 2, 2]`` for the default hierarchy, else all 2).
-        quantizers: one per layer: Quantizer, int s, or "none" (default QSGD(8) on every layer).
+        compressors: one per layer (:mod:`lightning_qmlhfl.compressors`: QSGD, TopK, RandomK, ScaledSign,
+            NaturalCompression, Identity, each with optional error feedback), or config values (int s, "none");
+            default QSGD(8) on every layer. ``quantizers=`` is an alias.
         partition: a Partitioner or config (default ``Dirichlet(alpha=0.5)``).
         seed: seeds the partition, per-device sampling, dropout masks, augmentation and quantization draws.
         executor: "auto", "vmap" or "loop" (``auto`` falls back to the loop for steps vmap cannot run).
@@ -82,7 +84,7 @@ class QMLHFLStrategy(SingleDeviceStrategy):
         self,
         hierarchy: Hierarchy | None = None,
         taus: Sequence[int] | None = None,
-        quantizers: Sequence[Quantizer | int | str | None] | None = None,
+        compressors: Sequence[Compressor | int | str | None] | None = None,
         partition: Partitioner | dict | str | None = None,
         seed: int = 0,
         executor: str = "auto",
@@ -98,13 +100,14 @@ class QMLHFLStrategy(SingleDeviceStrategy):
         device: str | torch.device | None = None,
         param_order: str = "fast",
         max_dataset_bytes: int | None = None,
+        quantizers: Sequence[Compressor | int | str | None] | None = None,
     ) -> None:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         super().__init__(device=torch.device(device))
         self.core = QMLHFLCore(
-            hierarchy=hierarchy, taus=taus, quantizers=quantizers, partition=partition, seed=seed,
-            executor=executor, weighting=weighting, global_rounds=global_rounds, latency=latency,
+            hierarchy=hierarchy, taus=taus, compressors=compressors, quantizers=quantizers, partition=partition,
+            seed=seed, executor=executor, weighting=weighting, global_rounds=global_rounds, latency=latency,
             smoothness=smoothness, strict_lr=strict_lr, train_transform=train_transform, label_key=label_key,
             label_fn=label_fn, backend=backend, param_order=param_order, max_dataset_bytes=max_dataset_bytes,
         )
@@ -134,8 +137,13 @@ class QMLHFLStrategy(SingleDeviceStrategy):
         return self.core.taus
 
     @property
-    def quantizers(self) -> tuple[Quantizer, ...]:
-        return self.core.quantizers
+    def compressors(self) -> tuple[Compressor, ...]:
+        return self.core.compressors
+
+    @property
+    def quantizers(self) -> tuple[Compressor, ...]:
+        """The per-layer compressors (the earlier name)."""
+        return self.core.compressors
 
     @property
     def partitioner(self) -> Partitioner:

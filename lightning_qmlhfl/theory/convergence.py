@@ -61,10 +61,11 @@ from typing import Mapping, Sequence, Union
 import numpy as np
 
 from ..hierarchy import Hierarchy
-from ..quantizers import Quantizer, make_quantizer
+from ..compressors import Compressor, make_compressor
 
 __all__ = [
     "LearningRateWarning",
+    "TheoryWarning",
     "check_taus",
     "q_bound",
     "quantizer_variances",
@@ -79,12 +80,17 @@ __all__ = [
     "rate_proxy",
 ]
 
-QSpec = Union[float, int, Quantizer, str, None, Mapping]
+QSpec = Union[float, int, Compressor, str, None, Mapping]
 """A layer's quantization: a plain variance bound q_n >= 0, or anything :func:`make_quantizer` accepts."""
 
 
 class LearningRateWarning(UserWarning):
     """The learning rate violates the condition of Theorem 1 (Eq. 15) for the given tau, quantizers and tree."""
+
+
+class TheoryWarning(UserWarning):
+    """The configuration is outside the paper's assumptions (a biased compressor, error feedback, a server
+    optimizer other than Average), so Eq. 15 and the planner's rate are used outside their theory."""
 
 
 # ----------------------------------------------------------------------------------------------- validation
@@ -131,8 +137,14 @@ def q_bound(s: int | None, d: int) -> float:
 
 
 def quantizer_variances(quantizers: Sequence[QSpec], d: int | None = None) -> list[float]:
-    """The q_n of each layer. Entries may be plain floats q_n >= 0 (used as is) or quantizer specs
-    (a :class:`Quantizer`, an int s, ``None``/"none", a dict), which need ``d`` = number of model parameters."""
+    """The q_n of each layer. Entries may be plain floats q_n >= 0 (used as is) or compressor specs
+    (a :class:`~lightning_qmlhfl.compressors.Compressor`, an int s, ``None``/"none", a dict), which need ``d`` =
+    number of model parameters.
+
+    The paper's theory (Assumption 1) covers unbiased compressors without error feedback, whose q_n is their
+    variance bound: QSGD's q(s, d), random-k's d/k - 1, natural compression's 1/8, the identity's 0. For a biased
+    compressor (top-k, scaled sign) or one with error feedback a :class:`TheoryWarning` says that the theory does
+    not apply, and its error bound (E||C(x) - x||^2 <= omega ||x||^2) stands in for q_n."""
     if isinstance(quantizers, (str, bytes)) or not isinstance(quantizers, Sequence):
         raise ValueError(f"quantizers must be a list with one entry per layer, got {quantizers!r}")
     out = []
@@ -144,7 +156,7 @@ def quantizer_variances(quantizers: Sequence[QSpec], d: int | None = None) -> li
             out.append(v)
             continue
         try:
-            quant = make_quantizer(q)
+            quant = make_compressor(q)
         except ValueError as err:
             raise ValueError(
                 f"layer {i + 1}: {err} (integers are QSGD levels s; give a variance bound q_n as a float, e.g. 0.0)"
@@ -159,6 +171,13 @@ def quantizer_variances(quantizers: Sequence[QSpec], d: int | None = None) -> li
             )
         if isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1:
             raise ValueError(f"d (the number of model parameters) must be an integer >= 1, got {d!r}")
+        if not quant.covered_by_theory:
+            why = "is biased" if not quant.unbiased else "uses error feedback"
+            warnings.warn(
+                f"layer {i + 1}: {quant!r} {why}; the paper's theory (Eq. 15, the planner's rate) assumes unbiased "
+                f"compressors without error feedback, so it does not apply here. Its error bound "
+                f"omega = {quant.error_bound(int(d)):.4g} (E||C(x) - x||^2 <= omega ||x||^2) is used in place of q_{i + 1}",
+                TheoryWarning, stacklevel=2)
         out.append(float(quant.variance_bound(int(d))))
     return out
 

@@ -9,7 +9,8 @@ is sequential). Hence::
     T_glob(tau) = prod_m tau_m * t_comp  +  sum_{n=1..N} (prod_{m>n} tau_m) * t_n
     t_n         = bits_n / min(uplink rate of a layer-(n-1) sender)  [+ downlink_bits_n / min(downlink rate)]
 
-``bits_n`` is :meth:`Quantizer.bits` of layer n's quantizer for the model's d parameters. The optional downlink
+``bits_n`` is :func:`lightning_qmlhfl.compressors.upload_bits` of layer n's compressor for the model's d
+parameters and its float buffers (the engine's count). The optional downlink
 (Eq. 5 re-synchronisation, never quantized, so 32 d bits by default) is charged once per aggregation of the layer:
 after an aggregation at layer n the new model travels down links n, n-1, ..., 1, but the links below n also aggregated
 at that moment, so every link still carries exactly one download per aggregation of its own layer.
@@ -29,7 +30,8 @@ from typing import Any, Callable, Sequence, Union
 import numpy as np
 import torch
 
-from ..quantizers import Quantizer, make_quantizer
+from ..compressors import Compressor, make_compressor
+from ..compressors import upload_bits as _upload_bits
 
 __all__ = ["LatencyModel", "RoundTime", "upload_bits", "downlink_bits", "default_uplink_rates", "measure_compute_time"]
 
@@ -63,18 +65,20 @@ def default_uplink_rates(num_layers: int) -> list[float]:
     return [1e8 / 10**n for n in range(num_layers)]
 
 
-def upload_bits(quantizers: Sequence[Any], d: int) -> list[int]:
-    """Bits of one upload on each layer's links, n = 1..N: ``make_quantizer(spec).bits(d)`` (32 d unquantized)."""
+def upload_bits(quantizers: Sequence[Any], d: int, buffer_elems: int = 0) -> list[int]:
+    """Bits of one upload on each layer's links, n = 1..N, by :func:`lightning_qmlhfl.compressors.upload_bits`
+    (the engine's count): the d parameters compressed by the layer's compressor plus ``buffer_elems`` float
+    buffer entries (BatchNorm statistics) at 32 bits."""
     if isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1:
         raise ValueError(f"d (the number of model parameters) must be an integer >= 1, got {d!r}")
     if isinstance(quantizers, (str, bytes)) or not isinstance(quantizers, Sequence):
         raise ValueError(f"quantizers must be a list with one entry per layer, got {quantizers!r}")
-    return [int(make_quantizer(q).bits(int(d))) for q in quantizers]
+    return [_upload_bits(make_compressor(q), int(d), buffer_elems) for q in quantizers]
 
 
 def downlink_bits(d: int) -> int:
     """Bits of one (unquantized, fp32) model download: 32 d."""
-    return Quantizer.baseline_bits(d)
+    return Compressor.baseline_bits(d)
 
 
 @dataclass(frozen=True)
@@ -215,9 +219,12 @@ class LatencyModel:
             comm.append(count * link[n - 1])
         return RoundTime(total=compute + sum(comm), compute=compute, per_layer_comm=tuple(comm), link_time=tuple(link))
 
-    def round_time_for(self, taus: Sequence[int], quantizers: Sequence[Any], d: int) -> RoundTime:
-        """:meth:`round_time` with the bits of ``quantizers`` (one spec per layer) for a d-parameter model."""
-        return self.round_time(taus, upload_bits(quantizers, d), downlink_bits(d) if self._down else None)
+    def round_time_for(self, taus: Sequence[int], quantizers: Sequence[Any], d: int, buffer_elems: int = 0
+                       ) -> RoundTime:
+        """:meth:`round_time` with the bits of ``quantizers`` (one spec per layer) for a d-parameter model with
+        ``buffer_elems`` float buffer entries (the engine's count, :func:`upload_bits`)."""
+        return self.round_time(taus, upload_bits(quantizers, d, buffer_elems),
+                               downlink_bits(d + buffer_elems) if self._down else None)
 
     def round_time_grid(self, tau_grid: np.ndarray, link_times: Sequence[float]) -> np.ndarray:
         """Vectorised T_glob for many tau: ``tau_grid`` int array [K, N], ``link_times`` t_n -> float64 [K]."""

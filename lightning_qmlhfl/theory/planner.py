@@ -50,7 +50,7 @@ import numpy as np
 
 from ..hierarchy import Hierarchy
 from .latency import LatencyModel, RoundTime, downlink_bits, upload_bits
-from ..quantizers import QSGD, make_quantizer
+from ..compressors import QSGD, make_compressor
 from .convergence import aggregation_ratios, check_taus, lr_condition_bracket_grid, quantizer_variances
 
 __all__ = ["Plan", "InfeasiblePlanError", "plan_taus", "evaluate_taus"]
@@ -141,6 +141,7 @@ class _Problem:
         safety: float,
         adapt_mu: bool,
         tau_max: int,
+        buffer_elems: int = 0,
     ) -> None:
         if not isinstance(hierarchy, Hierarchy):
             hierarchy = Hierarchy.balanced(hierarchy)
@@ -152,7 +153,7 @@ class _Problem:
         self.d = int(d)
         if isinstance(quantizers, (str, bytes)) or not isinstance(quantizers, Sequence) or len(quantizers) != N:
             raise ValueError(f"quantizers must list one quantizer spec per layer (N = {N}), got {quantizers!r}")
-        self.quantizers = [make_quantizer(q) for q in quantizers]
+        self.quantizers = [make_compressor(q) for q in quantizers]
         if not isinstance(latency, LatencyModel):
             raise ValueError(f"latency must be a LatencyModel, got {type(latency).__name__}")
         if latency.num_layers != N:
@@ -171,8 +172,10 @@ class _Problem:
         self.tau_max = int(tau_max)
         self.qs = quantizer_variances(self.quantizers, self.d)
         self.rhos = aggregation_ratios(hierarchy, N)
-        self.bits = upload_bits(self.quantizers, self.d)
-        self.down_bits = downlink_bits(self.d) if latency.slowest_downlink_rates is not None else None
+        self.buffer_elems = int(buffer_elems)
+        self.bits = upload_bits(self.quantizers, self.d, self.buffer_elems)
+        down = downlink_bits(self.d + self.buffer_elems)
+        self.down_bits = down if latency.slowest_downlink_rates is not None else None
         self.link = latency.link_times(self.bits, self.down_bits)
         self.evaluated = 0
 
@@ -333,7 +336,7 @@ class _Problem:
         for b in range(15, 0, -1):  # QSGD with s = 2^b - 1 levels sends 1 + b bits per entry (+32 per bucket)
             s = 2**b - 1
             qz = [QSGD(s, q.bucket_size) for q in self.quantizers]
-            bits = upload_bits(qz, self.d)
+            bits = upload_bits(qz, self.d, self.buffer_elems)
             if any(nb > ob for nb, ob in zip(bits, self.bits)):
                 continue  # never suggest more bits than now on any layer
             rt = self.latency.round_time(ones, bits, self.down_bits)
@@ -344,7 +347,7 @@ class _Problem:
                     f"(the learning-rate condition then tightens: q_n grows)."
                 )
         qz = [QSGD(1, q.bucket_size) for q in self.quantizers]
-        rt = self.latency.round_time(ones, upload_bits(qz, self.d), self.down_bits)
+        rt = self.latency.round_time(ones, upload_bits(qz, self.d, self.buffer_elems), self.down_bits)
         return (
             f"* Coarser quantization alone cannot do it: even s = 1 (2 bits per entry) on every uplink gives "
             f"T_glob = {rt.total:.6g} s > {T_d:g} s."
@@ -488,6 +491,7 @@ def plan_taus(
     tau_max: int = 32,
     method: Method = "auto",
     exact_limit: int = 500_000,
+    buffer_elems: int = 0,
 ) -> Plan:
     """Integer tau_n >= 1 maximising mu * floor(T_d / T_glob(tau)) * prod tau under Eq. 15 (module docstring).
 
@@ -495,7 +499,10 @@ def plan_taus(
     an int s, ``None`` = 32-bit); d: number of model parameters; latency: the :class:`LatencyModel`; deadline: T_d in
     seconds; L: smoothness constant; mu: the learning rate you train with (``None``: chosen per tau);
     safety in (0, 1): mu = safety * mu_max where mu must be lowered; tau_max: search bound per layer;
-    method: "exact", "heuristic" or "auto"; exact_limit: the largest box the exact search enumerates.
+    method: "exact", "heuristic" or "auto"; exact_limit: the largest box the exact search enumerates;
+    buffer_elems: float buffer entries (BatchNorm statistics) that travel with every upload at 32 bits.
+    The theory behind the rate (Eq. 15) covers unbiased compressors without error feedback and plain averaging
+    (``Average()``) only; other configurations get a TheoryWarning and are planned with the same formulas.
     Returns a :class:`Plan`; when nothing is feasible, ``plan.feasible`` is False and ``plan.message`` says what
     would help (``plan.require_feasible()`` raises :class:`InfeasiblePlanError` with it).
     """
@@ -503,7 +510,7 @@ def plan_taus(
         raise ValueError(f"method must be 'auto', 'exact' or 'heuristic', got {method!r}")
     if isinstance(exact_limit, bool) or not isinstance(exact_limit, numbers.Integral) or exact_limit < 1:
         raise ValueError(f"exact_limit must be an integer >= 1, got {exact_limit!r}")
-    prob = _Problem(hierarchy, quantizers, d, latency, deadline, L, mu, safety, adapt_mu, tau_max)
+    prob = _Problem(hierarchy, quantizers, d, latency, deadline, L, mu, safety, adapt_mu, tau_max, buffer_elems)
     caps = prob.caps()
     if min(caps) == 0:  # (1, ..., 1) is infeasible, hence every tau is (module docstring)
         return prob.infeasible("exact" if method == "auto" else method)
@@ -526,13 +533,14 @@ def evaluate_taus(
     *,
     safety: float = 0.5,
     adapt_mu: bool = True,
+    buffer_elems: int = 0,
 ) -> Plan:
     """Score one given tau the way :func:`plan_taus` does (e.g. a random feasible tau for comparison).
 
     Returns a Plan with ``method="given"``; ``feasible`` is False (with the reason) when tau misses the deadline or,
     with ``adapt_mu=False``, violates Eq. 15.
     """
-    prob = _Problem(hierarchy, quantizers, d, latency, deadline, L, mu, safety, adapt_mu, 1)
+    prob = _Problem(hierarchy, quantizers, d, latency, deadline, L, mu, safety, adapt_mu, 1, buffer_elems)
     t = check_taus(taus, prob.N)
     ev = prob.evaluate(np.asarray([t], dtype=np.int64))
     if not ev["feasible"][0]:

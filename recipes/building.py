@@ -1,0 +1,33 @@
+"""Config -> library objects, shared by every recipe (no Lightning import here, so ``recipes.plan`` stays light)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_qmlhfl.compressors import Compressor, layer_compressors, layer_quantizers
+from lightning_qmlhfl.hierarchy import Hierarchy
+
+__all__ = ["build_hierarchy", "build_compressors"]
+
+
+def build_hierarchy(cfg: DictConfig) -> Hierarchy:
+    h = cfg.hierarchy
+    if h.get("parents") is not None:
+        return Hierarchy.from_parents(OmegaConf.to_container(h.parents))
+    return Hierarchy.balanced([int(b) for b in h.branching])
+
+
+def build_compressors(cfg: DictConfig, num_layers: int) -> list[Compressor]:
+    """C_1..C_N from the ``compressor`` group (``compressor.layers`` names one compressor per layer or one for all;
+    ``compressor.levels`` / ``bucket_size`` / ``ratio`` / ``k`` / ``error_feedback`` are one value or a list of N;
+    ``levels`` and ``bucket_size`` default to ``quantizer.levels`` / ``quantizer.bucket_size``). Configs without a
+    ``compressor`` group use the QSGD levels of ``quantizer`` (null levels: 32-bit uploads)."""
+    c: Any = cfg.get("compressor")
+    if c is None:
+        q = OmegaConf.to_container(cfg.quantizer, resolve=True)
+        return layer_quantizers(q.get("levels"), q.get("bucket_size"), num_layers)
+    opts = OmegaConf.to_container(c, resolve=True)
+    layers = opts.pop("layers", "qsgd")
+    return layer_compressors(layers, num_layers, **opts)
