@@ -18,6 +18,7 @@ from .compressors import (QSGD, Compressor, Identity, NaturalCompression, NoQuan
                           ScaledSign, TopK, make_compressor, make_quantizer, upload_bits)
 from .data.partition import IID, Dirichlet, Shards
 from .hierarchy import Hierarchy
+from .server_optim import Average, FedAdagrad, FedAdam, FedAvgM, FedYogi, ServerOptimizer
 
 __version__ = "0.1.0"
 
@@ -25,7 +26,7 @@ _LAZY = {"QMLHFLStrategy": ".strategy"}
 
 __all__ = ["Hierarchy", "Compressor", "QSGD", "TopK", "RandomK", "ScaledSign", "NaturalCompression", "Identity",
            "NoQuantization", "Quantizer", "make_compressor", "make_quantizer", "upload_bits", "IID", "Dirichlet",
-           "Shards", *_LAZY]
+           "Shards", "ServerOptimizer", "Average", "FedAvgM", "FedAdam", "FedYogi", "FedAdagrad", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from .kernels import Backend, aggregate_layer_, check_backend
 from .rng import row_seeds
+from .server_optim import ServerOptimizer, validate_server_optimizers
 from .cpu_alloc import retain_large_allocations
 from .device_optim import DeviceOptimizer
 from .executors import LossFn, make_executor
@@ -118,6 +119,8 @@ class QMLHFLEngine:
             Default: one group of every parameter with ``optimizer_kwargs``.
         grad_clip: optional ``("norm", max_norm)`` or ``("value", clip_value)``: each device's own gradient is
             clipped before its update (:class:`~lightning_qmlhfl.device_optim.DeviceOptimizer`).
+        server_optimizers: one :class:`~lightning_qmlhfl.server_optim.ServerOptimizer` per layer n = 1..N (or one
+            for every layer; config names accepted); default ``Average()`` everywhere, the paper's Eq. 4/6.
 
     Frozen parameters (in no group, or ``requires_grad=False``) are not stacked, trained, sent or counted in the
     bits: every device uses the template's copy.
@@ -141,6 +144,7 @@ class QMLHFLEngine:
         param_groups: Sequence[dict[str, Any]] | None = None,
         grad_clip: tuple[str, float] | None = None,
         quantizers: Sequence[Compressor | int | str | None] | None = None,
+        server_optimizers: Sequence[ServerOptimizer | str | dict] | ServerOptimizer | str | None = None,
     ) -> None:
         if not isinstance(hierarchy, Hierarchy):
             raise TypeError(f"hierarchy must be a Hierarchy, got {type(hierarchy).__name__}")
@@ -183,6 +187,19 @@ class QMLHFLEngine:
             torch.zeros(self.state.params[n - 1].shape, dtype=work, device=self.device)
             if self.compressors[n - 1].error_feedback else None for n in range(1, self.N + 1)
         ]
+        # Server optimizers: per layer n, the state of its nodes (one row per node, stacked like the models) and a
+        # scratch buffer for their pseudo-gradients Delta_p; nothing for Average (the kernel adds in place).
+        self.server_optimizers = validate_server_optimizers(server_optimizers, self.N)
+        self.server_state: list[dict[str, Tensor] | None] = []
+        self._delta: list[Tensor | None] = []
+        for n, opt in enumerate(self.server_optimizers, start=1):
+            rows = self.state.params[n].shape[0]
+            if opt.is_average:
+                self.server_state.append(None)
+                self._delta.append(None)
+            else:
+                self.server_state.append(opt.init_state(rows, self.state.num_params, work, self.device))
+                self._delta.append(torch.empty(rows, self.state.num_params, dtype=work, device=self.device))
         self._grads: Tensor | list[Tensor | None] | None = None  # accumulated gradients of the current step
         self._step_losses: list[Tensor] = []
         self._step_aux: list[dict[str, Tensor]] = []
@@ -302,11 +319,14 @@ class QMLHFLEngine:
             bad = ~torch.isfinite(s.buffers[n - 1]).all(dim=1)
             if bool(bad.any()):
                 raise NonFiniteUpdateError(n, int(bad.nonzero()[0]), self.round, self.step_in_round, "buffer")
+        delta = self._delta[n - 1]
         norms = aggregate_layer_(s.params[n], s.params[n - 1], idx, w, self.compressors[n - 1], seeds, self.backend,
-                                 memory=self.memory[n - 1])
+                                 memory=self.memory[n - 1], out=delta)
         bad = ~torch.isfinite(norms).all(dim=1)
         if bool(bad.any()):
             raise NonFiniteUpdateError(n, int(bad.nonzero()[0]), self.round, self.step_in_round)
+        if delta is not None:  # a server optimizer turns the pseudo-gradients into the update of the node models
+            self.server_optimizers[n - 1].step_(s.params[n], delta, self.server_state[n - 1])
         if s.num_buffer_elems:
             aggregate_layer_(s.buffers[n], s.buffers[n - 1], idx, w, Identity(), seeds, "torch")
         # Eq. 5: everything below layer n continues from its layer-n ancestor's new model.
@@ -344,6 +364,8 @@ class QMLHFLEngine:
         return {
             "stacked": self.state.state_dict(),
             "memory": [None if m is None else m.clone() for m in self.memory],
+            "server_state": [None if st is None else {k: v.clone() for k, v in st.items()}
+                             for st in self.server_state],
             "optimizer": self.optimizer.state_dict(),
             "counters": {
                 "round": self.round,
@@ -358,6 +380,7 @@ class QMLHFLEngine:
             "config": {
                 "taus": list(self.taus),
                 "compressors": [repr(q) for q in self.compressors],
+                "server_optimizers": [repr(o) for o in self.server_optimizers],
                 "hierarchy": self.hierarchy.to_dict(),
                 "seed": self.seed,
                 "param_layout": [[name, list(shape), list(order)] for name, shape, order in
@@ -369,8 +392,9 @@ class QMLHFLEngine:
         cfg = dict(sd["config"])
         if "compressors" not in cfg:  # checkpoints from before compressors: "quantizers", NoQuantization's name
             cfg["compressors"] = [q.replace("NoQuantization()", "Identity()") for q in cfg.get("quantizers", [])]
+        cfg.setdefault("server_optimizers", ["Average()"] * self.N)  # checkpoints from before server optimizers
         mine = self.state_dict()["config"]
-        for key in ("taus", "compressors", "hierarchy", "seed"):
+        for key in ("taus", "compressors", "server_optimizers", "hierarchy", "seed"):
             if cfg[key] != mine[key]:
                 raise ValueError(f"checkpoint was made with {key}={cfg[key]!r}, this run has {mine[key]!r}")
         # The meaning of the flat rows (checkpoints from before storage orders were recorded used module order).
@@ -387,6 +411,10 @@ class QMLHFLEngine:
                 raise ValueError(f"checkpoint and run disagree on error feedback at layer {n}")
             if mine_m is not None:
                 mine_m.copy_(theirs_m)
+        for mine_s, theirs_s in zip(self.server_state, sd.get("server_state", [None] * self.N)):
+            if mine_s is not None:
+                for k, v in mine_s.items():
+                    v.copy_(theirs_s[k])
         self.optimizer.load_state_dict(sd["optimizer"])
         c = sd["counters"]
         self.round, self.step_in_round, self.total_steps = c["round"], c["step_in_round"], c["total_steps"]

@@ -8,8 +8,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_qmlhfl.compressors import Compressor, layer_compressors, layer_quantizers
 from lightning_qmlhfl.hierarchy import Hierarchy
+from lightning_qmlhfl.server_optim import ServerOptimizer, layer_server_optimizers
 
-__all__ = ["build_hierarchy", "build_compressors"]
+__all__ = ["build_hierarchy", "build_compressors", "build_server_optimizers"]
 
 
 def build_hierarchy(cfg: DictConfig) -> Hierarchy:
@@ -31,3 +32,12 @@ def build_compressors(cfg: DictConfig, num_layers: int) -> list[Compressor]:
     opts = OmegaConf.to_container(c, resolve=True)
     layers = opts.pop("layers", "qsgd")
     return layer_compressors(layers, num_layers, **opts)
+
+
+def build_server_optimizers(cfg: DictConfig, num_layers: int) -> list[ServerOptimizer]:
+    """One server optimizer per layer from the ``server_optim`` group (``Average()`` everywhere without it)."""
+    c: Any = cfg.get("server_optim")
+    if c is None:
+        return layer_server_optimizers("average", num_layers)
+    opts = OmegaConf.to_container(c, resolve=True)
+    return layer_server_optimizers(opts.pop("layers", "average"), num_layers, **opts)

@@ -34,7 +34,7 @@ from lightning_qmlhfl.data import make_partitioner  # noqa: E402
 from lightning_qmlhfl.compressors import Compressor  # noqa: E402
 from lightning_qmlhfl.stacked import upload_dims  # noqa: E402
 from lightning_qmlhfl.strategy import QMLHFLStrategy  # noqa: E402
-from recipes.building import build_compressors, build_hierarchy  # noqa: E402
+from recipes.building import build_compressors, build_hierarchy, build_server_optimizers  # noqa: E402
 
 __all__ = ["run", "build_compressors", "build_hierarchy"]
 
@@ -151,6 +151,7 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict[str, 
 
     strategy = QMLHFLStrategy(
         hierarchy=hierarchy, taus=list(cfg.hierarchy.taus), compressors=compressors,
+        server_optimizers=build_server_optimizers(cfg, N),
         partition=make_partitioner(OmegaConf.to_container(cfg.partition, resolve=True)), seed=int(cfg.seed),
         executor=cfg.trainer.executor, weighting=cfg.trainer.weighting, global_rounds=rounds,
         latency=latency, smoothness=cfg.trainer.get("smoothness"), train_transform=transform,
@@ -187,6 +188,7 @@ def summarise(cfg: DictConfig, strategy: QMLHFLStrategy, records: list[dict], wa
         "devices": strategy.hierarchy.num_devices,
         "taus": list(e.taus),
         "compressors": [repr(q) for q in e.compressors],
+        "server_optimizers": [repr(o) for o in e.server_optimizers],
         "partition": repr(strategy.partitioner),
         "seed": int(cfg.seed),
         "rounds": e.round,

@@ -23,6 +23,7 @@ from lightning_qmlhfl.engine import NonFiniteUpdateError, QMLHFLEngine
 from lightning_qmlhfl.stacked import ParamLayout
 
 from helpers.compress_by_hand import compress_by_hand
+from helpers.server_optim_by_hand import server_step_by_hand
 
 
 # ---------------------------------------------------------------- models and data
@@ -79,8 +80,9 @@ class RefNode:
 
 class ReferenceQMLHFL:
     def __init__(self, template, hierarchy, taus, quantizers, lr, momentum, seed, uniforms_override=None,
-                 param_order="fast"):
+                 param_order="fast", server_optimizers=None):
         self.h, self.taus, self.quantizers, self.seed = hierarchy, list(taus), list(quantizers), seed
+        self.server = list(server_optimizers) if server_optimizers is not None else [None] * hierarchy.num_layers
         # storage order of each parameter in a flat row (identity when absent)
         self.orders = FAST_ORDERS[type(template).__name__] if param_order == "fast" else {}
         self.param_names = [n for n, _ in template.named_parameters()]
@@ -168,6 +170,8 @@ class ReferenceQMLHFL:
                 new_p += w * qd
                 for k in self.buffer_names:
                     new_b[k] += w * (child.state[k] - parent.state[k])
+            if self.server[n - 1] is not None:
+                new_p = server_step_by_hand(self.server[n - 1], parent, vp, new_p - vp)
             parent.state = {**self._unflat(new_p, parent.state), **new_b}
             self._resync(parent)
 
@@ -211,7 +215,8 @@ HIERARCHIES = {
 }
 
 
-def _run_both(hname, quantized, executor, rounds=2, momentum=0.5, param_order="fast", compressors=None):
+def _run_both(hname, quantized, executor, rounds=2, momentum=0.5, param_order="fast", compressors=None,
+              server_optimizers=None):
     h, taus = HIERARCHIES[hname]
     torch.manual_seed(0)
     template = MLP()
@@ -221,11 +226,11 @@ def _run_both(hname, quantized, executor, rounds=2, momentum=0.5, param_order="f
     batches = make_batches(h.num_devices, steps)
     engine = QMLHFLEngine(copy.deepcopy(template), ce_loss, h, taus, qs, optimizer="sgd",
                           optimizer_kwargs={"lr": 0.2, "momentum": momentum}, executor=executor, seed=7,
-                          param_order=param_order)
+                          param_order=param_order, server_optimizers=server_optimizers)
     for b in batches:
         engine.local_step(b)
     ref = ReferenceQMLHFL(copy.deepcopy(template), h, taus, qs, lr=0.2, momentum=momentum, seed=7,
-                          param_order=param_order)
+                          param_order=param_order, server_optimizers=server_optimizers)
     per_round = math.prod(taus)
     for r in range(rounds):
         ref.global_round(batches[r * per_round : (r + 1) * per_round])

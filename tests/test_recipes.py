@@ -242,3 +242,12 @@ def test_deadline_rounds_and_the_logged_time_count_the_same_bits_for_batchnorm_m
     e = QMLHFLEngine(model, lambda m, batch: F.cross_entropy(m(batch[0]), batch[1]), Hierarchy.balanced([2, 2]),
                      [1, 1], qs, device="cpu")
     assert upload_bits(qs, d, b) == [e.upload_bits(1), e.upload_bits(2)]
+
+
+def test_server_optim_group_from_the_command_line():
+    from lightning_qmlhfl import Average, FedAdam, FedAvgM
+    from recipes.building import build_server_optimizers
+
+    cfg = _compose("mnist", ["server_optim.layers=[fedavgm,average,fedadam]", "server_optim.lr=[1.0,null,0.02]"])
+    assert build_server_optimizers(cfg, 3) == [FedAvgM(1.0, 0.9), Average(), FedAdam(0.02)]
+    assert build_server_optimizers(_compose("mnist", []), 3) == [Average()] * 3

@@ -256,13 +256,14 @@ def test_partitioners():
 
 
 def test_compressors_with_error_feedback_through_fit_resume_bit_for_bit(tmp_path):
-    from lightning_qmlhfl import ScaledSign, TopK
+    """Error-feedback memory and server-optimizer state travel through Lightning checkpoints."""
+    from lightning_qmlhfl import FedAdam, FedAvgM, ScaledSign, TopK
 
     def make(rounds, ckpt_path=None):
         torch.manual_seed(0)
         cs = [TopK(ratio=0.05, error_feedback="ef"), ScaledSign(bucket_size=64, error_feedback="ef21")]
         strategy = QMLHFLStrategy(hierarchy=Hierarchy.balanced([2, 2]), taus=[2, 2], compressors=cs,
-                                  partition=IID(), seed=4)
+                                  partition=IID(), seed=4, server_optimizers=[FedAvgM(), FedAdam(lr=0.01)])
         ck = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
         t = _trainer(strategy, max_epochs=rounds, enable_checkpointing=True, callbacks=[ck])
         train_dl, val_dl = loaders(n_train=400, n_val=50, batch_size=8)
@@ -276,3 +277,5 @@ def test_compressors_with_error_feedback_through_fit_resume_bit_for_bit(tmp_path
     resumed = make(4, ckpt_path=str(tmp_path / "last.ckpt"))
     assert torch.equal(resumed.engine.state.params[0], full.engine.state.params[0])
     assert all(torch.equal(a, b) for a, b in zip(resumed.engine.memory, full.engine.memory))
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(resumed.engine.server_state, full.engine.server_state)
+               for k in a)

@@ -30,6 +30,7 @@ from ..hierarchy import Hierarchy
 from ..kernels import check_backend
 from ..compressors import QSGD, Compressor
 from ..rng import Stream, mix
+from ..server_optim import validate_server_optimizers
 from ..stacked import check_param_order
 from ..theory.latency import LatencyModel, default_uplink_rates
 from .device_logging import LOG_KEY, OUT_KEY, DeviceLogCapture
@@ -89,6 +90,7 @@ class QMLHFLCore:
         param_order: str = "fast",
         max_dataset_bytes: int | None = None,
         quantizers: Sequence[Compressor | int | str | None] | None = None,
+        server_optimizers: Any = None,
     ) -> None:
         self.hierarchy = hierarchy if hierarchy is not None else Hierarchy.balanced([4, 5, 5])
         if not isinstance(self.hierarchy, Hierarchy):
@@ -98,6 +100,7 @@ class QMLHFLCore:
             taus = [5, 2, 2] if self.hierarchy.nodes_per_layer == (100, 20, 4, 1) else [2] * N
         self.taus = validate_taus(taus, N)
         self.compressors = resolve_compressors(compressors, quantizers, N, default=[QSGD(8)] * N)
+        self.server_optimizers = validate_server_optimizers(server_optimizers, N)
         self.partitioner = make_partitioner(partition if partition is not None else Dirichlet(alpha=0.5))
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an integer, got {seed!r}")
@@ -227,6 +230,7 @@ class QMLHFLCore:
             module, self._device_loss, self.hierarchy, self.taus, self.compressors, optimizer=cls,
             executor=self.executor, seed=self.seed, device_mass=mass, backend=self.backend, device=device,
             param_order=self.param_order, param_groups=groups, grad_clip=self._clip,
+            server_optimizers=self.server_optimizers,
         )
         self._aug_generator = torch.Generator(device=device).manual_seed(mix(self.seed, Stream.AUGMENT))
         with torch.random.fork_rng(devices=self._cuda_devices()):
@@ -240,7 +244,8 @@ class QMLHFLCore:
             from ..theory import check_learning_rate
 
             check_learning_rate(self.engine.optimizer.lr, self.smoothness, self.taus, list(self.compressors),
-                                self.hierarchy, d=self.engine.num_params, strict=self.strict_lr)
+                                self.hierarchy, d=self.engine.num_params, strict=self.strict_lr,
+                                server_optimizers=self.server_optimizers)
 
     @staticmethod
     def _optimizer_spec(module: torch.nn.Module, optimizer: torch.optim.Optimizer

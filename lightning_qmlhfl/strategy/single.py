@@ -76,6 +76,8 @@ class QMLHFLStrategy(SingleDeviceStrategy):
             which entries share a QSGD bucket and which draw each entry gets, not the model or its gradients.
         max_dataset_bytes: refuse training sets larger than this as tensors (default: half the free memory of the
             training device).
+        server_optimizers: one :mod:`~lightning_qmlhfl.server_optim` rule per layer n = 1..N (or one for every
+            layer): ``Average()`` (default), ``FedAvgM``, ``FedAdam``, ``FedYogi``, ``FedAdagrad``.
     """
 
     strategy_name = "qmlhfl"
@@ -101,6 +103,7 @@ class QMLHFLStrategy(SingleDeviceStrategy):
         param_order: str = "fast",
         max_dataset_bytes: int | None = None,
         quantizers: Sequence[Compressor | int | str | None] | None = None,
+        server_optimizers: Any = None,
     ) -> None:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -110,6 +113,7 @@ class QMLHFLStrategy(SingleDeviceStrategy):
             seed=seed, executor=executor, weighting=weighting, global_rounds=global_rounds, latency=latency,
             smoothness=smoothness, strict_lr=strict_lr, train_transform=train_transform, label_key=label_key,
             label_fn=label_fn, backend=backend, param_order=param_order, max_dataset_bytes=max_dataset_bytes,
+            server_optimizers=server_optimizers,
         )
 
     # ------------------------------------------------------------------ the simulation's state, for users
@@ -144,6 +148,10 @@ class QMLHFLStrategy(SingleDeviceStrategy):
     def quantizers(self) -> tuple[Compressor, ...]:
         """The per-layer compressors (the earlier name)."""
         return self.core.compressors
+
+    @property
+    def server_optimizers(self) -> tuple:
+        return self.core.server_optimizers
 
     @property
     def partitioner(self) -> Partitioner:

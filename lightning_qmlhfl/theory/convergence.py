@@ -331,9 +331,18 @@ def check_learning_rate(
     hierarchy: Hierarchy | Sequence[int] | None = None,
     d: int | None = None,
     strict: bool = False,
+    server_optimizers: Sequence[object] | None = None,
 ) -> float:
     """Check mu against Eq. 15. Returns the condition's value; when it is <= 0, warns with
-    :class:`LearningRateWarning` (or raises ``ValueError`` when ``strict``) naming the admissible bound."""
+    :class:`LearningRateWarning` (or raises ``ValueError`` when ``strict``) naming the admissible bound.
+
+    The theory covers plain averaging at every layer (``Average()``): with ``server_optimizers`` holding any other
+    rule a :class:`TheoryWarning` says that the condition does not describe that run."""
+    others = [repr(o) for o in (server_optimizers or []) if not getattr(o, "is_average", True)]
+    if others:
+        warnings.warn(
+            f"server optimizers {others}: the paper's theory (Eq. 15) covers plain averaging (Average()) only; the "
+            f"learning-rate condition is checked as if every layer averaged", TheoryWarning, stacklevel=2)
     value = lr_condition_value(L, mu, taus, qs, hierarchy, d)
     if value > 0.0:
         return value
