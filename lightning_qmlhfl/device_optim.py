@@ -131,6 +131,8 @@ class DeviceOptimizer:
             if missing:
                 raise ValueError(f"trained parameters {missing} are in no parameter group")
         self.optimizer = self.cls(spec)
+        # how many steps each device has taken (they differ under partial participation)
+        self.device_steps = torch.zeros(params.shape[0], dtype=torch.int64)
 
     @property
     def lr(self) -> float:
@@ -167,20 +169,29 @@ class DeviceOptimizer:
         for g in grads:
             g.mul_(coef.view(rows, *([1] * (g.dim() - 1))).to(g.dtype))
 
+    def _parts(self, grads: Tensor | Sequence[Tensor | None], rows: int) -> list[Tensor | None]:
+        if isinstance(grads, Tensor):
+            if grads.shape != (rows, self.params.shape[1]):
+                raise ValueError(f"gradient shape {tuple(grads.shape)} != ({rows}, {self.params.shape[1]})")
+            return [grads] if self.layout is None else list(self.layout.views(grads).values())
+        parts = list(grads)
+        if len(parts) != len(self.columns):
+            raise ValueError(f"got {len(parts)} gradients for {len(self.columns)} parameters")
+        return parts
+
     @torch.no_grad()
     def step(self, grads: Tensor | Sequence[Tensor | None], scaler: Any = None) -> None:
         """``grads``: the [N_tot, P] gradient stack, or one gradient per model parameter ([N_tot, *shape] each,
         in layout order; ``None`` = zero). With ``scaler`` (a ``torch.amp.GradScaler`` whose scale multiplied the
         losses) the gradients are unscaled first and the step is skipped when any is not finite, as in plain mixed
         precision training."""
-        if isinstance(grads, Tensor):
-            if grads.shape != self.params.shape:
-                raise ValueError(f"gradient shape {tuple(grads.shape)} != device stack {tuple(self.params.shape)}")
-            parts = [grads] if self.layout is None else list(self.layout.views(grads).values())
-        else:
-            parts = list(grads)
-            if len(parts) != len(self.columns):
-                raise ValueError(f"got {len(parts)} gradients for {len(self.columns)} parameters")
+        parts = self._parts(grads, self.params.shape[0])
+        counts = self.device_steps
+        if not bool((counts == counts[0]).all()):  # some devices stepped more often (partial participation)
+            self.step_rows(torch.arange(self.params.shape[0], device=self.params.device), self.params, parts,
+                           scaler)
+            return
+        self._sync_step_counts(int(counts[0]))
         for col, g in zip(self.columns, parts):
             col.grad = torch.zeros_like(col) if g is None else g.to(col.dtype)
         if scaler is not None:
@@ -194,9 +205,79 @@ class DeviceOptimizer:
             self.optimizer.step()
         for col in self.columns:
             col.grad = None
+        self.device_steps += 1
+
+    def _sync_step_counts(self, count: int) -> None:
+        """Before a step of every device with equal counts: the optimizer's scalar ``step`` states say ``count``."""
+        for col in self.columns:
+            st = self.optimizer.state.get(col)
+            if st and isinstance(st.get("step"), Tensor) and int(st["step"]) != count:
+                st["step"] = torch.tensor(float(count), dtype=st["step"].dtype, device=st["step"].device)
+
+    @torch.no_grad()
+    def step_rows(self, rows: Tensor, params_c: Tensor, grads: Tensor | Sequence[Tensor | None],
+                  scaler: Any = None) -> None:
+        """The step of the devices ``rows`` only (int64 [A]), on ``params_c`` = their rows [A, P] (updated in
+        place; the caller writes them back) with their gradients (``grads`` as in :meth:`step`, A rows).
+
+        Every device runs exactly its own optimizer: devices are stepped in groups with the same number of past
+        steps (a torch optimizer keeps one ``step`` count per parameter, which Adam's bias correction and
+        Adagrad's decay read), each group with its rows of the optimizer state; the state of the other devices is
+        not touched. With period-wise participation the groups are few."""
+        if scaler is not None:
+            raise ValueError("16-mixed precision (a GradScaler) with partial participation is not supported: use "
+                             "precision='bf16-mixed' or '32-true'")
+        parts = self._parts(grads, rows.numel())
+        parts = [torch.zeros(p.shape, dtype=p.dtype, device=p.device) if g is None else g.to(p.dtype)
+                 for g, p in zip(parts, self.layout.views(params_c).values() if self.layout else [params_c])]
+        if self.clip is not None:
+            self._clip_(parts)
+        rows_cpu = rows.cpu()
+        counts = self.device_steps[rows_cpu]
+        names = self.layout.names if self.layout else [None]
+        for c in torch.unique(counts).tolist():
+            sel = torch.nonzero(counts == c).flatten()
+            sel_dev = sel.to(params_c.device)
+            g_rows = rows[sel_dev]
+            block = params_c.index_select(0, sel_dev)
+            views = list(self.layout.views(block).values()) if self.layout else [block]
+            by_col = dict(zip(map(id, self.columns), views))
+            spec = [{**{k: v for k, v in grp.items() if k != "params"},
+                     "params": [by_col[id(col)] for col in grp["params"]]} for grp in self.optimizer.param_groups]
+            temp = self.cls(spec)
+            for col, view, g in zip(self.columns, views, parts):
+                view.grad = g.index_select(0, sel_dev)
+                st = self.optimizer.state.get(col)
+                if st and c > 0:
+                    temp.state[view] = {k: (v.index_select(0, g_rows) if isinstance(v, Tensor) and v.dim() >= 1
+                                            and v.shape[0] == self.params.shape[0] else
+                                            torch.tensor(float(c), dtype=v.dtype, device=v.device) if k == "step"
+                                            else v) for k, v in st.items()}
+            temp.step()
+            for col, view in zip(self.columns, views):
+                main = self.optimizer.state.setdefault(col, {})
+                for k, v in temp.state[view].items():
+                    if isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == sel.numel() and k != "step":
+                        if k not in main or not isinstance(main[k], Tensor) or main[k].shape[1:] != v.shape[1:]:
+                            main[k] = torch.zeros((self.params.shape[0], *v.shape[1:]), dtype=v.dtype,
+                                                  device=v.device)
+                        main[k][g_rows] = v
+                    elif k == "step":
+                        main[k] = v.clone()
+                    elif k not in main:
+                        main[k] = v
+            params_c[sel_dev] = block
+        self.device_steps[rows_cpu] += 1
 
     def state_dict(self) -> dict[str, Any]:
-        return self.optimizer.state_dict()
+        return {**self.optimizer.state_dict(), "device_steps": self.device_steps.clone()}
 
-    def load_state_dict(self, sd: dict[str, Any]) -> None:
+    def load_state_dict(self, sd: dict[str, Any], steps_taken: int | None = None) -> None:
+        """``steps_taken``: for checkpoints from before per-device step counts, the steps every device took."""
+        sd = dict(sd)
+        steps = sd.pop("device_steps", None)
         self.optimizer.load_state_dict(sd)
+        if steps is not None:
+            self.device_steps.copy_(steps)
+        elif steps_taken is not None:
+            self.device_steps.fill_(int(steps_taken))

@@ -18,10 +18,16 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
 from .kernels import Backend, aggregate_layer_, check_backend
+from .availability import Availability
+from .clock import SimulatedClock
+from .participation import Participation, validate_participation
+from .population import Population
 from .rng import row_seeds
 from .server_optim import ServerOptimizer, validate_server_optimizers
+from .theory.latency import LatencyModel, default_latency, downlink_bits
 from .cpu_alloc import retain_large_allocations
 from .device_optim import DeviceOptimizer
 from .executors import LossFn, make_executor
@@ -84,10 +90,11 @@ def gather_batch(data: Tensor, idx: Tensor) -> Tensor:
 class StepResult:
     """Outcome of one local step of every device."""
 
-    losses: Tensor  # [N_tot] per-device training loss of this step
-    aux: dict[str, Tensor]  # per-device auxiliary scalars {name: [N_tot]}
+    losses: Tensor  # [N_tot] (or one per training device) training loss of this step
+    aux: dict[str, Tensor]  # per-device auxiliary scalars {name: [N_tot]} (or one per training device)
     aggregated: list[int] = field(default_factory=list)  # layers n that aggregated after this step, bottom-up
     round_completed: bool = False  # True when the cloud aggregated (a global round ended)
+    devices: Tensor | None = None  # the devices that trained (indices; None = all): losses/aux are theirs
 
 
 class QMLHFLEngine:
@@ -121,6 +128,16 @@ class QMLHFLEngine:
             clipped before its update (:class:`~lightning_qmlhfl.device_optim.DeviceOptimizer`).
         server_optimizers: one :class:`~lightning_qmlhfl.server_optim.ServerOptimizer` per layer n = 1..N (or one
             for every layer; config names accepted); default ``Average()`` everywhere, the paper's Eq. 4/6.
+        participation: one :mod:`~lightning_qmlhfl.participation` rule per layer n = 1..N (layer n draws which of
+            its children take part in each of its periods), or one for every layer; default ``Full()``.
+        availability: an :class:`~lightning_qmlhfl.availability.Availability` (unavailable devices, dropouts,
+            traces), or None (always available).
+        latency: the :class:`~lightning_qmlhfl.theory.latency.LatencyModel` of the simulated clock (per-device
+            compute times, per-sender rates, straggler deadlines); default
+            :func:`~lightning_qmlhfl.theory.latency.default_latency`.
+
+    Only the devices that take part in a step compute it (their rows are gathered into a compact stack, trained
+    and written back); :meth:`upcoming_devices` says which, and a batch may hold just their rows.
 
     Frozen parameters (in no group, or ``requires_grad=False``) are not stacked, trained, sent or counted in the
     bits: every device uses the template's copy.
@@ -145,6 +162,9 @@ class QMLHFLEngine:
         grad_clip: tuple[str, float] | None = None,
         quantizers: Sequence[Compressor | int | str | None] | None = None,
         server_optimizers: Sequence[ServerOptimizer | str | dict] | ServerOptimizer | str | None = None,
+        participation: Sequence[Participation | str | dict] | Participation | str | None = None,
+        availability: Availability | None = None,
+        latency: LatencyModel | None = None,
     ) -> None:
         if not isinstance(hierarchy, Hierarchy):
             raise TypeError(f"hierarchy must be a Hierarchy, got {type(hierarchy).__name__}")
@@ -225,6 +245,21 @@ class QMLHFLEngine:
         self.bits_sent = [0] * self.N  # cumulative upload bits into layer n (index n-1)
         self.baseline_bits = [0] * self.N  # the same uploads at 32 bits per number
         self.round_bits = [0] * self.N  # upload bits of the current (or just completed) round
+        # Who takes part and when, and the simulated clock (population.py, clock.py).
+        self.latency = latency if latency is not None else default_latency(self.N)
+        if not isinstance(self.latency, LatencyModel):
+            raise TypeError(f"latency must be a LatencyModel, got {type(self.latency).__name__}")
+        down = None
+        if self.latency.slowest_downlink_rates is not None:
+            down = [downlink_bits(self.state.num_params + self.state.num_buffer_elems)] * self.N
+        self.clock = SimulatedClock(hierarchy, self.latency, [self.upload_bits(n) for n in range(1, self.N + 1)],
+                                    down)
+        self.participation = validate_participation(participation, self.N)
+        if availability is not None and not isinstance(availability, Availability):
+            raise TypeError(f"availability must be an Availability, got {type(availability).__name__}")
+        self.population = Population(hierarchy, self.taus, self.participation, availability, self.clock, self.seed)
+        self._compact: tuple[Tensor, Tensor, Tensor] | None = None  # (rows, params, buffers) of a partial step
+        self.last_round_stats: dict[str, float] = {}
 
     # ------------------------------------------------------------------ properties
     @property
@@ -254,12 +289,37 @@ class QMLHFLEngine:
         self.compute_gradients(batch)
         return self.apply_step()
 
+    @property
+    def sim_time(self) -> float:
+        """Simulated seconds at the end of the last completed global round."""
+        return self.clock.now
+
+    def upcoming_devices(self) -> Tensor | None:
+        """The devices that train in the next local step (int64 indices into the device rows), or None for all:
+        the draws of the periods that start with it are made here (once per step)."""
+        active = self.population.begin_step(self.round, self.step_in_round, self.total_steps)
+        return None if active is None else active.to(self.device)
+
     def compute_gradients(self, batch: Any, loss_scale: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
-        """Every device's gradient of ``loss_scale`` x its loss on its mini-batch, added to the gradients of the
-        current step (several calls before one :meth:`apply_step` = gradient accumulation over mini-batches).
-        Returns the per-device losses [N_tot] and auxiliary values {name: [N_tot]} of this mini-batch."""
+        """Every training device's gradient of ``loss_scale`` x its loss on its mini-batch, added to the gradients
+        of the current step (several calls before one :meth:`apply_step` = gradient accumulation over mini-batches).
+        ``batch``: one mini-batch per device (leading dimension N_tot) or per training device (that of
+        :meth:`upcoming_devices`). Returns the per-device losses and auxiliary values {name: [...]} of the
+        training devices."""
         s = self.state
-        grads, losses, aux = self.executor(s.params[0], s.buffers[0], batch, loss_scale)
+        active = self.upcoming_devices()
+        if active is None:
+            grads, losses, aux = self.executor(s.params[0], s.buffers[0], batch, loss_scale)
+        else:
+            if self._compact is None:
+                self._compact = (active, s.params[0].index_select(0, active), s.buffers[0].index_select(0, active))
+            rows, p_c, b_c = self._compact
+            batch = tree_map(lambda t: t.index_select(0, rows) if isinstance(t, Tensor)
+                             and t.shape[:1] == (s.params[0].shape[0],) and rows.numel() != t.shape[0] else t, batch)
+            if rows.numel() == 0:
+                grads, losses, aux = [None] * len(self.optimizer.columns), p_c.new_zeros(0), {}
+            else:
+                grads, losses, aux = self.executor(p_c, b_c, batch, loss_scale)
         if self._grads is None:
             self._grads = grads
         elif isinstance(grads, Tensor):
@@ -279,7 +339,19 @@ class QMLHFLEngine:
         losses = self._step_losses[0] if len(self._step_losses) == 1 else torch.stack(self._step_losses).mean(0)
         aux = self._step_aux[-1]
         self._step_losses, self._step_aux = [], []
-        self.optimizer.step(grads, scaler=scaler)
+        devices = None
+        if self._compact is None:
+            self.optimizer.step(grads, scaler=scaler)
+        else:
+            rows, p_c, b_c = self._compact
+            self._compact = None
+            devices = rows
+            if rows.numel():
+                self.optimizer.step_rows(rows, p_c, grads, scaler)
+                self.state.params[0][rows] = p_c
+                if self.state.num_buffer_elems:
+                    self.state.buffers[0][rows] = b_c
+        self.population.after_step()
         self.step_in_round += 1
         self.total_steps += 1
         k = self.step_in_round
@@ -296,7 +368,21 @@ class QMLHFLEngine:
             self.round += 1
             self.step_in_round = 0
             self.events_in_round = [0] * self.N
-        return StepResult(losses=losses, aux=aux, aggregated=done, round_completed=completed)
+            self.last_round_stats = self.round_stats()
+            self.population.reset_stats()
+        return StepResult(losses=losses, aux=aux, aggregated=done, round_completed=completed, devices=devices)
+
+    def round_stats(self) -> dict[str, float]:
+        """The current (or just completed) round: uploads and lost uploads per layer, the clock's split of the
+        round time (computation, each layer's links) and the simulated time."""
+        pop, clock = self.population, self.clock
+        out: dict[str, float] = {"sim_time": clock.now, "round_time": clock.last_round_time,
+                                 "time_compute": float(clock.last_split[0])}
+        for n in range(1, self.N + 1):
+            out[f"time_layer{n}"] = float(clock.last_split[n])
+            out[f"participants_layer{n}"] = pop.uploads[n - 1]
+            out[f"drops_layer{n}"] = pop.dropped[n - 1]
+        return out
 
     def run_round(self, next_batch: Callable[[], Any]) -> list[StepResult]:
         """Run local steps until the current global round completes; ``next_batch()`` supplies each step's batch."""
@@ -311,24 +397,31 @@ class QMLHFLEngine:
     def _aggregate(self, n: int) -> None:
         """Eq. 4 at layer n (Eq. 6 when n == N) for all its nodes, then Eq. 5 down its subtrees."""
         s = self.state
-        idx, w = self._parent_index[n - 1], self._weights[n - 1]
+        idx = self._parent_index[n - 1]
         rows = s.params[n - 1].shape[0]
         event = self.events_in_round[n - 1]
         seeds = row_seeds(self.seed, self.round, n, event, rows)
+        uploads, w, received = self.population.aggregate(n, self.round, event, self._weights[n - 1])
+        if uploads is not None:
+            uploads = uploads.to(self.device)
         if s.num_buffer_elems:
-            bad = ~torch.isfinite(s.buffers[n - 1]).all(dim=1)
+            sent = s.buffers[n - 1] if uploads is None else s.buffers[n - 1][uploads]
+            bad = ~torch.isfinite(sent).all(dim=1)
             if bool(bad.any()):
-                raise NonFiniteUpdateError(n, int(bad.nonzero()[0]), self.round, self.step_in_round, "buffer")
+                node = int(bad.nonzero()[0]) if uploads is None else int(uploads[bad.nonzero()[0]])
+                raise NonFiniteUpdateError(n, node, self.round, self.step_in_round, "buffer")
         delta = self._delta[n - 1]
         norms = aggregate_layer_(s.params[n], s.params[n - 1], idx, w, self.compressors[n - 1], seeds, self.backend,
-                                 memory=self.memory[n - 1], out=delta)
+                                 memory=self.memory[n - 1], rows=uploads, out=delta)
         bad = ~torch.isfinite(norms).all(dim=1)
         if bool(bad.any()):
-            raise NonFiniteUpdateError(n, int(bad.nonzero()[0]), self.round, self.step_in_round)
+            i = int(bad.nonzero()[0])
+            raise NonFiniteUpdateError(n, i if uploads is None else int(uploads[i]), self.round, self.step_in_round)
         if delta is not None:  # a server optimizer turns the pseudo-gradients into the update of the node models
-            self.server_optimizers[n - 1].step_(s.params[n], delta, self.server_state[n - 1])
+            self.server_optimizers[n - 1].step_(s.params[n], delta, self.server_state[n - 1],
+                                                None if received is None else received.to(self.device))
         if s.num_buffer_elems:
-            aggregate_layer_(s.buffers[n], s.buffers[n - 1], idx, w, Identity(), seeds, "torch")
+            aggregate_layer_(s.buffers[n], s.buffers[n - 1], idx, w, Identity(), seeds, "torch", rows=uploads)
         # Eq. 5: everything below layer n continues from its layer-n ancestor's new model.
         # index_select into the rows directly: a gather-then-copy would allocate a temporary as large as the
         # whole device stack (0.64 GB for 1000 MLP devices) at every aggregation.
@@ -338,7 +431,8 @@ class QMLHFLEngine:
                 torch.index_select(s.buffers[n], 0, anc, out=s.buffers[m])
         self.events_in_round[n - 1] += 1
         self.aggregation_counts[n - 1] += 1
-        bits, base = rows * self.upload_bits(n), rows * self.upload_baseline_bits(n)
+        sent = rows if uploads is None else int(uploads.numel())
+        bits, base = sent * self.upload_bits(n), sent * self.upload_baseline_bits(n)
         self.bits_sent[n - 1] += bits
         self.baseline_bits[n - 1] += base
         self.round_bits[n - 1] += bits
@@ -366,6 +460,7 @@ class QMLHFLEngine:
             "memory": [None if m is None else m.clone() for m in self.memory],
             "server_state": [None if st is None else {k: v.clone() for k, v in st.items()}
                              for st in self.server_state],
+            "population": self.population.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "counters": {
                 "round": self.round,
@@ -381,6 +476,7 @@ class QMLHFLEngine:
                 "taus": list(self.taus),
                 "compressors": [repr(q) for q in self.compressors],
                 "server_optimizers": [repr(o) for o in self.server_optimizers],
+                "participation": [repr(p) for p in self.participation],
                 "hierarchy": self.hierarchy.to_dict(),
                 "seed": self.seed,
                 "param_layout": [[name, list(shape), list(order)] for name, shape, order in
@@ -393,8 +489,9 @@ class QMLHFLEngine:
         if "compressors" not in cfg:  # checkpoints from before compressors: "quantizers", NoQuantization's name
             cfg["compressors"] = [q.replace("NoQuantization()", "Identity()") for q in cfg.get("quantizers", [])]
         cfg.setdefault("server_optimizers", ["Average()"] * self.N)  # checkpoints from before server optimizers
+        cfg.setdefault("participation", ["Full()"] * self.N)  # ... and from before partial participation
         mine = self.state_dict()["config"]
-        for key in ("taus", "compressors", "server_optimizers", "hierarchy", "seed"):
+        for key in ("taus", "compressors", "server_optimizers", "participation", "hierarchy", "seed"):
             if cfg[key] != mine[key]:
                 raise ValueError(f"checkpoint was made with {key}={cfg[key]!r}, this run has {mine[key]!r}")
         # The meaning of the flat rows (checkpoints from before storage orders were recorded used module order).
@@ -411,11 +508,14 @@ class QMLHFLEngine:
                 raise ValueError(f"checkpoint and run disagree on error feedback at layer {n}")
             if mine_m is not None:
                 mine_m.copy_(theirs_m)
+        if "population" in sd:
+            self.population.load_state_dict(sd["population"])
+        self._compact = None
         for mine_s, theirs_s in zip(self.server_state, sd.get("server_state", [None] * self.N)):
             if mine_s is not None:
                 for k, v in mine_s.items():
                     v.copy_(theirs_s[k])
-        self.optimizer.load_state_dict(sd["optimizer"])
+        self.optimizer.load_state_dict(sd["optimizer"], steps_taken=sd["counters"]["total_steps"])
         c = sd["counters"]
         self.round, self.step_in_round, self.total_steps = c["round"], c["step_in_round"], c["total_steps"]
         self.events_in_round = list(c["events_in_round"])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["mix", "row_seeds", "Stream"]
+__all__ = ["mix", "row_seeds", "Stream", "generator"]
 
 _MASK63 = (1 << 63) - 1
 _MASK64 = 0xFFFFFFFFFFFFFFFF
@@ -34,6 +34,10 @@ class Stream:
     SAMPLER = 2
     AUGMENT = 3
     TORCH_RNG = 4
+    PARTICIPATION = 5
+    AVAILABILITY = 6
+    DROPOUT = 7
+    MOBILITY = 8
 
 
 def row_seeds(seed: int, round_idx: int, layer: int, event: int, num_rows: int) -> Tensor:
@@ -43,3 +47,9 @@ def row_seeds(seed: int, round_idx: int, layer: int, event: int, num_rows: int) 
     """
     base = mix(seed, round_idx, layer, event)
     return torch.tensor([mix(base, i) for i in range(num_rows)], dtype=torch.int64)
+
+
+def generator(*values: int) -> torch.Generator:
+    """A CPU torch generator seeded with ``mix(*values)``: for draws keyed by global ids (e.g. one layer's
+    participation draw of one aggregation period)."""
+    return torch.Generator().manual_seed(mix(*values))

@@ -8,9 +8,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_qmlhfl.compressors import Compressor, layer_compressors, layer_quantizers
 from lightning_qmlhfl.hierarchy import Hierarchy
+from lightning_qmlhfl.availability import Availability
+from lightning_qmlhfl.participation import Participation, layer_participation
 from lightning_qmlhfl.server_optim import ServerOptimizer, layer_server_optimizers
 
-__all__ = ["build_hierarchy", "build_compressors", "build_server_optimizers"]
+__all__ = ["build_hierarchy", "build_compressors", "build_server_optimizers", "build_participation",
+           "build_availability"]
 
 
 def build_hierarchy(cfg: DictConfig) -> Hierarchy:
@@ -41,3 +44,23 @@ def build_server_optimizers(cfg: DictConfig, num_layers: int) -> list[ServerOpti
         return layer_server_optimizers("average", num_layers)
     opts = OmegaConf.to_container(c, resolve=True)
     return layer_server_optimizers(opts.pop("layers", "average"), num_layers, **opts)
+
+
+def build_participation(cfg: DictConfig, num_layers: int) -> list[Participation]:
+    """One participation rule per layer from the ``participation`` group (Full everywhere without it)."""
+    c: Any = cfg.get("participation")
+    if c is None:
+        return layer_participation("full", num_layers)
+    opts = OmegaConf.to_container(c, resolve=True)
+    return layer_participation(opts.pop("layers", "full"), num_layers, **opts)
+
+
+def build_availability(cfg: DictConfig) -> Availability | None:
+    """The ``availability`` group: per-period probabilities of being unavailable and of dropping out, or a trace
+    file of availability windows (None when every device is always there)."""
+    c: Any = cfg.get("availability")
+    if c is None:
+        return None
+    a = Availability(unavailable=float(c.get("unavailable") or 0.0), dropout=float(c.get("dropout") or 0.0),
+                     trace=c.get("trace") or None)
+    return None if a.is_always else a

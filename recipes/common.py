@@ -28,13 +28,14 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from recipes.datasets import get_dataset, normalize, random_crop_flip, resolve_data_dir  # noqa: E402
-from lightning_qmlhfl.theory.latency import LatencyModel, default_uplink_rates  # noqa: E402
+from lightning_qmlhfl.theory.latency import LatencyModel, default_uplink_rates, downlink_bits, upload_bits  # noqa: E402
 from recipes.models import build_model  # noqa: E402
 from lightning_qmlhfl.data import make_partitioner  # noqa: E402
 from lightning_qmlhfl.compressors import Compressor  # noqa: E402
 from lightning_qmlhfl.stacked import upload_dims  # noqa: E402
 from lightning_qmlhfl.strategy import QMLHFLStrategy  # noqa: E402
-from recipes.building import build_compressors, build_hierarchy, build_server_optimizers  # noqa: E402
+from recipes.building import (build_availability, build_compressors, build_hierarchy,  # noqa: E402
+                              build_participation, build_server_optimizers)
 
 __all__ = ["run", "build_compressors", "build_hierarchy"]
 
@@ -95,9 +96,24 @@ def _uplink_rates(cfg: DictConfig, num_layers: int) -> list[float]:
     return [float(r) for r in rates]
 
 
-def build_latency(cfg: DictConfig, num_layers: int) -> LatencyModel:
-    """Compute time per local step from ``latency.compute_time``, uplink rates from the hierarchy preset."""
-    return LatencyModel(compute_time=float(cfg.latency.compute_time), uplink_rates=_uplink_rates(cfg, num_layers))
+def build_latency(cfg: DictConfig, num_layers: int, hierarchy: Any = None) -> LatencyModel:
+    """The simulated clock: compute time per local step from ``latency.compute_time``, uplink rates from the
+    hierarchy preset; heterogeneous devices and links with ``latency.compute_sigma`` / ``latency.rate_sigma``
+    (lognormal factors, drawn with ``latency.seed``) or per-node times from ``latency.file``; stragglers with
+    ``latency.deadlines`` (one per layer, null entries: none) and ``latency.straggler`` (wait | drop)."""
+    lat = cfg.latency
+    extra = dict(deadlines=None if lat.get("deadlines") is None else list(lat.deadlines),
+                 straggler=str(lat.get("straggler") or "wait"))
+    if lat.get("file"):
+        return LatencyModel.from_file(lat.file, **extra)
+    sigma_c, sigma_r = float(lat.get("compute_sigma") or 0.0), float(lat.get("rate_sigma") or 0.0)
+    if sigma_c or sigma_r:
+        if hierarchy is None:
+            hierarchy = build_hierarchy(cfg)
+        return LatencyModel.lognormal(hierarchy, float(lat.compute_time), _uplink_rates(cfg, num_layers),
+                                      compute_sigma=sigma_c, rate_sigma=sigma_r, seed=int(lat.get("seed") or 0),
+                                      **extra)
+    return LatencyModel(compute_time=float(lat.compute_time), uplink_rates=_uplink_rates(cfg, num_layers), **extra)
 
 
 def rounds_for(cfg: DictConfig, latency: LatencyModel, quantizers: list[Compressor], d: int, buffers: int = 0) -> int:
@@ -109,7 +125,10 @@ def rounds_for(cfg: DictConfig, latency: LatencyModel, quantizers: list[Compress
         if rounds < 1:
             raise ValueError(f"trainer.rounds must be an integer >= 1, got {rounds}")
         return rounds
-    t_glob = latency.round_time_for(list(cfg.hierarchy.taus), quantizers, d, buffers).total
+    hierarchy = build_hierarchy(cfg)
+    t_glob = latency.round_time(list(cfg.hierarchy.taus), upload_bits(quantizers, d, buffers),
+                                downlink_bits(d + buffers) if latency.slowest_downlink_rates else None,
+                                hierarchy=hierarchy).total
     rounds = math.floor(float(deadline) / t_glob + 1e-9)
     if rounds < 1:
         raise ValueError(
@@ -141,7 +160,7 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict[str, 
     hierarchy = build_hierarchy(cfg)
     N = hierarchy.num_layers
     compressors = build_compressors(cfg, N)
-    latency = build_latency(cfg, N)
+    latency = build_latency(cfg, N, hierarchy)
     rounds = rounds_for(cfg, latency, compressors, *upload_dims(model))
     transform = None
     if cfg.dataset.get("augment"):
@@ -151,7 +170,8 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict[str, 
 
     strategy = QMLHFLStrategy(
         hierarchy=hierarchy, taus=list(cfg.hierarchy.taus), compressors=compressors,
-        server_optimizers=build_server_optimizers(cfg, N),
+        server_optimizers=build_server_optimizers(cfg, N), participation=build_participation(cfg, N),
+        availability=build_availability(cfg),
         partition=make_partitioner(OmegaConf.to_container(cfg.partition, resolve=True)), seed=int(cfg.seed),
         executor=cfg.trainer.executor, weighting=cfg.trainer.weighting, global_rounds=rounds,
         latency=latency, smoothness=cfg.trainer.get("smoothness"), train_transform=transform,
@@ -189,6 +209,7 @@ def summarise(cfg: DictConfig, strategy: QMLHFLStrategy, records: list[dict], wa
         "taus": list(e.taus),
         "compressors": [repr(q) for q in e.compressors],
         "server_optimizers": [repr(o) for o in e.server_optimizers],
+        "participation": [repr(p) for p in e.participation],
         "partition": repr(strategy.partitioner),
         "seed": int(cfg.seed),
         "rounds": e.round,

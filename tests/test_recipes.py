@@ -251,3 +251,23 @@ def test_server_optim_group_from_the_command_line():
     cfg = _compose("mnist", ["server_optim.layers=[fedavgm,average,fedadam]", "server_optim.lr=[1.0,null,0.02]"])
     assert build_server_optimizers(cfg, 3) == [FedAvgM(1.0, 0.9), Average(), FedAdam(0.02)]
     assert build_server_optimizers(_compose("mnist", []), 3) == [Average()] * 3
+
+
+def test_participation_availability_and_stragglers_from_the_command_line():
+    from lightning_qmlhfl.participation import Fraction, Full, UniformK
+    from recipes.building import build_availability, build_participation
+
+    cfg = _compose("mnist", ["participation.layers=[uniformk,full,full]", "participation.k=2",
+                             "participation.over_select=0.5", "availability.unavailable=0.2",
+                             "availability.dropout=0.1", "latency.compute_sigma=0.5", "latency.deadlines=[0.5,null,null]",
+                             "latency.straggler=drop"])
+    assert build_participation(cfg, 3) == [UniformK(2, over_select=0.5), Full(), Full()]
+    a = build_availability(cfg)
+    assert a.unavailable == 0.2 and a.dropout == 0.1
+    lat = build_latency(cfg, 3)
+    assert not lat.is_homogeneous and lat.deadline(1) == 0.5 and lat.deadline(2) is None
+    default = _compose("mnist", [])
+    assert build_participation(default, 3) == [Full()] * 3 and build_availability(default) is None
+    assert build_latency(default, 3).is_homogeneous
+    frac = _compose("mnist", ["participation.layers=fraction", "participation.f=0.1"])
+    assert build_participation(frac, 3) == [Fraction(0.1)] * 3

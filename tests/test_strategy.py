@@ -279,3 +279,37 @@ def test_compressors_with_error_feedback_through_fit_resume_bit_for_bit(tmp_path
     assert all(torch.equal(a, b) for a, b in zip(resumed.engine.memory, full.engine.memory))
     assert all(torch.equal(a[k], b[k]) for a, b in zip(resumed.engine.server_state, full.engine.server_state)
                for k in a)
+
+
+def test_partial_participation_through_fit_logs_and_resumes_bit_for_bit(tmp_path):
+    from lightning_qmlhfl.availability import Availability
+    from lightning_qmlhfl.participation import Fraction, Full
+    from lightning_qmlhfl.theory.latency import LatencyModel
+
+    h = Hierarchy.balanced([2, 3])
+
+    def make(rounds, ckpt_path=None):
+        torch.manual_seed(0)
+        strategy = QMLHFLStrategy(
+            hierarchy=h, taus=[2, 2], compressors=[QSGD(4), QSGD(8)], partition=IID(), seed=5,
+            participation=[Fraction(0.5), Full()], availability=Availability(unavailable=0.1, dropout=0.1),
+            latency=LatencyModel.lognormal(h, 0.01, [1e6, 1e5], compute_sigma=0.5, seed=2, deadlines=[0.16, None],
+                                           straggler="drop"))
+        ck = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+        t = _trainer(strategy, max_epochs=rounds, enable_checkpointing=True, callbacks=[ck])
+        train_dl, val_dl = loaders(n_train=300, n_val=50, batch_size=8)
+        t.fit(MnistCNN(lr=0.05), train_dl, val_dl, ckpt_path=ckpt_path)
+        return strategy, t
+
+    full, t = make(4)
+    rec = full.history[-1]
+    # per round: 2 layer-1 periods x 2 edges x round(0.5 * 3) = 2 drawn devices each
+    assert 0 < rec["participants_layer1"] and rec["participants_layer1"] + rec["drops_layer1"] <= 8
+    assert rec["participants_layer2"] <= 2
+    assert rec["sim_time"] == pytest.approx(sum(r["time_compute"] + r["time_layer1"] + r["time_layer2"]
+                                                for r in full.history), rel=1e-9)
+    assert "fl/participants_layer1" in t.callback_metrics and "fl/drops_layer1" in t.callback_metrics
+    make(2)
+    resumed, _ = make(4, ckpt_path=str(tmp_path / "last.ckpt"))
+    assert torch.equal(resumed.engine.state.params[0], full.engine.state.params[0])
+    assert resumed.history == full.history

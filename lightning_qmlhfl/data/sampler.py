@@ -45,14 +45,24 @@ class DeviceSampler:
         self.perm[i, :n] = self.table[i, order]
         self.pos[i] = 0
 
-    def next_indices(self) -> Tensor:
+    def next_indices(self, rows: Tensor | None = None) -> Tensor:
+        """LongTensor [N_tot, batch_size] of dataset indices, or [len(rows), batch_size] for the devices ``rows``
+        only (the others keep their position: a device that does not train does not consume its data)."""
         B = self.batch_size
-        crossing = self.pos + B > self.sizes
-        safe_pos = torch.minimum(self.pos, (self.sizes - B).clamp(min=0))
+        r = None if rows is None else rows.to(torch.long).cpu()
+        pos = self.pos if r is None else self.pos[r]
+        sizes = self.sizes if r is None else self.sizes[r]
+        crossing = pos + B > sizes
+        safe_pos = torch.minimum(pos, (sizes - B).clamp(min=0))
         cols = (safe_pos[:, None] + self._ar[None, :]).clamp(max=self.table.shape[1] - 1)
-        out = self.perm.gather(1, cols)
-        self.pos += torch.where(crossing, 0, B)
-        for i in crossing.nonzero().flatten().tolist():  # devices running out of data this step
+        out = (self.perm if r is None else self.perm[r]).gather(1, cols)
+        if r is None:
+            self.pos += torch.where(crossing, 0, B)
+        else:
+            self.pos[r] = pos + torch.where(crossing, 0, B)
+        devices = list(range(len(self.sizes))) if r is None else r.tolist()
+        for j in crossing.nonzero().flatten().tolist():  # devices running out of data this step
+            i = devices[j]
             row, need = [], B
             while need:
                 n, p = int(self.sizes[i]), int(self.pos[i])
@@ -63,8 +73,10 @@ class DeviceSampler:
                 if int(self.pos[i]) == n:
                     self.epochs[i] += 1
                     self._reshuffle(i)
-            out[i] = torch.cat(row)
-        for i in (self.pos == self.sizes).nonzero().flatten().tolist():  # finished exactly at a batch boundary
+            out[j] = torch.cat(row)
+        done = (self.pos == self.sizes) if r is None else (self.pos[r] == self.sizes[r])
+        for j in done.nonzero().flatten().tolist():  # finished exactly at a batch boundary
+            i = devices[j]
             self.epochs[i] += 1
             self._reshuffle(i)
         return out

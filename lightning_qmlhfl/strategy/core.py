@@ -30,9 +30,11 @@ from ..hierarchy import Hierarchy
 from ..kernels import check_backend
 from ..compressors import QSGD, Compressor
 from ..rng import Stream, mix
+from ..participation import validate_participation
 from ..server_optim import validate_server_optimizers
 from ..stacked import check_param_order
-from ..theory.latency import LatencyModel, default_uplink_rates
+from ..availability import Availability
+from ..theory.latency import LatencyModel
 from .device_logging import LOG_KEY, OUT_KEY, DeviceLogCapture
 
 if TYPE_CHECKING:
@@ -91,6 +93,8 @@ class QMLHFLCore:
         max_dataset_bytes: int | None = None,
         quantizers: Sequence[Compressor | int | str | None] | None = None,
         server_optimizers: Any = None,
+        participation: Any = None,
+        availability: Availability | None = None,
     ) -> None:
         self.hierarchy = hierarchy if hierarchy is not None else Hierarchy.balanced([4, 5, 5])
         if not isinstance(self.hierarchy, Hierarchy):
@@ -101,6 +105,10 @@ class QMLHFLCore:
         self.taus = validate_taus(taus, N)
         self.compressors = resolve_compressors(compressors, quantizers, N, default=[QSGD(8)] * N)
         self.server_optimizers = validate_server_optimizers(server_optimizers, N)
+        self.participation = validate_participation(participation, N)
+        if availability is not None and not isinstance(availability, Availability):
+            raise TypeError(f"availability must be an Availability, got {type(availability).__name__}")
+        self.availability = availability
         self.partitioner = make_partitioner(partition if partition is not None else Dirichlet(alpha=0.5))
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an integer, got {seed!r}")
@@ -133,7 +141,6 @@ class QMLHFLCore:
         self.sampler: DeviceSampler | None = None
         self.data: Any = None
         self.history: list[dict[str, Any]] = []  # one record per completed global round
-        self.sim_time = 0.0
         self.logs = DeviceLogCapture()
         self._pending_state: dict[str, Any] | None = None
         self._poisoned = False
@@ -230,7 +237,8 @@ class QMLHFLCore:
             module, self._device_loss, self.hierarchy, self.taus, self.compressors, optimizer=cls,
             executor=self.executor, seed=self.seed, device_mass=mass, backend=self.backend, device=device,
             param_order=self.param_order, param_groups=groups, grad_clip=self._clip,
-            server_optimizers=self.server_optimizers,
+            server_optimizers=self.server_optimizers, participation=self.participation,
+            availability=self.availability, latency=self.latency,
         )
         self._aug_generator = torch.Generator(device=device).manual_seed(mix(self.seed, Stream.AUGMENT))
         with torch.random.fork_rng(devices=self._cuda_devices()):
@@ -270,9 +278,17 @@ class QMLHFLCore:
         return [d.index or 0] if d.type == "cuda" else []
 
     # ------------------------------------------------------------------ one step
+    @property
+    def sim_time(self) -> float:
+        """Simulated seconds at the end of the last completed global round (the engine's clock)."""
+        return 0.0 if self.engine is None else self.engine.sim_time
+
     def next_batch(self) -> Any:
-        assert self.sampler is not None
-        idx = self.sampler.next_indices().to(self._device)
+        """One mini-batch for every device that trains in the next local step (all, unless participation is
+        partial: then only theirs is drawn, and the others keep their place in their data)."""
+        assert self.sampler is not None and self.engine is not None
+        active = self.engine.upcoming_devices()
+        idx = self.sampler.next_indices(None if active is None else active.cpu()).to(self._device)
         batch = tree_map(lambda t: gather_batch(t, idx), self.data)
         if self.train_transform is not None:
             batch = self.train_transform(batch, self._aug_generator)
@@ -330,6 +346,8 @@ class QMLHFLCore:
                 self._rng_state = torch.get_rng_state()
                 if self._cuda_rng_state is not None:
                     self._cuda_rng_state = torch.cuda.get_rng_state(self._device)
+        if losses.numel() == 0:  # no device takes part in this step (partial participation)
+            return {"loss": torch.zeros((), device=self._device)}
         self.logs.log_step(module, aux, batch_size=self.sampler.batch_size)
         mean_loss = losses.mean()
         self._round_loss_sum += float(mean_loss) / self._accumulate
@@ -363,14 +381,11 @@ class QMLHFLCore:
         e = self.engine
         assert e is not None
         e.load_cloud_into(module)
-        upload = [e.upload_bits(n) for n in range(1, e.N + 1)]
-        rt = self._latency().round_time(self.taus, upload)
-        self.sim_time += rt.total
         rec = {
             "round": e.round,
             "local_steps": e.total_steps,
             "train_loss": self._round_loss_sum / max(1, self._round_loss_steps),
-            "sim_time": self.sim_time,
+            "sim_time": e.sim_time,
             "bits_total": sum(e.bits_sent),
             "bits_baseline_total": sum(e.baseline_bits),
         }
@@ -378,17 +393,18 @@ class QMLHFLCore:
             rec[f"bits_layer{n}"] = e.bits_sent[n - 1]
             rec[f"bits_round_layer{n}"] = e.round_bits[n - 1]
             rec[f"bits_baseline_layer{n}"] = e.baseline_bits[n - 1]
+        stats = e.last_round_stats
+        rec["time_compute"] = stats["time_compute"]
+        for n in range(1, e.N + 1):
+            rec[f"time_layer{n}"] = stats[f"time_layer{n}"]
+            rec[f"participants_layer{n}"] = stats[f"participants_layer{n}"]
+            rec[f"drops_layer{n}"] = stats[f"drops_layer{n}"]
         self.history.append(rec)
         for k, v in rec.items():
             module.log(f"fl/{k}", float(v), on_step=False, on_epoch=True, batch_size=1,
                        prog_bar=k in ("round", "train_loss"))
         self._round_loss_sum, self._round_loss_steps = 0.0, 0
 
-    def _latency(self) -> LatencyModel:
-        if self.latency is None:
-            # Documented default: 1 ms per local step and default_uplink_rates
-            self.latency = LatencyModel(compute_time=1e-3, uplink_rates=default_uplink_rates(self.hierarchy.num_layers))
-        return self.latency
 
     # ------------------------------------------------------------------ checkpointing
     @property
@@ -404,7 +420,6 @@ class QMLHFLCore:
             "cuda_rng": None if self._cuda_rng_state is None else self._cuda_rng_state.clone(),
             "aug_rng": self._aug_generator.get_state(),
             "history": [dict(h) for h in self.history],
-            "sim_time": self.sim_time,
             "round_loss": [self._round_loss_sum, self._round_loss_steps],
         }
 
@@ -416,7 +431,8 @@ class QMLHFLCore:
         self._cuda_rng_state = None if sd["cuda_rng"] is None else sd["cuda_rng"].clone()
         self._aug_generator.set_state(sd["aug_rng"])
         self.history = [dict(h) for h in sd["history"]]
-        self.sim_time = float(sd["sim_time"])
+        if "population" not in sd["engine"]:  # checkpoints from before the engine's clock
+            self.engine.clock.now = float(sd.get("sim_time", 0.0))
         self._round_loss_sum, self._round_loss_steps = float(sd["round_loss"][0]), int(sd["round_loss"][1])
         self.engine.load_cloud_into(module)
 

@@ -78,6 +78,15 @@ class QMLHFLStrategy(SingleDeviceStrategy):
             training device).
         server_optimizers: one :mod:`~lightning_qmlhfl.server_optim` rule per layer n = 1..N (or one for every
             layer): ``Average()`` (default), ``FedAvgM``, ``FedAdam``, ``FedYogi``, ``FedAdagrad``.
+        participation: one :mod:`~lightning_qmlhfl.participation` rule per layer n = 1..N (or one for every layer):
+            ``Full()`` (default), ``Fraction(f)``, ``UniformK(k)``, ``Bernoulli(p)``; logged per round as
+            ``fl/participants_layer{n}`` and ``fl/drops_layer{n}``.
+        availability: an :class:`~lightning_qmlhfl.availability.Availability` (unavailable devices, dropouts,
+            availability traces).
+
+    The simulated clock (``fl/sim_time``, and its split ``fl/time_compute``, ``fl/time_layer{n}``) follows the
+    latency model per node: heterogeneous devices and links, stragglers waited for or dropped at a deadline
+    (:mod:`lightning_qmlhfl.clock`).
     """
 
     strategy_name = "qmlhfl"
@@ -104,6 +113,8 @@ class QMLHFLStrategy(SingleDeviceStrategy):
         max_dataset_bytes: int | None = None,
         quantizers: Sequence[Compressor | int | str | None] | None = None,
         server_optimizers: Any = None,
+        participation: Any = None,
+        availability: Any = None,
     ) -> None:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -113,7 +124,7 @@ class QMLHFLStrategy(SingleDeviceStrategy):
             seed=seed, executor=executor, weighting=weighting, global_rounds=global_rounds, latency=latency,
             smoothness=smoothness, strict_lr=strict_lr, train_transform=train_transform, label_key=label_key,
             label_fn=label_fn, backend=backend, param_order=param_order, max_dataset_bytes=max_dataset_bytes,
-            server_optimizers=server_optimizers,
+            server_optimizers=server_optimizers, participation=participation, availability=availability,
         )
 
     # ------------------------------------------------------------------ the simulation's state, for users

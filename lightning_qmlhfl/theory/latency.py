@@ -33,7 +33,8 @@ import torch
 from ..compressors import Compressor, make_compressor
 from ..compressors import upload_bits as _upload_bits
 
-__all__ = ["LatencyModel", "RoundTime", "upload_bits", "downlink_bits", "default_uplink_rates", "measure_compute_time"]
+__all__ = ["LatencyModel", "RoundTime", "upload_bits", "downlink_bits", "default_uplink_rates", "default_latency",
+           "measure_compute_time"]
 
 Rate = Union[float, Sequence[float]]
 """A layer's link rate in bits/s: one number (all senders alike) or one number per sender of that layer."""
@@ -63,6 +64,11 @@ def default_uplink_rates(num_layers: int) -> list[float]:
     """The project's default links, in bit/s for layers n = 1..N: 100 Mbit/s from the devices (short, local
     links), 10x slower for every layer up (longer, shared wide-area links)."""
     return [1e8 / 10**n for n in range(num_layers)]
+
+
+def default_latency(num_layers: int) -> "LatencyModel":
+    """The project's default clock: 1 ms of computation per local step and :func:`default_uplink_rates`."""
+    return LatencyModel(compute_time=1e-3, uplink_rates=default_uplink_rates(num_layers))
 
 
 def upload_bits(quantizers: Sequence[Any], d: int, buffer_elems: int = 0) -> list[int]:
@@ -118,12 +124,24 @@ class LatencyModel:
     downlink_rates: ``None`` (downloads are free) or, per layer, the rate (bits/s) parent -> children.
     compute_times_per_device: optional seconds per local step of every device (float tensor or list [N_tot]);
         the slowest sets the time, and it takes precedence over ``compute_time``.
+    deadlines: optional per layer n = 1..N, seconds after the start of its aggregation period by which a sender's
+        upload must be complete (``None`` entries: no deadline); see ``straggler``.
+    straggler: ``"wait"`` (default: an aggregation waits for its slowest included sender, deadlines ignored) or
+        ``"drop"`` (senders whose upload would complete after the layer's deadline are dropped, their work lost,
+        and the aggregation happens at the deadline).
+
+    With per-device compute times or per-sender rates, :meth:`round_time` with a ``hierarchy`` follows the tree
+    (each node waits for its own slowest child, subtrees run in parallel; the engine's clock,
+    :mod:`lightning_qmlhfl.clock`, is the same recursion step by step); without one it uses the slowest sender of
+    every layer, an upper bound. :meth:`lognormal` and :meth:`from_file` build heterogeneous models.
     """
 
     compute_time: float | None
     uplink_rates: Sequence[Rate]
     downlink_rates: Sequence[Rate] | None = None
     compute_times_per_device: torch.Tensor | Sequence[float] | None = None
+    deadlines: Sequence[float | None] | None = None
+    straggler: str = "wait"
 
     def __post_init__(self) -> None:
         if self.compute_times_per_device is not None:
@@ -154,6 +172,104 @@ class LatencyModel:
                 )
             down = tuple(_slowest_rate(r, f"downlink_rates[{i}] (layer {i + 1})") for i, r in enumerate(dr))
         object.__setattr__(self, "_down", down)
+        if self.straggler not in ("wait", "drop"):
+            raise ValueError(f"straggler must be 'wait' or 'drop', got {self.straggler!r}")
+        if self.deadlines is not None:
+            dl = self.deadlines
+            if isinstance(dl, (str, bytes)) or not isinstance(dl, (Sequence, np.ndarray)) or len(dl) != len(up):
+                raise ValueError(f"deadlines must be None or list one deadline (seconds, or None) per layer "
+                                 f"({len(up)} layers), got {dl!r}")
+            object.__setattr__(self, "deadlines",
+                               tuple(None if v is None else _positive(v, f"deadlines[{i}] (layer {i + 1})")
+                                     for i, v in enumerate(dl)))
+
+    # ------------------------------------------------------------------ per-node times (the clock's inputs)
+    def device_compute_times(self, num_devices: int) -> torch.Tensor:
+        """float64 [num_devices]: seconds per local step of every device."""
+        ct = self.compute_times_per_device
+        if ct is None:
+            return torch.full((num_devices,), self.step_time, dtype=torch.float64)
+        t = torch.as_tensor(ct, dtype=torch.float64).flatten()
+        if t.numel() != num_devices:
+            raise ValueError(f"compute_times_per_device has {t.numel()} entries but there are {num_devices} devices")
+        return t
+
+    def sender_rates(self, n: int, num_senders: int) -> torch.Tensor:
+        """float64 [num_senders]: the uplink rate (bits/s) of every sender of layer n-1 into layer n (1-based n)."""
+        r = self.uplink_rates[n - 1]
+        if isinstance(r, (torch.Tensor, Sequence, np.ndarray)) and not isinstance(r, (str, bytes)):
+            t = torch.as_tensor(r if not isinstance(r, torch.Tensor) else r.detach(), dtype=torch.float64).flatten()
+            if t.numel() != num_senders:
+                raise ValueError(f"uplink_rates[{n - 1}] (layer {n}) has {t.numel()} rates but layer {n - 1} has "
+                                 f"{num_senders} senders")
+            return t
+        return torch.full((num_senders,), float(r), dtype=torch.float64)
+
+    def deadline(self, n: int) -> float | None:
+        """Layer n's deadline in seconds when stragglers are dropped, else None."""
+        if self.straggler != "drop" or self.deadlines is None:
+            return None
+        return self.deadlines[n - 1]
+
+    @classmethod
+    def lognormal(cls, hierarchy: Any, compute_time: float, uplink_rates: Sequence[float], compute_sigma: float = 0.0,
+                  rate_sigma: float = 0.0, seed: int = 0, **kw: Any) -> "LatencyModel":
+        """Heterogeneous devices and links: every device's time per step is ``compute_time`` times a lognormal
+        factor exp(sigma Z) (median ``compute_time``), every sender's uplink rate likewise around ``uplink_rates``
+        (one median per layer); drawn once with ``seed``. ``kw``: the other fields (downlink_rates, deadlines,
+        straggler)."""
+        for name, v in (("compute_sigma", compute_sigma), ("rate_sigma", rate_sigma)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a number >= 0, got {v!r}")
+        g = torch.Generator().manual_seed(int(seed))
+        n_dev = hierarchy.num_devices
+        ct = _positive(compute_time, "compute_time") * torch.exp(compute_sigma * torch.randn(n_dev, generator=g,
+                                                                                           dtype=torch.float64))
+        if isinstance(uplink_rates, (str, bytes)) or len(uplink_rates) != hierarchy.num_layers:
+            raise ValueError(f"uplink_rates must list one median rate per layer ({hierarchy.num_layers}), got "
+                             f"{uplink_rates!r}")
+        rates = []
+        for n in range(1, hierarchy.num_layers + 1):
+            m = hierarchy.nodes_per_layer[n - 1]
+            rates.append(_positive(uplink_rates[n - 1], f"uplink_rates[{n - 1}]")
+                         * torch.exp(rate_sigma * torch.randn(m, generator=g, dtype=torch.float64)))
+        return cls(compute_time=None, uplink_rates=rates, compute_times_per_device=ct, **kw)
+
+    @classmethod
+    def from_file(cls, path: Any, **kw: Any) -> "LatencyModel":
+        """Per-node times from JSON: ``{"compute_times": [s per step, one per device], "uplink_rates": [[bits/s per
+        sender of layer 0], [.. of layer 1], ...]}`` (optional ``downlink_rates``, ``deadlines``, ``straggler``);
+        ``kw`` overrides fields."""
+        import json
+        from pathlib import Path
+
+        p = Path(path)
+        try:
+            data = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"cannot read the latency file {p}: {err}") from None
+        if not isinstance(data, dict) or "uplink_rates" not in data or "compute_times" not in data:
+            raise ValueError(f"{p}: expected a JSON object with 'compute_times' and 'uplink_rates'")
+        fields = dict(compute_time=None, uplink_rates=data["uplink_rates"], compute_times_per_device=
+                      data["compute_times"], downlink_rates=data.get("downlink_rates"),
+                      deadlines=data.get("deadlines"), straggler=data.get("straggler", "wait"))
+        fields.update(kw)
+        try:
+            return cls(**fields)
+        except ValueError as err:
+            raise ValueError(f"{p}: {err}") from None
+
+    @property
+    def is_homogeneous(self) -> bool:
+        """Every device computes alike and every layer's senders have one rate (the slowest-sender formula is
+        exact then)."""
+        def one(v: Any) -> bool:
+            if isinstance(v, (torch.Tensor, Sequence, np.ndarray)) and not isinstance(v, (str, bytes)):
+                t = torch.as_tensor(v if not isinstance(v, torch.Tensor) else v.detach(), dtype=torch.float64)
+                return bool((t == t.flatten()[0]).all())
+            return True
+
+        return one(self.compute_times_per_device) and all(one(r) for r in self.uplink_rates)
 
     # ------------------------------------------------------------------ derived
     @property
@@ -201,17 +317,44 @@ class LatencyModel:
             times = [t + b / r for t, b, r in zip(times, dbits, self.slowest_downlink_rates)]
         return times
 
+    @property
+    def needs_tree(self) -> bool:
+        """Whether the round time depends on the tree (heterogeneous nodes, or stragglers dropped at deadlines)."""
+        return not self.is_homogeneous or any(self.deadline(n) is not None for n in range(1, self.num_layers + 1))
+
+    def _per_layer_down(self, downlink_bits: int | Sequence[int] | None) -> list[int] | None:
+        if self.slowest_downlink_rates is None:
+            return None
+        if downlink_bits is None:
+            raise ValueError("the model has downlink_rates: pass downlink_bits (normally 32 * d, see downlink_bits())")
+        if isinstance(downlink_bits, (Sequence, np.ndarray)) and not isinstance(downlink_bits, (str, bytes)):
+            return [int(b) for b in downlink_bits]
+        return [int(downlink_bits)] * self.num_layers
+
     def round_time(
         self,
         taus: Sequence[int],
         upload_bits: Sequence[int],
         downlink_bits: int | Sequence[int] | None = None,
+        hierarchy: Any = None,
     ) -> RoundTime:
-        """T_glob(tau) and its split (see the module docstring). ``upload_bits``: bits per upload, per layer."""
+        """T_glob(tau) and its split (see the module docstring). ``upload_bits``: bits per upload, per layer.
+
+        With a ``hierarchy`` and heterogeneous nodes (or drop deadlines) the round follows the tree: the engine's
+        clock for a round in which everyone takes part (:mod:`lightning_qmlhfl.clock`); the split is that of the
+        critical path. Otherwise the slowest sender of every layer sets its time (exact for identical nodes)."""
         from .convergence import check_taus  # local import: theory does not depend on latency either way
 
         t = check_taus(taus, self.num_layers)
         link = self.link_times(upload_bits, downlink_bits)
+        if hierarchy is not None and self.needs_tree:
+            from ..participation import Full
+            from ..population import simulate_round
+
+            total, split = simulate_round(hierarchy, t, self, list(upload_bits), [Full()] * self.num_layers,
+                                          downlink_bits=self._per_layer_down(downlink_bits))
+            return RoundTime(total=total, compute=float(split[0]), per_layer_comm=tuple(float(x) for x in split[1:]),
+                             link_time=tuple(link))
         compute = float(math.prod(t)) * self.step_time
         comm = []
         for n in range(1, len(t) + 1):
@@ -226,8 +369,24 @@ class LatencyModel:
         return self.round_time(taus, upload_bits(quantizers, d, buffer_elems),
                                downlink_bits(d + buffer_elems) if self._down else None)
 
-    def round_time_grid(self, tau_grid: np.ndarray, link_times: Sequence[float]) -> np.ndarray:
-        """Vectorised T_glob for many tau: ``tau_grid`` int array [K, N], ``link_times`` t_n -> float64 [K]."""
+    def round_time_grid(self, tau_grid: np.ndarray, link_times: Sequence[float], hierarchy: Any = None,
+                        upload_bits: Sequence[int] | None = None,
+                        downlink_bits: int | Sequence[int] | None = None) -> np.ndarray:
+        """Vectorised T_glob for many tau: ``tau_grid`` int array [K, N], ``link_times`` t_n -> float64 [K].
+        With a ``hierarchy`` (and ``upload_bits``) and heterogeneous nodes, the tree recursion of
+        :func:`lightning_qmlhfl.clock.tree_round_times` (the engine's clock when everyone takes part)."""
+        if hierarchy is not None and self.needs_tree:
+            from ..clock import tree_round_times
+
+            if upload_bits is None:
+                raise ValueError("the tree recursion needs upload_bits")
+            N = self.num_layers
+            up = [float(upload_bits[n - 1]) / self.sender_rates(n, hierarchy.nodes_per_layer[n - 1])
+                  for n in range(1, N + 1)]
+            dbits = self._per_layer_down(downlink_bits)
+            down = [0.0] * N if dbits is None else [dbits[n] / self.slowest_downlink_rates[n] for n in range(N)]
+            return tree_round_times(hierarchy, tau_grid, self.device_compute_times(hierarchy.num_devices), up, down,
+                                    [self.deadline(n) for n in range(1, N + 1)])
         t = np.asarray(tau_grid, dtype=np.float64)
         total = np.prod(t, axis=1) * self.step_time
         suffix = np.ones(t.shape[0], dtype=np.float64)  # prod_{m>n} tau_m, built from the top layer down

@@ -89,6 +89,7 @@ class Plan:
     deadline: float
     evaluated: int
     message: str = ""
+    expected_round_time: float | None = None  # under partial participation / availability (Monte Carlo), if given
 
     def require_feasible(self) -> "Plan":
         """Return self, or raise :class:`InfeasiblePlanError` with :attr:`message`."""
@@ -123,6 +124,9 @@ class Plan:
             f"learning rate mu    : {self.mu:.6g}  (admissible: mu < {mu_max}; Eq. 15 value {self.lr_condition:.4g})"
         )
         lines.append(f"rate proxy mu*T*prod(tau) : {self.objective:.6g}")
+        if self.expected_round_time is not None:
+            lines.append(f"expected T_glob under the given participation: {self.expected_round_time:.6g} s (the plan "
+                         f"uses the everyone-takes-part time above, an upper bound of every round's time)")
         return "\n".join(lines)
 
 
@@ -198,7 +202,7 @@ class _Problem:
             else:
                 mu = np.full(grid.shape[0], self.mu)
                 lr_ok = admissible
-        t_glob = self.latency.round_time_grid(grid, self.link)
+        t_glob = self.latency.round_time_grid(grid, self.link, self.hierarchy, self.bits, self.down_bits)
         rounds = np.floor(self.deadline / t_glob + _ROUND_SLACK)
         feasible = lr_ok & (rounds >= 1)
         prod = np.prod(grid.astype(np.float64), axis=1)
@@ -241,7 +245,7 @@ class _Problem:
         row = np.asarray([list(taus)], dtype=np.int64)
         ev = self.evaluate(row)
         self.evaluated -= 1
-        rt = self.latency.round_time(list(taus), self.bits, self.down_bits)
+        rt = self.latency.round_time(list(taus), self.bits, self.down_bits, self.hierarchy)
         mu = float(ev["mu"][0])
         value = 1.0 - (self.L * mu) ** 2 * float(ev["bracket"][0])
         return Plan(
@@ -277,7 +281,7 @@ class _Problem:
     def explain_infeasible(self) -> str:
         """Why tau = (1, ..., 1), the cheapest tau, fails, and what numbers would make it work."""
         ones = [1] * self.N
-        rt = self.latency.round_time(ones, self.bits, self.down_bits)
+        rt = self.latency.round_time(ones, self.bits, self.down_bits, self.hierarchy)
         T_d = self.deadline
         lines = [f"no tau meets the constraints with deadline T_d = {T_d:g} s."]
         if rt.total > T_d * (1 + _ROUND_SLACK):
@@ -339,7 +343,7 @@ class _Problem:
             bits = upload_bits(qz, self.d, self.buffer_elems)
             if any(nb > ob for nb, ob in zip(bits, self.bits)):
                 continue  # never suggest more bits than now on any layer
-            rt = self.latency.round_time(ones, bits, self.down_bits)
+            rt = self.latency.round_time(ones, bits, self.down_bits, self.hierarchy)
             if rt.total <= T_d * (1 + _ROUND_SLACK):
                 return (
                     f"* Coarser quantization: QSGD with s <= {s} levels on every uplink ({1 + b} bits per entry; "
@@ -347,7 +351,8 @@ class _Problem:
                     f"(the learning-rate condition then tightens: q_n grows)."
                 )
         qz = [QSGD(1, q.bucket_size) for q in self.quantizers]
-        rt = self.latency.round_time(ones, upload_bits(qz, self.d, self.buffer_elems), self.down_bits)
+        rt = self.latency.round_time(ones, upload_bits(qz, self.d, self.buffer_elems), self.down_bits,
+                                     self.hierarchy)
         return (
             f"* Coarser quantization alone cannot do it: even s = 1 (2 bits per entry) on every uplink gives "
             f"T_glob = {rt.total:.6g} s > {T_d:g} s."
@@ -492,6 +497,8 @@ def plan_taus(
     method: Method = "auto",
     exact_limit: int = 500_000,
     buffer_elems: int = 0,
+    participation: Sequence[Any] | None = None,
+    availability: Any = None,
 ) -> Plan:
     """Integer tau_n >= 1 maximising mu * floor(T_d / T_glob(tau)) * prod tau under Eq. 15 (module docstring).
 
@@ -503,6 +510,10 @@ def plan_taus(
     buffer_elems: float buffer entries (BatchNorm statistics) that travel with every upload at 32 bits.
     The theory behind the rate (Eq. 15) covers unbiased compressors without error feedback and plain averaging
     (``Average()``) only; other configurations get a TheoryWarning and are planned with the same formulas.
+    T_glob follows the tree when the latency model is heterogeneous (the engine's clock with everyone taking
+    part). With ``participation`` (one rule per layer) / ``availability`` the plan still uses that time, an upper
+    bound of every round's time under any selection (a subset's slowest sender is never slower, drops only
+    shorten a period), and reports the expected round time under them (Monte Carlo with the engine's clock).
     Returns a :class:`Plan`; when nothing is feasible, ``plan.feasible`` is False and ``plan.message`` says what
     would help (``plan.require_feasible()`` raises :class:`InfeasiblePlanError` with it).
     """
@@ -516,9 +527,26 @@ def plan_taus(
         return prob.infeasible("exact" if method == "auto" else method)
     if method == "auto":
         method = "exact" if math.prod(caps) <= exact_limit else "heuristic"
-    if method == "exact":
-        return prob.exact(caps, int(exact_limit))
-    return prob.heuristic(caps)
+    plan = prob.exact(caps, int(exact_limit)) if method == "exact" else prob.heuristic(caps)
+    return _with_expected_time(plan, prob, participation, availability)
+
+
+def _with_expected_time(plan: Plan, prob: "_Problem", participation: Sequence[Any] | None, availability: Any
+                        ) -> Plan:
+    """The plan with its expected round time under partial participation / availability (when given)."""
+    if plan.taus is None or (participation is None and availability is None):
+        return plan
+    from dataclasses import replace
+
+    from ..participation import validate_participation
+    from ..population import estimate_round_time
+
+    parts = validate_participation(participation, prob.N)
+    if all(p.is_full for p in parts) and availability is None:
+        return plan
+    down = None if prob.down_bits is None else [prob.down_bits] * prob.N
+    mean, _ = estimate_round_time(prob.hierarchy, plan.taus, prob.latency, prob.bits, parts, availability, down)
+    return replace(plan, expected_round_time=mean)
 
 
 def evaluate_taus(
