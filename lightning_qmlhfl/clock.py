@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .hierarchy import Hierarchy
+from .hierarchy import Hierarchy, TreeState
 
 __all__ = ["SimulatedClock", "tree_round_times"]
 
@@ -46,7 +46,7 @@ def _segment_max(values: Tensor, index: Tensor, segments: int) -> Tensor:
 class SimulatedClock:
     """Per-node busy times and the round clock (module docstring). Times in seconds, float64."""
 
-    def __init__(self, hierarchy: Hierarchy, latency: Any, upload_bits: Sequence[int],
+    def __init__(self, hierarchy: Hierarchy | TreeState, latency: Any, upload_bits: Sequence[int],
                  downlink_bits: Sequence[int] | None = None) -> None:
         self.hierarchy = hierarchy
         N = self.N = hierarchy.num_layers
@@ -60,11 +60,20 @@ class SimulatedClock:
             raise ValueError("the latency model has downlink rates: give downlink_bits (32 d per download)")
         self.down = [0.0 if down is None else float(downlink_bits[n - 1]) / down[n - 1] for n in range(1, N + 1)]
         self.deadlines = [latency.deadline(n) for n in range(1, N + 1)]
-        self._anc = [[hierarchy.ancestor_index(m, j) for j in range(m, N)] for m in range(N)]
+        self._version = -1
+        self._refresh()
         self.now = 0.0  # absolute simulated time at the start of the current round
         self.reset_round()
         self.last_round_time = 0.0
         self.last_split = torch.zeros(N + 1, dtype=torch.float64)
+
+    def _refresh(self) -> None:
+        """Re-derive the ancestor maps when the tree changed (a :class:`~lightning_qmlhfl.hierarchy.TreeState`)."""
+        version = getattr(self.hierarchy, "version", 0)
+        if version != self._version:
+            N = self.N
+            self._anc = [[self.hierarchy.ancestor_index(m, j) for j in range(m, N)] for m in range(N)]
+            self._version = version
 
     def reset_round(self) -> None:
         h = self.hierarchy
@@ -74,6 +83,7 @@ class SimulatedClock:
     # ------------------------------------------------------------------ progress
     def node_now(self, m: int) -> Tensor:
         """float64 [M_m]: the absolute simulated time of every node of layer m (m < N)."""
+        self._refresh()
         t = torch.full((self.hierarchy.nodes_per_layer[m],), self.now, dtype=torch.float64)
         for j, anc in zip(range(m, self.N), self._anc[m]):
             t = t + self.busy[j][anc]

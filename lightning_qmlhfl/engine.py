@@ -23,6 +23,7 @@ from torch.utils._pytree import tree_map
 from .kernels import Backend, aggregate_layer_, check_backend
 from .availability import Availability
 from .clock import SimulatedClock
+from .mobility import Mobility, make_mobility
 from .participation import Participation, validate_participation
 from .population import Population
 from .rng import row_seeds
@@ -31,7 +32,7 @@ from .theory.latency import LatencyModel, default_latency, downlink_bits
 from .cpu_alloc import retain_large_allocations
 from .device_optim import DeviceOptimizer
 from .executors import LossFn, make_executor
-from .hierarchy import Hierarchy
+from .hierarchy import Hierarchy, TreeState
 from .compressors import Compressor, Identity, upload_bits, validate_compressors
 from .stacked import ParamOrder, StackedState
 
@@ -135,6 +136,8 @@ class QMLHFLEngine:
         latency: the :class:`~lightning_qmlhfl.theory.latency.LatencyModel` of the simulated clock (per-device
             compute times, per-sender rates, straggler deadlines); default
             :func:`~lightning_qmlhfl.theory.latency.default_latency`.
+        mobility: a :mod:`~lightning_qmlhfl.mobility` model (devices moving between edge servers, edge-server
+            failures); default ``Static()``. The current tree is :attr:`tree`.
 
     Only the devices that take part in a step compute it (their rows are gathered into a compact stack, trained
     and written back); :meth:`upcoming_devices` says which, and a batch may hold just their rows.
@@ -165,6 +168,7 @@ class QMLHFLEngine:
         participation: Sequence[Participation | str | dict] | Participation | str | None = None,
         availability: Availability | None = None,
         latency: LatencyModel | None = None,
+        mobility: Mobility | dict | None = None,
     ) -> None:
         if not isinstance(hierarchy, Hierarchy):
             raise TypeError(f"hierarchy must be a Hierarchy, got {type(hierarchy).__name__}")
@@ -252,12 +256,25 @@ class QMLHFLEngine:
         down = None
         if self.latency.slowest_downlink_rates is not None:
             down = [downlink_bits(self.state.num_params + self.state.num_buffer_elems)] * self.N
-        self.clock = SimulatedClock(hierarchy, self.latency, [self.upload_bits(n) for n in range(1, self.N + 1)],
+        self.tree = TreeState(hierarchy)  # the current tree (devices may move between edge servers)
+        self._device_mass = device_mass
+        self.clock = SimulatedClock(self.tree, self.latency, [self.upload_bits(n) for n in range(1, self.N + 1)],
                                     down)
         self.participation = validate_participation(participation, self.N)
         if availability is not None and not isinstance(availability, Availability):
             raise TypeError(f"availability must be an Availability, got {type(availability).__name__}")
-        self.population = Population(hierarchy, self.taus, self.participation, availability, self.clock, self.seed)
+        self.population = Population(self.tree, self.taus, self.participation, availability, self.clock, self.seed)
+        self.mobility = make_mobility(mobility, hierarchy.nodes_per_layer[1] if self.N > 1 else 1)
+        if not self.mobility.is_static:
+            if self.N < 2:
+                raise ValueError("mobility needs edge servers: a hierarchy of at least N = 2 layers (devices move "
+                                 "between the nodes of layer 1)")
+            self.mobility.check(hierarchy.num_devices, hierarchy.nodes_per_layer[1], self.N)
+            self.population.mid_period = self.mobility.mid_period
+            self.population.trivial = False  # edge servers may be left without devices: they must not upload
+        self._boundary_layer = self.mobility.every or self.N
+        self.home = self.tree.parent_index(0).clone()  # every device's edge server, failures aside
+        self._moves = self._failures = 0  # in the current round
         self._compact: tuple[Tensor, Tensor, Tensor] | None = None  # (rows, params, buffers) of a partial step
         self.last_round_stats: dict[str, float] = {}
 
@@ -370,6 +387,7 @@ class QMLHFLEngine:
             self.events_in_round = [0] * self.N
             self.last_round_stats = self.round_stats()
             self.population.reset_stats()
+            self._moves = self._failures = 0
         return StepResult(losses=losses, aux=aux, aggregated=done, round_completed=completed, devices=devices)
 
     def round_stats(self) -> dict[str, float]:
@@ -382,6 +400,10 @@ class QMLHFLEngine:
             out[f"time_layer{n}"] = float(clock.last_split[n])
             out[f"participants_layer{n}"] = pop.uploads[n - 1]
             out[f"drops_layer{n}"] = pop.dropped[n - 1]
+        out["moves"], out["edge_failures"] = self._moves, self._failures
+        if self.N > 1:
+            counts = self.tree.device_counts(1)
+            out["edge_devices_min"], out["edge_devices_max"] = int(counts.min()), int(counts.max())
         return out
 
     def run_round(self, next_batch: Callable[[], Any]) -> list[StepResult]:
@@ -422,6 +444,8 @@ class QMLHFLEngine:
                                                 None if received is None else received.to(self.device))
         if s.num_buffer_elems:
             aggregate_layer_(s.buffers[n], s.buffers[n - 1], idx, w, Identity(), seeds, "torch", rows=uploads)
+        if not self.mobility.is_static:  # the tree changes before Eq. 5: movers continue from their new parent
+            self._change_tree(n)
         # Eq. 5: everything below layer n continues from its layer-n ancestor's new model.
         # index_select into the rows directly: a gather-then-copy would allocate a temporary as large as the
         # whole device stack (0.64 GB for 1000 MLP devices) at every aggregation.
@@ -436,6 +460,67 @@ class QMLHFLEngine:
         self.bits_sent[n - 1] += bits
         self.baseline_bits[n - 1] += base
         self.round_bits[n - 1] += bits
+
+    # ------------------------------------------------------------------ a changing tree (mobility.py)
+    def _change_tree(self, n: int) -> None:
+        from .mobility import _other_parent
+        from .rng import Stream, generator
+
+        M1 = self.hierarchy.nodes_per_layer[1]
+        pop = self.population
+        if n == 1 and bool(pop.movers.any()):  # moved during the period (their uploads were lost)
+            g = generator(self.seed, Stream.MOBILITY, self.round, self.events_in_round[0], 2)
+            movers = pop.movers
+            self.home[movers] = _other_parent(self.home[movers], M1, g)
+            self._moves += int(movers.sum())
+            pop.movers = torch.zeros_like(movers)
+        effective = self.home
+        if n == self._boundary_layer:
+            boundary = self.aggregation_counts[n - 1]
+            new = self.mobility.move(boundary, self.home, M1, generator(self.seed, Stream.MOBILITY, boundary))
+            self._moves += int((new != self.home).sum())
+            self.home = new.clone()
+            effective = self.home
+            failures = self.mobility.failures
+            if failures is not None:
+                down = failures.down(boundary, M1, generator(self.seed, Stream.MOBILITY, boundary, 3))
+                self._failures += int(down.sum())
+                if failures.mode == "fallback" and not bool(down.all()):
+                    effective = self._fallback(down, generator(self.seed, Stream.MOBILITY, boundary, 4))
+                    down = torch.zeros_like(down)
+                pop.set_down(down)
+        if not torch.equal(effective, self.tree.parent_index(0)):
+            self.tree.set_device_parents(effective)
+            self._refresh_tree()
+
+    def _fallback(self, down: Tensor, g: torch.Generator) -> Tensor:
+        """Devices of failed edge servers attach to a uniformly chosen live edge server under the same regional
+        server when there is one, else to any live one."""
+        region = self.tree.parent_index(1)  # the layer-2 node of every edge server
+        live = torch.nonzero(~down).flatten()
+        order = live[torch.argsort(region[live], stable=True)]
+        regions = self.hierarchy.nodes_per_layer[2]
+        counts = torch.bincount(region[live], minlength=regions)
+        starts = torch.cumsum(counts, 0) - counts
+        out = self.home.clone()
+        stranded = down[self.home]
+        r = region[self.home[stranded]]
+        u = torch.rand(int(stranded.sum()), generator=g, dtype=torch.float64)
+        local = counts[r] > 0
+        pick_local = order[(starts[r] + (u * counts[r].double()).long().clamp(max=counts[r] - 1).clamp(min=0))
+                           .clamp(max=order.numel() - 1)]
+        pick_any = live[(u * live.numel()).long().clamp(max=live.numel() - 1)]
+        out[stranded] = torch.where(local, pick_local, pick_any)
+        return out
+
+    def _refresh_tree(self) -> None:
+        """Parent indices, weights |C(c)| / |C(p)| and resync maps of the current tree."""
+        t = self.tree
+        dtype = torch.float64 if self.state.dtype == torch.float64 else torch.float32
+        self._parent_index[0] = t.parent_index(0).to(self.device)
+        self._weights = [t.aggregation_weights(n, self._device_mass).to(device=self.device, dtype=dtype)
+                         for n in range(1, self.N + 1)]
+        self._ancestors = [[t.ancestor_index(m, n).to(self.device) for m in range(n)] for n in range(1, self.N + 1)]
 
     # ------------------------------------------------------------------ reading the models
     def cloud_params(self) -> Tensor:
@@ -461,6 +546,8 @@ class QMLHFLEngine:
             "server_state": [None if st is None else {k: v.clone() for k, v in st.items()}
                              for st in self.server_state],
             "population": self.population.state_dict(),
+            "tree": {**self.tree.state_dict(), "home": self.home.clone(), "moves": self._moves,
+                     "failures": self._failures},
             "optimizer": self.optimizer.state_dict(),
             "counters": {
                 "round": self.round,
@@ -477,6 +564,7 @@ class QMLHFLEngine:
                 "compressors": [repr(q) for q in self.compressors],
                 "server_optimizers": [repr(o) for o in self.server_optimizers],
                 "participation": [repr(p) for p in self.participation],
+                "mobility": repr(self.mobility),
                 "hierarchy": self.hierarchy.to_dict(),
                 "seed": self.seed,
                 "param_layout": [[name, list(shape), list(order)] for name, shape, order in
@@ -490,8 +578,9 @@ class QMLHFLEngine:
             cfg["compressors"] = [q.replace("NoQuantization()", "Identity()") for q in cfg.get("quantizers", [])]
         cfg.setdefault("server_optimizers", ["Average()"] * self.N)  # checkpoints from before server optimizers
         cfg.setdefault("participation", ["Full()"] * self.N)  # ... and from before partial participation
+        cfg.setdefault("mobility", "Static()")  # ... and from before mobility
         mine = self.state_dict()["config"]
-        for key in ("taus", "compressors", "server_optimizers", "participation", "hierarchy", "seed"):
+        for key in ("taus", "compressors", "server_optimizers", "participation", "mobility", "hierarchy", "seed"):
             if cfg[key] != mine[key]:
                 raise ValueError(f"checkpoint was made with {key}={cfg[key]!r}, this run has {mine[key]!r}")
         # The meaning of the flat rows (checkpoints from before storage orders were recorded used module order).
@@ -510,6 +599,12 @@ class QMLHFLEngine:
                 mine_m.copy_(theirs_m)
         if "population" in sd:
             self.population.load_state_dict(sd["population"])
+        if "tree" in sd:
+            self.tree.load_state_dict(sd["tree"])
+            self.home = sd["tree"]["home"].clone()
+            self._moves, self._failures = int(sd["tree"]["moves"]), int(sd["tree"]["failures"])
+            if not self.mobility.is_static:
+                self._refresh_tree()
         self._compact = None
         for mine_s, theirs_s in zip(self.server_state, sd.get("server_state", [None] * self.N)):
             if mine_s is not None:

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["Hierarchy"]
+__all__ = ["Hierarchy", "TreeState"]
 
 
 def _check_int(value: object, what: str, minimum: int) -> int:
@@ -218,3 +218,65 @@ class Hierarchy:
     def to_dict(self) -> dict:
         """Plain-python form for checkpoints and logging."""
         return {"parents": [list(p) for p in self.parents]}
+
+
+class TreeState:
+    """The current tree of a run whose devices may move between edge servers (:mod:`lightning_qmlhfl.mobility`):
+    the :class:`Hierarchy`'s parent index arrays, with the devices' edge servers replaceable. An edge server may be
+    left without devices (then it has no children and its |C| is 0). Offers the Hierarchy's derived views."""
+
+    def __init__(self, hierarchy: Hierarchy) -> None:
+        self.base = hierarchy
+        self.num_layers = hierarchy.num_layers
+        self.num_devices = hierarchy.num_devices
+        self.nodes_per_layer = hierarchy.nodes_per_layer
+        self._parents = [hierarchy.parent_index(n) for n in range(self.num_layers)]
+        self.version = 0  # incremented at every change of the device layer's parents
+
+    def parent_index(self, n: int) -> torch.Tensor:
+        """LongTensor [nodes_per_layer[n]]: the current parent of each node of layer n (0 <= n < N)."""
+        return self._parents[n]
+
+    def set_device_parents(self, parents: torch.Tensor) -> None:
+        """Attach every device to ``parents[i]`` (int64 [N_tot] indices of layer-1 nodes)."""
+        parents = parents.to(torch.long).cpu()
+        if parents.shape != (self.num_devices,):
+            raise ValueError(f"device parents must have shape ({self.num_devices},), got {tuple(parents.shape)}")
+        if parents.numel() and (int(parents.min()) < 0 or int(parents.max()) >= self.nodes_per_layer[1]):
+            raise ValueError(f"device parents must lie in [0, {self.nodes_per_layer[1] - 1}]")
+        if not torch.equal(parents, self._parents[0]):
+            self._parents[0] = parents.clone()
+            self.version += 1
+
+    def ancestor_index(self, lower: int, upper: int) -> torch.Tensor:
+        idx = torch.arange(self.nodes_per_layer[lower])
+        for n in range(lower, upper):
+            idx = self._parents[n][idx]
+        return idx
+
+    def node_mass(self, n: int, device_mass: torch.Tensor | None = None) -> torch.Tensor:
+        """Float64 [nodes_per_layer[n]]: devices (or summed ``device_mass``) below every node of layer n."""
+        m = torch.ones(self.num_devices, dtype=torch.float64) if device_mass is None else \
+            torch.as_tensor(device_mass, dtype=torch.float64).cpu()
+        for k in range(n):
+            nxt = torch.zeros(self.nodes_per_layer[k + 1], dtype=torch.float64)
+            nxt.index_add_(0, self._parents[k], m)
+            m = nxt
+        return m
+
+    def device_counts(self, n: int) -> torch.Tensor:
+        return self.node_mass(n).round().long()
+
+    def aggregation_weights(self, n: int, device_mass: torch.Tensor | None = None) -> torch.Tensor:
+        """Float64 [nodes_per_layer[n-1]]: |C(child)| / |C(parent)| (0 below a parent without devices)."""
+        mass = self.node_mass(n - 1, device_mass)
+        parent = self.node_mass(n, device_mass)[self._parents[n - 1]]
+        return torch.where(parent > 0, mass / parent.clamp(min=torch.finfo(torch.float64).tiny),
+                           torch.zeros_like(mass))
+
+    def state_dict(self) -> dict:
+        return {"device_parents": self._parents[0].clone(), "version": self.version}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self._parents[0] = sd["device_parents"].clone()
+        self.version = int(sd["version"])

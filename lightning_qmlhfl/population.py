@@ -48,8 +48,11 @@ class Population:
         self.clock, self.seed = clock, int(seed)
         self.trivial = (all(p.is_full for p in self.participation) and self.availability is None
                         and all(d is None for d in clock.deadlines))
-        self._pidx = [hierarchy.parent_index(m) for m in range(self.N)]
-        self._anc0 = [hierarchy.ancestor_index(0, m) for m in range(self.N)]
+        self._version = -1
+        self._refresh()
+        self.down = torch.zeros(hierarchy.nodes_per_layer[1] if self.N > 1 else 1, dtype=torch.bool)  # failed edges
+        self.movers = torch.zeros(hierarchy.num_devices, dtype=torch.bool)  # moved during the last layer-1 period
+        self.mid_period = 0.0  # the probability of a mid-period move (set by the engine's mobility model)
         M = hierarchy.nodes_per_layer
         self.selected = [torch.ones(M[m], dtype=torch.bool) for m in range(self.N)]
         self.pi = [torch.ones(M[m], dtype=torch.float64) for m in range(self.N)]
@@ -58,6 +61,19 @@ class Population:
         self.active: Tensor | None = None  # int64 indices of the training devices; None = all
         self._begun = -1  # the total step whose draws are done
         self.reset_stats()
+
+    def _refresh(self) -> None:
+        """Re-derive the index maps when the tree changed (a :class:`~lightning_qmlhfl.hierarchy.TreeState`)."""
+        version = getattr(self.h, "version", 0)
+        if version != self._version:
+            self._pidx = [self.h.parent_index(m) for m in range(self.N)]
+            self._anc0 = [self.h.ancestor_index(0, m) for m in range(self.N)]
+            self._version = version
+
+    def set_down(self, down: Tensor) -> None:
+        """Edge servers down for the next period of the boundary layer (failures, mode "skip")."""
+        self.down = down.clone()
+        self.trivial = False
 
     def reset_stats(self) -> None:
         self.uploads = [0] * self.N  # per layer, uploads received in the current round
@@ -69,6 +85,7 @@ class Population:
         train in it (int64 indices, or None for all). Idempotent for one ``total_step``."""
         if self.trivial or self._begun == total_step:
             return self.active
+        self._refresh()
         self._begun = total_step
         for n in range(self.N, 0, -1):
             if step % self.period[n - 1] == 0:
@@ -77,6 +94,8 @@ class Population:
             a = self.selected[0].clone()
             for m in range(1, self.N):
                 a &= self.selected[m][self._anc0[m]]
+            if bool(self.down.any()):
+                a &= ~self.down[self._anc0[1]]
             self.active = None if bool(a.all()) else torch.nonzero(a).flatten()
         return self.active
 
@@ -102,6 +121,7 @@ class Population:
                   ) -> tuple[Tensor | None, Tensor, Tensor | None]:
         """Close layer n's periods: (the uploading child rows or None for all, their weights [C], the parents
         that received any upload or None for all)."""
+        self._refresh()
         M = self.h.nodes_per_layer
         pidx = self._pidx[n - 1]
         if self.trivial:
@@ -109,6 +129,8 @@ class Population:
             self.uploads[n - 1] += M[n - 1]
             return None, base_weights, None
         cand = self.selected[n - 1] & self.contributed[n - 1]
+        if n == 2 and bool(self.down.any()):
+            cand &= ~self.down
         ready = self.clock.ready(n)
         lost = torch.zeros_like(cand)
         waited = None
@@ -128,6 +150,10 @@ class Population:
             finish = start + ready
             lost |= cand & self.availability.drops(start, finish,
                                                    generator(self.seed, Stream.DROPOUT, round_idx, event))
+        if n == 1 and self.mid_period:  # devices that moved during the period: their upload is lost
+            g = generator(self.seed, Stream.MOBILITY, round_idx, event, 1)
+            self.movers = cand & (torch.rand(cand.shape, generator=g, dtype=torch.float64) < self.mid_period)
+            lost |= self.movers
         uploads = cand & ~lost
         self.uploads[n - 1] += int(uploads.sum())
         self.dropped[n - 1] += int((cand & lost).sum())
@@ -148,6 +174,7 @@ class Population:
             "keep": [t.clone() for t in self.keep], "contributed": [t.clone() for t in self.contributed],
             "active": None if self.active is None else self.active.clone(), "begun": self._begun,
             "uploads": list(self.uploads), "dropped": list(self.dropped), "clock": self.clock.state_dict(),
+            "down": self.down.clone(), "trivial": self.trivial,
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -159,6 +186,9 @@ class Population:
         self._begun = int(sd["begun"])
         self.uploads, self.dropped = list(sd["uploads"]), list(sd["dropped"])
         self.clock.load_state_dict(sd["clock"])
+        if "down" in sd:
+            self.down = sd["down"].clone()
+            self.trivial = bool(sd["trivial"])
 
 
 def _run_rounds(hierarchy: Hierarchy, taus: Sequence[int], latency: Any, upload_bits: Sequence[int],

@@ -9,11 +9,12 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_qmlhfl.compressors import Compressor, layer_compressors, layer_quantizers
 from lightning_qmlhfl.hierarchy import Hierarchy
 from lightning_qmlhfl.availability import Availability
+from lightning_qmlhfl.mobility import Mobility, make_mobility
 from lightning_qmlhfl.participation import Participation, layer_participation
 from lightning_qmlhfl.server_optim import ServerOptimizer, layer_server_optimizers
 
 __all__ = ["build_hierarchy", "build_compressors", "build_server_optimizers", "build_participation",
-           "build_availability"]
+           "build_availability", "build_mobility"]
 
 
 def build_hierarchy(cfg: DictConfig) -> Hierarchy:
@@ -64,3 +65,12 @@ def build_availability(cfg: DictConfig) -> Availability | None:
     a = Availability(unavailable=float(c.get("unavailable") or 0.0), dropout=float(c.get("dropout") or 0.0),
                      trace=c.get("trace") or None)
     return None if a.is_always else a
+
+
+def build_mobility(cfg: DictConfig, hierarchy: Hierarchy) -> Mobility:
+    """The ``mobility`` group: devices moving between edge servers and edge-server failures (Static without it)."""
+    c: Any = cfg.get("mobility")
+    if c is None:
+        return make_mobility(None)
+    return make_mobility(OmegaConf.to_container(c, resolve=True),
+                         hierarchy.nodes_per_layer[1] if hierarchy.num_layers > 1 else None)

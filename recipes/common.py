@@ -35,7 +35,7 @@ from lightning_qmlhfl.compressors import Compressor  # noqa: E402
 from lightning_qmlhfl.stacked import upload_dims  # noqa: E402
 from lightning_qmlhfl.strategy import QMLHFLStrategy  # noqa: E402
 from recipes.building import (build_availability, build_compressors, build_hierarchy,  # noqa: E402
-                              build_participation, build_server_optimizers)
+                              build_mobility, build_participation, build_server_optimizers)
 
 __all__ = ["run", "build_compressors", "build_hierarchy"]
 
@@ -171,7 +171,7 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict[str, 
     strategy = QMLHFLStrategy(
         hierarchy=hierarchy, taus=list(cfg.hierarchy.taus), compressors=compressors,
         server_optimizers=build_server_optimizers(cfg, N), participation=build_participation(cfg, N),
-        availability=build_availability(cfg),
+        availability=build_availability(cfg), mobility=build_mobility(cfg, hierarchy),
         partition=make_partitioner(OmegaConf.to_container(cfg.partition, resolve=True)), seed=int(cfg.seed),
         executor=cfg.trainer.executor, weighting=cfg.trainer.weighting, global_rounds=rounds,
         latency=latency, smoothness=cfg.trainer.get("smoothness"), train_transform=transform,
@@ -210,6 +210,7 @@ def summarise(cfg: DictConfig, strategy: QMLHFLStrategy, records: list[dict], wa
         "compressors": [repr(q) for q in e.compressors],
         "server_optimizers": [repr(o) for o in e.server_optimizers],
         "participation": [repr(p) for p in e.participation],
+        "mobility": repr(e.mobility),
         "partition": repr(strategy.partitioner),
         "seed": int(cfg.seed),
         "rounds": e.round,

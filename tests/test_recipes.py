@@ -271,3 +271,17 @@ def test_participation_availability_and_stragglers_from_the_command_line():
     assert build_latency(default, 3).is_homogeneous
     frac = _compose("mnist", ["participation.layers=fraction", "participation.f=0.1"])
     assert build_participation(frac, 3) == [Fraction(0.1)] * 3
+
+
+def test_mobility_group_from_the_command_line():
+    from lightning_qmlhfl.mobility import Markov, RandomReassociation, Static
+    from recipes.building import build_mobility
+
+    h = build_hierarchy(_compose("mnist", []))
+    m = build_mobility(_compose("mnist", ["mobility.model=random", "mobility.p=0.2", "mobility.failures.p=0.1",
+                                          "mobility.failures.mode=fallback"]), h)
+    assert isinstance(m, RandomReassociation) and m.p == 0.2 and m.failures.mode == "fallback"
+    ring = build_mobility(_compose("mnist", ["mobility.model=markov", "mobility.ring_p=0.3", "mobility.every=1"]), h)
+    assert isinstance(ring, Markov) and ring.transition.shape == (16, 16) and ring.every == 1
+    assert build_mobility(_compose("mnist", []), h).is_static and isinstance(build_mobility(_compose("mnist", []), h),
+                                                                            Static)

@@ -30,6 +30,7 @@ from ..hierarchy import Hierarchy
 from ..kernels import check_backend
 from ..compressors import QSGD, Compressor
 from ..rng import Stream, mix
+from ..mobility import make_mobility
 from ..participation import validate_participation
 from ..server_optim import validate_server_optimizers
 from ..stacked import check_param_order
@@ -95,6 +96,7 @@ class QMLHFLCore:
         server_optimizers: Any = None,
         participation: Any = None,
         availability: Availability | None = None,
+        mobility: Any = None,
     ) -> None:
         self.hierarchy = hierarchy if hierarchy is not None else Hierarchy.balanced([4, 5, 5])
         if not isinstance(self.hierarchy, Hierarchy):
@@ -109,6 +111,7 @@ class QMLHFLCore:
         if availability is not None and not isinstance(availability, Availability):
             raise TypeError(f"availability must be an Availability, got {type(availability).__name__}")
         self.availability = availability
+        self.mobility = make_mobility(mobility, self.hierarchy.nodes_per_layer[1] if N > 1 else 1)
         self.partitioner = make_partitioner(partition if partition is not None else Dirichlet(alpha=0.5))
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an integer, got {seed!r}")
@@ -238,7 +241,7 @@ class QMLHFLCore:
             executor=self.executor, seed=self.seed, device_mass=mass, backend=self.backend, device=device,
             param_order=self.param_order, param_groups=groups, grad_clip=self._clip,
             server_optimizers=self.server_optimizers, participation=self.participation,
-            availability=self.availability, latency=self.latency,
+            availability=self.availability, latency=self.latency, mobility=self.mobility,
         )
         self._aug_generator = torch.Generator(device=device).manual_seed(mix(self.seed, Stream.AUGMENT))
         with torch.random.fork_rng(devices=self._cuda_devices()):
@@ -399,8 +402,15 @@ class QMLHFLCore:
             rec[f"time_layer{n}"] = stats[f"time_layer{n}"]
             rec[f"participants_layer{n}"] = stats[f"participants_layer{n}"]
             rec[f"drops_layer{n}"] = stats[f"drops_layer{n}"]
+        for key in ("moves", "edge_failures", "edge_devices_min", "edge_devices_max"):
+            if key in stats:
+                rec[key] = stats[key]
+        if not e.mobility.is_static:  # the current device count of every edge server (not logged as a metric)
+            rec["edge_devices"] = e.tree.device_counts(1).tolist()
         self.history.append(rec)
         for k, v in rec.items():
+            if isinstance(v, list):
+                continue
             module.log(f"fl/{k}", float(v), on_step=False, on_epoch=True, batch_size=1,
                        prog_bar=k in ("round", "train_loss"))
         self._round_loss_sum, self._round_loss_steps = 0.0, 0

@@ -83,6 +83,9 @@ class QMLHFLStrategy(SingleDeviceStrategy):
             ``fl/participants_layer{n}`` and ``fl/drops_layer{n}``.
         availability: an :class:`~lightning_qmlhfl.availability.Availability` (unavailable devices, dropouts,
             availability traces).
+        mobility: a :mod:`~lightning_qmlhfl.mobility` model (devices moving between edge servers, edge-server
+            failures), or its config dict; logged per round as ``fl/moves``, ``fl/edge_failures``,
+            ``fl/edge_devices_min`` / ``_max`` (the history holds every edge server's device count).
 
     The simulated clock (``fl/sim_time``, and its split ``fl/time_compute``, ``fl/time_layer{n}``) follows the
     latency model per node: heterogeneous devices and links, stragglers waited for or dropped at a deadline
@@ -115,6 +118,7 @@ class QMLHFLStrategy(SingleDeviceStrategy):
         server_optimizers: Any = None,
         participation: Any = None,
         availability: Any = None,
+        mobility: Any = None,
     ) -> None:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -125,6 +129,7 @@ class QMLHFLStrategy(SingleDeviceStrategy):
             smoothness=smoothness, strict_lr=strict_lr, train_transform=train_transform, label_key=label_key,
             label_fn=label_fn, backend=backend, param_order=param_order, max_dataset_bytes=max_dataset_bytes,
             server_optimizers=server_optimizers, participation=participation, availability=availability,
+            mobility=mobility,
         )
 
     # ------------------------------------------------------------------ the simulation's state, for users
