@@ -5,10 +5,17 @@
 
 CI has no GPU, so the tests run the kernels in Triton's interpreter, which accepts programs the GPU compiler
 would reject (and vice versa for a few constructs). This compiles the real GPU path ahead of time (Triton ships
-ptxas) so such errors surface on a CPU-only machine, and checks three properties of the generated PTX that the
+ptxas) so such errors surface on a CPU-only machine, and checks four properties of the generated PTX that the
 numerics rely on or that matter for bandwidth: no fused multiply-adds in fp32 (results equal the torch reference
-on CPU), correctly rounded divisions (``div.rn``), and 128-bit vector loads when P is a multiple of 16.
-Must run with TRITON_INTERPRET unset (the tests start it in a subprocess).
+on CPU), correctly rounded divisions (``div.rn``), no flush-to-zero of fp32 subnormals (``ftz_f32``: the
+``.ftz`` instructions other than floor's ``cvt.rmi.ftz``, which is exact for the non-negative numbers QSGD floors;
+NaturalCompression and the EF memory keep subnormal entries exactly), and 128-bit vector loads when P is a
+multiple of 16.
+
+The variants cover every compressor of the segmented kernel (KIND: Identity, QSGD, ScaledSign, NaturalCompression;
+whole-row and bucketed), each error-feedback mode (EF), a rows subset (SUBSET: uploads indexed through ``rows``)
+and ``out=`` (WRITE_OUT), for each storage width, plus the norm pass (L2 and L1, with EF memory), the atomic
+layout, the encoder and the uniforms. Must run with TRITON_INTERPRET unset (the tests start it in a subprocess).
 """
 
 from __future__ import annotations
@@ -19,42 +26,71 @@ import os
 import re
 import sys
 
-_PTR_OR_INT_ALIGNED = {"parent_ptr", "child_ptr", "order_ptr", "segment_ptr", "parent_index_ptr", "weight_ptr",
-                       "seed_ptr", "norm_ptr", "out_ptr", "partial_ptr", "P", "stride_parent", "stride_child", "d",
-                       "bucket", "partial_stride"}
-# One variant per kernel and storage width: what the tests compile (the full list takes ~15 s).
-QUICK = ("segments fp32 bucket=0 quantize=True", "segments bf16 bucket=100 quantize=True",
-         "upload atomic bf16 bucket=64", "encode fp16 int16", "sumsq whole-row", "uniforms")
+_PTR_OR_INT_ALIGNED = {"parent_ptr", "child_ptr", "order_ptr", "rows_ptr", "segment_ptr", "parent_index_ptr",
+                       "weight_ptr", "seed_ptr", "norm_ptr", "memory_ptr", "out_ptr", "partial_ptr", "P",
+                       "stride_parent", "stride_child", "stride_memory", "stride_out", "d", "bucket",
+                       "partial_stride"}
+# What the tests compile (--quick): one variant per kernel and storage width, and one per new compressor and
+# feature of the segmented kernel (the full list is every variant below).
+QUICK = ("segments fp32 qsgd bucket=0", "segments bf16 qsgd bucket=100", "segments fp32 sign bucket=64",
+         "segments fp32 natural", "segments fp32 qsgd bucket=0 ef", "segments fp32 identity ef21 out",
+         "segments fp32 qsgd bucket=100 ef21 rows", "upload atomic bf16 bucket=64", "encode fp16 int16",
+         "sumsq whole-row", "sumsq l1 buckets ef rows", "uniforms")
+_KIND_NAMES = {0: "identity", 1: "qsgd", 2: "sign", 3: "natural"}
+_EF_NAMES = {0: "", 1: " ef", 2: " ef21"}
+
+
+def _segments_name(storage: str, kind: int, bucket: int, ef: int, subset: bool, write_out: bool) -> str:
+    name = f"segments {storage} {_KIND_NAMES[kind]}" + (f" bucket={bucket}" if kind in (1, 2) else "")
+    return name + _EF_NAMES[ef] + (" rows" if subset else "") + (" out" if write_out else "")
 
 
 def _variants():
     from . import triton_cuda as qa
 
-    seg = ["parent_ptr", "child_ptr", "order_ptr", "segment_ptr", "weight_ptr", "seed_ptr", "norm_ptr", "P",
-           "stride_parent", "stride_child", "num_col_blocks", "s", "NUM_BUCKETS"]
+    seg = ["parent_ptr", "child_ptr", "order_ptr", "rows_ptr", "segment_ptr", "weight_ptr", "seed_ptr", "norm_ptr",
+           "memory_ptr", "out_ptr", "P", "stride_parent", "stride_child", "stride_memory", "stride_out",
+           "num_col_blocks", "s", "NUM_BUCKETS"]
     up = ["parent_ptr", "child_ptr", "order_ptr", "parent_index_ptr", "weight_ptr", "seed_ptr", "norm_ptr",
           "out_ptr", "C", "P", "stride_parent", "stride_child", "s", "NUM_BUCKETS"]
-    sq = ["parent_ptr", "child_ptr", "order_ptr", "parent_index_ptr", "partial_ptr", "C", "P", "stride_parent",
-          "stride_child", "bucket", "blocks_per_bucket", "partial_stride"]
+    sq = ["parent_ptr", "child_ptr", "order_ptr", "rows_ptr", "parent_index_ptr", "memory_ptr", "partial_ptr", "C",
+          "P", "stride_parent", "stride_child", "stride_memory", "bucket", "blocks_per_bucket", "partial_stride"]
 
     def types(names, storage, out="*fp32"):
-        t = {"parent_ptr": storage, "child_ptr": storage, "order_ptr": "*i64", "segment_ptr": "*i64",
-             "parent_index_ptr": "*i64", "weight_ptr": "*fp32", "seed_ptr": "*i64", "norm_ptr": "*fp32",
-             "out_ptr": out, "partial_ptr": "*fp64", "s": "fp32"}
+        t = {"parent_ptr": storage, "child_ptr": storage, "order_ptr": "*i64", "rows_ptr": "*i64",
+             "segment_ptr": "*i64", "parent_index_ptr": "*i64", "weight_ptr": "*fp32", "seed_ptr": "*i64",
+             "norm_ptr": "*fp32", "memory_ptr": "*fp32", "out_ptr": out, "partial_ptr": "*fp64", "s": "fp32"}
         return {n: t.get(n, "i32") for n in names}
 
+    def segments(storage, kind, bucket=0, ef=0, subset=False, write_out=False):
+        return (_segments_name(storage[1:], kind, bucket, ef, subset, write_out), qa._aggregate_segments_kernel,
+                types(seg, storage), {"BUCKET": bucket, "KIND": kind, "EF": ef, "SUBSET": subset,
+                                      "WRITE_OUT": write_out, "BLOCK": 1024})
+
     for storage in ("*fp32", "*fp16", "*bf16"):
-        for bucket, quantize in ((0, True), (100, True), (0, False)):
-            yield (f"segments {storage[1:]} bucket={bucket} quantize={quantize}", qa._aggregate_segments_kernel,
-                   types(seg, storage), {"BUCKET": bucket, "QUANTIZE": quantize, "BLOCK": 1024})
+        for kind, bucket in ((1, 0), (1, 100), (0, 0), (2, 0), (2, 64), (3, 0)):
+            yield segments(storage, kind, bucket)
+    for ef in (1, 2):  # error feedback, a rows subset and out=, each compressor, fp32 (the memory is fp32)
+        for kind, bucket in ((1, 0), (1, 100), (0, 0), (2, 64), (3, 0)):
+            yield segments("*fp32", kind, bucket, ef)
+    yield segments("*fp32", 1, 100, ef=2, subset=True)
+    yield segments("*fp32", 0, 0, ef=2, write_out=True)
+    yield segments("*fp32", 2, 64, ef=1, subset=True, write_out=True)
+    yield segments("*bf16", 3, 0, ef=2, subset=True, write_out=True)
+    yield segments("*fp16", 1, 0, subset=True, write_out=True)
     yield ("upload atomic bf16 bucket=64", qa._upload_kernel, types(up, "*bf16"),
            {"BUCKET": 64, "QUANTIZE": True, "ATOMIC": True, "BLOCK": 1024})
     yield ("upload atomic fp32 identity", qa._upload_kernel, types(up, "*fp32"),
            {"BUCKET": 0, "QUANTIZE": False, "ATOMIC": True, "BLOCK": 1024})
     yield ("encode fp16 int16", qa._upload_kernel, types(up, "*fp16", out="*i16"),
            {"BUCKET": 0, "QUANTIZE": True, "ATOMIC": False, "BLOCK": 1024})
-    yield ("sumsq whole-row", qa._diff_sumsq_kernel, types(sq, "*bf16"), {"R": 1, "W": 1024})
-    yield ("sumsq buckets", qa._diff_sumsq_kernel, types(sq, "*fp32"), {"R": 8, "W": 128})
+    norm_pass = {"EF": 0, "L1": False, "SUBSET": False}
+    yield ("sumsq whole-row", qa._diff_sumsq_kernel, types(sq, "*bf16"), {"R": 1, "W": 1024, **norm_pass})
+    yield ("sumsq buckets", qa._diff_sumsq_kernel, types(sq, "*fp32"), {"R": 8, "W": 128, **norm_pass})
+    yield ("sumsq l1 buckets ef rows", qa._diff_sumsq_kernel, types(sq, "*fp32"),
+           {"R": 16, "W": 64, "EF": 1, "L1": True, "SUBSET": True})
+    yield ("sumsq whole-row ef21 fp16", qa._diff_sumsq_kernel, types(sq, "*fp16"),
+           {"R": 1, "W": 1024, "EF": 2, "L1": False, "SUBSET": False})
     yield ("uniforms", qa._uniforms_kernel, {"seed_ptr": "*i64", "out_ptr": "*fp32", "d": "i32",
                                               "num_col_blocks": "i32"}, {"BLOCK": 1024})
 
@@ -70,8 +106,12 @@ def check(arch: int = 90, warp_size: int = 32, only: tuple[str, ...] | None = No
     from triton.compiler import ASTSource
 
     target = GPUTarget("cuda", arch, warp_size)
+    variants = list(_variants())
+    unknown = sorted(set(only or ()) - {v[0] for v in variants})
+    if unknown:
+        raise ValueError(f"unknown kernel variants {unknown}; the variants are {[v[0] for v in variants]}")
     out = []
-    for name, fn, signature, constexprs in _variants():
+    for name, fn, signature, constexprs in variants:
         if only is not None and name not in only:
             continue
         sig = dict(signature)
@@ -86,6 +126,10 @@ def check(arch: int = 90, warp_size: int = 32, only: tuple[str, ...] | None = No
             "fma_f32": len(re.findall(r"\bfma\.rn\.f32\b", ptx)),
             "div_rn_f32": len(re.findall(r"\bdiv\.rn\.f32\b", ptx)),
             "div_approx": len(re.findall(r"\bdiv\.(?:full|approx)\.f32\b", ptx)),
+            # floor is cvt.rmi.ftz: it flushes a subnormal input, whose floor is 0 anyway (QSGD floors only
+            # numbers >= 0), so it is counted apart from the instructions whose results would change
+            "ftz_f32": len(re.findall(r"\.ftz\.f32\b", ptx)) - len(re.findall(r"\bcvt\.rmi\.ftz\.f32\b", ptx)),
+            "floor_ftz": len(re.findall(r"\bcvt\.rmi\.ftz\.f32\b", ptx)),
             "ld_v4": len(re.findall(r"\bld\.global(?:\.\w+)*\.v4\.b32\b", ptx)),
             "ld_v2": len(re.findall(r"\bld\.global(?:\.\w+)*\.v2\.b32\b", ptx)),
             "bar_sync": len(re.findall(r"\bbar\.sync\b", ptx)),
@@ -97,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability as an integer (90 = sm_90)")
     p.add_argument("--json", action="store_true", help="print the summaries as JSON")
-    p.add_argument("--quick", action="store_true", help="one variant per kernel (what the tests compile)")
+    p.add_argument("--quick", action="store_true", help="the QUICK variants (what the tests compile)")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("compile_check needs TRITON_INTERPRET unset (the interpreter replaces the compiler)")
