@@ -1,7 +1,8 @@
 """lightning-qmlhfl: multi-layer hierarchical federated learning with quantization, as a Lightning strategy.
 
-``import lightning_qmlhfl`` does not import Lightning: the Lightning-level names (:class:`QMLHFLStrategy`) are
-lazy attributes, imported on first use. The strategy names ``"qmlhfl"`` is registered with Lightning's
+``import lightning_qmlhfl`` does not import Lightning: the Lightning-level names (:class:`QMLHFLStrategy`,
+:class:`QMLHFLDDPStrategy`) are lazy attributes, imported on first use. The strategy names ``"qmlhfl"``,
+``"qmlhfl_ddp"``, ``"qmlhfl_ddp_spawn"`` and ``"qmlhfl_ddp_notebook"`` are registered with Lightning's
 ``StrategyRegistry`` as soon as both this package and ``lightning.pytorch`` are imported, in either order, so
 ``Trainer(strategy="qmlhfl")`` works after ``import lightning_qmlhfl``.
 """
@@ -17,16 +18,22 @@ from typing import Any
 from .compressors import (QSGD, Compressor, Identity, NaturalCompression, NoQuantization, Quantizer, RandomK,
                           ScaledSign, TopK, make_compressor, make_quantizer, upload_bits)
 from .data.partition import IID, Dirichlet, Shards
+from .availability import Availability, AvailabilityTrace
 from .hierarchy import Hierarchy
+from .mobility import EdgeFailures, Markov, Mobility, RandomReassociation, Schedule, Static
+from .participation import Bernoulli, Fraction, Full, Participation, UniformK
 from .server_optim import Average, FedAdagrad, FedAdam, FedAvgM, FedYogi, ServerOptimizer
+from .theory.latency import LatencyModel
 
 __version__ = "0.1.0"
 
-_LAZY = {"QMLHFLStrategy": ".strategy"}
+_LAZY = {"QMLHFLStrategy": ".strategy", "QMLHFLDDPStrategy": ".strategy"}
 
 __all__ = ["Hierarchy", "Compressor", "QSGD", "TopK", "RandomK", "ScaledSign", "NaturalCompression", "Identity",
            "NoQuantization", "Quantizer", "make_compressor", "make_quantizer", "upload_bits", "IID", "Dirichlet",
-           "Shards", "ServerOptimizer", "Average", "FedAvgM", "FedAdam", "FedYogi", "FedAdagrad", *_LAZY]
+           "Shards", "ServerOptimizer", "Average", "FedAvgM", "FedAdam", "FedYogi", "FedAdagrad", "Participation",
+           "Full", "Fraction", "UniformK", "Bernoulli", "Availability", "AvailabilityTrace", "LatencyModel",
+           "Mobility", "Static", "RandomReassociation", "Markov", "Schedule", "EdgeFailures", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

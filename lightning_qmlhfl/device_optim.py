@@ -270,7 +270,11 @@ class DeviceOptimizer:
         self.device_steps[rows_cpu] += 1
 
     def state_dict(self) -> dict[str, Any]:
-        return {**self.optimizer.state_dict(), "device_steps": self.device_steps.clone()}
+        """The optimizer state (copies: training on does not change it) and every device's step count."""
+        sd = self.optimizer.state_dict()
+        sd["state"] = {pid: {k: v.clone() if isinstance(v, Tensor) else v for k, v in st.items()}
+                       for pid, st in sd["state"].items()}
+        return {**sd, "device_steps": self.device_steps.clone()}
 
     def load_state_dict(self, sd: dict[str, Any], steps_taken: int | None = None) -> None:
         """``steps_taken``: for checkpoints from before per-device step counts, the steps every device took."""

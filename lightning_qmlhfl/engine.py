@@ -26,7 +26,7 @@ from .clock import SimulatedClock
 from .mobility import Mobility, make_mobility
 from .participation import Participation, validate_participation
 from .population import Population
-from .rng import row_seeds
+from .rng import Stream, mix, row_seeds
 from .server_optim import ServerOptimizer, validate_server_optimizers
 from .theory.latency import LatencyModel, default_latency, downlink_bits
 from .cpu_alloc import retain_large_allocations
@@ -79,6 +79,23 @@ def resolve_compressors(compressors: Any, quantizers: Any, num_layers: int, defa
     if quantizers is not None:
         return validate_quantizers(quantizers, num_layers)
     return validate_compressors(compressors if compressors is not None else default, num_layers)
+
+
+def _ordered_sum(terms: Tensor, parent_index: Tensor, num_parents: int, uploads: Tensor | None) -> Tensor:
+    """acc[p] = sum of ``terms[c]`` over p's children c in increasing index order (only ``uploads``, when given),
+    accumulated in that order from 0: the fp operations of the fused kernels and the torch reference."""
+    kids = torch.arange(terms.shape[0], device=terms.device) if uploads is None else uploads
+    pidx = parent_index[kids]
+    order = torch.argsort(pidx, stable=True)
+    kids, pidx = kids[order], pidx[order]
+    counts = torch.bincount(pidx, minlength=num_parents)
+    starts = torch.cumsum(counts, 0) - counts
+    acc = torch.zeros((num_parents, terms.shape[1]), dtype=terms.dtype, device=terms.device)
+    rank = torch.arange(kids.numel(), device=terms.device) - starts[pidx]
+    for k in range(int(counts.max()) if counts.numel() else 0):  # the k-th child of every parent, in order
+        sel = rank == k
+        acc[pidx[sel]] += terms[kids[sel]]
+    return acc
 
 
 def gather_batch(data: Tensor, idx: Tensor) -> Tensor:
@@ -138,6 +155,13 @@ class QMLHFLEngine:
             :func:`~lightning_qmlhfl.theory.latency.default_latency`.
         mobility: a :mod:`~lightning_qmlhfl.mobility` model (devices moving between edge servers, edge-server
             failures); default ``Static()``. The current tree is :attr:`tree`.
+        shard, comm: run one rank of a simulation split over processes (:mod:`lightning_qmlhfl.shard`): this engine
+            holds the rows of its :class:`~lightning_qmlhfl.shard.Shard` and exchanges the uploads into the layer
+            above the cut through ``comm`` (:mod:`lightning_qmlhfl.comm`); everything else is replicated. With the
+            default exchange the result is bit-identical to one process.
+        device_rng: ``"global"`` (default: the forwards draw dropout masks from torch's generator, in row order) or
+            ``"stream"``: the loop executor reseeds torch's generator before every device's forward from
+            (seed, device, step), so the draws do not depend on which rows a process or a chunk holds.
 
     Only the devices that take part in a step compute it (their rows are gathered into a compact stack, trained
     and written back); :meth:`upcoming_devices` says which, and a batch may hold just their rows.
@@ -169,6 +193,9 @@ class QMLHFLEngine:
         availability: Availability | None = None,
         latency: LatencyModel | None = None,
         mobility: Mobility | dict | None = None,
+        shard: Any = None,
+        comm: Any = None,
+        device_rng: str = "global",
     ) -> None:
         if not isinstance(hierarchy, Hierarchy):
             raise TypeError(f"hierarchy must be a Hierarchy, got {type(hierarchy).__name__}")
@@ -193,7 +220,20 @@ class QMLHFLEngine:
             trainable = named & requires
             groups = [{**g, "params": [n for n in g["params"] if n in trainable]} for g in param_groups]
             groups = [g for g in groups if g["params"]]
-        self.state = StackedState(module, hierarchy, device, param_order, trainable)
+        self.shard, self.comm = shard, comm
+        if shard is not None:
+            if shard.hierarchy is not hierarchy:
+                raise ValueError("the shard must be built from this engine's hierarchy")
+            if comm is None:
+                raise ValueError("a sharded engine needs a communicator (comm=)")
+        self._rows = [torch.arange(hierarchy.nodes_per_layer[m]) if shard is None else shard.rows(m)
+                      for m in range(self.N + 1)]
+        self._local = [None if shard is None else shard.local_index(m) for m in range(self.N + 1)]
+        if device_rng not in ("global", "stream"):
+            raise ValueError(f"device_rng must be 'global' or 'stream', got {device_rng!r}")
+        self.device_rng = device_rng
+        self.state = StackedState(module, hierarchy, device, param_order, trainable,
+                                  rows_per_layer=[int(r.numel()) for r in self._rows])
         for c in self.compressors:
             c.check_dims(self.state.num_params)
         self.device = self.state.device
@@ -227,8 +267,10 @@ class QMLHFLEngine:
         self._grads: Tensor | list[Tensor | None] | None = None  # accumulated gradients of the current step
         self._step_losses: list[Tensor] = []
         self._step_aux: list[dict[str, Tensor]] = []
-        # Per layer n = 1..N (stored at index n-1): parent index of the children and their weights.
-        self._parent_index = [hierarchy.parent_index(n - 1).to(self.device) for n in range(1, self.N + 1)]
+        # Per layer n = 1..N (stored at index n-1): parent index of the children and their weights (global
+        # weights, for the children this engine holds; the parents in this engine's rows).
+        self._parent_index = [self._localise(n, hierarchy.parent_index(n - 1)[self._rows[n - 1]]).to(self.device)
+                              for n in range(1, self.N + 1)]
         self._weights = [
             hierarchy.aggregation_weights(n, device_mass).to(
                 device=self.device, dtype=torch.float64 if self.state.dtype == torch.float64 else torch.float32)
@@ -236,7 +278,8 @@ class QMLHFLEngine:
         ]
         # Eq. 5 resync maps: for layer n, the ancestor in layer n of every node of each layer m < n.
         self._ancestors = [
-            [hierarchy.ancestor_index(m, n).to(self.device) for m in range(n)] for n in range(1, self.N + 1)
+            [self._localise(n, hierarchy.ancestor_index(m, n)[self._rows[m]]).to(self.device) for m in range(n)]
+            for n in range(1, self.N + 1)
         ]
         self._period = [math.prod(self.taus[:n]) for n in range(1, self.N + 1)]
         self.steps_per_round = self._period[-1]
@@ -266,6 +309,9 @@ class QMLHFLEngine:
         self.population = Population(self.tree, self.taus, self.participation, availability, self.clock, self.seed)
         self.mobility = make_mobility(mobility, hierarchy.nodes_per_layer[1] if self.N > 1 else 1)
         if not self.mobility.is_static:
+            if shard is not None:
+                raise ValueError("mobility with a multi-process run is not supported: a device moving to an edge "
+                                 "server of another rank would have to move its rows between processes")
             if self.N < 2:
                 raise ValueError("mobility needs edge servers: a hierarchy of at least N = 2 layers (devices move "
                                  "between the nodes of layer 1)")
@@ -277,6 +323,23 @@ class QMLHFLEngine:
         self._moves = self._failures = 0  # in the current round
         self._compact: tuple[Tensor, Tensor, Tensor] | None = None  # (rows, params, buffers) of a partial step
         self.last_round_stats: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ shards
+    def _localise(self, n: int, global_rows: Tensor) -> Tensor:
+        """Global row indices of layer n as this engine's rows (identity without a shard)."""
+        return global_rows if self._local[n] is None else self._local[n][global_rows]
+
+    def _local_rows(self, m: int, global_rows: Tensor | None) -> Tensor | None:
+        """The subset of ``global_rows`` (layer m) this engine holds, as local indices (None: all)."""
+        if global_rows is None or self._local[m] is None:
+            return global_rows
+        loc = self._local[m][global_rows.cpu()]
+        return loc[loc >= 0]
+
+    @property
+    def device_ids(self) -> Tensor:
+        """int64 [rows of layer 0]: the global index of every device row this engine holds."""
+        return self._rows[0]
 
     # ------------------------------------------------------------------ properties
     @property
@@ -311,10 +374,15 @@ class QMLHFLEngine:
         """Simulated seconds at the end of the last completed global round."""
         return self.clock.now
 
+    def upcoming_global_devices(self) -> Tensor | None:
+        """The devices (global indices) that train in the next local step, on every rank, or None for all: the
+        draws of the periods that start with it are made here (once per step)."""
+        return self.population.begin_step(self.round, self.step_in_round, self.total_steps)
+
     def upcoming_devices(self) -> Tensor | None:
-        """The devices that train in the next local step (int64 indices into the device rows), or None for all:
-        the draws of the periods that start with it are made here (once per step)."""
-        active = self.population.begin_step(self.round, self.step_in_round, self.total_steps)
+        """The devices of this engine's rows that train in the next local step (int64 indices into the device
+        rows), or None for all of them."""
+        active = self._local_rows(0, self.upcoming_global_devices())
         return None if active is None else active.to(self.device)
 
     def compute_gradients(self, batch: Any, loss_scale: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
@@ -325,6 +393,11 @@ class QMLHFLEngine:
         training devices."""
         s = self.state
         active = self.upcoming_devices()
+        if self.device_rng == "stream":  # every device's forward draws from its own (seed, device, step) stream
+            ids = self._rows[0] if active is None else self._rows[0][active.cpu()]
+            micro = len(self._step_losses)
+            self.executor.row_seeds = [mix(self.seed, Stream.DEVICE_RNG, int(i), self.total_steps, micro)
+                                       for i in ids.tolist()]
         if active is None:
             grads, losses, aux = self.executor(s.params[0], s.buffers[0], batch, loss_scale)
         else:
@@ -420,30 +493,42 @@ class QMLHFLEngine:
         """Eq. 4 at layer n (Eq. 6 when n == N) for all its nodes, then Eq. 5 down its subtrees."""
         s = self.state
         idx = self._parent_index[n - 1]
-        rows = s.params[n - 1].shape[0]
+        rows = self.hierarchy.nodes_per_layer[n - 1]  # senders, over every rank
         event = self.events_in_round[n - 1]
         seeds = row_seeds(self.seed, self.round, n, event, rows)
-        uploads, w, received = self.population.aggregate(n, self.round, event, self._weights[n - 1])
+        uploads_g, w, received = self.population.aggregate(n, self.round, event, self._weights[n - 1])
+        child_rows, parent_rows = self._rows[n - 1], self._rows[n]
+        if self.shard is not None:  # this engine's children and parents
+            seeds, w = seeds[child_rows], w[child_rows.to(w.device)]
+            received = None if received is None else received[parent_rows]
+        uploads = self._local_rows(n - 1, uploads_g)
         if uploads is not None:
             uploads = uploads.to(self.device)
         if s.num_buffer_elems:
             sent = s.buffers[n - 1] if uploads is None else s.buffers[n - 1][uploads]
             bad = ~torch.isfinite(sent).all(dim=1)
-            if bool(bad.any()):
-                node = int(bad.nonzero()[0]) if uploads is None else int(uploads[bad.nonzero()[0]])
-                raise NonFiniteUpdateError(n, node, self.round, self.step_in_round, "buffer")
+            node = int(bad.nonzero()[0]) if bool(bad.any()) else -1
+            self._raise_if_bad(n, node if uploads is None or node < 0 else int(uploads[node]), "buffer")
         delta = self._delta[n - 1]
-        norms = aggregate_layer_(s.params[n], s.params[n - 1], idx, w, self.compressors[n - 1], seeds, self.backend,
-                                 memory=self.memory[n - 1], rows=uploads, out=delta)
-        bad = ~torch.isfinite(norms).all(dim=1)
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0])
-            raise NonFiniteUpdateError(n, i if uploads is None else int(uploads[i]), self.round, self.step_in_round)
+        cut = self.shard is not None and n == self.shard.cut + 1
+        if cut:
+            norms = self._aggregate_across_ranks(n, s.params, idx, w, seeds, uploads, uploads_g, delta,
+                                                 self.compressors[n - 1], self.memory[n - 1], "params")
+        else:
+            norms = aggregate_layer_(s.params[n], s.params[n - 1], idx, w, self.compressors[n - 1], seeds,
+                                     self.backend, memory=self.memory[n - 1], rows=uploads, out=delta)
+            bad = ~torch.isfinite(norms).all(dim=1)
+            i = int(bad.nonzero()[0]) if bool(bad.any()) else -1
+            self._raise_if_bad(n, i if uploads is None or i < 0 else int(uploads[i]))
         if delta is not None:  # a server optimizer turns the pseudo-gradients into the update of the node models
             self.server_optimizers[n - 1].step_(s.params[n], delta, self.server_state[n - 1],
                                                 None if received is None else received.to(self.device))
         if s.num_buffer_elems:
-            aggregate_layer_(s.buffers[n], s.buffers[n - 1], idx, w, Identity(), seeds, "torch", rows=uploads)
+            if cut:
+                self._aggregate_across_ranks(n, s.buffers, idx, w, seeds, uploads, uploads_g, None, Identity(), None,
+                                             "buffers")
+            else:
+                aggregate_layer_(s.buffers[n], s.buffers[n - 1], idx, w, Identity(), seeds, "torch", rows=uploads)
         if not self.mobility.is_static:  # the tree changes before Eq. 5: movers continue from their new parent
             self._change_tree(n)
         # Eq. 5: everything below layer n continues from its layer-n ancestor's new model.
@@ -455,11 +540,59 @@ class QMLHFLEngine:
                 torch.index_select(s.buffers[n], 0, anc, out=s.buffers[m])
         self.events_in_round[n - 1] += 1
         self.aggregation_counts[n - 1] += 1
-        sent = rows if uploads is None else int(uploads.numel())
+        sent = rows if uploads_g is None else int(uploads_g.numel())
         bits, base = sent * self.upload_bits(n), sent * self.upload_baseline_bits(n)
         self.bits_sent[n - 1] += bits
         self.baseline_bits[n - 1] += base
         self.round_bits[n - 1] += bits
+
+    def _raise_if_bad(self, n: int, local_node: int, what: str = "parameters") -> None:
+        """Raise NonFiniteUpdateError for a non-finite upload (``local_node`` >= 0), on every rank alike."""
+        node = -1 if local_node < 0 else int(self._rows[n - 1][local_node])
+        if self.comm is not None:  # every rank learns the first bad node of any rank
+            flag = torch.tensor([float(node >= 0), -float(node if node >= 0 else 2**52)], dtype=torch.float64)
+            flag = self.comm.all_reduce_max(flag)
+            node = int(-flag[1]) if flag[0] > 0 else -1
+        if node >= 0:
+            raise NonFiniteUpdateError(n, node, self.round, self.step_in_round, what)
+
+    def _aggregate_across_ranks(self, n: int, stacks: list[Tensor], idx: Tensor, w: Tensor, seeds: Tensor,
+                                uploads: Tensor | None, uploads_g: Tensor | None, delta: Tensor | None,
+                                compressor: Compressor, memory: Tensor | None, what: str) -> Tensor:
+        """The aggregation into the layer above the cut: this rank's children are compressed and weighted here;
+        with the "gather" exchange the weighted uploads of every rank are gathered and summed in global child
+        order on every rank (the operations of one process, bit for bit); with "all_reduce" every rank sums its
+        own children and the partial sums are all-reduced."""
+        parent, child = stacks[n], stacks[n - 1]
+        C = child.shape[0]
+        work = torch.float64 if parent.dtype == torch.float64 else torch.float32
+        if self.shard.exchange == "all_reduce":
+            partial = torch.zeros(parent.shape, dtype=work, device=parent.device)
+            norms = aggregate_layer_(parent, child, idx, w, compressor, seeds, self.backend if what == "params"
+                                     else "torch", memory=memory, rows=uploads, out=partial)
+            self._check_norms(n, norms, uploads, what)
+            acc = self.comm.all_reduce_sum(partial)
+        else:
+            # every child its own parent: out[c] = 0 + w_c C(x_c), exactly the term one process adds for it
+            own = parent.index_select(0, idx)
+            mine = torch.zeros((C, parent.shape[1]), dtype=work, device=parent.device)
+            norms = aggregate_layer_(own, child, torch.arange(C, device=parent.device), w, compressor, seeds,
+                                     self.backend if what == "params" else "torch", memory=memory, rows=uploads,
+                                     out=mine)
+            self._check_norms(n, norms, uploads, what)
+            terms = torch.cat(self.comm.all_gather(mine))  # [senders of every rank], in global order
+            acc = _ordered_sum(terms, self.hierarchy.parent_index(n - 1).to(parent.device), parent.shape[0],
+                               None if uploads_g is None else uploads_g.to(parent.device))
+        if delta is not None:
+            delta.copy_(acc)
+        else:
+            parent.copy_(parent.to(work).add_(acc))
+        return norms
+
+    def _check_norms(self, n: int, norms: Tensor, uploads: Tensor | None, what: str) -> None:
+        bad = ~torch.isfinite(norms).all(dim=1)
+        i = int(bad.nonzero()[0]) if bool(bad.any()) else -1
+        self._raise_if_bad(n, i if uploads is None or i < 0 else int(uploads[i]), what)
 
     # ------------------------------------------------------------------ a changing tree (mobility.py)
     def _change_tree(self, n: int) -> None:
@@ -572,7 +705,46 @@ class QMLHFLEngine:
             },
         }
 
+    def _map_sharded(self, sd: dict[str, Any], fn: Callable[[Tensor, int], Tensor]) -> dict[str, Any]:
+        """A copy of ``sd`` with ``fn(tensor, layer)`` applied to every tensor whose rows are split over the ranks
+        (the stacks, error-feedback memory, server state and per-device optimizer state at or below the cut)."""
+        cut = self.shard.cut
+        out = dict(sd)
+        out["stacked"] = {k: [fn(t, m) if m <= cut else t for m, t in enumerate(v)] for k, v in sd["stacked"].items()}
+        out["memory"] = [None if t is None else fn(t, n) if n <= cut else t for n, t in enumerate(sd["memory"])]
+        out["server_state"] = [None if st is None else {k: fn(v, n + 1) for k, v in st.items()} if n + 1 <= cut
+                               else st for n, st in enumerate(sd["server_state"])]
+        opt = dict(sd["optimizer"])
+        rows = int(sd["optimizer"]["device_steps"].shape[0])
+        opt["state"] = {pid: {k: fn(v, 0) if isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == rows else v
+                              for k, v in st.items()} for pid, st in sd["optimizer"]["state"].items()}
+        opt["device_steps"] = fn(sd["optimizer"]["device_steps"], 0)
+        out["optimizer"] = opt
+        return out
+
+    def global_state_dict(self) -> dict[str, Any]:
+        """:meth:`state_dict` with every row of every rank (a collective on a sharded engine: every rank calls
+        it): what a single-process engine of the same run holds, and can load."""
+        sd = self.state_dict()
+        if self.shard is None:
+            return sd
+        shard, comm = self.shard, self.comm
+
+        def gather(t: Tensor, m: int) -> Tensor:
+            parts = comm.all_gather(t)
+            full = t.new_empty((self.hierarchy.nodes_per_layer[m], *t.shape[1:]))
+            for r, part in enumerate(parts):
+                full[shard.rows_of(r, m).to(full.device)] = part
+            return full
+
+        return self._map_sharded(sd, gather)
+
     def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Continue from ``sd``: this engine's own :meth:`state_dict`, or, for a sharded engine, the global one
+        (:meth:`global_state_dict` or a single-process checkpoint of the same run), of which it takes its rows."""
+        if self.shard is not None and sd["stacked"]["params"][0].shape[0] == self.hierarchy.num_devices \
+                and self.state.params[0].shape[0] != self.hierarchy.num_devices:
+            sd = self._map_sharded(sd, lambda t, m: t[self._rows[m].to(t.device)].clone())
         cfg = dict(sd["config"])
         if "compressors" not in cfg:  # checkpoints from before compressors: "quantizers", NoQuantization's name
             cfg["compressors"] = [q.replace("NoQuantization()", "Identity()") for q in cfg.get("quantizers", [])]

@@ -197,6 +197,9 @@ class LoopExecutor(_ExecutorBase):
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise ValueError(f"threads must be None or an integer >= 1, got {threads!r}")
         self.threads = threads
+        # with per-device random streams (the engine's device_rng="stream"): the seed of every row of the next
+        # call, set before each forward so that the draws do not depend on which rows a call holds
+        self.row_seeds: list[int] | None = None
         inner = self.objective.inner
         self._swap = _DirectSwap(inner) if _DirectSwap.applicable(inner) else None
 
@@ -213,7 +216,11 @@ class LoopExecutor(_ExecutorBase):
         aux_rows: list[dict[str, Tensor]] = [{} for _ in range(rows)]
         last_ints: list[dict[str, Tensor]] = [{}]
 
+        seeds, self.row_seeds = self.row_seeds, None
+
         def forward(i: int) -> tuple[list[Tensor], Tensor]:
+            if seeds is not None:
+                torch.manual_seed(seeds[i])
             # one leaf per parameter, each a view of row i of the stacked buffer (no copies)
             leaves = [v.detach().requires_grad_(True) for v in self.param_layout.views(params[i]).values()]
             batch_i = tree_map(lambda t: t[i] if isinstance(t, Tensor) else t, batch)
@@ -403,6 +410,16 @@ class GuardedVmapExecutor:
     @property
     def name(self) -> str:
         return self.current.name
+
+    @property
+    def row_seeds(self) -> list[int] | None:
+        return None if self.fallback is None else self.fallback.row_seeds
+
+    @row_seeds.setter
+    def row_seeds(self, seeds: list[int] | None) -> None:
+        """Per-row seeds reach the loop (vmap draws its masks for the whole call from torch's generator)."""
+        if self.fallback is not None:
+            self.fallback.row_seeds = seeds
 
     def __call__(self, params: Tensor, buffers: Tensor, batch: Any, loss_scale: float = 1.0):
         if self.current is not self.vmap:

@@ -6,13 +6,23 @@ n < N has exactly one parent in layer n+1; every path from a device to the cloud
 
 from __future__ import annotations
 
+import math
+
 import numbers
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
-__all__ = ["Hierarchy", "TreeState"]
+__all__ = ["Hierarchy", "TreeState", "aggregations_per_round"]
+
+
+def aggregations_per_round(taus: "list[int] | tuple[int, ...]", n: int) -> int:
+    """How many times layer n (1..N) aggregates in one global round: prod_{m > n} tau_m (one every
+    tau_1 ... tau_n local steps of a round of tau_1 ... tau_N steps)."""
+    if not 1 <= n <= len(taus):
+        raise ValueError(f"layer n must be in [1, {len(taus)}], got {n!r}")
+    return math.prod(int(t) for t in taus[n:])
 
 
 def _check_int(value: object, what: str, minimum: int) -> int:

@@ -38,6 +38,7 @@ class Stream:
     AVAILABILITY = 6
     DROPOUT = 7
     MOBILITY = 8
+    DEVICE_RNG = 9
 
 
 def row_seeds(seed: int, round_idx: int, layer: int, event: int, num_rows: int) -> Tensor:

@@ -168,10 +168,12 @@ class StackedState:
     """Parameter and float-buffer stacks of every layer, all rows initialised to the template's values.
 
     ``params[n]``: [nodes_per_layer[n], P]; ``buffers[n]``: [nodes_per_layer[n], B]. Layer 0 = devices, N = cloud.
+    ``rows_per_layer`` overrides the row counts (a shard of a multi-process run holds only its own rows).
     """
 
     def __init__(self, module: nn.Module, hierarchy: Hierarchy, device: torch.device | str | None = None,
-                 param_order: ParamOrder = "fast", trainable: "set[str] | None" = None) -> None:
+                 param_order: ParamOrder = "fast", trainable: "set[str] | None" = None,
+                 rows_per_layer: "list[int] | None" = None) -> None:
         self.hierarchy = hierarchy
         self.param_layout = ParamLayout.of_parameters(module, param_order, trainable)
         self.buffer_layout = ParamLayout.of_float_buffers(module)
@@ -188,7 +190,7 @@ class StackedState:
         b = self.buffer_layout.flatten(dict(module.named_buffers()), self.dtype).to(self.device)
         self.params: list[Tensor] = []
         self.buffers: list[Tensor] = []
-        for m in hierarchy.nodes_per_layer:
+        for m in (rows_per_layer if rows_per_layer is not None else hierarchy.nodes_per_layer):
             self.params.append(w.unsqueeze(0).repeat(m, 1))
             self.buffers.append(b.unsqueeze(0).repeat(m, 1))
 

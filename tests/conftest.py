@@ -18,6 +18,11 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "multiprocess: starts several processes (torch.distributed over gloo on "
+                            "127.0.0.1); deselect with -m 'not multiprocess'")
+
+
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     """Read-only real datasets: $QMLHFL_DATA, else ../shared/data beside the checkout."""

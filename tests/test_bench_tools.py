@@ -98,3 +98,25 @@ def test_engine_bench_smoke_reports_gflops(tmp_path: Path) -> None:
     assert records[0]["fp32_peak_gflops"] == records[1]["fp32_peak_gflops"], "one peak measurement per run"
     assert "| GFLOP/s | of fp32 peak | of bf16 peak |" in out.stdout
     assert "GEMM peaks (this run, 512x512 matmul" in out.stdout
+
+
+def test_scaleout_fit_and_projection_arithmetic() -> None:
+    spec = importlib.util.spec_from_file_location("bench_scaleout", REPO / "bench" / "scaleout.py")
+    so = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(so)
+    pts = [(b, 2e-4 + 1e-9 * b) for b in (8, 1024, 2**20, 2**26)]
+    fit = so.fit_alpha_beta(pts)
+    assert abs(fit["alpha_s"] - 2e-4) < 1e-9 and abs(fit["beta_s_per_byte"] - 1e-9) < 1e-15
+    # the projection at W = 2 of a run whose measured comm is exactly the model's
+    d = 1000
+    scaling = {"config": "mlp100-cut0", "t1_s": 2.0, "t2_s": None, "single": {"num_params": d},
+               "ranks": [{"per_round": {"all_gather": [4, 4 * 50 * d * 4], "sizes": [4, 32],
+                                        "all_reduce_max": [7, 112]}}]}
+    comm = {"fits": {"all_gather": fit, "all_reduce": fit}}
+    expected_comm = 8 * 2e-4 + 7 * 2e-4 + 1e-9 * (4 * 50 * d * 4 + 32 + 112)
+    scaling["t2_s"] = 1.0 + expected_comm
+    proj = so.project(scaling, comm, [2, 4])
+    assert proj[0]["world"] == 2 and abs(proj[0]["error"]) < 1e-12
+    assert abs(proj[1]["compute_s"] - 0.5) < 1e-12  # 25 of 100 devices per rank
+    # at W = 4 a rank contributes a quarter of the uploads, three times
+    assert abs(proj[1]["comm_s"] - 3 * (15 * 2e-4 + 1e-9 * (4 * 25 * d * 4 + 32 + 112))) < 1e-12

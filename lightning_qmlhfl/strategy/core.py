@@ -20,7 +20,7 @@ from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, 
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from torch.utils._pytree import tree_map
-from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
 from ..data.materialize import extract_labels, materialize_dataset, num_samples
 from ..data.partition import Dirichlet, Partitioner, make_partitioner
@@ -97,6 +97,7 @@ class QMLHFLCore:
         participation: Any = None,
         availability: Availability | None = None,
         mobility: Any = None,
+        device_rng: str = "global",
     ) -> None:
         self.hierarchy = hierarchy if hierarchy is not None else Hierarchy.balanced([4, 5, 5])
         if not isinstance(self.hierarchy, Hierarchy):
@@ -112,6 +113,11 @@ class QMLHFLCore:
             raise TypeError(f"availability must be an Availability, got {type(availability).__name__}")
         self.availability = availability
         self.mobility = make_mobility(mobility, self.hierarchy.nodes_per_layer[1] if N > 1 else 1)
+        if device_rng not in ("global", "stream"):
+            raise ValueError(f"device_rng must be 'global' or 'stream', got {device_rng!r}")
+        self.device_rng = device_rng
+        self.shard: Any = None  # set by the multi-process strategy: this rank's rows ...
+        self.comm: Any = None  # ... and its collectives
         self.partitioner = make_partitioner(partition if partition is not None else Dirichlet(alpha=0.5))
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an integer, got {seed!r}")
@@ -156,6 +162,7 @@ class QMLHFLCore:
         self._accumulate = 1
         self._group_sizes: list[int] = []
         self._device: torch.device = torch.device("cpu")
+        self._checkpoint_path: Any = None
 
     # ------------------------------------------------------------------ setup: what Lightning features mean here
     def setup(self, strategy: "Strategy", trainer: pl.Trainer) -> None:
@@ -218,8 +225,10 @@ class QMLHFLCore:
                 "the train dataloader needs a batch_size (the per-device mini-batch size); a custom batch_sampler "
                 "cannot be split over devices"
             )
-        shuffle = not isinstance(dataloader.sampler, SequentialSampler)
-        if not isinstance(dataloader.sampler, (SequentialSampler, RandomSampler)):
+        sampler = dataloader.sampler
+        shuffle = bool(sampler.shuffle) if isinstance(sampler, DistributedSampler) else \
+            not isinstance(sampler, SequentialSampler)
+        if not isinstance(sampler, (SequentialSampler, RandomSampler, DistributedSampler)):
             warnings.warn(
                 f"the train dataloader's sampler {type(dataloader.sampler).__name__} is replaced by per-device "
                 f"shuffling of each device's own partition", UserWarning, stacklevel=2)
@@ -242,6 +251,7 @@ class QMLHFLCore:
             param_order=self.param_order, param_groups=groups, grad_clip=self._clip,
             server_optimizers=self.server_optimizers, participation=self.participation,
             availability=self.availability, latency=self.latency, mobility=self.mobility,
+            shard=self.shard, comm=self.comm, device_rng=self.device_rng,
         )
         self._aug_generator = torch.Generator(device=device).manual_seed(mix(self.seed, Stream.AUGMENT))
         with torch.random.fork_rng(devices=self._cuda_devices()):
@@ -290,12 +300,37 @@ class QMLHFLCore:
         """One mini-batch for every device that trains in the next local step (all, unless participation is
         partial: then only theirs is drawn, and the others keep their place in their data)."""
         assert self.sampler is not None and self.engine is not None
-        active = self.engine.upcoming_devices()
-        idx = self.sampler.next_indices(None if active is None else active.cpu()).to(self._device)
-        batch = tree_map(lambda t: gather_batch(t, idx), self.data)
+        e = self.engine
+        active = e.upcoming_global_devices()  # every rank draws every training device's batch (one sampler)
+        idx = self.sampler.next_indices(None if active is None else active.cpu())
+        devices = torch.arange(self.hierarchy.num_devices) if active is None else active.cpu()
+        if self.shard is not None:  # this rank's devices among them
+            mine = e._local[0][devices] >= 0
+            idx, devices = idx[mine], devices[mine]
+        batch = tree_map(lambda t: gather_batch(t, idx.to(self._device)), self.data)
         if self.train_transform is not None:
-            batch = self.train_transform(batch, self._aug_generator)
+            if self.device_rng == "stream":  # every device's augmentation from its own (seed, device, step) stream
+                parts = []
+                for j, dev in enumerate(devices.tolist()):
+                    self._aug_generator.manual_seed(mix(self.seed, Stream.AUGMENT, dev, e.total_steps))
+                    parts.append(self.train_transform(tree_map(lambda t: t[j:j + 1], batch), self._aug_generator))
+                batch = tree_map(lambda *xs: torch.cat(xs), *parts) if parts else batch
+            else:
+                batch = self.train_transform(batch, self._aug_generator)
         return batch
+
+    def _global_values(self, values: Tensor) -> Tensor:
+        """Per-device values of this rank's training devices -> those of every rank's, in device order (the
+        identity in one process)."""
+        if self.shard is None:
+            return values
+        e = self.engine
+        active = e.upcoming_global_devices()
+        devices = torch.arange(self.hierarchy.num_devices) if active is None else active.cpu()
+        mine = devices[e._local[0][devices] >= 0]
+        ids = torch.cat(self.comm.all_gather(mine.to(values.device)))
+        vals = torch.cat(self.comm.all_gather(values))
+        return vals[torch.argsort(ids)]
 
     def _device_loss(self, module: pl.LightningModule, batch: Any) -> tuple[Tensor, dict[Any, Tensor]]:
         """The user's training_step on one device's weights and batch, with self.log captured."""
@@ -346,6 +381,8 @@ class QMLHFLCore:
                 if self._cuda_rng_state is not None:
                     torch.cuda.set_rng_state(self._cuda_rng_state, self._device)
                 losses, aux = self.engine.compute_gradients(batch, self._loss_scale(strategy))
+                losses = self._global_values(losses)
+                aux = {k: self._global_values(v) for k, v in aux.items()}
                 self._rng_state = torch.get_rng_state()
                 if self._cuda_rng_state is not None:
                     self._cuda_rng_state = torch.cuda.get_rng_state(self._device)
@@ -421,10 +458,12 @@ class QMLHFLCore:
     def poisoned(self) -> bool:
         return self._poisoned
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, engine_state: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The simulation's state; ``engine_state`` replaces the engine's own (a multi-process run stores the
+        global one, or a sharded skeleton)."""
         assert self.engine is not None and self.sampler is not None
         return {
-            "engine": self.engine.state_dict(),
+            "engine": self.engine.state_dict() if engine_state is None else engine_state,
             "sampler": self.sampler.state_dict(),
             "rng": self._rng_state.clone(),
             "cuda_rng": None if self._cuda_rng_state is None else self._cuda_rng_state.clone(),
@@ -435,7 +474,14 @@ class QMLHFLCore:
 
     def load_state_dict(self, sd: dict[str, Any], module: pl.LightningModule) -> None:
         assert self.engine is not None and self.sampler is not None
-        self.engine.load_state_dict(sd["engine"])
+        engine_sd = sd["engine"]
+        if "sharded" in engine_sd:  # a multi-process run's sharded checkpoint: assemble the global state
+            from .checkpoints import load_sharded
+
+            if self._checkpoint_path is None:
+                raise ValueError("a sharded checkpoint is loaded from its file (its tensors lie beside it)")
+            engine_sd = load_sharded(engine_sd, self._checkpoint_path, self.hierarchy.nodes_per_layer)
+        self.engine.load_state_dict(engine_sd)
         self.sampler.load_state_dict(sd["sampler"])
         self._rng_state = sd["rng"].clone()
         self._cuda_rng_state = None if sd["cuda_rng"] is None else sd["cuda_rng"].clone()
@@ -446,9 +492,10 @@ class QMLHFLCore:
         self._round_loss_sum, self._round_loss_steps = float(sd["round_loss"][0]), int(sd["round_loss"][1])
         self.engine.load_cloud_into(module)
 
-    def restore(self, sd: dict[str, Any] | None, module: pl.LightningModule) -> None:
+    def restore(self, sd: dict[str, Any] | None, module: pl.LightningModule, path: Any = None) -> None:
         """Load a checkpoint's simulation state now, or when the simulation is built (at the first training
-        dataloader)."""
+        dataloader). ``path``: the checkpoint file (where a sharded checkpoint's tensors lie beside)."""
+        self._checkpoint_path = path
         if sd is None:
             return
         if self.engine is not None:

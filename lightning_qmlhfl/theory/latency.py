@@ -32,6 +32,7 @@ import torch
 
 from ..compressors import Compressor, make_compressor
 from ..compressors import upload_bits as _upload_bits
+from ..hierarchy import aggregations_per_round
 
 __all__ = ["LatencyModel", "RoundTime", "upload_bits", "downlink_bits", "default_uplink_rates", "default_latency",
            "measure_compute_time"]
@@ -358,7 +359,7 @@ class LatencyModel:
         compute = float(math.prod(t)) * self.step_time
         comm = []
         for n in range(1, len(t) + 1):
-            count = math.prod(t[n:])  # prod_{m>n} tau_m: aggregations of layer n per global iteration
+            count = aggregations_per_round(t, n)
             comm.append(count * link[n - 1])
         return RoundTime(total=compute + sum(comm), compute=compute, per_layer_comm=tuple(comm), link_time=tuple(link))
 

@@ -48,7 +48,7 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
-from ..hierarchy import Hierarchy
+from ..hierarchy import Hierarchy, aggregations_per_round
 from .latency import LatencyModel, RoundTime, downlink_bits, upload_bits
 from ..compressors import QSGD, make_compressor
 from .convergence import aggregation_ratios, check_taus, lr_condition_bracket_grid, quantizer_variances
@@ -114,7 +114,7 @@ class Plan:
         frac = rt.fractions()
         lines.append(f"  computation       : {rt.compute:12.6g} s  ({100 * frac['compute']:5.1f} %)")
         for n, c in enumerate(rt.per_layer_comm, start=1):
-            count = math.prod(self.taus[n:])
+            count = aggregations_per_round(self.taus, n)
             lines.append(
                 f"  layer {n} links     : {c:12.6g} s  ({100 * frac[f'layer_{n}']:5.1f} %; "
                 f"{count} x {rt.link_time[n - 1]:.6g} s)"
