@@ -18,10 +18,13 @@ Parts (``--parts``, default all):
   devices in [4, 5, 5], tau = (5, 2, 2), QSGD s = 8 everywhere; automatic cut: the 4 layer-2 servers, one
   exchange per round) and ``mlp100-cut0`` (same, cut at the devices: the exchange is every edge aggregation,
   4 per round, with 50 devices' uploads per rank).
-- ``projection``: the round time against W from the scaling and comm parts: T(W) = T(1) x (largest rank's
-  devices / all devices) + sum over the collectives of a round of (W - 1) x (alpha_k + beta_k x bytes_k(W)) (a
-  ring: W - 1 steps of one rank's share each), with bytes_k(W) from the formula at W; checked against the
-  measurement at W = 2, then tabulated for W = 2 ... 64 assuming one core per rank (this machine has two).
+- ``projection``: the round time against W from the scaling and comm parts: compute(W) = a + b x (largest
+  rank's devices), with a (the per-round cost that does not shrink with the devices) and b from two
+  single-process runs (all devices; one rank's share at W = 2 as a tree of its own), plus, for every collective
+  of a round, (W - 1) x t(bytes) (a ring: W - 1 steps of one rank's share), t interpolated from the comm part
+  and the bytes from the formula at W; checked against the measurement at W = 2 (where the two ranks also
+  share this machine's memory system), then tabulated up to W = 64 assuming one core per rank and the
+  measured loopback gloo (this machine has two cores).
 
 ``--backend nccl --device cuda`` runs the comm part on GPUs instead (one per rank; needs W GPUs).
 
@@ -71,6 +74,7 @@ SCALING = {  # name -> (branching, cut layer or None for the automatic one)
     "mlp100-cut2": ([4, 5, 5], None),
     "mlp100-cut0": ([4, 5, 5], 0),
 }
+HALF = {"mlp100-cut2": [2, 5, 5], "mlp100-cut0": [2, 5, 5]}  # one rank's share at W = 2, as a tree of its own
 SIZES = [8 * 4**k for k in range(13)]  # 8 B ... 128 MiB; trimmed to --max-bytes
 
 
@@ -167,9 +171,10 @@ def _rank_comm(rank: int, world: int, port: int, backend: str, device: str, size
 
 
 def _rank_engine(rank: int, world: int, port: int, name: str, warm: int, rounds: int, threads: int,
-                 out_path: str) -> None:
+                 out_path: str, branching: list[int] | None = None) -> None:
     torch.set_num_threads(threads)
-    branching, cut = SCALING[name]
+    branching0, cut = SCALING[name]
+    branching = branching0 if branching is None else branching
     h = Hierarchy.balanced(branching)
     shard, comm, dist = None, None, None
     if world > 1:
@@ -262,6 +267,9 @@ def part_scaling(name: str, port: int, warm: int, rounds: int) -> dict:
         _spawn(_rank_engine, 1, (port, name, warm, rounds, 1, path))
         with open(path + ".0") as f:
             one = json.load(f)
+        _spawn(_rank_engine, 1, (port, name, warm, rounds, 1, path + "half", HALF[name]))
+        with open(path + "half.0") as f:
+            half = json.load(f)
         _spawn(_rank_engine, 2, (port + 1, name, warm, rounds, 1, path + "w2"))
         ranks = []
         for r in range(2):
@@ -270,35 +278,63 @@ def part_scaling(name: str, port: int, warm: int, rounds: int) -> dict:
     t1 = statistics.median(one["round_seconds"])
     t2 = statistics.median(max(a, b) for a, b in zip(ranks[0]["round_seconds"], ranks[1]["round_seconds"]))
     rec = {"part": "scaling", "config": name, "warm": warm, "rounds": rounds, "single": one, "ranks": ranks,
+           "half": half, "t_half_s": statistics.median(half["round_seconds"]),
            "t1_s": t1, "t2_s": t2, "speedup": t1 / t2,
            "same_result": all(r["cloud_checksum"] == one["cloud_checksum"] for r in ranks)}
     print(json.dumps({k: v for k, v in rec.items() if k not in ("single", "ranks")}), flush=True)
     return rec
 
 
+def interpolate_time(points: list[tuple[int, float]], nbytes: float) -> float:
+    """Seconds of one collective contributing ``nbytes`` per rank, interpolated log-log between the measured
+    sizes (linear in bytes beyond the largest, from the last two points)."""
+    pts = sorted(points)
+    if nbytes <= pts[0][0]:
+        return pts[0][1]
+    for (b0, t0), (b1, t1) in zip(pts, pts[1:]):
+        if nbytes <= b1:
+            f = (math.log(nbytes) - math.log(b0)) / (math.log(b1) - math.log(b0))
+            return math.exp(math.log(t0) + f * (math.log(t1) - math.log(t0)))
+    (b0, t0), (b1, t1) = pts[-2], pts[-1]
+    return t1 + (nbytes - b1) * (t1 - t0) / (b1 - b0)
+
+
 def project(scaling: dict, comm: dict, worlds: list[int]) -> list[dict]:
-    """The module docstring's model of T(W), from the W = 2 measurements."""
+    """The round time against W (module docstring), from the W = 1 and W = 2 measurements.
+
+    compute(W) = a + b x (largest rank's devices), a and b from the two single-process runs (all devices, and one
+    rank's share at W = 2 as a tree of its own): the per-step cost that does not shrink with the devices stays.
+    comm(W) = sum over the collectives of a round of calls x (W - 1) x t(bytes per call at W), t interpolated from
+    the measured W = 2 collectives (a ring: W - 1 steps, each of one rank's share)."""
     name = scaling["config"]
     branching, cut = SCALING[name]
     h = Hierarchy.balanced(branching)
-    t1, d = scaling["t1_s"], scaling["single"]["num_params"]
-    fits = comm["fits"]
+    n1, n_half = h.num_devices, scaling["half"]["devices"]
+    b = (scaling["t1_s"] - scaling["t_half_s"]) / (n1 - n_half)
+    a = scaling["t1_s"] - b * n1
+    d = scaling["single"]["num_params"]
+    curves = {k: [(p["bytes"], p["seconds"]) for p in comm["points"] if p["kind"] == k]
+              for k in ("all_gather", "all_reduce")}
     per_round = scaling["ranks"][0]["per_round"]  # calls and bytes per round at W = 2, by kind
+    fixed_cut = cut if cut is not None else Shard.build(h, 2, 0).cut
     out = []
     for world in worlds:
-        if h.nodes_per_layer[Shard.build(h, 2, 0, cut).cut] < world:
+        if h.nodes_per_layer[fixed_cut] < world:
             continue
-        shard = Shard.build(h, world, 0, cut if cut is not None else Shard.build(h, 2, 0).cut)
-        largest = max(int(h.device_counts[shard.cut][a:b].sum()) for a, b in shard.blocks)
-        compute = t1 * largest / h.num_devices
+        shard = Shard.build(h, world, 0, fixed_cut)
+        largest = max(int(h.device_counts[shard.cut][s:e].sum()) for s, e in shard.blocks)
+        compute = a + b * largest
         comm_s = 0.0
         for kind, (calls, nbytes) in per_round.items():
+            if calls == 0:
+                continue
             if kind == "all_gather":  # the payload at this W, from the formula
                 nbytes = shard.exchange_bytes_per_round(TAUS, d)
-            fit = fits["all_gather" if kind in ("all_gather", "sizes") else "all_reduce"]
-            comm_s += (world - 1) * (calls * fit["alpha_s"] + fit["beta_s_per_byte"] * nbytes)
+            curve = curves["all_gather" if kind in ("all_gather", "sizes") else "all_reduce"]
+            comm_s += calls * (world - 1) * interpolate_time(curve, nbytes / calls)
         rec = {"part": "projection", "config": name, "world": world, "cut": shard.cut, "compute_s": compute,
-               "comm_s": comm_s, "round_s": compute + comm_s, "speedup": t1 / (compute + comm_s)}
+               "comm_s": comm_s, "round_s": compute + comm_s, "speedup": scaling["t1_s"] / (compute + comm_s),
+               "fixed_s": a, "per_device_s": b}
         if world == 2:
             rec["measured_round_s"] = scaling["t2_s"]
             rec["error"] = (compute + comm_s) / scaling["t2_s"] - 1
@@ -327,22 +363,25 @@ def tables(results: dict) -> str:
             by.setdefault(p["bytes"], {})[p["kind"]] = p["seconds"]
         for b in sorted(by):
             lines.append(f"| {b:,} | {1e3 * by[b]['all_gather']:.3f} | {1e3 * by[b]['all_reduce']:.3f} |")
-        for k, f in c["fits"].items():
+        for k, f in c["fits"].items():  # a summary; the projection interpolates the measured points
             lines.append(f"\nfit {k}: alpha = {1e6 * f['alpha_s']:.1f} us, beta = {1e9 * f['beta_s_per_byte']:.3f} "
                          f"ns/byte ({f['bandwidth_MBps']:.0f} MB/s)")
         lines.append("")
     for s in results.get("scaling", []):
         lines += [f"Strong scaling, {s['config']} ({s['warm']} warm-up steps, {s['rounds']} timed rounds):", "",
                   f"- 1 process x 1 thread: {s['t1_s']:.3f} s per round; 2 processes x 1 thread: {s['t2_s']:.3f} s; "
-                  f"speed-up {s['speedup']:.2f}x; same cloud model: {s['same_result']}"]
+                  f"speed-up {s['speedup']:.2f}x; same cloud model: {s['same_result']}; one rank's share alone "
+                  f"({s['half']['devices']} devices, 1 process): {s['t_half_s']:.3f} s"]
         for r in s["ranks"]:
             kinds = ", ".join(f"{k}: {c:g} calls, {b:,.0f} B" for k, (c, b) in sorted(r["per_round"].items()))
             lines.append(f"- rank {r['rank']} ({r['devices']} devices, cut layer {r['cut']}) per round: {kinds}; "
                          f"formula (payload) {r['formula_bytes_per_round']:,} B")
         lines.append("")
     for name, proj in results.get("projection", {}).items():
-        lines += [f"Projected round time, {name}:", "", "| W | cut | compute s | comm s | round s | speed-up | "
-                  "measured s |", "|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"Projected round time, {name} (compute = {proj[0]['fixed_s']:.3f} s + "
+                  f"{1e3 * proj[0]['per_device_s']:.2f} ms x devices per rank):", "",
+                  "| W | cut | compute s | comm s | round s | speed-up | measured s |",
+                  "|---:|---:|---:|---:|---:|---:|---:|"]
         for p in proj:
             meas = f"{p['measured_round_s']:.3f} ({100 * p['error']:+.1f} %)" if "measured_round_s" in p else ""
             lines.append(f"| {p['world']} | {p['cut']} | {p['compute_s']:.3f} | {p['comm_s']:.4f} | "

@@ -107,16 +107,22 @@ def test_scaleout_fit_and_projection_arithmetic() -> None:
     pts = [(b, 2e-4 + 1e-9 * b) for b in (8, 1024, 2**20, 2**26)]
     fit = so.fit_alpha_beta(pts)
     assert abs(fit["alpha_s"] - 2e-4) < 1e-9 and abs(fit["beta_s_per_byte"] - 1e-9) < 1e-15
-    # the projection at W = 2 of a run whose measured comm is exactly the model's
+    # the projection: compute a + b n from the two single-process runs, comm interpolated from the points
     d = 1000
-    scaling = {"config": "mlp100-cut0", "t1_s": 2.0, "t2_s": None, "single": {"num_params": d},
+    points = [{"kind": k, "bytes": b, "seconds": 2e-4 + 1e-9 * b} for k in ("all_gather", "all_reduce")
+              for b in (8, 1024, 2**20, 2**26)]
+    assert abs(so.interpolate_time([(p["bytes"], p["seconds"]) for p in points[:4]], 2**20) - (2e-4 + 1e-9 * 2**20)) < 1e-15
+    scaling = {"config": "mlp100-cut0", "t1_s": 2.2, "t_half_s": 1.2, "t2_s": None, "single": {"num_params": d},
+               "half": {"devices": 50},
                "ranks": [{"per_round": {"all_gather": [4, 4 * 50 * d * 4], "sizes": [4, 32],
                                         "all_reduce_max": [7, 112]}}]}
-    comm = {"fits": {"all_gather": fit, "all_reduce": fit}}
-    expected_comm = 8 * 2e-4 + 7 * 2e-4 + 1e-9 * (4 * 50 * d * 4 + 32 + 112)
-    scaling["t2_s"] = 1.0 + expected_comm
+    comm = {"points": points}
+    t = so.interpolate_time
+    pts = [(p["bytes"], p["seconds"]) for p in points[:4]]
+    expected_comm = 4 * t(pts, 50 * d * 4) + 4 * t(pts, 8) + 7 * t(pts, 16)
+    scaling["t2_s"] = 1.2 + expected_comm
     proj = so.project(scaling, comm, [2, 4])
     assert proj[0]["world"] == 2 and abs(proj[0]["error"]) < 1e-12
-    assert abs(proj[1]["compute_s"] - 0.5) < 1e-12  # 25 of 100 devices per rank
+    assert abs(proj[0]["fixed_s"] - 0.2) < 1e-12 and abs(proj[1]["compute_s"] - (0.2 + 0.02 * 25)) < 1e-12
     # at W = 4 a rank contributes a quarter of the uploads, three times
-    assert abs(proj[1]["comm_s"] - 3 * (15 * 2e-4 + 1e-9 * (4 * 25 * d * 4 + 32 + 112))) < 1e-12
+    assert abs(proj[1]["comm_s"] - 3 * (4 * t(pts, 25 * d * 4) + 4 * t(pts, 8) + 7 * t(pts, 16))) < 1e-12

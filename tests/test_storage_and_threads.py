@@ -251,3 +251,28 @@ def test_loop_parameter_swap_matches_functional_call(lstm):
             torch.testing.assert_close(view, g, atol=1e-6, rtol=1e-6)
     # the template's own parameters are back in place
     assert isinstance(m.a.weight, nn.Parameter) and m.b.weight is m.a.weight
+
+
+NUMBA_POOL = """
+import sys, torch
+torch.set_num_threads(1)
+from lightning_qmlhfl import QSGD, Hierarchy
+from lightning_qmlhfl.engine import QMLHFLEngine
+assert "numba" not in sys.modules  # imported only by the first aggregation
+m = torch.nn.Linear(4, 2)
+e = QMLHFLEngine(m, lambda mod, b: mod(b[0]).pow(2).mean(), Hierarchy.balanced([2]), [1], [QSGD(4)], backend="numba")
+e.local_step((torch.randn(2, 3, 4),))
+import numba
+print(numba.config.NUMBA_NUM_THREADS)
+"""
+
+
+@pytest.mark.parametrize("env, expected", [(None, "1"), ("2", "2")])
+def test_the_numba_pool_takes_torchs_thread_count_unless_told(env, expected):
+    """A pool larger than torch's threads competes with other processes for the cores (bench/RESULTS.md)."""
+    environ = {k: v for k, v in os.environ.items() if k != "NUMBA_NUM_THREADS"}
+    if env is not None:
+        environ["NUMBA_NUM_THREADS"] = env
+    out = subprocess.run([sys.executable, "-c", NUMBA_POOL], capture_output=True, text=True, env=environ, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == expected

@@ -29,17 +29,39 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import sys
+from types import ModuleType
 from typing import Literal
 
 from torch import Tensor
 import torch
 
 from ..compressors import Compressor
-from . import numba_cpu
 from .reference import aggregate_layer_torch_, encode_uploads
 
-__all__ = ["Backend", "BACKENDS", "check_backend", "row_uniforms", "aggregate_layer_", "aggregate_layer_torch_",
+__all__ = ["Backend", "BACKENDS", "numba_backend", "check_backend", "row_uniforms", "aggregate_layer_",
+           "aggregate_layer_torch_",
            "encode_uploads", "triton_available", "backend_supports", "choose_backend"]
+
+_NUMBA_CPU: ModuleType | None = None
+
+
+def numba_backend() -> ModuleType:
+    """:mod:`.numba_cpu`, imported on first use. numba reads the size of its thread pool when it is imported:
+    unless ``NUMBA_NUM_THREADS`` is set (or numba was imported before), the pool gets torch's intra-op thread
+    count at that moment instead of one thread per core, so that a process given fewer threads (one rank of a
+    multi-process run, ``QMLHFL_THREADS=1`` sweeps running side by side) does not keep extra pool threads that
+    compete with the other processes for the cores (measured in bench/RESULTS.md). Set the torch thread count
+    before the first aggregation; numba's kernels then use at most that many threads."""
+    global _NUMBA_CPU
+    if _NUMBA_CPU is None:
+        if "numba" not in sys.modules:
+            os.environ.setdefault("NUMBA_NUM_THREADS", str(max(1, torch.get_num_threads())))
+        from . import numba_cpu
+
+        _NUMBA_CPU = numba_cpu
+    return _NUMBA_CPU
+
 
 Backend = Literal["auto", "torch", "numba", "triton"]
 BACKENDS = ("auto", "torch", "numba", "triton")
@@ -70,7 +92,7 @@ def row_uniforms(seeds: Tensor, d: int, device: torch.device | str) -> Tensor:
         from .triton_cuda import triton_uniforms
 
         return triton_uniforms(seeds, d, device)
-    return numba_cpu.philox_uniforms(seeds, d).to(device)
+    return numba_backend().philox_uniforms(seeds, d).to(device)
 
 
 def _triton_supports(parent: Tensor, child: Tensor, compressor: Compressor, memory: Tensor | None,
@@ -82,7 +104,7 @@ def _triton_supports(parent: Tensor, child: Tensor, compressor: Compressor, memo
 
 def _numba_supports(parent: Tensor, child: Tensor, compressor: Compressor, memory: Tensor | None,
                     rows: Tensor | None, out: Tensor | None) -> bool:
-    return numba_cpu.supports(parent, child, compressor, memory, out)
+    return numba_backend().supports(parent, child, compressor, memory, out)
 
 
 def backend_supports(backend: str, parent: Tensor, child: Tensor, compressor: Compressor,
@@ -152,5 +174,5 @@ def aggregate_layer_(
 
         return aggregate_layer_triton_(parent, child, parent_index, weights, quantizer, seeds, **kw)
     if backend == "numba":
-        return numba_cpu.aggregate_layer_numba_(parent, child, parent_index, weights, quantizer, seeds, **kw)
+        return numba_backend().aggregate_layer_numba_(parent, child, parent_index, weights, quantizer, seeds, **kw)
     return aggregate_layer_torch_(parent, child, parent_index, weights, quantizer, seeds, **kw)
