@@ -1,6 +1,6 @@
-"""QMLHFL on non-IID CIFAR-10. ``python -m recipes.cifar [hydra overrides]`` (config: conf/cifar.yaml)."""
+"""QMLHFL on non-IID CIFAR-10. ``python -m recipes.cifar [hydra overrides]`` (config: recipes/conf/cifar.yaml)."""
 
-from recipes.common import hydra_entry
+from recipes.entry import hydra_entry
 
 main = hydra_entry("cifar")
 

@@ -17,6 +17,13 @@ the tensors live on, in the style of airbench: the data sits on the device and m
 by indexing, with no DataLoader and no per-sample Python.
 
 Data directory: :func:`resolve_data_dir` (config value, else ``$QMLHFL_DATA``, else ``./data``).
+
+Download (``get_dataset(..., download=True)``; the recipes' ``dataset.download``, true by default): missing files
+are fetched from the mirrors (:func:`mirror_urls`: ``mirror=`` / the recipes' ``dataset.mirror``, else
+``$QMLHFL_MNIST_MIRROR`` / ``$QMLHFL_CIFAR10_MIRROR``, else the official locations) into the data directory, which
+must be writable (a read-only directory is never written to). Every file is written under a unique temporary name
+in its final directory, md5-checked and only then renamed into place, so an interrupted or corrupt download never
+leaves a file that looks complete, and concurrent runs downloading the same file do not clobber each other.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import pickle
 import shutil
 import struct
 import tarfile
+import tempfile
 import urllib.request
 import zlib
 from collections.abc import Sequence
@@ -58,6 +66,7 @@ __all__ = [
     "load_cifar10",
     "load_mnist",
     "md5_of_file",
+    "mirror_urls",
     "normalize",
     "random_crop_flip",
     "resolve_data_dir",
@@ -76,7 +85,8 @@ CIFAR10_STD: tuple[float, ...] = (0.2470, 0.2435, 0.2616)
 DATASET_NAMES: tuple[str, ...] = ("mnist", "cifar10")
 
 DATA_ENV_VAR = "QMLHFL_DATA"
-_HINT = f"set {DATA_ENV_VAR} or data_dir=... to a directory holding the dataset, or pass download=true"
+_HINT = f"set {DATA_ENV_VAR} or data_dir=... to a directory holding the dataset, or pass dataset.download=true"
+MIRROR_ENV_VARS: dict[str, str] = {"mnist": "QMLHFL_MNIST_MIRROR", "cifar10": "QMLHFL_CIFAR10_MIRROR"}
 
 MNIST_SUBDIR = Path("MNIST") / "raw"
 MNIST_FILES: dict[tuple[bool, str], str] = {
@@ -92,7 +102,8 @@ MNIST_MD5: dict[str, tuple[str, ...]] = {
     "t10k-images-idx3-ubyte.gz": ("9fb629c4189551a2d022fa330f9573f3",),
     "t10k-labels-idx1-ubyte.gz": ("ec29112dd5afa0611ce80d1b7f02629c",),
 }
-MNIST_MIRROR = "https://ossci-datasets.s3.amazonaws.com/mnist/"
+MNIST_MIRROR = "https://ossci-datasets.s3.amazonaws.com/mnist/"  # tried first (torchvision's primary mirror)
+MNIST_FALLBACK_MIRRORS: tuple[str, ...] = ("http://yann.lecun.com/exdb/mnist/",)
 
 CIFAR10_SUBDIR = Path("cifar-10-batches-py")
 CIFAR10_TRAIN_FILES: tuple[str, ...] = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -385,29 +396,91 @@ def resolve_data_dir(cfg_value: str | os.PathLike[str] | None) -> Path:
 
 
 def fetch_url(url: str, dest: Path, timeout: float = 60.0) -> None:
-    """Download ``url`` (http(s):// or file://) to ``dest`` with urllib. Tests replace this function."""
-    with urllib.request.urlopen(url, timeout=timeout) as response, open(dest, "wb") as out:
+    """Download ``url`` (http(s):// or file://) to ``dest`` with urllib. Tests may replace this function."""
+    request = urllib.request.Request(url, headers={"User-Agent": "lightning-qmlhfl-recipes"})
+    with urllib.request.urlopen(request, timeout=timeout) as response, open(dest, "wb") as out:
         shutil.copyfileobj(response, out, length=1 << 20)
 
 
-def _ensure_writable(directory: Path) -> None:
-    """Raise unless ``directory`` (or, if it does not exist yet, its nearest existing ancestor) is writable."""
+def mirror_urls(name: str, mirror: str | Sequence[str] | None = None) -> list[str]:
+    """The URLs the files of ``name`` are fetched from, in the order they are tried.
+
+    MNIST: base URLs that hold the four ``*-ubyte.gz`` files; CIFAR-10: URLs of ``cifar-10-python.tar.gz`` (a URL
+    ending in ``/`` is a directory holding the archive). ``mirror`` (the recipes' ``dataset.mirror``: one URL or a
+    list) wins, else the environment variable ``QMLHFL_MNIST_MIRROR`` / ``QMLHFL_CIFAR10_MIRROR`` (one URL or
+    several separated by commas), else the official locations (:data:`MNIST_MIRROR`, then
+    :data:`MNIST_FALLBACK_MIRRORS`; :data:`CIFAR10_URL`).
+    """
+    key = _check_name(name)
+    if mirror is None or (isinstance(mirror, str) and not mirror.strip()):
+        env = os.environ.get(MIRROR_ENV_VARS[key], "")
+        urls = [u.strip() for u in env.split(",") if u.strip()]
+        if not urls:
+            urls = [MNIST_MIRROR, *MNIST_FALLBACK_MIRRORS] if key == "mnist" else [CIFAR10_URL]
+    elif isinstance(mirror, str):
+        urls = [mirror.strip()]
+    else:
+        urls = [str(u).strip() for u in mirror]
+        if not urls or not all(urls):
+            raise ValueError(f"dataset.mirror must be a URL or a non-empty list of URLs, got {list(mirror)!r}")
+    if key == "mnist":
+        return [u if u.endswith("/") else u + "/" for u in urls]
+    return [u + CIFAR10_ARCHIVE if u.endswith("/") else u for u in urls]
+
+
+def _where_files_go(name: str, root: Path) -> str:
+    """The exact paths the loader reads, for error messages."""
+    return ", ".join(str(p) for p in _required_files(name, root))
+
+
+def _offline_advice(name: str, root: Path, urls: Sequence[str]) -> str:
+    files = "the four *-ubyte.gz files" if name == "mnist" else f"{CIFAR10_ARCHIVE}, extracted"
+    return (
+        f"the files must be at: {_where_files_go(name, root)}. Without network, fetch {files} by hand (from "
+        f"{', '.join(urls)}) and put them there, or point data_dir=DIR on the command line (or the environment "
+        f"variable {DATA_ENV_VAR}=DIR) at a directory DIR that already holds {_layout(name)}; "
+        f"dataset.mirror=URL (or ${MIRROR_ENV_VARS[name]}) fetches from another mirror, and dataset.download=false "
+        f"never downloads"
+    )
+
+
+def _layout(name: str) -> str:
+    return f"{MNIST_SUBDIR.as_posix()}/*-ubyte.gz" if name == "mnist" else f"{CIFAR10_SUBDIR.as_posix()}/"
+
+
+def _ensure_writable(directory: Path, name: str | None = None, root: Path | None = None) -> None:
+    """Raise unless ``directory`` (or, if it does not exist yet, its nearest existing ancestor) is writable.
+    Nothing is created or written here."""
     probe = directory
     while not probe.exists():
         if probe.parent == probe:
             break
         probe = probe.parent
     if not probe.is_dir() or not os.access(probe, os.W_OK):
+        where = f" The files must be at: {_where_files_go(name, root)}." if name and root is not None else ""
         raise DatasetError(
             f"{directory}: cannot download here: {probe} is not a writable directory (shared data folders are "
-            f"read-only and are never written to). Set data_dir=... or {DATA_ENV_VAR} to a writable directory, "
-            f"or copy the files there."
+            f"read-only and are never written to).{where} Set data_dir=... on the command line or the environment "
+            f"variable {DATA_ENV_VAR} to a writable directory (the files are downloaded there) or to one that "
+            f"already holds them, or copy the files there; dataset.download=false never downloads."
         )
 
 
+def _temp_path(dest: Path) -> Path:
+    """A fresh, unique temporary file next to ``dest`` (``.NAME.XXXX.part``): never the final name, so a partial
+    file never looks complete, and two processes downloading at once do not share it."""
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; the data files get the usual permissions
+    return Path(tmp)
+
+
 def _download_verified(url: str, dest: Path, accepted: Sequence[str]) -> None:
-    """Fetch ``url`` to ``dest`` via a ``.part`` file; on any failure or md5 mismatch remove the partial file."""
-    part = dest.with_name(dest.name + ".part")
+    """Fetch ``url`` to a temporary file beside ``dest``, check its md5 and rename it to ``dest`` (atomic on one
+    filesystem); on any failure or md5 mismatch the temporary file is removed and ``dest`` is not touched."""
+    part = _temp_path(dest)
     try:
         try:
             fetch_url(url, part)
@@ -426,14 +499,29 @@ def _download_verified(url: str, dest: Path, accepted: Sequence[str]) -> None:
     os.replace(part, dest)
 
 
-def _download_mnist(root: Path) -> None:
+def _download_from_mirrors(name: str, root: Path, dest: Path, filename: str, urls: Sequence[str],
+                           accepted: Sequence[str]) -> None:
+    """Try every mirror in turn; raise one :class:`DatasetError` naming every failure and what to do."""
+    errors = []
+    for base in urls:
+        url = base + filename if name == "mnist" else base
+        try:
+            _download_verified(url, dest, accepted)
+            return
+        except DatasetError as e:
+            errors.append(str(e))
+    raise DatasetError(f"{name}: could not download {dest.name}: {' | '.join(errors)} So {_offline_advice(name, root, urls)}.")
+
+
+def _download_mnist(root: Path, mirror: str | Sequence[str] | None = None) -> None:
     raw_dir = root / MNIST_SUBDIR
-    _ensure_writable(raw_dir)
+    _ensure_writable(raw_dir, "mnist", root)
+    urls = mirror_urls("mnist", mirror)
     raw_dir.mkdir(parents=True, exist_ok=True)
     for name in MNIST_FILES.values():
         dest = raw_dir / name
         if not dest.is_file():
-            _download_verified(MNIST_MIRROR + name, dest, MNIST_MD5[name])
+            _download_from_mirrors("mnist", root, dest, name, urls, MNIST_MD5[name])
 
 
 def _extract_cifar(archive: Path, root: Path) -> None:
@@ -455,7 +543,7 @@ def _extract_cifar(archive: Path, root: Path) -> None:
                 src = tar.extractfile(member)
                 assert src is not None
                 dest = out_dir / name
-                tmp = dest.with_name(dest.name + ".part")
+                tmp = _temp_path(dest)
                 try:
                     with src, open(tmp, "wb") as out:
                         shutil.copyfileobj(src, out, length=1 << 20)
@@ -475,14 +563,15 @@ def _extract_cifar(archive: Path, root: Path) -> None:
         raise DatasetError(f"{archive}: archive lacks {', '.join(missing)}; delete it and retry.")
 
 
-def _download_cifar10(root: Path) -> None:
-    _ensure_writable(root)
+def _download_cifar10(root: Path, mirror: str | Sequence[str] | None = None) -> None:
+    _ensure_writable(root, "cifar10", root)
+    urls = mirror_urls("cifar10", mirror)
     root.mkdir(parents=True, exist_ok=True)
     archive = root / CIFAR10_ARCHIVE
     if archive.is_file():
         verify_md5(archive, CIFAR10_ARCHIVE_MD5, remedy=f"delete {archive} and retry")
     else:
-        _download_verified(CIFAR10_URL, archive, CIFAR10_ARCHIVE_MD5)
+        _download_from_mirrors("cifar10", root, archive, CIFAR10_ARCHIVE, urls, CIFAR10_ARCHIVE_MD5)
     _extract_cifar(archive, root)
     archive.unlink()  # the extracted, verified batches are all that is needed
 
@@ -533,19 +622,24 @@ def get_dataset(
     root: str | os.PathLike[str],
     download: bool = False,
     verify: bool = True,
+    mirror: str | Sequence[str] | None = None,
 ) -> DatasetSplits:
     """Load both splits of ``name`` from ``root``, downloading the official files first if asked.
 
     Args:
         name: ``"mnist"`` or ``"cifar10"``.
         root: data directory (see :func:`resolve_data_dir`).
-        download: if files are missing, fetch the official release into ``root`` (which must be writable;
-            a read-only directory is never written to), verify its md5 and extract it.
+        download: if files are missing, fetch them into ``root`` (which must be writable; a read-only directory
+            is never written to), verify their md5 and, for CIFAR-10, extract the archive. The recipes pass
+            ``dataset.download`` (true by default).
         verify: check md5s when loading (once per file per process).
+        mirror: where to download from (see :func:`mirror_urls`); default: ``$QMLHFL_MNIST_MIRROR`` /
+            ``$QMLHFL_CIFAR10_MIRROR``, else the official locations.
 
     Raises:
         ValueError: unknown ``name``.
-        DatasetError: a file is missing (and ``download`` is false), corrupt or cannot be downloaded.
+        DatasetError: a file is missing (and ``download`` is false), corrupt or cannot be downloaded; the message
+            names the exact paths the files must have and the settings that change where they are looked for.
     """
     key = _check_name(name)
     root = Path(root)
@@ -553,9 +647,12 @@ def get_dataset(
     if missing:
         if not download:
             raise DatasetError(
-                f"{key}: missing {', '.join(str(p) for p in missing)}; {_HINT}."
+                f"{key}: missing {', '.join(str(p) for p in missing)}; the files must be at: "
+                f"{_where_files_go(key, root)}. Set data_dir=DIR on the command line (or the environment variable "
+                f"{DATA_ENV_VAR}=DIR) to a directory DIR holding {_layout(key)}, or allow the download into "
+                f"{root} with dataset.download=true (the recipes' default)."
             )
-        (_download_mnist if key == "mnist" else _download_cifar10)(root)
+        (_download_mnist if key == "mnist" else _download_cifar10)(root, mirror)
     loader = load_mnist if key == "mnist" else load_cifar10
     train_x, train_y = loader(root, train=True, verify=verify)
     test_x, test_y = loader(root, train=False, verify=verify)

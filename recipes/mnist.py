@@ -1,6 +1,7 @@
-"""The main job: QMLHFL on non-IID MNIST. ``python -m recipes.mnist [hydra overrides]`` (config: conf/mnist.yaml)."""
+"""The main job: QMLHFL on non-IID MNIST. ``python -m recipes.mnist [hydra overrides]`` (config:
+recipes/conf/mnist.yaml)."""
 
-from recipes.common import hydra_entry
+from recipes.entry import hydra_entry
 
 main = hydra_entry("mnist")
 

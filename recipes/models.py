@@ -32,9 +32,27 @@ __all__ = [
     "LeNet",
     "MLP",
     "build_model",
+    "model_target",
 ]
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
+
+OptimizerSpec = str | Callable[..., torch.optim.Optimizer]
+
+
+def _optimizer_label(optimizer: OptimizerSpec) -> str:
+    """A short, checkpoint-safe description of an optimizer spec (a name, or the class of a partial)."""
+    if isinstance(optimizer, str):
+        return optimizer.lower()
+    func = getattr(optimizer, "func", optimizer)
+    bound = getattr(optimizer, "keywords", {}) or {}
+    args = ", ".join(f"{k}={v!r}" for k, v in sorted(bound.items()))
+    return f"{getattr(func, '__module__', '')}.{getattr(func, '__qualname__', repr(func))}({args})"
+
+
+def _hparams_ignore(optimizer: OptimizerSpec) -> list[str] | None:
+    """Keep a callable optimizer out of the saved hyperparameters (checkpoints load with weights_only=True)."""
+    return None if isinstance(optimizer, str) else ["optimizer"]
 
 
 class ImageClassifier(L.LightningModule):
@@ -46,7 +64,11 @@ class ImageClassifier(L.LightningModule):
         lr: learning rate (> 0).
         momentum: SGD momentum in [0, 1); ignored by Adam.
         weight_decay: L2 penalty (>= 0) passed to the optimizer.
-        optimizer: ``"sgd"`` or ``"adam"``.
+        optimizer: ``"sgd"`` or ``"adam"``, or a callable ``f(params, **kw) -> Optimizer`` such as Hydra's
+            ``{_target_: torch.optim.AdamW, _partial_: true, weight_decay: 0.01}``
+            (``model.optimizer._target_=...`` on the command line). A callable gets ``lr=lr`` unless it binds its
+            own ``lr``; ``momentum`` and ``weight_decay`` must then be set on the callable (they must stay 0 here).
+            The strategy accepts element-wise optimizers only (SGD, Adam, AdamW, RMSprop, Adagrad).
         num_classes: number of classes (logits per sample).
     """
 
@@ -55,7 +77,7 @@ class ImageClassifier(L.LightningModule):
         lr: float = 0.01,
         momentum: float = 0.0,
         weight_decay: float = 0.0,
-        optimizer: str = "sgd",
+        optimizer: OptimizerSpec = "sgd",
         num_classes: int = 10,
     ) -> None:
         super().__init__()
@@ -65,14 +87,25 @@ class ImageClassifier(L.LightningModule):
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         if not weight_decay >= 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-        if str(optimizer).lower() not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
+        if callable(optimizer) and not isinstance(optimizer, str):
+            if momentum or weight_decay:
+                raise ValueError(
+                    f"momentum={momentum} / weight_decay={weight_decay} apply to the named optimizers only; with a "
+                    f"callable optimizer ({_optimizer_label(optimizer)}) set them on it (model.optimizer.momentum=..., "
+                    f"model.optimizer.weight_decay=...) and leave model.momentum / model.weight_decay at 0"
+                )
+            self.optimizer_fn: Callable[..., torch.optim.Optimizer] | None = optimizer
+        elif str(optimizer).lower() not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {optimizer!r}; allowed: {', '.join(OPTIMIZERS)}, or a callable "
+                             f"(model.optimizer._target_=torch.optim.AdamW +model.optimizer._partial_=true)")
+        else:
+            self.optimizer_fn = None
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         self.lr = float(lr)
         self.momentum = float(momentum)
         self.weight_decay = float(weight_decay)
-        self.optimizer_name = str(optimizer).lower()
+        self.optimizer_name = _optimizer_label(optimizer)
         self.num_classes = int(num_classes)
         self.val_acc = MulticlassAccuracy(num_classes=self.num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=self.num_classes, average="micro")
@@ -88,7 +121,8 @@ class ImageClassifier(L.LightningModule):
         logits = self(x)
         loss = F.cross_entropy(logits, y)
         acc(logits, y)
-        self.log(f"{stage}_loss", loss, on_epoch=True, prog_bar=stage == "val")
+        # sync_dist: under trainer.strategy=qmlhfl_ddp every rank validates its part of the set (a no-op in one process)
+        self.log(f"{stage}_loss", loss, on_epoch=True, prog_bar=stage == "val", sync_dist=True)
         self.log(f"{stage}_acc", acc, on_epoch=True, prog_bar=stage == "val")
         return loss
 
@@ -99,6 +133,9 @@ class ImageClassifier(L.LightningModule):
         return self._eval_step(batch, "test", self.test_acc)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer_fn is not None:
+            bound = getattr(self.optimizer_fn, "keywords", {}) or {}
+            return self.optimizer_fn(self.parameters(), **({} if "lr" in bound else {"lr": self.lr}))
         if self.optimizer_name == "sgd":
             return torch.optim.SGD(
                 self.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
@@ -121,11 +158,12 @@ class LeNet(ImageClassifier):
         lr: float = 0.01,
         momentum: float = 0.0,
         weight_decay: float = 0.0,
-        optimizer: str = "sgd",
+        optimizer: OptimizerSpec = "sgd",
         dropout: float = 0.5,
     ) -> None:
         super().__init__(lr, momentum, weight_decay, optimizer)
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=_hparams_ignore(optimizer))
+        self.hparams["optimizer"] = self.optimizer_name
         self.conv1 = nn.Conv2d(1, 10, kernel_size=5)
         self.conv2 = nn.Conv2d(10, 20, kernel_size=5)
         self.conv2_drop = nn.Dropout2d(dropout)
@@ -160,7 +198,7 @@ class MLP(ImageClassifier):
         lr: float = 0.01,
         momentum: float = 0.0,
         weight_decay: float = 0.0,
-        optimizer: str = "sgd",
+        optimizer: OptimizerSpec = "sgd",
     ) -> None:
         super().__init__(lr, momentum, weight_decay, optimizer, num_classes)
         hidden = [int(h) for h in hidden_sizes]  # also accepts an OmegaConf ListConfig
@@ -168,7 +206,7 @@ class MLP(ImageClassifier):
             raise ValueError(f"input_size and hidden_sizes must be positive, got {input_size}, {hidden}")
         self.save_hyperparameters({"input_size": int(input_size), "hidden_sizes": hidden,
                                    "num_classes": int(num_classes), "lr": lr, "momentum": momentum,
-                                   "weight_decay": weight_decay, "optimizer": optimizer})
+                                   "weight_decay": weight_decay, "optimizer": self.optimizer_name})
         layers: list[nn.Module] = []
         width = int(input_size)
         for h in hidden:
@@ -202,10 +240,11 @@ class CifarCNN3(ImageClassifier):
         lr: float = 0.01,
         momentum: float = 0.0,
         weight_decay: float = 0.0,
-        optimizer: str = "sgd",
+        optimizer: OptimizerSpec = "sgd",
     ) -> None:
         super().__init__(lr, momentum, weight_decay, optimizer)
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=_hparams_ignore(optimizer))
+        self.hparams["optimizer"] = self.optimizer_name
         self.features = nn.Sequential(
             nn.Conv2d(3, 32, 3, padding=1),
             nn.BatchNorm2d(32),
@@ -264,12 +303,13 @@ class CifarSmallCNN(ImageClassifier):
         lr: float = 0.05,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
-        optimizer: str = "sgd",
+        optimizer: OptimizerSpec = "sgd",
     ) -> None:
         super().__init__(lr, momentum, weight_decay, optimizer)
         if width < 1:
             raise ValueError(f"width must be >= 1, got {width}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=_hparams_ignore(optimizer))
+        self.hparams["optimizer"] = self.optimizer_name
         w = int(width)
         self.conv1 = nn.Conv2d(3, w, 3, padding=1)
         self.conv2 = nn.Conv2d(w, 2 * w, 3, padding=1)
@@ -282,6 +322,12 @@ class CifarSmallCNN(ImageClassifier):
         x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # [B, 2w, 8, 8]
         x = F.max_pool2d(F.relu(self.conv3(x)), 2)  # [B, 4w, 4, 4]
         return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+def model_target(name: str) -> str:
+    """The import path of a registered model's class (what its preset's ``_target_`` holds)."""
+    cls = _REGISTRY.get(name)
+    return "" if cls is None else f"{cls.__module__}.{cls.__qualname__}"
 
 
 _REGISTRY: dict[str, Callable[..., ImageClassifier]] = {

@@ -1,4 +1,4 @@
-"""Plan tau_n under a deadline: ``python -m recipes.plan [overrides]`` (config: ``conf/plan.yaml``).
+"""Plan tau_n under a deadline: ``python -m recipes.plan [overrides]`` (config: ``recipes/conf/plan.yaml``).
 
 Prints the chosen tau, the predicted number of global iterations, how one global iteration's time splits between
 computation and each layer's links, the learning rate to use and its admissible bound (Eq. 15), and the terms of
@@ -97,7 +97,7 @@ def run(cfg: DictConfig) -> Plan:
     return plan
 
 
-@hydra.main(config_path="../conf", config_name="plan", version_base="1.3")
+@hydra.main(config_path="conf", config_name="plan", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     plan = run(cfg)
     if not plan.feasible:

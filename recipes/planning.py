@@ -1,6 +1,6 @@
 """Experiment 3 of ALGORITHM.md section 7: the planner's tau against random feasible tau under one deadline.
 
-``python -m recipes.planning [hydra overrides of recipes.mnist]`` composes ``conf/mnist.yaml`` with
+``python -m recipes.planning [hydra overrides of recipes.mnist]`` composes ``recipes/conf/mnist.yaml`` with
 ``+experiment=planning`` (the setting: hierarchy, links, compute time per step, simulated deadline, the smoothness
 constant L assumed for Eq. 15, the learning rate mu we would like to train with), then
 
@@ -35,14 +35,14 @@ warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
 import numpy as np  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
-from recipes.models import build_model  # noqa: E402
+from recipes.building import build_model_from_cfg  # noqa: E402
 from lightning_qmlhfl.theory.planner import Plan, evaluate_taus, plan_taus  # noqa: E402
 from recipes.common import build_compressors, build_hierarchy, build_latency, run  # noqa: E402
 from recipes.report import interpolate_common  # noqa: E402
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parent / "conf"
 
 
 def compose_cfg(overrides: list[str]) -> DictConfig:
@@ -51,8 +51,7 @@ def compose_cfg(overrides: list[str]) -> DictConfig:
 
 
 def count_params(cfg: DictConfig) -> int:
-    kw = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "name"}
-    return sum(p.numel() for p in build_model(cfg.model.name, **kw).parameters())
+    return sum(p.numel() for p in build_model_from_cfg(cfg).parameters())
 
 
 def candidates(cfg: DictConfig) -> tuple[Plan, list[Plan], dict[str, Any]]:

@@ -8,11 +8,12 @@ directory holding a ``summary.json`` is one run.
 Runs that differ only by their seed form one *setting*. Settings are told apart by dotted config keys: the ones given
 with ``--group-by`` (e.g. ``hierarchy.branching partition.alpha quantizer.levels``), or, by default, every config
 leaf whose value differs across the runs, except seeds, the run ``name``, name-like fields that embed a timestamp,
-``data_dir`` and anything under ``hydra``.
+``data_dir``, ``ckpt_path`` (a resumed run is the same setting) and anything under ``hydra``.
 
 Written into ``--out`` (default ``./report``):
 
-- ``report.md``: one table row per setting: seeds, final/best cloud test accuracy (mean ± sample std over seeds),
+- ``report.md``: one table row per setting: seeds, final/best cloud test accuracy (mean ± sample std over seeds; "best"
+  is the summary's ``best_test_acc``: the test accuracy of the model best on validation),
   accuracy at a common simulated-time budget, rounds, simulated time, bits sent against the 32-bit baseline and
   wall time; the run directories used;
 - ``report.json``: the same numbers, machine-readable;
@@ -243,7 +244,7 @@ _MISSING = "<unset>"
 
 def _is_excluded(key: str, values: Sequence[Any], extra: Sequence[str]) -> bool:
     last = key.rsplit(".", 1)[-1]
-    if last == "seed" or key == "name" or last == "data_dir" or key.split(".", 1)[0] == "hydra":
+    if last == "seed" or key in ("name", "ckpt_path") or last == "data_dir" or key.split(".", 1)[0] == "hydra":
         return True
     if any(key == e or key.startswith(e + ".") for e in extra):
         return True
@@ -255,8 +256,8 @@ def _is_excluded(key: str, values: Sequence[Any], extra: Sequence[str]) -> bool:
 def auto_group_keys(runs: Sequence[Run], exclude: Sequence[str] = ()) -> list[str]:
     """Dotted config keys whose value differs across ``runs`` (a key absent from some runs differs), sorted.
 
-    Seeds, the top-level ``name``, name-like fields holding a timestamp, ``data_dir``, ``hydra.*`` and the keys (or
-    key prefixes) in ``exclude`` are left out.
+    Seeds, the top-level ``name``, name-like fields holding a timestamp, ``data_dir``, ``ckpt_path``, ``hydra.*`` and
+    the keys (or key prefixes) in ``exclude`` are left out.
     """
     all_keys = sorted({k for r in runs for k in r.flat_config})
     keys = []

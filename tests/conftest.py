@@ -10,6 +10,9 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HYDRA_FULL_ERROR", "1")
 
+if os.environ.get("QMLHFL_DATA"):  # absolute, for the subprocesses that run elsewhere (the README passes ../shared/data)
+    os.environ["QMLHFL_DATA"] = str(Path(os.environ["QMLHFL_DATA"]).resolve())
+
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
 import pytest  # noqa: E402

@@ -518,3 +518,142 @@ def test_crop_flip_errors() -> None:
         D.crop_flip(x, idx, idx[:1], idx.bool())
     with pytest.raises(ValueError, match="reflect padding 8 must be smaller"):
         D.crop_flip(x, idx, idx, idx.bool(), padding=8)
+
+
+# ------------------------------------------------------------------------------------------------
+# downloads over HTTP from a local server (127.0.0.1 only: nothing reaches the outside network)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def http_dir(tmp_path: Path):
+    """A directory served over HTTP on 127.0.0.1 by a thread; yields (directory, base URL)."""
+    import functools
+    import http.server
+    import threading
+
+    root = tmp_path / "served"
+    root.mkdir()
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield root, f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _fake_mnist_files(directory: Path, n_train: int = 40, n_test: int = 10) -> dict[str, tuple[str, ...]]:
+    """Tiny IDX gz files under the official names in ``directory``; returns an md5 table for them."""
+    rng = np.random.default_rng(0)
+    md5 = {}
+    for train, n in ((True, n_train), (False, n_test)):
+        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        for kind, raw in (("images", _idx_bytes(0x803, (n, 28, 28), images.tobytes())),
+                          ("labels", _idx_bytes(0x801, (n,), labels.tobytes()))):
+            name = D.MNIST_FILES[(train, kind)]
+            data = gzip.compress(raw, mtime=0)
+            (directory / name).write_bytes(data)
+            md5[name] = (hashlib.md5(data).hexdigest(),)
+    return md5
+
+
+def test_download_mnist_over_http_from_a_configured_mirror(http_dir, tmp_path, monkeypatch) -> None:
+    served, url = http_dir
+    monkeypatch.setattr(D, "MNIST_MD5", _fake_mnist_files(served))
+    root = tmp_path / "data"
+    d = D.get_dataset("mnist", root, download=True, mirror=url)
+    assert d.train_images.shape == (40, 1, 28, 28) and d.test_labels.tolist() == list(range(10))
+    raw = root / "MNIST" / "raw"
+    assert sorted(p.name for p in raw.iterdir()) == sorted(D.MNIST_FILES.values())  # no temporary leftovers
+    assert all((raw / n).read_bytes() == (served / n).read_bytes() for n in D.MNIST_FILES.values())
+    # the environment variable names the mirror when the config does not
+    monkeypatch.setenv("QMLHFL_MNIST_MIRROR", url)
+    assert D.mirror_urls("mnist") == [url]
+    assert D.get_dataset("mnist", tmp_path / "data2", download=True).train_images.shape[0] == 40
+    monkeypatch.delenv("QMLHFL_MNIST_MIRROR")
+    assert D.mirror_urls("mnist")[0] == D.MNIST_MIRROR and D.mirror_urls("cifar10") == [D.CIFAR10_URL]
+    assert D.mirror_urls("cifar10", "http://m/x/") == ["http://m/x/cifar-10-python.tar.gz"]
+
+
+def test_the_recipes_datamodule_downloads_by_default(http_dir, tmp_path, monkeypatch) -> None:
+    from recipes.datamodules import ImageDataModule
+
+    served, url = http_dir
+    monkeypatch.setattr(D, "MNIST_MD5", _fake_mnist_files(served, n_train=100))
+    dm = ImageDataModule("mnist", data_dir=tmp_path / "fresh", mirror=url, val_fraction=0.1)  # download=True
+    assert dm.sizes() == {"train": 90, "val": 10, "test": 10}
+
+
+def test_a_download_with_the_wrong_md5_leaves_nothing_that_looks_complete(http_dir, tmp_path, monkeypatch) -> None:
+    served, url = http_dir
+    md5 = _fake_mnist_files(served)
+    monkeypatch.setattr(D, "MNIST_MD5", {**md5, "train-labels-idx1-ubyte.gz": ("0" * 32,)})
+    root = tmp_path / "data"
+    with pytest.raises(DatasetError, match=r"train-labels-idx1-ubyte\.gz: md5 mismatch.*was removed"):
+        D.get_dataset("mnist", root, download=True, mirror=url)
+    left = sorted(p.name for p in (root / "MNIST" / "raw").iterdir())
+    assert left == ["train-images-idx3-ubyte.gz"]  # the verified file before it; no partial, no temporary file
+    # a server that breaks off in the middle of a file: nothing under the final name either
+    (served / "train-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b truncated")
+    with pytest.raises(DatasetError, match="md5 mismatch"):
+        D.get_dataset("mnist", root, download=True, mirror=url)
+    assert sorted(p.name for p in (root / "MNIST" / "raw").iterdir()) == ["train-images-idx3-ubyte.gz"]
+
+
+def test_offline_the_message_names_the_settings_and_the_exact_paths(tmp_path) -> None:
+    import socket
+
+    with socket.socket() as s:  # a local port with nothing listening: the connection is refused
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/"
+    root = tmp_path / "data"
+    with pytest.raises(DatasetError) as info:
+        D.get_dataset("mnist", root, download=True, mirror=dead)
+    msg = str(info.value)
+    for needle in ("dataset.download", "data_dir=", "QMLHFL_DATA", "dataset.mirror", "QMLHFL_MNIST_MIRROR",
+                   str(root / "MNIST" / "raw" / "train-images-idx3-ubyte.gz"),
+                   str(root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte.gz"), "failed (URLError"):
+        assert needle in msg, (needle, msg)
+    assert [p.name for p in (root / "MNIST" / "raw").iterdir()] == []
+    with pytest.raises(DatasetError) as info:  # download forbidden: the same advice, nothing attempted
+        D.get_dataset("cifar10", root, download=False)
+    msg = str(info.value)
+    for needle in ("dataset.download=true", "data_dir=", "QMLHFL_DATA", str(root / "cifar-10-batches-py" / "data_batch_1")):
+        assert needle in msg, (needle, msg)
+
+
+def test_a_read_only_data_directory_is_never_written(tmp_path, monkeypatch, http_dir) -> None:
+    served, url = http_dir
+    monkeypatch.setattr(D, "MNIST_MD5", _fake_mnist_files(served))
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(D.os, "access", lambda p, mode: False if Path(p) == ro else real_access(p, mode))
+    with pytest.raises(DatasetError) as info:
+        D.get_dataset("mnist", ro, download=True, mirror=url)
+    msg = str(info.value)
+    assert "is not a writable directory" in msg and "QMLHFL_DATA" in msg and "data_dir=" in msg
+    assert "dataset.download=false" in msg and str(ro / "MNIST" / "raw" / "train-labels-idx1-ubyte.gz") in msg
+    assert list(ro.iterdir()) == []
+
+
+def test_download_cifar_over_http(http_dir, tmp_path, monkeypatch) -> None:
+    served, url = http_dir
+    batches = {name: _cifar_batch_bytes(n=2, seed=i)[0] for i, name in enumerate(D.CIFAR10_TRAIN_FILES + ("test_batch",))}
+    with tarfile.open(served / D.CIFAR10_ARCHIVE, "w:gz") as tar:
+        for name, payload in batches.items():
+            _tar_add(tar, f"cifar-10-batches-py/{name}", payload)
+    monkeypatch.setattr(D, "CIFAR10_MD5", {n: (hashlib.md5(p).hexdigest(),) for n, p in batches.items()})
+    monkeypatch.setattr(D, "CIFAR10_ARCHIVE_MD5", (hashlib.md5((served / D.CIFAR10_ARCHIVE).read_bytes()).hexdigest(),))
+    root = tmp_path / "data"
+    d = D.get_dataset("cifar10", root, download=True, mirror=url)  # a directory URL: the archive name is appended
+    assert d.train_images.shape == (10, 3, 32, 32)
+    assert sorted(p.name for p in root.iterdir()) == ["cifar-10-batches-py"]  # the archive and temporaries gone

@@ -131,3 +131,61 @@ def test_a_dead_rank_fails_the_run_instead_of_hanging_it_and_the_run_resumes_bit
     # the checkpoint written before the SIGKILL continues on two processes exactly like the uninterrupted run
     assert codes["after_kill"] == 0, _log(d["after_kill"])[-3000:]
     _assert_same_run(_final(d["single"]), _final(d["after_kill"]))
+
+
+RECIPE = ["model=mlp", "hierarchy.branching=[2,2,2]", "hierarchy.taus=[2,2,1]", "trainer.rounds=2",
+          "dataset.train_subset=3000", "dataset.test_subset=1000", "trainer.progress_bar=false", "logger=csv",
+          "trainer.device_rng=stream"]
+
+
+def test_the_recipe_on_two_processes_writes_what_one_process_writes(tmp_path, data_root):
+    """``python -m recipes.mnist trainer.strategy=qmlhfl_ddp trainer.devices=2``: rank 0 writes the run's files,
+    equal to the single-process run's (validation loss to float tolerance: the mean of the ranks' means)."""
+    env = dict(os.environ, QMLHFL_DATA=str(data_root.resolve()), WANDB_MODE="disabled", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT="29621", PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
+    env.pop("LOCAL_RANK", None)
+    procs = {}
+    for name, extra in (("ddp", ["trainer.strategy=qmlhfl_ddp", "trainer.devices=2"]), ("single", [])):
+        log = open(tmp_path / f"{name}.log", "w")
+        procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "recipes.mnist", *RECIPE, *extra, f"hydra.run.dir={tmp_path / name}"],
+            cwd=tmp_path, env=dict(env, OMP_NUM_THREADS="1"), stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    codes = _wait(procs)
+    for name, code in codes.items():
+        assert code == 0, (name, (tmp_path / f"{name}.log").read_text()[-3000:])
+    import json
+
+    ddp = json.loads((tmp_path / "ddp" / "history.json").read_text())
+    one = json.loads((tmp_path / "single" / "history.json").read_text())
+    assert len(ddp) == len(one) == 2
+    for a, b in zip(ddp, one):
+        assert a.keys() == b.keys()
+        for k in a:
+            if k == "val_loss":
+                assert a[k] == pytest.approx(b[k], rel=1e-6)
+            elif "wall" not in k:
+                assert a[k] == b[k], k
+    s_ddp = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    s_one = json.loads((tmp_path / "single" / "summary.json").read_text())
+    for k in ("final_test_acc", "best_test_acc", "bits_per_layer", "sim_time_s", "rounds"):
+        assert s_ddp[k] == s_one[k], k
+    assert (tmp_path / "ddp" / "last.ckpt").is_file()
+
+
+def test_the_recipe_refuses_ddp_where_it_cannot_run():
+    from omegaconf import OmegaConf
+
+    from recipes.common import check_strategy
+
+    tr = OmegaConf.create({"strategy": "qmlhfl", "devices": 2})
+    with pytest.raises(ValueError, match="trainer.devices=2 needs trainer.strategy=qmlhfl_ddp"):
+        check_strategy(tr, None, 0.0)
+    with pytest.raises(ValueError, match="trainer.strategy must be one of"):
+        check_strategy(OmegaConf.create({"strategy": "ddp"}), None, 0.0)
+    ddp = OmegaConf.create({"strategy": "qmlhfl_ddp", "devices": 2})
+    with pytest.raises(ValueError, match="Hydra multirun"):
+        check_strategy(ddp, "mnist/2026", 0.0)
+    with pytest.raises(ValueError, match="per-device evaluation"):
+        check_strategy(ddp, None, 0.1)
+    assert check_strategy(ddp, None, 0.0) == ("qmlhfl_ddp", 2)

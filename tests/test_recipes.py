@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers.offline import data_env, offline_mirrors  # noqa: F401 (fixtures)
 import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -18,8 +19,8 @@ from omegaconf import OmegaConf
 from recipes.common import build_hierarchy, build_latency, build_compressors, rounds_for
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
-GROUPS = ["dataset", "model", "hierarchy", "quantizer", "partition", "trainer", "logger"]
+CONF = ROOT / "recipes" / "conf"  # shipped inside the package (package data)
+GROUPS = ["dataset", "model", "hierarchy", "quantizer", "partition", "trainer", "logger", "eval"]
 
 
 def _compose(config: str, overrides: list[str], hydra_cfg: bool = False):
@@ -155,7 +156,7 @@ def _check_outputs(run: Path, out: subprocess.CompletedProcess, rounds: int) -> 
     return summary
 
 
-def test_mnist_recipe_end_to_end(tmp_path, data_root):
+def test_mnist_recipe_end_to_end(tmp_path, data_env):
     out = _run_recipe("recipes.mnist", tmp_path, "dataset.train_subset=2000", "dataset.test_subset=500",
                       "hierarchy=four_layer", "hierarchy.branching=[2,1,2,2]", "hierarchy.taus=[2,1,2,1]",
                       "quantizer.levels=[4,8,8,8]", "partition.alpha=0.1", "trainer.rounds=5", "logger=csv",
@@ -168,7 +169,7 @@ def test_mnist_recipe_end_to_end(tmp_path, data_root):
     assert s["final_test_acc"] > 0.3  # chance is 0.1; 20 local steps of 8 devices on 2000 images
 
 
-def test_cifar_recipe_end_to_end_with_wandb_offline(tmp_path, data_root):
+def test_cifar_recipe_end_to_end_with_wandb_offline(tmp_path, data_env):
     out = _run_recipe("recipes.cifar", tmp_path, "dataset.train_subset=512", "dataset.test_subset=256",
                       "hierarchy.branching=[2,2]", "hierarchy.taus=[2,1]", "quantizer.levels=[4,null]",
                       "trainer.rounds=1", "logger=wandb", "logger.mode=offline", "trainer.checkpoint=false",
@@ -176,7 +177,40 @@ def test_cifar_recipe_end_to_end_with_wandb_offline(tmp_path, data_root):
     s = _check_outputs(tmp_path / "run", out, 1)
     assert s["compressors"] == ["QSGD(4, bucket_size=512)", "Identity()"]
     assert s["bits_per_layer"][1] == s["baseline_bits_per_layer"][1]
-    assert list((tmp_path / "run").rglob("offline-run-*")), "no offline W&B run was written"
+    runs = list((tmp_path / "run").rglob("offline-run-*"))
+    assert runs, "no offline W&B run was written"
+    # the plots were logged as images, the run is named from its overrides, the resolved config and metrics logged
+    assert list(runs[0].rglob("media/images/plots/accuracy_*.png"))
+    log = next(runs[0].glob("run-*.wandb")).read_bytes()
+    assert b"dataset.train_subset=512,dataset.test_subset=256,hierarchy.branching=[2,2]" in log
+    assert b"val_fraction" in log and b"val_acc" in log and b"test_acc" in log and b"fl/round" in log
+    assert (tmp_path / "run" / "wandb_run_id").read_text().strip() in runs[0].name
+
+
+def test_wandb_runs_are_grouped_by_sweep_and_named_from_their_overrides(tmp_path, monkeypatch):
+    from recipes.common import _make_logger, wandb_group_and_name
+
+    cfg = _compose("mnist", ["logger=wandb"])
+    overrides = ["hierarchy=two_layer", "seed=1", "logger=wandb", "logger.mode=online", "trainer.progress_bar=false",
+                 "+experiment=depth"]
+    monkeypatch.delenv("WANDB_SWEEP_ID", raising=False)
+    assert wandb_group_and_name(cfg, overrides, sweep="depth/2026-12-01_10-00-00") == (
+        "depth/2026-12-01_10-00-00", "hierarchy=two_layer,seed=1,experiment=depth")
+    assert wandb_group_and_name(cfg, [], None) == (None, "mnist")
+    monkeypatch.setenv("WANDB_SWEEP_ID", "abc123")  # under `wandb agent`
+    assert wandb_group_and_name(cfg, overrides)[0] == "sweep-abc123"
+    named = _compose("mnist", ["logger=wandb", "logger.group=mine", "logger.run_name=first"])
+    assert wandb_group_and_name(named, overrides) == ("mine", "first")
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    logger = _make_logger(cfg, tmp_path, False, overrides, None)
+    init = logger._wandb_init
+    assert init["group"] == "sweep-abc123" and init["name"] == "hierarchy=two_layer,seed=1,experiment=depth"
+    assert init["mode"] == "disabled" and init["config"]["dataset"]["val_fraction"] == 0.1
+    assert init["id"] == (tmp_path / "wandb_run_id").read_text().strip() and init["resume"] == "allow"
+    again = _make_logger(cfg, tmp_path, True, overrides, None)  # a resumed run continues the same W&B run
+    assert again._wandb_init["id"] == init["id"]
+    monkeypatch.delenv("WANDB_MODE")
+    assert _compose("mnist", ["logger=wandb"]).logger.mode == "offline"  # offline unless logger.mode=online
 
 
 def test_planning_candidates_are_feasible_and_scored_like_the_planner():
@@ -192,7 +226,7 @@ def test_planning_candidates_are_feasible_and_scored_like_the_planner():
         assert r.rounds == math.floor(setting["deadline"] / r.round_time.total + 1e-9)
 
 
-def test_planning_driver_end_to_end(tmp_path, data_root):
+def test_planning_driver_end_to_end(tmp_path, data_env):
     from recipes.planning import main
 
     out, runs = tmp_path / "out", tmp_path / "runs"

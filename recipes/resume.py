@@ -1,0 +1,270 @@
+"""Resuming a recipe run: ``python -m recipes.mnist ckpt_path=PATH`` or ``ckpt_path=last``.
+
+Choice: a resumed run **continues in the directory of the checkpoint it resumes**. Before Hydra starts,
+:func:`resume_argv` resolves ``ckpt_path`` and points ``hydra.run.dir`` at the checkpoint's directory (Hydra's own
+records of the resumed session go to ``.hydra/resume-K/``, the first session's stay in ``.hydra/``). Everything the
+run writes then continues there: ``history.json`` / ``summary.json`` / the plots are rewritten from the complete
+history (the per-round records travel in the checkpoint), ``last.ckpt`` / ``best.ckpt`` are updated, the CSV logger's
+``metrics.csv`` keeps the rows of the rounds the checkpoint covers and appends the rest (rows the killed session
+logged after its last checkpoint are dropped: those rounds run again), and a W&B run is resumed under its id.
+
+``ckpt_path=last``: the newest ``last.ckpt`` (by modification time) among the runs of the same ``name`` (below the
+parent of ``hydra.run.dir``, i.e. ``outputs/NAME/``, and of ``hydra.sweep.dir``, ``multirun/NAME/``) whose
+``config.yaml`` matches the current configuration except for the keys in :data:`RESUME_IGNORED` (more rounds, a
+different logger or data directory are allowed). An explicit ``ckpt_path=PATH`` is taken as given; differences
+from that run's configuration are printed as a warning.
+
+Checkpoints are written atomically (:class:`AtomicCheckpointIO`: a temporary file in the same directory, fsync,
+rename), so a run killed while saving leaves the previous complete ``last.ckpt``.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from recipes.report import flatten_config
+
+__all__ = ["CONFIG_FILE", "RESUME_IGNORED", "AtomicCheckpointIO", "config_diff", "continue_csv_logger",
+           "find_last_checkpoint", "read_csv_rows", "resolve_ckpt_path", "resume_argv", "write_run_config"]
+
+CONFIG_FILE = "config.yaml"
+"""The resolved configuration of a run, written into its directory when it starts (used by ``ckpt_path=last``)."""
+
+RESUME_IGNORED: tuple[str, ...] = ("ckpt_path", "data_dir", "trainer.progress_bar", "trainer.rounds",
+                                   "trainer.max_steps", "trainer.deadline", "logger", "hydra", "dataset.download",
+                                   "dataset.mirror", "eval.every", "eval.test_every", "eval.personalized",
+                                   "eval.personal_steps", "eval.batch_size", "trainer.callbacks")
+"""Config keys (and key prefixes) that may differ between a run and its resumption."""
+
+
+def _ignored(key: str, ignore: Sequence[str]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in ignore)
+
+
+def config_diff(old: Mapping[str, Any], new: Mapping[str, Any], ignore: Sequence[str] = RESUME_IGNORED
+                ) -> list[str]:
+    """``"key: old -> new"`` for every dotted leaf key whose value differs (keys under ``ignore`` skipped)."""
+    a, b = flatten_config(old), flatten_config(new)
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if _ignored(key, ignore):
+            continue
+        va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
+        if va != vb:
+            out.append(f"{key}: {va!r} -> {vb!r}")
+    return out
+
+
+def write_run_config(run_dir: Path, config: Mapping[str, Any], overwrite: bool = True) -> Path:
+    """Write the resolved ``config`` to ``run_dir/config.yaml`` (kept as it is when resuming: ``overwrite=False``)."""
+    from omegaconf import OmegaConf
+
+    path = Path(run_dir) / CONFIG_FILE
+    if overwrite or not path.exists():
+        OmegaConf.save(OmegaConf.create(dict(config)), path)
+    return path
+
+
+def _read_run_config(run_dir: Path) -> dict[str, Any] | None:
+    from omegaconf import OmegaConf
+
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        return OmegaConf.to_container(OmegaConf.load(path), resolve=False)  # type: ignore[return-value]
+    except Exception:
+        return None
+
+
+def find_last_checkpoint(roots: Sequence[Path], config: Mapping[str, Any]) -> Path:
+    """The newest ``last.ckpt`` below ``roots`` (one or two directory levels) of a run whose ``config.yaml``
+    matches ``config`` up to :data:`RESUME_IGNORED`.
+
+    Raises:
+        FileNotFoundError: no checkpoint, or none of a matching run; the message names the searched directories
+            and, for the newest candidates, the keys that differ.
+    """
+    seen: set[Path] = set()
+    found: list[Path] = []
+    for root in roots:
+        root = Path(root)
+        if not root.is_dir():
+            continue
+        for pattern in ("*/last.ckpt", "*/*/last.ckpt"):
+            for p in root.glob(pattern):
+                rp = p.resolve()
+                if rp not in seen and p.is_file():
+                    seen.add(rp)
+                    found.append(rp)
+    where = ", ".join(str(r) for r in roots)
+    if not found:
+        raise FileNotFoundError(f"ckpt_path=last: no last.ckpt below {where} (runs of name "
+                                f"{config.get('name')!r}); give ckpt_path=PATH to a checkpoint")
+    found.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    mismatches = []
+    for p in found:
+        old = _read_run_config(p.parent)
+        if old is None:
+            mismatches.append(f"{p} (no {CONFIG_FILE})")
+            continue
+        diff = config_diff(old, config)
+        if not diff:
+            return p
+        mismatches.append(f"{p} ({'; '.join(diff[:4])}{'; ...' if len(diff) > 4 else ''})")
+    shown = "\n  ".join(mismatches[:5])
+    raise FileNotFoundError(
+        f"ckpt_path=last: none of the {len(found)} last.ckpt below {where} is of a run with this configuration "
+        f"(keys that may differ: {', '.join(RESUME_IGNORED)}); newest candidates and what differs:\n  {shown}\n"
+        f"Repeat the run's overrides, or give ckpt_path=PATH")
+
+
+def resolve_ckpt_path(value: Any, config: Mapping[str, Any], roots: Sequence[Path]) -> Path | None:
+    """``ckpt_path`` as an absolute path: None for null / empty, :func:`find_last_checkpoint` for ``last``, else the
+    given file, which must exist."""
+    if value is None or str(value).strip().lower() in ("", "null", "none"):
+        return None
+    if str(value).strip() == "last":
+        return find_last_checkpoint(roots, config)
+    path = Path(str(value)).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={value}: no such checkpoint file (give a path to a .ckpt file, e.g. "
+                                f"outputs/NAME/DATE/last.ckpt, or ckpt_path=last)")
+    return path.resolve()
+
+
+def warn_config_changes(ckpt: Path, config: Mapping[str, Any]) -> list[str]:
+    """Warn (and return) the differences between the resumed run's ``config.yaml`` and ``config``."""
+    old = _read_run_config(ckpt.parent)
+    diff = [] if old is None else config_diff(old, config)
+    if diff:
+        warnings.warn(f"resuming {ckpt} with a configuration that differs from the run's {CONFIG_FILE} in: "
+                      f"{'; '.join(diff)}; the continuation is not the run it was", UserWarning, stacklevel=2)
+    return diff
+
+
+def _atomic_checkpoint_io_class() -> type:
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    class _AtomicCheckpointIO(TorchCheckpointIO):
+        """Lightning's TorchCheckpointIO, but every checkpoint is written to a temporary file in its directory,
+        flushed to disk and renamed into place: a crash while saving never leaves a truncated checkpoint."""
+
+        def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+            import torch
+
+            if storage_options is not None:
+                raise TypeError("AtomicCheckpointIO takes no storage_options")
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    torch.save(checkpoint, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                umask = os.umask(0)
+                os.umask(umask)
+                os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a checkpoint gets the usual permissions
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+
+    return _AtomicCheckpointIO
+
+
+def AtomicCheckpointIO() -> Any:  # noqa: N802 - a factory, so that importing this module does not import Lightning
+    """A Lightning CheckpointIO plugin that writes checkpoints atomically (``Trainer(plugins=[...])``)."""
+    return _atomic_checkpoint_io_class()()
+
+
+def read_csv_rows(path: Path, last_epoch: int) -> list[tuple[int, dict[str, float]]]:
+    """The rows ``(step, {metric: value})`` of a CSVLogger ``metrics.csv`` logged in epochs ``<= last_epoch``
+    (rows without an epoch are kept when their step is not after the last kept row)."""
+    if not path.is_file():
+        return []
+    rows: list[tuple[int, dict[str, float]]] = []
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            epoch = row.get("epoch")
+            try:
+                if epoch not in (None, "") and float(epoch) > last_epoch:
+                    continue
+                step = int(float(row.get("step") or 0))
+            except ValueError:
+                continue
+            values = {}
+            for k, v in row.items():
+                if k in ("step",) or v in (None, ""):
+                    continue
+                try:
+                    values[k] = int(v) if re.fullmatch(r"-?\d+", v) else float(v)
+                except ValueError:
+                    pass
+            rows.append((step, values))
+    return rows
+
+
+def continue_csv_logger(logger: Any, rows: Sequence[tuple[int, dict[str, float]]]) -> None:
+    """Put the kept rows of the resumed run back into a (new) CSVLogger before it logs anything: Lightning's CSV
+    writer empties an existing ``metrics.csv`` when it starts."""
+    experiment = logger.experiment  # creates the writer (which removes the old file)
+    for step, values in rows:
+        experiment.log_metrics(values, step)
+
+
+def _quote(value: str) -> str:
+    if re.fullmatch(r"[A-Za-z0-9_./:\-]+", value):
+        return value
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+_CKPT_ARG = re.compile(r"^\+{0,2}ckpt_path=(.*)$")
+
+
+def resume_argv(argv: Sequence[str], config_dir: str | Path, config_name: str) -> list[str]:
+    """Rewrite a recipe's command line for ``ckpt_path=...`` (before Hydra parses it): resolve the checkpoint
+    (``last`` included), continue in its directory (``hydra.run.dir``), keep Hydra's records of this session apart
+    (``hydra.output_subdir=.hydra/resume-K``). Without ``ckpt_path`` (or with ``ckpt_path=null``) ``argv`` is
+    returned unchanged.
+
+    Raises:
+        SystemExit: ``ckpt_path`` with ``--multirun`` (resume each job with its own command).
+        FileNotFoundError: see :func:`resolve_ckpt_path`.
+    """
+    argv = list(argv)
+    hits = [a for a in argv if _CKPT_ARG.match(a)]
+    if not hits or any(a in ("-h", "--help", "--hydra-help", "--info") for a in argv):
+        return argv
+    value = _CKPT_ARG.match(hits[-1]).group(1).strip().strip("'\"")  # type: ignore[union-attr]
+    if value.lower() in ("", "null", "none"):
+        return argv
+    if any(a in ("-m", "--multirun") or a.replace(" ", "") == "hydra.mode=MULTIRUN" for a in argv):
+        raise SystemExit(f"ckpt_path={value} cannot be combined with --multirun: every job of a sweep has its own "
+                         f"checkpoint; resume a job with its own command, e.g. python -m recipes.{config_name} "
+                         f"<the job's overrides> ckpt_path=last")
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    others = [a for a in argv if a not in hits and not a.startswith("-")]
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=others, return_hydra_config=True)
+        run_dir, sweep_dir = Path(str(cfg.hydra.run.dir)), Path(str(cfg.hydra.sweep.dir))
+        job = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+               for k in cfg if k != "hydra"}
+    ckpt = resolve_ckpt_path(value, job, [run_dir.parent, sweep_dir.parent])
+    assert ckpt is not None
+    target = ckpt.parent
+    k = 1 + sum(1 for _ in (target / ".hydra").glob("resume-*")) if (target / ".hydra").is_dir() else 1
+    kept = [a for a in argv if a not in hits and not a.startswith(("hydra.run.dir=", "hydra.output_subdir="))]
+    print(f"resuming from {ckpt}: the run continues in {target}", file=sys.stderr)
+    return [*kept, f"ckpt_path={_quote(str(ckpt))}", f"hydra.run.dir={_quote(str(target))}",
+            f"hydra.output_subdir=.hydra/resume-{k}"]
