@@ -281,3 +281,25 @@ def test_config_values_and_aliases():
 def test_bad_input(build, match):
     with pytest.raises(ValueError, match=match):
         build()
+
+
+@pytest.mark.parametrize("ef", EF_MODES)
+@pytest.mark.parametrize("compressor", [Identity(), QSGD(3), QSGD(5, bucket_size=3000), ScaledSign(),
+                                        ScaledSign(bucket_size=5000), NaturalCompression()], ids=repr)
+def test_numba_equals_the_torch_reference_over_several_column_blocks(compressor, ef):
+    """Rows wider than the numba kernel's column block (4096): blocks that end inside a bucket, buckets split
+    over two blocks, a last block and a last bucket that are shorter, column offsets not a multiple of 4."""
+    c = _with_ef(compressor, ef)
+    parent, child, idx, w, mem = _layer(P=9001, seed=3)
+    seeds = row_seeds(11, 0, 2, 1, child.shape[0])
+    rows = torch.tensor([1, 2, 5, 6])
+    results = []
+    for backend in ("torch", "numba"):
+        p, m = parent.clone(), mem.clone() if ef else None
+        norms = aggregate_layer_(p, child, idx, w, c, seeds, backend, memory=m, rows=rows)
+        results.append((p, m, norms))
+    (p0, m0, n0), (p1, m1, n1) = results
+    assert torch.equal(p0, p1) and not torch.equal(p0, parent)
+    if ef:
+        assert torch.equal(m0, m1)
+    torch.testing.assert_close(n0, n1, rtol=1e-6, atol=0)

@@ -17,7 +17,8 @@ aggregate to ``out``:
   fastmath is on).
 
 Compared with the torch path (a dozen elementwise passes per ~1 MB chunk), each child row is read twice and every
-draw is made in registers. Only float32 tensors are handled here (the engine's default); other dtypes and the
+draw is made in registers. The inner loops run over slices indexed from 0, one bucket at a time (the bucket's norm
+and constants hoisted), so that LLVM vectorises them; ``bench/RESULTS.md`` has the measurements. Only float32 tensors are handled here (the engine's default); other dtypes and the
 other compressors (TopK, RandomK) use the torch path.
 """
 
@@ -117,14 +118,14 @@ _EF = {None: 0, "ef": 1, "ef21": 2}
 
 
 @njit(inline="always", cache=True)
-def _input(parent, child, memory, ef, p, c, j):
-    """The compressor's input x for entry j of child c: the difference (Eq. 4), plus the EF memory or minus the
-    EF21 estimate, in fp32 in that order."""
-    x = child[c, j] - parent[p, j]
+def _input(prow, crow, mrow, ef, j):
+    """The compressor's input x for entry j of a child's row slice: the difference (Eq. 4), plus the EF memory or
+    minus the EF21 estimate, in fp32 in that order."""
+    x = crow[j] - prow[j]
     if ef == 1:
-        x = x + memory[c, j]
+        x = x + mrow[j]
     elif ef == 2:
-        x = x - memory[c, j]
+        x = x - mrow[j]
     return x
 
 
@@ -132,7 +133,8 @@ def _input(parent, child, memory, ef, p, c, j):
 def _norms_kernel(parent, child, rows, parent_index, memory, ef, bucket, l1, norms):
     """Pass 1: norms[k, b] = fp32 of the fp64 L2 (or L1) norm of x over bucket b of child rows[k].
 
-    Eight interleaved fp64 partial sums (a fixed order, so deterministic) instead of one dependent chain."""
+    Eight interleaved fp64 partial sums (a fixed order, so deterministic) instead of one dependent chain. The
+    loops index slices of the bucket from 0 (see :func:`_segment` for why)."""
     d = child.shape[1]
     nb = norms.shape[1]
     for k in prange(rows.shape[0]):
@@ -142,29 +144,20 @@ def _norms_kernel(parent, child, rows, parent_index, memory, ef, bucket, l1, nor
         for b in range(nb):
             lo = b * bucket
             hi = min(d, lo + bucket)
+            ps = parent[p, lo:hi]
+            cs = child[c, lo:hi]
+            ms = memory[c, lo:hi] if ef != 0 else memory[0]
             part[:] = 0.0
-            j = lo
-            while j + 8 <= hi:
+            full = (hi - lo) // 8
+            for j8 in range(full):
                 for t in range(8):
-                    x = np.float64(_input(parent, child, memory, ef, p, c, j + t))
+                    x = np.float64(_input(ps, cs, ms, ef, 8 * j8 + t))
                     part[t] += abs(x) if l1 else x * x
-                j += 8
-            for t in range(hi - j):
-                x = np.float64(_input(parent, child, memory, ef, p, c, j + t))
+            for t in range(hi - lo - 8 * full):
+                x = np.float64(_input(ps, cs, ms, ef, 8 * full + t))
                 part[t] += abs(x) if l1 else x * x
             acc = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]))
             norms[k, b] = np.float32(acc) if l1 else np.float32(np.sqrt(acc))
-
-
-@njit(inline="always", cache=True)
-def _qsgd(x, u, norm, s):
-    """Q(x) for one entry: level * (norm / s), the operations of QSGD.compress_ in their order (fp32)."""
-    safe = norm if norm > 0 else np.float32(1.0)
-    t = min(abs(x) / safe, np.float32(1.0)) * s
-    level = np.float32(np.floor(t))
-    level = level + (np.float32(1.0) if u < t - level else np.float32(0.0))
-    level = -level if x < 0 else level
-    return level * (norm / s)
 
 
 @njit(inline="always", cache=True)
@@ -177,6 +170,62 @@ def _natural(x, u):
     lower = math.ldexp(1.0, e - 1)
     q = np.float32(2.0 * lower) if np.float64(u) < 2.0 * m - 1.0 else np.float32(lower)
     return -q if x < 0 else q
+
+
+@njit(inline="always", cache=True)
+def _segment(acc, prow, crow, mrow, ubuf, w, norm, length, kind, ef, s):
+    """Entries i in [lo, hi) of a block (columns i), all in one bucket (norm = its norm, length = its
+    size): acc[i] += w * up_i, with the memory row updated for EF/EF21. The common cases without error feedback
+    are branch-free loops that LLVM vectorises; the bucket's constants are computed once (the same fp32 values
+    the per-entry operations would give)."""
+    if ef == 0 and kind == 0:
+        for i in range(acc.shape[0]):
+            acc[i] += (crow[i] - prow[i]) * w
+        return
+    safe = norm if norm > 0 else np.float32(1.0)
+    step = norm / s
+    sign_scale = norm / np.float32(length)
+    if ef == 0 and kind == 1:
+        for i in range(acc.shape[0]):
+            x = crow[i] - prow[i]
+            t = min(abs(x) / safe, np.float32(1.0)) * s
+            level = np.float32(np.floor(t))
+            level = level + (np.float32(1.0) if ubuf[i] < t - level else np.float32(0.0))
+            level = -level if x < 0 else level
+            acc[i] += (level * step) * w
+        return
+    if ef == 0 and kind == 2:
+        for i in range(acc.shape[0]):
+            x = crow[i] - prow[i]
+            acc[i] += (sign_scale if x >= 0 else -sign_scale) * w
+        return
+    for i in range(acc.shape[0]):
+        x = crow[i] - prow[i]
+        if ef == 1:
+            x = x + mrow[i]
+        elif ef == 2:
+            x = x - mrow[i]
+        if kind == 0:
+            q = x
+        elif kind == 1:
+            t = min(abs(x) / safe, np.float32(1.0)) * s
+            level = np.float32(np.floor(t))
+            level = level + (np.float32(1.0) if ubuf[i] < t - level else np.float32(0.0))
+            level = -level if x < 0 else level
+            q = level * step
+        elif kind == 2:
+            q = sign_scale if x >= 0 else -sign_scale
+        else:
+            q = _natural(x, ubuf[i])
+        if ef == 1:
+            mrow[i] = x - q
+            up = q
+        elif ef == 2:
+            up = mrow[i] + q
+            mrow[i] = up
+        else:
+            up = q
+        acc[i] += up * w
 
 
 @njit(parallel=True, cache=True)
@@ -210,35 +259,24 @@ def _aggregate_kernel(parent, child, order, segments, weights, seeds, norms, nor
                     ubuf[4 * i + 1] = _to_uniform(w1)
                     ubuf[4 * i + 2] = _to_uniform(w2)
                     ubuf[4 * i + 3] = _to_uniform(w3)
-            for i in range(n):
-                j = start + i
-                x = _input(parent, child, memory, ef, p, c, j)
-                if kind == 0:
-                    q = x
-                elif kind == 1:
-                    q = _qsgd(x, ubuf[i], norms[r, j // bucket], s)
-                elif kind == 2:
-                    b = j // bucket
-                    length = min(d, (b + 1) * bucket) - b * bucket
-                    scale = norms[r, b] / np.float32(length)
-                    q = scale if x >= 0 else -scale
-                else:
-                    q = _natural(x, ubuf[i])
-                if ef == 1:
-                    memory[c, j] = x - q
-                    up = q
-                elif ef == 2:
-                    up = memory[c, j] + q
-                    memory[c, j] = up
-                else:
-                    up = q
-                acc[i] += up * w
+            crow = child[c, start:start + n]
+            prow = parent[p, start:start + n]
+            mrow = memory[c, start:start + n] if ef != 0 else memory[0]
+            i = 0
+            while i < n:  # the block's entries bucket by bucket: one norm per segment
+                b = (start + i) // bucket
+                hi = min(n, (b + 1) * bucket - start)
+                length = min(d, (b + 1) * bucket) - b * bucket
+                _segment(acc[i:hi], prow[i:hi], crow[i:hi], mrow[i:hi] if ef != 0 else mrow, ubuf[i:hi], w,
+                         norms[r, b], length, kind, ef, s)
+                i = hi
+        dest = out[p, start:start + n] if write_out else parent[p, start:start + n]
         if write_out:
             for i in range(n):
-                out[p, start + i] = acc[i]
+                dest[i] = acc[i]
         else:
             for i in range(n):
-                parent[p, start + i] = parent[p, start + i] + acc[i]
+                dest[i] = dest[i] + acc[i]
 
 
 def supports(parent: Tensor, child: Tensor, compressor: Compressor, memory: Tensor | None = None,
