@@ -42,6 +42,12 @@ driver measures the machine's fp32 and bf16 GEMM peaks with the benchmark's thre
 fp32's. The table gives each configuration's GFLOP/s as a fraction of both peaks. (The engine computes in fp32;
 the bf16 column says how far a bf16 path could go, not what this run used.)
 
+Precision: fp32 throughout, except the ``+bf16`` configurations (``mlp100:vmap+bf16``, ``lenet100:loop+bf16``,
+``mlp1000:vmap+bf16``; extras), which run every device's forward and backward under
+``torch.autocast(bfloat16)``, as the strategy does with ``precision="bf16-mixed"``: the stacked weights, the
+optimiser and the aggregations stay fp32 (so the weights are cast to bf16 in every forward, and the weight
+gradients back to fp32). Their FLOPs are counted as for fp32; the naive baseline stays fp32, as public code runs.
+
 ``--device cuda``: data, models and engine on the GPU (the naive baseline keeps its dataset on the host and moves
 each batch with ``.to(device)``, as public code does), ``torch.cuda.synchronize()`` around every timed round, and
 the memory column is ``torch.cuda.max_memory_allocated`` over the configuration (data included) instead of the
@@ -70,6 +76,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import json
@@ -189,8 +196,14 @@ CONFIGS: dict[str, tuple[str, list[int], str, int, int]] = {
     # its round time with mlp1000:vmap's (only the drawn devices compute)
     "mlp1000p10:vmap": ("mlp", [10, 10, 10], "vmap", 5, 2),
     "mlp1000p10:loop": ("mlp", [10, 10, 10], "loop", 5, 2),
+    # bf16-mixed: each device's forward and backward under torch.autocast(bfloat16), as the strategy runs
+    # precision="bf16-mixed" (the stacked state, the optimiser and the aggregations stay fp32)
+    "mlp100:vmap+bf16": ("mlp", [4, 5, 5], "vmap", 20, 2),
+    "lenet100:loop+bf16": ("lenet", [4, 5, 5], "loop", 20, 2),
+    "mlp1000:vmap+bf16": ("mlp", [10, 10, 10], "vmap", 5, 1),
 }
 PARTICIPATION = {"mlp1000p10:vmap": 0.1, "mlp1000p10:loop": 0.1}  # the fraction of devices drawn per period
+PRECISION = {name: "bf16-mixed" for name in CONFIGS if name.endswith("+bf16")}  # default: fp32 ("32-true")
 DEFAULT = ["mlp100:naive", "mlp100:vmap", "mlp100:loop", "lenet100:naive", "lenet100:vmap", "lenet100:loop",
            "mlp1000:naive", "mlp1000:vmap"]
 TAUS = (5, 2, 2)
@@ -523,13 +536,17 @@ def run_one(name: str, warm: int | None, rounds: int | None, threads: int, devic
         per_dev = part.shape[1]
         g = torch.Generator(device=device).manual_seed(1)
         uploads = [0] * len(TAUS)
+        autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if PRECISION.get(name) == "bf16-mixed"
+                    else contextlib.nullcontext())
 
         def step() -> None:
             active = engine.upcoming_devices()  # the strategy gathers only the drawn devices' batches
             rows = part if active is None else part.index_select(0, active)
             pos = torch.randint(0, per_dev, (rows.shape[0], BATCH), generator=g, device=device)
             idx = rows.gather(1, pos)  # [devices, B] indices into the resident pool
-            r = engine.local_step((gather_batch(X, idx), gather_batch(Y, idx)))  # what the strategy does
+            with autocast:  # what the strategy does: gradients (under autocast for bf16-mixed), then Eq. 3-6
+                engine.compute_gradients((gather_batch(X, idx), gather_batch(Y, idx)))
+            r = engine.apply_step()
             if r.round_completed:
                 for n in range(len(TAUS)):
                     uploads[n] += int(engine.last_round_stats[f"participants_layer{n + 1}"])
@@ -572,7 +589,9 @@ def run_one(name: str, warm: int | None, rounds: int | None, threads: int, devic
     gflops = flops * rate / 1e9
     bf16 = peaks["bf16_gflops"]
     return {
-        "name": name, "model": model_name, "participation": PARTICIPATION.get(name), "devices": n_dev, "executor": executor, "warm": warm, "steps": steps,
+        "name": name, "model": model_name, "participation": PARTICIPATION.get(name),
+        "precision": PRECISION.get(name, "32-true"), "devices": n_dev, "executor": executor, "warm": warm,
+        "steps": steps,
         "rounds": rounds, "round_seconds": times, "seconds": dt, "device_steps_per_s": rate,
         "best_device_steps_per_s": best_rate, "peak_rss_mb": peak, "base_rss_mb": base,
         "delta_rss_mb": peak - base, "data_mb": data_mb, "uploads": got, "threads": threads,
@@ -632,7 +651,8 @@ def table(results: list[dict]) -> str:
         cfg = f"{r['model']} x {r['devices']} devices"
         mb = r["cuda_peak_mb"] if on_gpu else r["delta_rss_mb"]
         bf16 = f"{100 * r['frac_bf16_peak']:.1f}%" if r.get("frac_bf16_peak") else "n/a"
-        lines.append(f"| {cfg} | {r['executor']} | {r['warm']} + {r['rounds']} x {r['steps']} | "
+        executor = r["executor"] + (" bf16-mixed" if r.get("precision") == "bf16-mixed" else "")
+        lines.append(f"| {cfg} | {executor} | {r['warm']} + {r['rounds']} x {r['steps']} | "
                      f"{r['device_steps_per_s']:,.0f} | {ratio} | {r['best_device_steps_per_s']:,.0f} | "
                      f"{mb:,.0f} | {r['load_before']:.1f}/{r['load_after']:.1f} | {r['gflops_per_s']:,.1f} | "
                      f"{100 * r['frac_fp32_peak']:.1f}% | {bf16} |")

@@ -78,13 +78,15 @@ def test_bench_models_and_flop_count() -> None:
 
 def test_engine_bench_smoke_reports_gflops(tmp_path: Path) -> None:
     jsonl = tmp_path / "engine.jsonl"
-    cmd = [sys.executable, "bench/engine.py", "--configs", "mlp100:naive,mlp100:vmap", "--branching", "2,2,2",
+    cmd = [sys.executable, "bench/engine.py", "--configs", "mlp100:naive,mlp100:vmap,mlp100:vmap+bf16",
+           "--branching", "2,2,2",
            "--rounds", "1", "--warm", "2", "--gemm-size", "512", "--gemm-reps", "2", "--jsonl", str(jsonl)]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env=_env())
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "FAILED" not in out.stdout, out.stdout[-3000:]
     records = [json.loads(line) for line in jsonl.read_text().splitlines()]
-    assert [r["name"] for r in records] == ["mlp100:naive", "mlp100:vmap"]
+    assert [r["name"] for r in records] == ["mlp100:naive", "mlp100:vmap", "mlp100:vmap+bf16"]
+    assert [r["precision"] for r in records] == ["32-true", "32-true", "bf16-mixed"]
     for r in records:
         assert r["devices"] == 8 and r["device"] == "cpu"
         assert r["flops_per_device_step"] > 0
@@ -126,3 +128,19 @@ def test_scaleout_fit_and_projection_arithmetic() -> None:
     assert abs(proj[0]["fixed_s"] - 0.2) < 1e-12 and abs(proj[1]["compute_s"] - (0.2 + 0.02 * 25)) < 1e-12
     # at W = 4 a rank contributes a quarter of the uploads, three times
     assert abs(proj[1]["comm_s"] - 3 * (4 * t(pts, 25 * d * 4) + 4 * t(pts, 8) + 7 * t(pts, 16))) < 1e-12
+
+
+def test_fit_bench_smoke_compares_trainer_fit_with_the_engine() -> None:
+    cmd = [sys.executable, "bench/fit.py", "--configs", "mlp100:vmap+bf16", "--branching", "2,2,2", "--rounds", "1",
+           "--warm", "1"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=_env())
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    row = next(line for line in out.stdout.splitlines() if line.startswith("| mlp100:vmap+bf16 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    engine, fit = (float(c.replace(",", "")) for c in cells[1:3])
+    assert engine > 0 and fit > 0 and cells[3] == f"{fit / engine:.2f}x"
+    modes = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("  {")]
+    assert [m["mode"] for m in modes] == ["engine", "fit", "fit"]
+    bad = subprocess.run([sys.executable, "bench/fit.py", "--configs", "mlp100:naive"], cwd=REPO, capture_output=True,
+                         text=True, timeout=60, env=_env())
+    assert bad.returncode != 0 and "naive configuration" in bad.stderr
