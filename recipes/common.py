@@ -361,7 +361,8 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None, overrides: Se
     if ckpt is not None and cfg.logger.get("name") == "csv" and not cfg.logger.get("_target_"):
         continue_csv_logger(logger, read_csv_rows(run_dir / "csv" / "metrics.csv", _checkpoint_epoch(ckpt)))
     trainer = L.Trainer(
-        strategy=strategy, accelerator=tr.accelerator, max_steps=int(tr.max_steps), max_epochs=rounds,
+        strategy=strategy, accelerator=tr.accelerator, precision=str(tr.get("precision", "32-true")),
+        max_steps=int(tr.max_steps), max_epochs=rounds,
         **({"devices": devices} if strategy_name == "qmlhfl_ddp" else {}),
         check_val_every_n_epoch=val_every, num_sanity_val_steps=0, logger=logger, callbacks=callbacks,
         enable_progress_bar=bool(tr.progress_bar), enable_model_summary=False, enable_checkpointing=checkpointing,
@@ -422,6 +423,7 @@ def summarise(cfg: DictConfig, strategy: QMLHFLStrategy, recorder: RunRecorder, 
         "local_steps": e.total_steps,
         "stopped_early": bool(trainer.should_stop and e.round < int(trainer.max_epochs or e.round)),
         "executor": e.executor_name,
+        "precision": str(trainer.precision),
         "final_test_acc": None if final is None else final["acc"],
         "final_test_loss": None if final is None else final["loss"],
         "best_test_acc": None if best is None else best["acc"],

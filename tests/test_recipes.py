@@ -167,14 +167,17 @@ def test_mnist_recipe_end_to_end(tmp_path, data_env):
     assert s["compressors"][0].startswith("QSGD(4") and (tmp_path / "run" / "last.ckpt").exists()
     assert (tmp_path / "run" / "csv" / "metrics.csv").exists()
     assert s["final_test_acc"] > 0.3  # chance is 0.1; 20 local steps of 8 devices on 2000 images
+    assert s["precision"] == "32-true"
 
 
 def test_cifar_recipe_end_to_end_with_wandb_offline(tmp_path, data_env):
     out = _run_recipe("recipes.cifar", tmp_path, "dataset.train_subset=512", "dataset.test_subset=256",
                       "hierarchy.branching=[2,2]", "hierarchy.taus=[2,1]", "quantizer.levels=[4,null]",
                       "trainer.rounds=1", "logger=wandb", "logger.mode=offline", "trainer.checkpoint=false",
+                      "trainer.precision=bf16-mixed",
                       wandb_mode="offline")  # offline: W&B writes its run files locally and reaches nothing
     s = _check_outputs(tmp_path / "run", out, 1)
+    assert s["precision"] == "bf16-mixed"
     assert s["compressors"] == ["QSGD(4, bucket_size=512)", "Identity()"]
     assert s["bits_per_layer"][1] == s["baseline_bits_per_layer"][1]
     runs = list((tmp_path / "run").rglob("offline-run-*"))
