@@ -34,7 +34,7 @@ devices, 60 / 50 for 1000). Random data is fine for throughput: the work per ste
 FLOPs and peaks: the model's FLOPs per device-step are counted once per configuration with
 ``torch.utils.flop_counter.FlopCounterMode`` on one device's forward + backward of one mini-batch of 32 (it counts
 the matmul/convolution-type operations and their backward, i.e. the GEMM work; element-wise operations, pooling,
-the optimiser update and the aggregations are not counted). GFLOP/s = that count x device-steps/s (median round).
+the optimiser update and the aggregations are not counted). GFLOP/s = that count x device-steps/s (median round; for the partial-participation configs, ``mlp1000p10:*``, only the device-steps of the drawn devices, which are the ones that compute).
 For the naive runs, whose loader ends each local epoch with a short batch, this overstates the work done by
 32 / (mean batch) - 1: 1.3% (MNIST) and 2.4% (CIFAR) at 100 devices, 6.7% and 28% at 1000. In the same run the
 driver measures the machine's fp32 and bf16 GEMM peaks with the benchmark's thread count (:func:`gemm_peaks`: a
@@ -536,12 +536,14 @@ def run_one(name: str, warm: int | None, rounds: int | None, threads: int, devic
         per_dev = part.shape[1]
         g = torch.Generator(device=device).manual_seed(1)
         uploads = [0] * len(TAUS)
+        trained = [0]  # device-steps actually computed (fewer than steps x devices with partial participation)
         autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if PRECISION.get(name) == "bf16-mixed"
                     else contextlib.nullcontext())
 
         def step() -> None:
             active = engine.upcoming_devices()  # the strategy gathers only the drawn devices' batches
             rows = part if active is None else part.index_select(0, active)
+            trained[0] += rows.shape[0]
             pos = torch.randint(0, per_dev, (rows.shape[0], BATCH), generator=g, device=device)
             idx = rows.gather(1, pos)  # [devices, B] indices into the resident pool
             with autocast:  # what the strategy does: gradients (under autocast for bf16-mixed), then Eq. 3-6
@@ -560,6 +562,8 @@ def run_one(name: str, warm: int | None, rounds: int | None, threads: int, devic
     for _ in range(warm):
         step()
     sync(device)
+    if executor != "naive":
+        trained[0] = 0
     times = []
     for _ in range(rounds):
         t0 = time.perf_counter()
@@ -586,7 +590,9 @@ def run_one(name: str, warm: int | None, rounds: int | None, threads: int, devic
     if peaks is None:
         peaks = gemm_peaks(device, gemm_size, gemm_reps)
     rate, best_rate = steps * n_dev / dt, steps * n_dev / min(times)
-    gflops = flops * rate / 1e9
+    # FLOPs are done only by the devices that train: with partial participation, count those device-steps
+    computed = steps * n_dev if executor == "naive" or PARTICIPATION.get(name) is None else trained[0] / rounds
+    gflops = flops * computed / dt / 1e9
     bf16 = peaks["bf16_gflops"]
     return {
         "name": name, "model": model_name, "participation": PARTICIPATION.get(name),
@@ -597,7 +603,8 @@ def run_one(name: str, warm: int | None, rounds: int | None, threads: int, devic
         "delta_rss_mb": peak - base, "data_mb": data_mb, "uploads": got, "threads": threads,
         "load_before": load0, "load_after": load1,
         "device": str(device), "branching": branching, "cuda_peak_mb": cuda_peak,
-        "flops_per_device_step": flops, "gflops_per_s": gflops, "best_gflops_per_s": flops * best_rate / 1e9,
+        "flops_per_device_step": flops, "gflops_per_s": gflops, "best_gflops_per_s": flops * computed / min(times) / 1e9,
+        "computed_device_steps_per_round": computed,
         "fp32_peak_gflops": peaks["fp32_gflops"], "frac_fp32_peak": gflops / peaks["fp32_gflops"],
         "bf16_peak_gflops": bf16, "frac_bf16_peak": gflops / bf16 if bf16 else None,
         "bf16_note": peaks["bf16_note"], "gemm": peaks, "cpu_bf16_flags": cpu_bf16_flags(),
@@ -649,6 +656,8 @@ def table(results: list[dict]) -> str:
         base = naive.get((r["model"], r["devices"]))
         ratio = f"{r['device_steps_per_s'] / base:.2f}x" if base else "n/a"
         cfg = f"{r['model']} x {r['devices']} devices"
+        if r.get("participation"):
+            cfg += f" ({100 * r['participation']:g}% per period)"
         mb = r["cuda_peak_mb"] if on_gpu else r["delta_rss_mb"]
         bf16 = f"{100 * r['frac_bf16_peak']:.1f}%" if r.get("frac_bf16_peak") else "n/a"
         executor = r["executor"] + (" bf16-mixed" if r.get("precision") == "bf16-mixed" else "")

@@ -18,8 +18,9 @@ aggregate to ``out``:
 
 Compared with the torch path (a dozen elementwise passes per ~1 MB chunk), each child row is read twice and every
 draw is made in registers. The inner loops run over slices indexed from 0, one bucket at a time (the bucket's norm
-and constants hoisted), so that LLVM vectorises them; ``bench/RESULTS.md`` has the measurements. Only float32 tensors are handled here (the engine's default); other dtypes and the
-other compressors (TopK, RandomK) use the torch path.
+and constants hoisted), so that LLVM vectorises them; ``bench/RESULTS.md`` has the measurements. Only float32
+tensors are handled here (the engine's default); other dtypes and the other compressors (TopK, RandomK) use the
+torch path.
 """
 
 from __future__ import annotations
