@@ -34,6 +34,7 @@ import json
 import math
 import os
 import re
+import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -479,6 +480,7 @@ def aggregate_curve(runs: Sequence[Run], x: str, band: str = "std") -> Curve | N
 
 _X_LABEL = {"round": "global round", "sim_time": "simulated time [s]", "bits": "cumulative bits sent [MB]"}
 _X_FILE = {"round": "accuracy_vs_round.png", "sim_time": "accuracy_vs_sim_time.png", "bits": "accuracy_vs_bits.png"}
+_LEGEND_WIDTH = 90  # characters per legend line
 _BAND_TEXT = {"std": "band: mean ± 1 sample std over seeds", "minmax": "band: min-max over seeds"}
 
 
@@ -491,7 +493,13 @@ def plot_curves(groups: Mapping[str, Sequence[Run]], x: str, path: Path, band: s
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(8, 5))
+    # Long setting labels (many overrides) are wrapped and the legend goes below the axes, where it cannot cover
+    # the curves or be cut off at the figure's edge.
+    wrapped = {label: "\n".join(textwrap.wrap(label, _LEGEND_WIDTH, break_on_hyphens=False)) or label
+               for label in groups}
+    below = any("\n" in w for w in wrapped.values())
+    legend_lines = sum(w.count("\n") + 1 for w in wrapped.values())
+    fig = Figure(figsize=(8, 5 + (0.16 * legend_lines if below else 0)))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     skipped: list[str] = []
@@ -503,12 +511,14 @@ def plot_curves(groups: Mapping[str, Sequence[Run]], x: str, path: Path, band: s
             continue
         color = f"C{i % 10}"
         marker = "o" if len(curve.x) == 1 else None
-        ax.plot(curve.x, 100 * curve.mean, color=color, marker=marker, label=f"{label} (n={curve.n})")
+        ax.plot(curve.x, 100 * curve.mean, color=color, marker=marker, label=f"{wrapped[label]} (n={curve.n})")
         if curve.n >= 2:
             ax.fill_between(curve.x, 100 * curve.lo, 100 * curve.hi, color=color, alpha=0.2, linewidth=0)
         plotted += 1
     if plotted == 0:
         ax.text(0.5, 0.5, "no evaluated records in common", ha="center", va="center", transform=ax.transAxes)
+    elif below:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.12), frameon=False)
     else:
         ax.legend(fontsize=7, loc="best")
     ax.set_xlabel(_X_LABEL[x])
@@ -516,7 +526,7 @@ def plot_curves(groups: Mapping[str, Sequence[Run]], x: str, path: Path, band: s
     ax.grid(alpha=0.3)
     ax.set_title(f"{title + ': ' if title else ''}accuracy vs {_X_LABEL[x]}\n({_BAND_TEXT[band]})", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     return skipped
 
 

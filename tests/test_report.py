@@ -24,6 +24,7 @@ from recipes.report import (
     interpolate_common,
     load_run,
     main,
+    plot_curves,
     run_curve,
     summarize,
 )
@@ -316,3 +317,20 @@ def test_summarize_direct(multirun: Path) -> None:
     assert rows[1]["best_test_acc_pct"]["mean"] == pytest.approx(93.0)
     assert rows[0]["final_test_acc_pct"]["std"] == pytest.approx(math.sqrt(13.0))
     assert rows[1]["rounds"] == {"mean": 4.0, "min": 4, "max": 4}
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
+def test_long_setting_labels_are_wrapped_below_the_plot(multirun: Path, tmp_path: Path) -> None:
+    runs = group_runs(collect_runs([multirun]))[LABEL_A]
+    short, long = tmp_path / "short.png", tmp_path / "long.png"
+    assert plot_curves({"a=1": runs}, "round", short) == []
+    long_label = ", ".join(f"latency.option_{i}=[0.06, null, null]" for i in range(6))  # ~220 characters
+    assert plot_curves({long_label: runs, "b=2": runs}, "round", long) == []
+    (w0, h0), (w1, h1) = _png_size(short), _png_size(long)
+    assert h1 > h0 + 40  # room for the wrapped legend under the axes
+    assert w1 <= 1.1 * w0  # wrapped, not widened to the label's length
