@@ -3,13 +3,13 @@
 glibc's malloc serves every request above its mmap threshold (at most 32 MB by default on 64-bit Linux) with a
 fresh ``mmap`` and returns it to the kernel on ``free``. The engine's per-step temporaries are that large (the
 weight gradients of 100 stacked 784-200-10 MLPs are 64 MB; of 1000, 640 MB), so every local step paid for
-touching fresh pages: one batched weight-gradient GEMM of 100 such MLPs took 22 ms with a fresh output and 11 ms
-with a reused one (measured on the 2-core CPU of bench/RESULTS.md).
+touching fresh pages: a batched weight-gradient GEMM into a fresh output took about twice as long as into a
+reused one (bench/RESULTS.md has the measurements).
 
 :func:`retain_large_allocations` raises the mmap threshold and the trim threshold with ``mallopt`` so such blocks
 come from the heap and are reused. Blocks above 256 MiB (the 640 MB gradients of 1000 MLPs) still get their own
-mapping: reusing those through the heap fragmented it (1000 MLPs peaked at 2.48 GiB with a 1 GiB threshold, at
-~1.93-1.98 GiB with 256 MiB, the same as without the setting, measured). Effects: process-wide; memory freed by
+mapping: reusing those through the heap fragmented it (with a 1 GiB threshold 1000 MLPs peaked ~25 % higher; with
+256 MiB the peak is the same as without the setting; bench/RESULTS.md). Effects: process-wide; memory freed by
 the process stays mapped (the RSS does not shrink after a peak). It is a no-op where glibc is not the C library
 (macOS, musl) and can be switched off with the environment variable ``QMLHFL_KEEP_MALLOC=1``.
 """

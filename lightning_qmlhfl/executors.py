@@ -68,7 +68,8 @@ class Objective(nn.Module):
 class _DirectSwap:
     """Put tensors in place of a module's parameters and buffers by writing its modules' ``_parameters`` /
     ``_buffers`` entries, and put the originals back: what ``functional_call`` does, without its per-call
-    bookkeeping (~0.15 ms of a 1.5 ms LeNet forward on the 2-core CPU). Every alias of a tied tensor is swapped.
+    bookkeeping (a measurable share of a small CNN's forward; bench/RESULTS.md). Every alias of a tied tensor is
+    swapped.
 
     Only for modules whose classes all keep ``nn.Module.__setattr__``: a class that overrides it (RNNs keep a
     cache of their weights there) would not see the swap, so such modules go through ``functional_call``.
@@ -185,8 +186,7 @@ class LoopExecutor(_ExecutorBase):
     does that is order-dependent (dropout masks from torch's global generator, BatchNorm statistics, torchmetrics
     states, ``self.log``) happens exactly as in a plain loop; a backward pass and its gradient copy (about 55% of
     a LeNet step) overlaps with the next forward. Since the forwards form a chain, more than two workers do not
-    help: measured on the 2-core CPU of bench/RESULTS.md, one local step of 100 LeNets ran at 575 device-steps/s
-    with two workers, 480 in the calling thread and 446 with three. Autocast (mixed precision) is thread-local, so
+    help (bench/RESULTS.md compares one, two and three workers). Autocast (mixed precision) is thread-local, so
     under autocast the loop runs in the calling thread only.
     """
 

@@ -17,11 +17,10 @@ to the model permute it back (same shape, other strides; no copies):
 
 - ``nn.Linear`` weights [out, in] are stored as [in, out]. A batched ``F.linear`` under vmap computes the weight
   gradient as a [in, out] matrix, so the gradient then has the parameter's own strides and the optimiser's update
-  is a contiguous pass (it was a transposed, cache-hostile one: 11.5 ms vs 3.6 ms per step for 100 784-200-10
-  MLPs on the 2-core CPU of bench/RESULTS.md).
+  is a contiguous pass (it was a transposed, cache-hostile one, ~3x slower for stacked MLPs; bench/RESULTS.md).
 - ``nn.Conv2d`` / ``nn.Conv3d`` weights [out, in, *k] are stored channels-last, [out, *k, in]: oneDNN then runs
   the convolution, and the activations after it (max pooling included), in channels-last layout, which is
-  ~1.4x faster per device step for the MNIST LeNet on that CPU.
+  faster per device step for small CNNs such as the MNIST LeNet (bench/RESULTS.md).
 
 The order is the order of the flat row, so it is what bucketed QSGD groups into buckets and what the seeded
 uniforms are indexed by; the model-shaped views are the same in both orders. ``"module"`` keeps every
