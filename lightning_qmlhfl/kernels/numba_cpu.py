@@ -174,59 +174,56 @@ def _natural(x, u):
 
 
 @njit(inline="always", cache=True)
+def _qsgd(x, u, safe, step, s):
+    """QSGD of one fp32 entry with the bucket's constants (``safe``: the norm, or 1 for a zero norm; ``step``:
+    norm / s): the operations of QSGD.compress_ in their order."""
+    t = min(abs(x) / safe, np.float32(1.0)) * s
+    level = np.float32(np.floor(t))
+    level = level + (np.float32(1.0) if u < t - level else np.float32(0.0))
+    level = -level if x < 0 else level
+    return level * step
+
+
+@njit(inline="always", cache=True)
 def _segment(acc, prow, crow, mrow, ubuf, w, norm, length, kind, ef, s):
-    """Entries i in [lo, hi) of a block (columns i), all in one bucket (norm = its norm, length = its
-    size): acc[i] += w * up_i, with the memory row updated for EF/EF21. The common cases without error feedback
-    are branch-free loops that LLVM vectorises; the bucket's constants are computed once (the same fp32 values
-    the per-entry operations would give)."""
-    if ef == 0 and kind == 0:
-        for i in range(acc.shape[0]):
-            acc[i] += (crow[i] - prow[i]) * w
-        return
+    """The entries of one segment, all in one bucket (``norm``: its norm, ``length``: the bucket's size): acc[i] +=
+    w * up_i, with the memory row updated for EF/EF21. ``acc``, ``prow``, ``crow``, ``mrow``, ``ubuf`` are the
+    segment's slices of the accumulator, the parent, child and memory rows and the draws, indexed from 0: with a
+    loop index known to be non-negative numba drops its negative-index wraparound, which stops LLVM from
+    vectorising. The cases without error feedback get loops without per-entry branches on the compressor; the
+    bucket's constants are computed once (the same fp32 values as per entry)."""
     safe = norm if norm > 0 else np.float32(1.0)
     step = norm / s
     sign_scale = norm / np.float32(length)
-    if ef == 0 and kind == 1:
+    if ef == 0 and kind == 0:
         for i in range(acc.shape[0]):
-            x = crow[i] - prow[i]
-            t = min(abs(x) / safe, np.float32(1.0)) * s
-            level = np.float32(np.floor(t))
-            level = level + (np.float32(1.0) if ubuf[i] < t - level else np.float32(0.0))
-            level = -level if x < 0 else level
-            acc[i] += (level * step) * w
-        return
-    if ef == 0 and kind == 2:
+            acc[i] += (crow[i] - prow[i]) * w
+    elif ef == 0 and kind == 1:
         for i in range(acc.shape[0]):
-            x = crow[i] - prow[i]
-            acc[i] += (sign_scale if x >= 0 else -sign_scale) * w
-        return
-    for i in range(acc.shape[0]):
-        x = crow[i] - prow[i]
-        if ef == 1:
-            x = x + mrow[i]
-        elif ef == 2:
-            x = x - mrow[i]
-        if kind == 0:
-            q = x
-        elif kind == 1:
-            t = min(abs(x) / safe, np.float32(1.0)) * s
-            level = np.float32(np.floor(t))
-            level = level + (np.float32(1.0) if ubuf[i] < t - level else np.float32(0.0))
-            level = -level if x < 0 else level
-            q = level * step
-        elif kind == 2:
-            q = sign_scale if x >= 0 else -sign_scale
-        else:
-            q = _natural(x, ubuf[i])
-        if ef == 1:
-            mrow[i] = x - q
-            up = q
-        elif ef == 2:
-            up = mrow[i] + q
-            mrow[i] = up
-        else:
-            up = q
-        acc[i] += up * w
+            acc[i] += _qsgd(crow[i] - prow[i], ubuf[i], safe, step, s) * w
+    elif ef == 0 and kind == 2:
+        for i in range(acc.shape[0]):
+            acc[i] += (sign_scale if crow[i] - prow[i] >= 0 else -sign_scale) * w
+    else:
+        for i in range(acc.shape[0]):
+            x = _input(prow, crow, mrow, ef, i)
+            if kind == 0:
+                q = x
+            elif kind == 1:
+                q = _qsgd(x, ubuf[i], safe, step, s)
+            elif kind == 2:
+                q = sign_scale if x >= 0 else -sign_scale
+            else:
+                q = _natural(x, ubuf[i])
+            if ef == 1:
+                mrow[i] = x - q
+                up = q
+            elif ef == 2:
+                up = mrow[i] + q
+                mrow[i] = up
+            else:
+                up = q
+            acc[i] += up * w
 
 
 @njit(parallel=True, cache=True)
