@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from recipes.evaluation import device_summary, evaluate_loader, per_device_accuracy, personalised_accuracy
+from recipes.options import int_option
 
 __all__ = ["LRPlateau", "LocalEvaluator", "RunRecorder", "monitor_mode"]
 
@@ -44,10 +45,10 @@ class LocalEvaluator:
     """
 
     def __init__(self, holdout: Any, personalized: bool, steps: int, seed: int, batch_size: int = 1000) -> None:
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"eval.personal_steps must be null or an integer >= 1, got {steps!r}")
-        self.holdout, self.personalized, self.steps = holdout, bool(personalized), steps
-        self.seed, self.batch_size = int(seed), int(batch_size)
+        self.holdout, self.personalized = holdout, bool(personalized)
+        self.steps = int_option(steps, "eval.personal_steps", 1, allow_none=False)
+        self.seed = int(seed)
+        self.batch_size = int_option(batch_size, "eval.batch_size", 1, allow_none=False)
 
     def evaluate(self, strategy: Any, module: L.LightningModule, round_idx: int) -> dict[str, Any]:
         """``local_cloud_acc`` (per device, [D] list) and its :func:`device_summary` as ``local_cloud_acc_<stat>``;
@@ -88,14 +89,11 @@ class RunRecorder(Callback):
     def __init__(self, *, monitor: str | None, mode: str, rounds: int, test_loader: Any = None,
                  test_every: int = 1, local: LocalEvaluator | None = None, eval_every: int = 1,
                  session_start: float | None = None) -> None:
-        for value, what in ((test_every, "eval.test_every"), (eval_every, "eval.every")):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0 or (what == "eval.every"
-                                                                                       and value < 1):
-                low = 1 if what == "eval.every" else 0
-                raise ValueError(f"{what} must be an integer >= {low}, got {value!r}")
         self.monitor, self.mode, self.rounds = monitor, mode, int(rounds)
-        self.test_loader, self.test_every = test_loader, int(test_every)
-        self.local, self.eval_every = local, int(eval_every)
+        self.test_loader = test_loader
+        self.test_every = int_option(test_every, "eval.test_every", 0, allow_none=False)
+        self.local = local
+        self.eval_every = int_option(eval_every, "eval.every", 1, allow_none=False)
         self.session_start = time.time() if session_start is None else float(session_start)
         self.records: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
@@ -194,8 +192,7 @@ class LRPlateau(Callback):
     def __init__(self, monitor: str, mode: str, factor: float = 0.5, patience: int = 0, min_lr: float = 0.0) -> None:
         if not 0 < factor < 1:
             raise ValueError(f"trainer.lr_plateau.factor must be in (0, 1), got {factor!r}")
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
-            raise ValueError(f"trainer.lr_plateau.patience must be null or an integer >= 0, got {patience!r}")
+        int_option(patience, "trainer.lr_plateau.patience", 0, allow_none=False)
         if not min_lr >= 0:
             raise ValueError(f"trainer.lr_plateau.min_lr must be >= 0, got {min_lr!r}")
         self.monitor, self.mode, self.factor, self.patience, self.min_lr = monitor, mode, factor, patience, min_lr

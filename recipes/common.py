@@ -26,7 +26,7 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
@@ -48,10 +48,11 @@ from recipes.datamodules import ImageDataModule  # noqa: E402
 from recipes.evaluation import HoldoutPartitioner, device_summary, evaluate_loader, plot_device_accuracy  # noqa: E402
 from recipes.resume import (AtomicCheckpointIO, continue_csv_logger, read_csv_rows, resolve_ckpt_path,  # noqa: E402
                             warn_config_changes, write_run_config)
-from recipes.splits import check_fraction  # noqa: E402
+from recipes.options import check_fraction, int_option  # noqa: E402
+from recipes.report import key_under  # noqa: E402
 
 __all__ = ["run", "build_compressors", "build_hierarchy", "build_latency", "rounds_for", "build_datamodule",
-           "hydra_entry", "wandb_group_and_name"]
+           "wandb_group_and_name"]
 
 WANDB_ID_FILE = "wandb_run_id"
 STRATEGIES = ("qmlhfl", "qmlhfl_ddp")  # trainer.strategy: one process, or one simulation over trainer.devices ranks
@@ -150,16 +151,16 @@ def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
     d = cfg.dataset
     return ImageDataModule(
         name=str(d.name), data_dir=cfg.get("data_dir"), download=bool(d.get("download", True)), mirror=d.get("mirror"),
-        batch_size=int(d.batch_size), val_fraction=d.get("val_fraction", 0.0), split_seed=int(d.get("split_seed", 0)),
+        batch_size=d.batch_size, val_fraction=d.get("val_fraction", 0.0), split_seed=int(d.get("split_seed", 0)),
         train_subset=d.get("train_subset"), test_subset=d.get("test_subset"), augment=bool(d.get("augment")),
-        eval_batch_size=int(cfg.get("eval", {}).get("batch_size", 1000)))
+        eval_batch_size=cfg.get("eval", {}).get("batch_size", 1000))
 
 
 def _override_items(overrides: Sequence[str] | None) -> list[str]:
     out = []
     for o in overrides or []:
         key = o.lstrip("+~").split("=", 1)[0]
-        if any(key == s or key.startswith(s + ".") for s in _NAME_SKIP):
+        if key_under(key, _NAME_SKIP):
             continue
         out.append(o.lstrip("+"))
     return out
@@ -232,14 +233,6 @@ def _checkpoint_epoch(path: Path) -> int:
     return int(ck.get("epoch", -1))
 
 
-def _int_option(value: Any, what: str, minimum: int, allow_none: bool = True) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{what} must be {'null or ' if allow_none else ''}an integer >= {minimum}, got {value!r}")
-    return value
-
-
 def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None, overrides: Sequence[str] | None = None,
         sweep: str | None = None) -> dict[str, Any]:
     """Train one configuration; write summary.json, history.json, the plots and checkpoints into the run directory.
@@ -307,10 +300,10 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None, overrides: Se
     val_is_test = bool(getattr(dm, "validation_is_test", False))
     monitor = tr.get("monitor") if has_val else None
     mode = monitor_mode(str(monitor), tr.get("monitor_mode", "auto")) if monitor else "max"
-    val_every = _int_option(tr.get("val_every_n_rounds", 1), "trainer.val_every_n_rounds", 1, allow_none=False)
+    val_every = int_option(tr.get("val_every_n_rounds", 1), "trainer.val_every_n_rounds", 1, allow_none=False)
     es_cfg, lp_cfg = tr.get("early_stopping") or {}, tr.get("lr_plateau") or {}
-    es_patience = _int_option(es_cfg.get("patience"), "trainer.early_stopping.patience", 0)
-    lp_patience = _int_option(lp_cfg.get("patience"), "trainer.lr_plateau.patience", 0)
+    es_patience = int_option(es_cfg.get("patience"), "trainer.early_stopping.patience", 0)
+    lp_patience = int_option(lp_cfg.get("patience"), "trainer.lr_plateau.patience", 0)
     if (es_patience is not None or lp_patience is not None) and not monitor:
         raise ValueError("trainer.early_stopping / trainer.lr_plateau need a validation metric: set trainer.monitor "
                          "(e.g. val_acc) and give the datamodule a val_dataloader" if has_val else
@@ -329,11 +322,11 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None, overrides: Se
     test_loader = _LazyTestLoader(dm) if is_overridden("test_dataloader", dm) else None
     local = None
     if holdout is not None:
-        steps = ev.get("personal_steps") or int(cfg.hierarchy.taus[0])
+        steps = int_option(ev.get("personal_steps"), "eval.personal_steps", 1) or int(cfg.hierarchy.taus[0])
         local = LocalEvaluator(holdout, bool(ev.get("personalized", False)), steps, int(cfg.seed),
-                               int(ev.get("batch_size", 1000)))
+                               ev.get("batch_size", 1000))
     recorder = RunRecorder(monitor=monitor, mode=mode, rounds=rounds, test_loader=test_loader,
-                           test_every=int(ev.get("test_every", 1)), local=local, eval_every=int(ev.get("every", 1)),
+                           test_every=ev.get("test_every", 1), local=local, eval_every=ev.get("every", 1),
                            session_start=t_start)
     recorder.resumed_from = None if ckpt is None else str(ckpt)
     callbacks: list[Callback] = [recorder] + ([plateau] if plateau is not None else [])
@@ -528,10 +521,3 @@ def plot_history(records: list[dict], path: Path, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def hydra_entry(config_name: str) -> Callable[[], Any]:
-    """The ``main()`` of a recipe (see :func:`recipes.entry.hydra_entry`)."""
-    from recipes.entry import hydra_entry as entry
-
-    return entry(config_name)

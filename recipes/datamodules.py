@@ -17,7 +17,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from recipes.datasets import get_dataset, normalize, random_crop_flip, resolve_data_dir
-from recipes.splits import check_fraction, stratified_split
+from recipes.options import check_fraction, int_option
+from recipes.splits import stratified_split
 
 __all__ = ["ImageDataModule", "crop_flip_transform"]
 
@@ -60,17 +61,13 @@ class ImageDataModule(L.LightningDataModule):
         self.data_dir = data_dir
         self.download = bool(download)
         self.mirror = mirror
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"dataset.batch_size must be an integer >= 1, got {batch_size!r}")
-        self.batch_size = batch_size
+        self.batch_size = int_option(batch_size, "dataset.batch_size", 1, allow_none=False)
         self.val_fraction = check_fraction(val_fraction, "dataset.val_fraction")
         self.split_seed = int(split_seed)
-        for value, what in ((train_subset, "dataset.train_subset"), (test_subset, "dataset.test_subset")):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{what} must be null or an integer >= 1, got {value!r}")
-        self.train_subset, self.test_subset = train_subset, test_subset
+        self.train_subset = int_option(train_subset, "dataset.train_subset", 1)
+        self.test_subset = int_option(test_subset, "dataset.test_subset", 1)
         self.augment = bool(augment)
-        self.eval_batch_size = int(eval_batch_size)
+        self.eval_batch_size = int_option(eval_batch_size, "eval.batch_size", 1, allow_none=False)
         self.train: TensorDataset | None = None
         self.val: TensorDataset | None = None
         self.test: TensorDataset | None = None

@@ -42,7 +42,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_qmlhfl.data import DeviceSampler, EmptyPartitionError, Partitioner
-from recipes.splits import check_fraction, stratified_split
+from recipes.options import check_fraction
+from recipes.splits import stratified_split
 
 __all__ = ["HoldoutPartitioner", "device_summary", "evaluate_loader", "per_device_accuracy", "per_sample_metrics",
            "personalised_accuracy", "plot_device_accuracy"]

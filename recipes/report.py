@@ -49,6 +49,7 @@ __all__ = [
     "collect_runs",
     "load_run",
     "flatten_config",
+    "key_under",
     "auto_group_keys",
     "group_runs",
     "default_budget",
@@ -111,6 +112,12 @@ def flatten_config(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[dotted] = value
     return out
+
+
+def key_under(key: str, prefixes: Sequence[str]) -> bool:
+    """Whether the dotted config ``key`` is one of ``prefixes`` or lies below one (``"logger"`` covers
+    ``"logger.mode"``, not ``"loggers"``)."""
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
 
 
 def _is_number(v: Any) -> bool:
@@ -247,7 +254,7 @@ def _is_excluded(key: str, values: Sequence[Any], extra: Sequence[str]) -> bool:
     last = key.rsplit(".", 1)[-1]
     if last == "seed" or key in ("name", "ckpt_path") or last == "data_dir" or key.split(".", 1)[0] == "hydra":
         return True
-    if any(key == e or key.startswith(e + ".") for e in extra):
+    if key_under(key, extra):
         return True
     if "name" in last and any(isinstance(v, str) and _TIMESTAMP.search(v) for v in values):
         return True

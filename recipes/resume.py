@@ -29,7 +29,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from recipes.report import flatten_config
+from recipes.report import flatten_config, key_under
 
 __all__ = ["CONFIG_FILE", "RESUME_IGNORED", "AtomicCheckpointIO", "config_diff", "continue_csv_logger",
            "find_last_checkpoint", "read_csv_rows", "resolve_ckpt_path", "resume_argv", "write_run_config"]
@@ -44,17 +44,13 @@ RESUME_IGNORED: tuple[str, ...] = ("ckpt_path", "data_dir", "trainer.progress_ba
 """Config keys (and key prefixes) that may differ between a run and its resumption."""
 
 
-def _ignored(key: str, ignore: Sequence[str]) -> bool:
-    return any(key == p or key.startswith(p + ".") for p in ignore)
-
-
 def config_diff(old: Mapping[str, Any], new: Mapping[str, Any], ignore: Sequence[str] = RESUME_IGNORED
                 ) -> list[str]:
     """``"key: old -> new"`` for every dotted leaf key whose value differs (keys under ``ignore`` skipped)."""
     a, b = flatten_config(old), flatten_config(new)
     out = []
     for key in sorted(set(a) | set(b)):
-        if _ignored(key, ignore):
+        if key_under(key, ignore):
             continue
         va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
         if va != vb:

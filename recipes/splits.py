@@ -9,23 +9,10 @@ are held out is a seeded random draw; both returned index sets are sorted (the d
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-__all__ = ["check_fraction", "stratified_split"]
-
-
-def check_fraction(value: object, what: str, allow_zero: bool = True) -> float:
-    """``value`` as a float in ``[0, 1)`` (or ``(0, 1)`` without ``allow_zero``); ``what`` names it in the error."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{what} must be a number in [0, 1), got {value!r}")
-    v = float(value)
-    if not (0.0 <= v < 1.0) or (v == 0.0 and not allow_zero) or math.isnan(v):
-        allowed = "[0, 1)" if allow_zero else "(0, 1)"
-        raise ValueError(f"{what} must be in {allowed} (the fraction of samples held out), got {value!r}")
-    return v
+__all__ = ["stratified_split"]
 
 
 def stratified_split(labels: Tensor | None, fraction: float, generator: torch.Generator, *,

@@ -15,7 +15,8 @@ from lightning_qmlhfl import Hierarchy
 from lightning_qmlhfl.data import IID, Dirichlet, EmptyPartitionError
 from recipes.entry import CONF_DIR
 from recipes.evaluation import HoldoutPartitioner, device_summary
-from recipes.splits import check_fraction, stratified_split
+from recipes.options import check_fraction
+from recipes.splits import stratified_split
 
 TINY = ["dataset.train_subset=1500", "dataset.test_subset=300", "hierarchy.branching=[2,2,2]", "hierarchy.taus=[2,1,1]",
         "trainer.progress_bar=false", "logger=none", "model=mlp"]
@@ -166,6 +167,10 @@ def test_evaluation_never_changes_the_simulation(tmp_path):
      r"trainer.lr_plateau.factor must be in \(0, 1\)"),
     (["trainer.monitor=null", "trainer.early_stopping.patience=2"], ValueError, "need a validation metric"),
     (["eval.every=0"], ValueError, "eval.every must be an integer >= 1"),
+    (["eval.test_every=2.5"], ValueError, "eval.test_every must be an integer >= 0, got 2.5"),  # not truncated
+    # 0 is refused, not replaced by the default (tau_1) as a falsy value would be
+    (["eval.local_fraction=0.2", "eval.personal_steps=0"], ValueError,
+     "eval.personal_steps must be null or an integer >= 1, got 0"),
 ])
 @pytest.mark.usefixtures("data_env")
 def test_bad_evaluation_options_are_named(tmp_path, overrides, error, match):
