@@ -77,7 +77,8 @@ def instantiate_node(node: Any, what: str, defaults: dict[str, Any] | None = Non
         bad = [k for k in unknown if k not in preset]
         if bad:
             raise ValueError(f"{what}._target_={target} does not take {', '.join(sorted(bad))} "
-                             f"({what}.{bad[0]}={spec[bad[0]]!r}); it takes: {', '.join(sorted(accepted)) or 'nothing'}")
+                             f"({what}.{bad[0]}={spec[bad[0]]!r}); it takes: "
+                             f"{', '.join(sorted(accepted)) or 'nothing'}")
         dropped = [k for k in unknown if k in preset]
         if dropped:
             warnings.warn(f"{what}._target_={target} does not take {', '.join(sorted(dropped))} (inherited from the "

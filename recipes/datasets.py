@@ -37,7 +37,6 @@ import pickle
 import shutil
 import struct
 import tarfile
-import tempfile
 import urllib.request
 import zlib
 from collections.abc import Sequence
@@ -49,6 +48,8 @@ import numpy as np
 import torch
 from torch import Tensor
 import torch.nn.functional as F
+
+from recipes.files import temp_file_beside
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -466,21 +467,10 @@ def _ensure_writable(directory: Path, name: str | None = None, root: Path | None
         )
 
 
-def _temp_path(dest: Path) -> Path:
-    """A fresh, unique temporary file next to ``dest`` (``.NAME.XXXX.part``): never the final name, so a partial
-    file never looks complete, and two processes downloading at once do not share it."""
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; the data files get the usual permissions
-    return Path(tmp)
-
-
 def _download_verified(url: str, dest: Path, accepted: Sequence[str]) -> None:
     """Fetch ``url`` to a temporary file beside ``dest``, check its md5 and rename it to ``dest`` (atomic on one
     filesystem); on any failure or md5 mismatch the temporary file is removed and ``dest`` is not touched."""
-    part = _temp_path(dest)
+    part = temp_file_beside(dest)
     try:
         try:
             fetch_url(url, part)
@@ -510,7 +500,8 @@ def _download_from_mirrors(name: str, root: Path, dest: Path, filename: str, url
             return
         except DatasetError as e:
             errors.append(str(e))
-    raise DatasetError(f"{name}: could not download {dest.name}: {' | '.join(errors)} So {_offline_advice(name, root, urls)}.")
+    raise DatasetError(f"{name}: could not download {dest.name}: {' | '.join(errors)} "
+                       f"So {_offline_advice(name, root, urls)}.")
 
 
 def _download_mnist(root: Path, mirror: str | Sequence[str] | None = None) -> None:
@@ -543,7 +534,7 @@ def _extract_cifar(archive: Path, root: Path) -> None:
                 src = tar.extractfile(member)
                 assert src is not None
                 dest = out_dir / name
-                tmp = _temp_path(dest)
+                tmp = temp_file_beside(dest)
                 try:
                     with src, open(tmp, "wb") as out:
                         shutil.copyfileobj(src, out, length=1 << 20)

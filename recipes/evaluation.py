@@ -40,6 +40,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
 from lightning_qmlhfl.data import DeviceSampler, EmptyPartitionError, Partitioner
 from recipes.options import check_fraction
@@ -93,25 +94,9 @@ class _EvalMode:
         self.module.train(self.was_training)
 
 
-def _to(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, Tensor):
-        return batch.to(device)
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: _to(v, device) for k, v in batch.items()}
-    return batch
-
-
-def _index(data: Any, idx: Tensor) -> Any:
-    """``data[idx]`` for every tensor of a (nested) tuple / list / dict of tensors with the samples first."""
-    if isinstance(data, Tensor):
-        return data.index_select(0, idx.to(data.device))
-    if isinstance(data, (list, tuple)):
-        return type(data)(_index(d, idx) for d in data)
-    if isinstance(data, dict):
-        return {k: _index(v, idx) for k, v in data.items()}
-    return data
+def _map_tensors(fn: Any, data: Any) -> Any:
+    """``fn`` applied to every tensor of a (nested) batch or dataset; other leaves are kept."""
+    return tree_map(lambda t: fn(t) if isinstance(t, Tensor) else t, data)
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -128,7 +113,7 @@ def evaluate_loader(module: nn.Module, loader: Any) -> dict[str, float]:
     n = 0
     with _EvalMode(module):
         for batch in loader:
-            m = per_sample_metrics(module, _to(batch, device))
+            m = per_sample_metrics(module, _map_tensors(lambda t: t.to(device), batch))
             acc += float(m["acc"].double().sum())
             loss += float(m["loss"].double().sum())
             n += int(m["acc"].numel())
@@ -142,7 +127,8 @@ def _scores(module: nn.Module, data: Any, index: Tensor, batch_size: int) -> Ten
     out = []
     with _EvalMode(module):
         for chunk in index.split(batch_size):
-            out.append(per_sample_metrics(module, _index(data, chunk))["acc"].double().cpu())
+            part = _map_tensors(lambda t: t.index_select(0, chunk.to(t.device)), data)
+            out.append(per_sample_metrics(module, part)["acc"].double().cpu())
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
@@ -189,7 +175,7 @@ def personalised_accuracy(strategy: Any, module: nn.Module, holdout: Sequence[Te
     cuda = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)
-        engine = QMLHFLEngine(template, lambda m, batch: per_sample_metrics_train(m, batch),
+        engine = QMLHFLEngine(template, per_sample_metrics_train,
                               Hierarchy.balanced([D]), [steps + 1], None, optimizer=type(optimizer),
                               param_groups=groups, executor=executor, seed=seed, device=device,
                               grad_clip=clip)
@@ -197,7 +183,7 @@ def personalised_accuracy(strategy: Any, module: nn.Module, holdout: Sequence[Te
         generator = torch.Generator(device=device).manual_seed(seed + 2)
         for _ in range(steps):
             idx = draws.next_indices().to(device)
-            batch = _gather(core.data, idx, gather_batch)
+            batch = _map_tensors(lambda t: gather_batch(t, idx), core.data)
             if core.train_transform is not None:
                 batch = core.train_transform(batch, generator)
             engine.local_step(batch)
@@ -212,16 +198,6 @@ def personalised_accuracy(strategy: Any, module: nn.Module, holdout: Sequence[Te
 def per_sample_metrics_train(module: nn.Module, batch: Any) -> Tensor:
     """The mean per-sample loss: the objective of the personalisation steps."""
     return per_sample_metrics(module, batch)["loss"].mean()
-
-
-def _gather(data: Any, idx: Tensor, gather: Any) -> Any:
-    if isinstance(data, Tensor):
-        return gather(data, idx)
-    if isinstance(data, (list, tuple)):
-        return type(data)(_gather(d, idx, gather) for d in data)
-    if isinstance(data, dict):
-        return {k: _gather(v, idx, gather) for k, v in data.items()}
-    return data
 
 
 def device_summary(values: Tensor | Sequence[float]) -> dict[str, float]:

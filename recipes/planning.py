@@ -79,8 +79,9 @@ def candidates(cfg: DictConfig) -> tuple[Plan, list[Plan], dict[str, Any]]:
         ev = evaluate_taus(t, h, qs, d, latency, deadline, **common)
         if ev.feasible:
             chosen.append(ev)
-    setting = {"d": d, "deadline": deadline, "model": str(cfg.model.name), "partition": str(cfg.partition.name) + (
-               f" alpha {cfg.partition.alpha}" if "alpha" in cfg.partition else ""), "hierarchy": list(cfg.hierarchy.branching),
+    partition = str(cfg.partition.name) + (f" alpha {cfg.partition.alpha}" if "alpha" in cfg.partition else "")
+    setting = {"d": d, "deadline": deadline, "model": str(cfg.model.name), "partition": partition,
+               "hierarchy": list(cfg.hierarchy.branching),
                "quantizers": [repr(q) for q in qs], "uplink_rates": list(latency.uplink_rates),
                "compute_time": latency.compute_time, **common, "tau_max": int(p.tau_max), "draws": tries}
     return plan, chosen, setting

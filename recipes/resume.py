@@ -24,7 +24,6 @@ import csv
 import os
 import re
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -156,19 +155,18 @@ def _atomic_checkpoint_io_class() -> type:
         def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
             import torch
 
+            from recipes.files import temp_file_beside
+
             if storage_options is not None:
                 raise TypeError("AtomicCheckpointIO takes no storage_options")
             path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            tmp = temp_file_beside(path, suffix=".tmp")
             try:
-                with os.fdopen(fd, "wb") as f:
+                with open(tmp, "wb") as f:
                     torch.save(checkpoint, f)
                     f.flush()
                     os.fsync(f.fileno())
-                umask = os.umask(0)
-                os.umask(umask)
-                os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a checkpoint gets the usual permissions
                 os.replace(tmp, path)
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
