@@ -34,7 +34,9 @@ devices, 60 / 50 for 1000). Random data is fine for throughput: the work per ste
 FLOPs and peaks: the model's FLOPs per device-step are counted once per configuration with
 ``torch.utils.flop_counter.FlopCounterMode`` on one device's forward + backward of one mini-batch of 32 (it counts
 the matmul/convolution-type operations and their backward, i.e. the GEMM work; element-wise operations, pooling,
-the optimiser update and the aggregations are not counted). GFLOP/s = that count x device-steps/s (median round; for the partial-participation configs, ``mlp1000p10:*``, only the device-steps of the drawn devices, which are the ones that compute).
+the optimiser update and the aggregations are not counted). GFLOP/s = that count x device-steps/s (median round;
+for the partial-participation configs, ``mlp1000p10:*``, only the device-steps of the drawn devices, which are the
+ones that compute).
 For the naive runs, whose loader ends each local epoch with a short batch, this overstates the work done by
 32 / (mean batch) - 1: 1.3% (MNIST) and 2.4% (CIFAR) at 100 devices, 6.7% and 28% at 1000. In the same run the
 driver measures the machine's fp32 and bf16 GEMM peaks with the benchmark's thread count (:func:`gemm_peaks`: a
@@ -590,8 +592,8 @@ def run_one(name: str, warm: int | None, rounds: int | None, threads: int, devic
     if peaks is None:
         peaks = gemm_peaks(device, gemm_size, gemm_reps)
     rate, best_rate = steps * n_dev / dt, steps * n_dev / min(times)
-    # FLOPs are done only by the devices that train: with partial participation, count those device-steps
-    computed = steps * n_dev if executor == "naive" or PARTICIPATION.get(name) is None else trained[0] / rounds
+    # FLOPs are done only by the devices that train (with partial participation, fewer than all of them)
+    computed = steps * n_dev if executor == "naive" else trained[0] / rounds
     gflops = flops * computed / dt / 1e9
     bf16 = peaks["bf16_gflops"]
     return {
@@ -603,8 +605,8 @@ def run_one(name: str, warm: int | None, rounds: int | None, threads: int, devic
         "delta_rss_mb": peak - base, "data_mb": data_mb, "uploads": got, "threads": threads,
         "load_before": load0, "load_after": load1,
         "device": str(device), "branching": branching, "cuda_peak_mb": cuda_peak,
-        "flops_per_device_step": flops, "gflops_per_s": gflops, "best_gflops_per_s": flops * computed / min(times) / 1e9,
-        "computed_device_steps_per_round": computed,
+        "flops_per_device_step": flops, "gflops_per_s": gflops,
+        "best_gflops_per_s": flops * computed / min(times) / 1e9, "computed_device_steps_per_round": computed,
         "fp32_peak_gflops": peaks["fp32_gflops"], "frac_fp32_peak": gflops / peaks["fp32_gflops"],
         "bf16_peak_gflops": bf16, "frac_bf16_peak": gflops / bf16 if bf16 else None,
         "bf16_note": peaks["bf16_note"], "gemm": peaks, "cpu_bf16_flags": cpu_bf16_flags(),

@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.dirname(HERE))  # the repository root
 sys.path.insert(0, HERE)
 
 from engine import (  # noqa: E402  (bench/engine.py)
-    BATCH, CONFIGS, INPUTS, LEVELS, LR, MODELS, PRECISION, TAUS, parse_branching)
+    BATCH, CONFIGS, INPUTS, LEVELS, LR, MODELS, PARTICIPATION, PRECISION, TAUS, make_data, parse_branching)
 
 VAL = 10_000
 
@@ -53,6 +53,7 @@ def run_fit(name: str, warm: int, rounds: int, threads: int, val: bool, val_batc
     from torch.utils.data import DataLoader, TensorDataset
 
     from lightning_qmlhfl import IID, QSGD, Hierarchy, QMLHFLStrategy
+    from lightning_qmlhfl.participation import Fraction, Full
 
     torch.set_num_threads(threads)
     model_name, tree, executor, _, _ = CONFIGS[name]
@@ -99,17 +100,16 @@ def run_fit(name: str, warm: int, rounds: int, threads: int, val: bool, val_batc
         def on_train_epoch_end(self, trainer, module) -> None:
             self.rounds.append(time.perf_counter() - self.t0)
 
-    g = torch.Generator().manual_seed(0)
-    X = torch.randn(pool, *shape, generator=g)
-    Y = torch.randint(0, 10, (pool,), generator=g)
-    Xv = torch.randn(VAL, *shape, generator=g)
-    Yv = torch.randint(0, 10, (VAL,), generator=g)
+    X, Y, _ = make_data(1, pool=pool, shape=shape)  # bench/engine.py's synthetic data (the strategy partitions it)
+    Xv, Yv, _ = make_data(1, seed=1, pool=VAL, shape=shape)
     train = DataLoader(TensorDataset(X, Y), batch_size=BATCH, shuffle=True)
     valid = DataLoader(TensorDataset(Xv, Yv), batch_size=val_batch)
     h = Hierarchy.balanced(list(branching))
     torch.manual_seed(0)
+    fraction = PARTICIPATION.get(name)  # the partial-participation configurations, as in bench/engine.py
+    participation = None if fraction is None else [Fraction(fraction)] + [Full()] * (len(TAUS) - 1)
     strategy = QMLHFLStrategy(hierarchy=h, taus=list(TAUS), compressors=[QSGD(LEVELS)] * len(TAUS), partition=IID(),
-                              seed=0, executor=executor, device="cpu")
+                              seed=0, executor=executor, device="cpu", participation=participation)
     clock = Clock()
     precision = PRECISION.get(name, "32-true")  # the +bf16 configurations: bf16-mixed, as in bench/engine.py
     trainer = L.Trainer(strategy=strategy, accelerator="cpu", precision=precision, max_epochs=warm + rounds,
