@@ -11,7 +11,8 @@ global round), QSGD with s = 8 on every layer, plain SGD (lr 0.01), batch 32, fo
   ``[conv 3x3 pad 1 -> relu -> maxpool 2] x 3`` with 32, 64, 128 channels, fc 2048->64, relu, fc 64->10; 225,034
   parameters), copied here as a plain nn.Module,
 
-plus 1000 devices (branching [10, 10, 10], same tau and quantizers) of each model. The default set (no
+plus 1000 devices (branching [10, 10, 10], same tau and quantizers) of each model, and 64 CIFAR devices
+(``cifar64:*``, branching [4, 4, 4], the device count of ``recipes.cifar``). The default set (no
 ``--configs``) is the 100-device MLP and LeNet configs and the 1000-device MLP without the loop executor; the
 CIFAR CNN and the 1000-device LeNet/CIFAR configs are extras (the 1000-device ones are meant for CUDA).
 
@@ -191,6 +192,9 @@ CONFIGS: dict[str, tuple[str, list[int], str, int, int]] = {
     "lenet1000:naive": ("lenet", [10, 10, 10], "naive", 5, 1),
     "lenet1000:vmap": ("lenet", [10, 10, 10], "vmap", 5, 1),
     "lenet1000:loop": ("lenet", [10, 10, 10], "loop", 5, 1),
+    "cifar64:naive": ("cifar_small", [4, 4, 4], "naive", 20, 1),  # the CIFAR recipe's 64 devices
+    "cifar64:vmap": ("cifar_small", [4, 4, 4], "vmap", 20, 1),
+    "cifar64:loop": ("cifar_small", [4, 4, 4], "loop", 20, 1),
     "cifar1000:naive": ("cifar_small", [10, 10, 10], "naive", 5, 1),
     "cifar1000:vmap": ("cifar_small", [10, 10, 10], "vmap", 5, 1),
     "cifar1000:loop": ("cifar_small", [10, 10, 10], "loop", 5, 1),

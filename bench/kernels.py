@@ -3,6 +3,7 @@
     python bench/kernels.py                      # CUDA if present (torch reference + Triton), else CPU (torch + numba)
     python bench/kernels.py --device cpu --sizes 21840 1000000 --rows 100 --repeat 3
     python bench/kernels.py --device cpu --compressor qsgd sign natural topk --ef none ef21
+    python bench/kernels.py --device cuda --layout both --pairs 100x1000000 1000x159010   # the GPU check's sizes
 
 For each layer size P (parameters) and number of child rows C, a tree of M = ceil(C / fanout) parents with the
 children interleaved over the parents (child c -> parent c mod M, so the kernels' host-side sort is exercised) is
@@ -60,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:i]")
     p.add_argument("--sizes", type=int, nargs="+", default=[21_840, 1_000_000, 5_850_000], help="P values")
     p.add_argument("--rows", type=int, nargs="+", default=[100, 1000], help="numbers of child rows C")
+    p.add_argument("--pairs", nargs="+", default=None, metavar="CxP",
+                   help="exact (rows C, size P) pairs instead of --rows x --sizes, e.g. 100x1000000 1000x159010")
     p.add_argument("--fanout", type=int, default=10, help="children per parent (M = ceil(C / fanout))")
     p.add_argument("--compressor", nargs="+", choices=COMPRESSORS, default=["qsgd"],
                    help="compressors to time (one table row each): qsgd (--levels, --bucket), identity, sign\n"
@@ -90,6 +93,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--bucket must be an integer >= 1, got {args.bucket}")
     if args.threads is not None and args.threads < 1:
         p.error(f"--threads must be an integer >= 1, got {args.threads}")
+    if args.pairs is not None:
+        pairs = []
+        for text in args.pairs:
+            parts = text.lower().split("x")
+            if len(parts) != 2 or not all(q.isdigit() and int(q) > 0 for q in parts):
+                p.error(f"--pairs takes CxP with integers C, P >= 1 (e.g. 100x1000000), got {text!r}")
+            pairs.append((int(parts[1]), int(parts[0])))
+        args.pairs = pairs
     return args
 
 
@@ -191,107 +202,112 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_torch:
         header += ["torch GB/s", "torch ms", "torch/copy"]
     for lay in triton_layouts:
-        header += [f"triton[{lay}] GB/s", "ms", "/copy", "/torch"]
+        header += [f"triton[{lay}] GB/s", "ms", "/copy", "/torch", "of 2-pass limit"]
     if with_numba:
         header += ["numba GB/s", "numba ms", "/copy", "/torch"]
     header += ["2-pass limit"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     skipped, notes, done = [], [], set()
-    for P in args.sizes:
-        for C in args.rows:
-            if max_elems is not None and C * P > max_elems:
-                capped = max(args.fanout, int(max_elems // P) // args.fanout * args.fanout)
-                notes.append(f"P={P}, C={C}: rows capped to C={capped} (C * P <= --max-elems {max_elems:g})")
-                C = capped
-            if (P, C) in done:
-                continue
-            done.add((P, C))
-            M = -(-C // args.fanout)
-            copy_elems = (C + M) * P
-            if copy_cap_gb is not None and copy_elems * itemsize > copy_cap_gb * 1e9:
-                copy_elems = int(copy_cap_gb * 1e9) // itemsize
-                notes.append(f"P={P}, C={C}: copy measured on a {copy_elems * itemsize / 1e9:.2f} GB buffer")
-            need = footprint_gb(C, M, P, itemsize, copy_elems, not args.no_torch, any_ef)
-            if need > max_gb:
-                skipped.append(f"P={P}, C={C} (needs ~{need:.1f} GB > --max-gb {max_gb:g})")
-                continue
-            g = torch.Generator(device=device).manual_seed(P + C)
-            parent = torch.randn(M, P, device=device, generator=g).to(dtype)
-            parent_index = torch.arange(C, device=device) % M
-            child = parent[parent_index].float()
-            child.add_(torch.randn(C, P, device=device, generator=g), alpha=0.01)
-            child = child.to(dtype)
-            weights = 1.0 / torch.bincount(parent_index, minlength=M).float()[parent_index]
-            seeds = row_seeds(seed=0, round_idx=0, layer=1, event=0, num_rows=C)
-            memory = torch.zeros(C, P, device=device) if any_ef else None
+    pairs = args.pairs if args.pairs is not None else [(P, C) for P in args.sizes for C in args.rows]
+    for P, C in pairs:
+        if max_elems is not None and C * P > max_elems:
+            capped = max(args.fanout, int(max_elems // P) // args.fanout * args.fanout)
+            notes.append(f"P={P}, C={C}: rows capped to C={capped} (C * P <= --max-elems {max_elems:g})")
+            C = capped
+        if (P, C) in done:
+            continue
+        done.add((P, C))
+        M = -(-C // args.fanout)
+        copy_elems = (C + M) * P
+        if copy_cap_gb is not None and copy_elems * itemsize > copy_cap_gb * 1e9:
+            copy_elems = int(copy_cap_gb * 1e9) // itemsize
+            notes.append(f"P={P}, C={C}: copy measured on a {copy_elems * itemsize / 1e9:.2f} GB buffer")
+        need = footprint_gb(C, M, P, itemsize, copy_elems, not args.no_torch, any_ef)
+        if need > max_gb:
+            skipped.append(f"P={P}, C={C} (needs ~{need:.1f} GB > --max-gb {max_gb:g})")
+            continue
+        g = torch.Generator(device=device).manual_seed(P + C)
+        parent = torch.randn(M, P, device=device, generator=g).to(dtype)
+        parent_index = torch.arange(C, device=device) % M
+        child = parent[parent_index].float()
+        child.add_(torch.randn(C, P, device=device, generator=g), alpha=0.01)
+        child = child.to(dtype)
+        weights = 1.0 / torch.bincount(parent_index, minlength=M).float()[parent_index]
+        seeds = row_seeds(seed=0, round_idx=0, layer=1, event=0, num_rows=C)
+        memory = torch.zeros(C, P, device=device) if any_ef else None
 
-            # Both buffers written before timing: untouched pages of a fresh CPU allocation all map to the
-            # kernel's shared zero page, and copying from them runs from cache (an earlier version measured
-            # 55-158 GB/s on this 2-core machine that way).
-            src = torch.ones(copy_elems, dtype=dtype, device=device)
-            dst = torch.zeros_like(src)
-            t_copy = time_ms(lambda: dst.copy_(src), device, max(repeat, 10), args.rep_ms)  # cheap: more samples
-            copy_gbs = 2 * copy_elems * itemsize / t_copy / 1e6
-            del src, dst
+        # Both buffers written before timing: untouched pages of a fresh CPU allocation all map to the
+        # kernel's shared zero page, and copying from them runs from cache (an earlier version measured
+        # 55-158 GB/s on this 2-core machine that way).
+        src = torch.ones(copy_elems, dtype=dtype, device=device)
+        dst = torch.zeros_like(src)
+        t_copy = time_ms(lambda: dst.copy_(src), device, max(repeat, 10), args.rep_ms)  # cheap: more samples
+        copy_gbs = 2 * copy_elems * itemsize / t_copy / 1e6
+        del src, dst
 
-            for comp in compressors:
-                ef = comp.error_feedback is not None
-                mem = memory if ef else None
-                eff_bytes = (C + 2 * M) * P * itemsize + (2 * C * P * 4 if ef else 0)
-                two_pass = ((2 * C + 3 * M) * P * itemsize + (3 * C * P * 4 if ef else 0))
-                fused = not isinstance(comp, (TopK, RandomK))
-                row = [repr(comp), f"{P:,}", str(C), str(M), f"{eff_bytes / 1e6:,.1f}", fmt(copy_gbs)]
-                torch_gbs = float("nan")
-                if not args.no_torch:
+        for comp in compressors:
+            ef = comp.error_feedback is not None
+            mem = memory if ef else None
+            eff_bytes = (C + 2 * M) * P * itemsize + (2 * C * P * 4 if ef else 0)
+            two_pass = ((2 * C + 3 * M) * P * itemsize + (3 * C * P * 4 if ef else 0))
+            fused = not isinstance(comp, (TopK, RandomK))
+            row = [repr(comp), f"{P:,}", str(C), str(M), f"{eff_bytes / 1e6:,.1f}", fmt(copy_gbs)]
+            torch_gbs = float("nan")
+            if not args.no_torch:
+                work = parent.clone()
+
+                def run_torch() -> None:
+                    aggregate_layer_torch_(work, child, parent_index, weights, comp, seeds, memory=mem)
+
+                t_torch = time_ms(run_torch, device, repeat, args.rep_ms)
+                torch_gbs = eff_bytes / t_torch / 1e6
+                row += [fmt(torch_gbs), fmt(t_torch), fmt(torch_gbs / copy_gbs)]
+                del work
+            for lay in triton_layouts:
+                if not triton_supports(parent, child, comp, mem, layout=lay):
+                    row += ["n/a"] * 5
+                    continue
+                work = parent.clone()
+
+                def run_triton(lay: str = lay) -> None:
+                    aggregate_layer_triton_(work, child, parent_index, weights, comp, seeds, memory=mem,
+                                            layout=lay, block=args.block)
+
+                t_tri = time_ms(run_triton, device, repeat, args.rep_ms)
+                tri_gbs = eff_bytes / t_tri / 1e6
+                # the share of the best possible: copy bandwidth x (ideal bytes / two-pass bytes)
+                limit = f"{tri_gbs / (copy_gbs * eff_bytes / two_pass):.0%}" if fused else "n/a"
+                row += [fmt(tri_gbs), fmt(t_tri), fmt(tri_gbs / copy_gbs), fmt(tri_gbs / torch_gbs), limit]
+                del work
+            if with_numba:
+                if cpu_kernels.supports(parent, child, comp, mem):
                     work = parent.clone()
 
-                    def run_torch() -> None:
-                        aggregate_layer_torch_(work, child, parent_index, weights, comp, seeds, memory=mem)
+                    def run_numba() -> None:
+                        cpu_kernels.aggregate_layer_numba_(work, child, parent_index, weights, comp, seeds,
+                                                           memory=mem)
 
-                    t_torch = time_ms(run_torch, device, repeat, args.rep_ms)
-                    torch_gbs = eff_bytes / t_torch / 1e6
-                    row += [fmt(torch_gbs), fmt(t_torch), fmt(torch_gbs / copy_gbs)]
+                    t_nb = time_ms(run_numba, device, repeat, args.rep_ms)
+                    nb_gbs = eff_bytes / t_nb / 1e6
+                    row += [fmt(nb_gbs), fmt(t_nb), fmt(nb_gbs / copy_gbs), fmt(nb_gbs / torch_gbs)]
                     del work
-                for lay in triton_layouts:
-                    if not triton_supports(parent, child, comp, mem, layout=lay):
-                        row += ["n/a"] * 4
-                        continue
-                    work = parent.clone()
-
-                    def run_triton(lay: str = lay) -> None:
-                        aggregate_layer_triton_(work, child, parent_index, weights, comp, seeds, memory=mem,
-                                                layout=lay, block=args.block)
-
-                    t_tri = time_ms(run_triton, device, repeat, args.rep_ms)
-                    tri_gbs = eff_bytes / t_tri / 1e6
-                    row += [fmt(tri_gbs), fmt(t_tri), fmt(tri_gbs / copy_gbs), fmt(tri_gbs / torch_gbs)]
-                    del work
-                if with_numba:
-                    if cpu_kernels.supports(parent, child, comp, mem):
-                        work = parent.clone()
-
-                        def run_numba() -> None:
-                            cpu_kernels.aggregate_layer_numba_(work, child, parent_index, weights, comp, seeds,
-                                                               memory=mem)
-
-                        t_nb = time_ms(run_numba, device, repeat, args.rep_ms)
-                        nb_gbs = eff_bytes / t_nb / 1e6
-                        row += [fmt(nb_gbs), fmt(t_nb), fmt(nb_gbs / copy_gbs), fmt(nb_gbs / torch_gbs)]
-                        del work
-                    else:
-                        row += ["n/a"] * 4
-                row.append(f"{eff_bytes / two_pass:.2f}" if fused else "n/a")
-                print("| " + " | ".join(row) + " |", flush=True)
-            del parent, child, memory
-            if on_gpu:
-                torch.cuda.empty_cache()
+                else:
+                    row += ["n/a"] * 4
+            row.append(f"{eff_bytes / two_pass:.2f}" if fused else "n/a")
+            print("| " + " | ".join(row) + " |", flush=True)
+        del parent, child, memory
+        if on_gpu:
+            torch.cuda.empty_cache()
     print()
     print("eff. MB = ((C + 2M) P b + 2 C P 4 with EF) / 1e6: child rows read once, parent rows read and written "
           "once, EF memory read and written once (the ideal).")
     print("copy GB/s = (read + written bytes) / time of dst.copy_(src) over the (C + M) P elements read.")
     print("2-pass limit = ideal / ((2C + 3M) P b + 3 C P 4 with EF): the best fused/copy possible when norms need "
           "their own pass.")
+    if triton_layouts:
+        print("of 2-pass limit = triton GB/s / (copy GB/s x 2-pass limit): the share of the fastest a two-pass "
+              "kernel can be at the bandwidth measured in this run.")
     for n in notes:
         print(f"note: {n}")
     for s in skipped:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from recipes.datasets import get_dataset, normalize, random_crop_flip, resolve_data_dir
+from recipes.datasets import DatasetSplits, get_dataset, normalize, random_crop_flip, resolve_data_dir
 from recipes.options import check_fraction, int_option
 from recipes.splits import stratified_split
 
@@ -85,11 +85,16 @@ class ImageDataModule(L.LightningDataModule):
         """The batched augmentation the strategy applies to every stacked training batch (None: none)."""
         return crop_flip_transform if self.augment else None
 
+    def load(self) -> DatasetSplits:
+        """Both splits as uint8 images and labels (:func:`~recipes.datasets.get_dataset` from ``data_dir``); a
+        subclass reading another source overrides this and keeps the split, normalisation and augmentation."""
+        return get_dataset(self.name, resolve_data_dir(self.data_dir), download=self.download, mirror=self.mirror)
+
     def setup(self, stage: str | None = None) -> None:
         """Load both splits once (downloading if allowed), normalise, split off the validation set."""
         if self.train is not None:
             return
-        ds = get_dataset(self.name, resolve_data_dir(self.data_dir), download=self.download, mirror=self.mirror)
+        ds = self.load()
         images, labels = ds.train_images, ds.train_labels
         if self.train_subset is not None:
             images, labels = images[: self.train_subset], labels[: self.train_subset]

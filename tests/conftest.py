@@ -2,6 +2,7 @@
 so the kernels run in Triton's interpreter on CPU tensors. Nothing may reach the network."""
 
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -19,6 +20,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # bench/ (the benchmark tools, tested here) is imported from the checkout
+    sys.path.insert(0, str(REPO))
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -29,18 +29,54 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
+STEPS = ("versions", "tests", "kernels_fp32", "kernels_bf16", "kernels_bucket512", "engine", "main_job", "cifar_job")
+
+
 def test_gpu_check_dry_run_passes(tmp_path: Path, data_root: Path) -> None:
-    out = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run"], cwd=REPO, capture_output=True, text=True,
-                         timeout=150, env=_env(OUT=str(tmp_path), QMLHFL_DATA=str(data_root)))
+    out = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run", "--python", sys.executable], cwd=REPO,
+                         capture_output=True, text=True, timeout=200,
+                         env=_env(OUT=str(tmp_path), QMLHFL_DATA=str(data_root)))
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     assert "all checks passed" in out.stdout
     assert "MISSING" not in out.stdout
-    for step in ("versions", "tests", "kernels_fp32", "kernels_bf16", "kernels_bucket512", "engine", "main_job",
-                 "cifar_job"):
+    for step in STEPS:
         assert f"  {step} " in out.stdout, f"step {step} not in the plan"
     assert "constraints-cuda.txt consistent" in out.stdout
+    assert f"CIFAR job data: CIFAR-10 from {data_root.resolve()}/cifar-10-batches-py" in out.stdout
+    assert "ok       carried size: tree" in out.stdout and "within the 64 MiB limit" in out.stdout
     assert (tmp_path / "dry_run" / "main_job_config.log").read_text().count("accelerator: gpu") == 1
     assert not (tmp_path / "steps.tsv").exists(), "a dry run must not run the steps"
+
+
+def test_gpu_check_dry_run_with_wheels_and_the_cifar_excerpt(tmp_path: Path, data_root: Path) -> None:
+    """The GPU machine's way: --wheels (a complete closure of metadata-only wheels, installed offline for real)
+    and a data folder holding MNIST and the CIFAR-10 excerpt instead of CIFAR-10."""
+    from bench.gpu.cifar_excerpt import write_excerpt
+    from test_gpu_carry import CLOSURE, fake_wheel
+
+    wheels, data = tmp_path / "wheels", tmp_path / "data"
+    wheels.mkdir()
+    for name, version, reqs in CLOSURE:
+        fake_wheel(wheels, name, version, reqs)
+    data.mkdir()
+    (data / "MNIST").symlink_to(data_root.resolve() / "MNIST")
+    write_excerpt(data_root, data / "cifar10_excerpt.npz", train=300, test=50)
+    args = ["--dry-run", "--python", sys.executable, "--wheels", str(wheels), "--data", str(data), "--out",
+            str(tmp_path / "out")]
+    out = subprocess.run(["bash", "bench/gpu_check.sh", *args], cwd=REPO, capture_output=True, text=True,
+                         timeout=200, env=_env())
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert "closure complete for CPython 3.12 on Linux x86_64" in out.stdout
+    assert f"ok       offline install of {wheels}" in out.stdout
+    assert "datamodule._target_=bench.gpu.cifar_excerpt.CifarExcerpt" in out.stdout
+    log = (tmp_path / "out" / "dry_run" / "cifar_data.log").read_text()
+    assert "excerpt {'train': 270, 'val': 30, 'test': 50}" in log
+    # an incomplete folder is named, with what is missing
+    (wheels / "omegaconf-2.3.1-py3-none-any.whl").unlink()
+    out = subprocess.run(["bash", "bench/gpu_check.sh", *args], cwd=REPO, capture_output=True, text=True,
+                         timeout=200, env=_env())
+    assert out.returncode == 1 and "MISSING  wheels for Python 3.12" in out.stdout
+    assert "PROBLEM omegaconf<2.4,>=2.2: required by hydra-core, not on the image and no wheel" in out.stdout
 
 
 def test_gpu_check_dry_run_fails_when_something_is_missing(tmp_path: Path) -> None:
@@ -50,6 +86,10 @@ def test_gpu_check_dry_run_fails_when_something_is_missing(tmp_path: Path) -> No
     assert out.returncode == 1
     assert f"MISSING  python {tmp_path / 'no-python'}" in out.stdout
     assert f"MISSING  data {tmp_path / 'no-data'}/MNIST/raw" in out.stdout
+    assert "cifar10_excerpt.npz (python bench/gpu/prepare.py writes the excerpt)" in out.stdout
+    out = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run", "--wheels"], cwd=REPO, capture_output=True,
+                         text=True, timeout=30, env=_env(OUT=str(tmp_path)))
+    assert out.returncode == 2 and "option --wheels needs a value" in out.stderr
 
 
 def test_scripts_reject_unknown_options() -> None:

@@ -3,12 +3,22 @@
 The reference gives every device its own nn.Module and torch optimiser, every node its own state dict, and
 writes Eqs. 4-6 and the Eq. 5 resync as per-node Python code, following ALGORITHM.md section 2 literally
 (nested loops: tau_N times { ... tau_2 times { tau_1 local steps; aggregate layer 1 } ... }; aggregate the cloud).
+
+The comparisons with the reference run the engine on ``DEVICE`` (from ``QMLHFL_TEST_DEVICE``, default "cpu"); the
+reference always runs on the CPU. On a GPU machine::
+
+    TRITON_INTERPRET=0 QMLHFL_TEST_DEVICE=cuda pytest tests/test_engine.py
+
+runs them with the engine on CUDA, aggregating with the compiled Triton kernels (``backend="auto"``), TF32 off so
+that the GPU computes in full fp32 like the reference.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import os
+import re
 
 import pytest
 import torch
@@ -24,6 +34,33 @@ from lightning_qmlhfl.stacked import ParamLayout
 
 from helpers.compress_by_hand import compress_by_hand
 from helpers.server_optim_by_hand import server_step_by_hand
+
+_DEVICE_NAME = os.environ.get("QMLHFL_TEST_DEVICE", "cpu")
+if not re.fullmatch(r"cpu|cuda(:\d+)?", _DEVICE_NAME):
+    raise ValueError(f"QMLHFL_TEST_DEVICE must be 'cpu' or 'cuda[:i]', got {_DEVICE_NAME!r}")
+DEVICE = torch.device(_DEVICE_NAME)
+"""Where the engine runs in the comparisons with the reference (the reference itself runs on the CPU)."""
+ON_GPU = DEVICE.type == "cuda"
+if ON_GPU and (os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available()):
+    raise RuntimeError("QMLHFL_TEST_DEVICE=cuda runs the engine with the compiled kernels: it needs a CUDA device "
+                       "and TRITON_INTERPRET=0 (conftest.py sets 1 only when it is unset)")
+
+
+@pytest.fixture(autouse=True)
+def _full_fp32_on_gpu():
+    """TF32 off on a GPU (cuDNN convolutions default to it): the reference computes in full fp32 on the CPU."""
+    if not ON_GPU:
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def on_device(batch):
+    """A batch (x, y) on DEVICE."""
+    return tuple(t.to(DEVICE) for t in batch)
 
 
 # ---------------------------------------------------------------- models and data
@@ -224,11 +261,12 @@ def _run_both(hname, quantized, executor, rounds=2, momentum=0.5, param_order="f
     qs = compressors if compressors is not None else qs
     steps = math.prod(taus) * rounds
     batches = make_batches(h.num_devices, steps)
-    engine = QMLHFLEngine(copy.deepcopy(template), ce_loss, h, taus, qs, optimizer="sgd",
+    engine = QMLHFLEngine(copy.deepcopy(template).to(DEVICE), ce_loss, h, taus, qs, optimizer="sgd",
                           optimizer_kwargs={"lr": 0.2, "momentum": momentum}, executor=executor, seed=7,
                           param_order=param_order, server_optimizers=server_optimizers)
+    assert engine.device.type == DEVICE.type
     for b in batches:
-        engine.local_step(b)
+        engine.local_step(on_device(b))
     ref = ReferenceQMLHFL(copy.deepcopy(template), h, taus, qs, lr=0.2, momentum=momentum, seed=7,
                           param_order=param_order, server_optimizers=server_optimizers)
     per_round = math.prod(taus)
@@ -242,11 +280,11 @@ def _run_both(hname, quantized, executor, rounds=2, momentum=0.5, param_order="f
 def test_engine_matches_reference_unquantized(hname, executor):
     engine, ref = _run_both(hname, quantized=False, executor=executor)
     assert engine.round == 2
-    torch.testing.assert_close(engine.state.params[0], ref.device_matrix(), atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(engine.cloud_params(), ref.cloud_flat(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(engine.state.params[0].cpu(), ref.device_matrix(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(engine.cloud_params().cpu(), ref.cloud_flat(), atol=1e-6, rtol=1e-6)
     # every intermediate node equals the reference node too
     for n in range(1, engine.N + 1):
-        mine = engine.state.params[n]
+        mine = engine.state.params[n].cpu()
         theirs = torch.stack([ref._flat(node.state) for node in ref.layers[n]])
         torch.testing.assert_close(mine, theirs, atol=1e-6, rtol=1e-6)
 
@@ -255,8 +293,8 @@ def test_engine_matches_reference_unquantized(hname, executor):
                                                ("irregular", "fast"), ("N3", "module")])
 def test_engine_matches_reference_quantized(hname, param_order):
     engine, ref = _run_both(hname, quantized=True, executor="vmap", param_order=param_order)
-    torch.testing.assert_close(engine.state.params[0], ref.device_matrix(), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(engine.cloud_params(), ref.cloud_flat(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(engine.state.params[0].cpu(), ref.device_matrix(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(engine.cloud_params().cpu(), ref.cloud_flat(), atol=1e-5, rtol=1e-5)
 
 
 COMPRESSOR_SETS = {
@@ -274,13 +312,69 @@ def test_engine_matches_reference_with_compressors_and_error_feedback(name):
     """Every compressor, with and without EF/EF21, in the engine (fused numba paths and the torch reference)
     against the per-node loop with per-node memory, over rounds that re-synchronise every node."""
     engine, ref = _run_both("N3", quantized=False, executor="vmap", rounds=3, compressors=COMPRESSOR_SETS[name])
-    torch.testing.assert_close(engine.state.params[0], ref.device_matrix(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(engine.state.params[0].cpu(), ref.device_matrix(), atol=1e-5, rtol=1e-5)
     for n in range(1, engine.N + 1):
         theirs = torch.stack([ref._flat(node.state) for node in ref.layers[n]])
-        torch.testing.assert_close(engine.state.params[n], theirs, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(engine.state.params[n].cpu(), theirs, atol=1e-5, rtol=1e-5)
         if engine.memory[n - 1] is not None:  # every sender's memory row, kept across the resyncs
             mem = torch.stack([getattr(node, "memory", torch.zeros(engine.num_params)) for node in ref.layers[n - 1]])
-            torch.testing.assert_close(engine.memory[n - 1], mem, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(engine.memory[n - 1].cpu(), mem, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", list(COMPRESSOR_SETS))
+def test_fused_backend_equals_the_torch_reference_in_the_engine(name, dtype):
+    """The engine on DEVICE with ``backend="auto"`` (CUDA: the Triton kernels; CPU: numba for float32) against the
+    same engine with the torch reference aggregation, over rounds with every compressor and error feedback, fp32
+    and bf16 storage. Same device, same local steps, same draws: only the aggregation arithmetic differs (fp32:
+    rounding; bf16 storage: a rounding difference can move an entry by one bf16 ulp and the runs drift apart by a
+    few of them)."""
+    h, taus = HIERARCHIES["N3"]
+    batches = make_batches(h.num_devices, math.prod(taus) * 3)
+    runs = {}
+    for backend in ("auto", "torch"):
+        torch.manual_seed(0)
+        e = QMLHFLEngine(MLP().to(device=DEVICE, dtype=dtype), ce_loss, h, taus, COMPRESSOR_SETS[name],
+                         optimizer="sgd", optimizer_kwargs={"lr": 0.2, "momentum": 0.5}, executor="vmap", seed=7,
+                         backend=backend)
+        for x, y in batches:
+            e.local_step((x.to(device=DEVICE, dtype=dtype), y.to(DEVICE)))
+        runs[backend] = e
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    fused, ref = runs["auto"], runs["torch"]
+    for n in range(fused.N + 1):
+        assert fused.state.params[n].dtype == dtype
+        torch.testing.assert_close(fused.state.params[n].float().cpu(), ref.state.params[n].float().cpu(),
+                                   atol=tol, rtol=tol)
+    for n in range(fused.N):
+        if fused.memory[n] is not None:
+            torch.testing.assert_close(fused.memory[n].cpu(), ref.memory[n].cpu(), atol=tol, rtol=tol)
+    assert fused.bits_sent == ref.bits_sent
+
+
+@pytest.mark.parametrize("executor", ["vmap", "loop"])
+def test_bf16_mixed_steps_follow_the_fp32_reference(executor):
+    """Local steps under ``torch.autocast(bfloat16)`` on DEVICE, as the strategy runs ``precision="bf16-mixed"``:
+    the stacked state, optimizer and aggregation stay fp32, only the forward and backward run in bf16, so the run
+    stays within bf16's precision of the fp32 reference (no quantization here: a stochastic rounding step would
+    turn a bf16-sized difference into a level's jump)."""
+    h, taus = HIERARCHIES["N2"]
+    torch.manual_seed(0)
+    template = MLP()
+    qs = [NoQuantization()] * h.num_layers
+    batches = make_batches(h.num_devices, math.prod(taus) * 2)
+    engine = QMLHFLEngine(copy.deepcopy(template).to(DEVICE), ce_loss, h, taus, qs, optimizer="sgd",
+                          optimizer_kwargs={"lr": 0.2, "momentum": 0.5}, executor=executor, seed=7)
+    for b in batches:
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            engine.local_step(on_device(b))
+    assert engine.state.params[0].dtype == torch.float32 and engine.round == 2
+    ref = ReferenceQMLHFL(copy.deepcopy(template), h, taus, qs, lr=0.2, momentum=0.5, seed=7)
+    for r in range(2):
+        ref.global_round(batches[r * math.prod(taus) : (r + 1) * math.prod(taus)])
+    got, want = engine.state.params[0].cpu(), ref.device_matrix()
+    assert not torch.equal(got, want), "autocast had no effect"
+    torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)
 
 
 def test_identity_with_error_feedback_equals_the_uncompressed_run():
@@ -321,16 +415,16 @@ def test_batchnorm_buffers_match_reference():
     torch.manual_seed(0)
     template = SmallCNN()
     batches = make_batches(h.num_devices, 4, shape=(1, 6, 6))
-    engine = QMLHFLEngine(copy.deepcopy(template), ce_loss, h, taus, [QSGD(8), NoQuantization()],
+    engine = QMLHFLEngine(copy.deepcopy(template).to(DEVICE), ce_loss, h, taus, [QSGD(8), NoQuantization()],
                           optimizer_kwargs={"lr": 0.1}, executor="loop", seed=3)
     for b in batches:
-        engine.local_step(b)
+        engine.local_step(on_device(b))
     ref = ReferenceQMLHFL(copy.deepcopy(template), h, taus, [QSGD(8), NoQuantization()], 0.1, 0.0, seed=3)
     ref.global_round(batches[:2])
     ref.global_round(batches[2:])
-    torch.testing.assert_close(engine.state.params[0], ref.device_matrix(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(engine.state.params[0].cpu(), ref.device_matrix(), atol=1e-5, rtol=1e-5)
     ref_buf = torch.cat([ref.layers[-1][0].state[k].reshape(-1) for k in ref.buffer_names])
-    torch.testing.assert_close(engine.state.cloud_buffers(), ref_buf, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(engine.state.cloud_buffers().cpu(), ref_buf, atol=1e-6, rtol=1e-6)
     # the cloud model really was loaded into a module with its running statistics
     m = engine.load_cloud_into(SmallCNN())
     torch.testing.assert_close(m.bn.running_mean, ref.layers[-1][0].state["bn.running_mean"])
@@ -395,11 +489,11 @@ def test_executors_agree(model_fn, shape):
     for ex in ("vmap", "loop"):
         torch.manual_seed(0)
         # SGD with momentum: Adam would turn fp-rounding-sized gradient differences near 0 into +-lr steps.
-        e = QMLHFLEngine(_dropout_off(model_fn()), ce_loss, h, (2, 2), [QSGD(4), QSGD(8)], optimizer="sgd",
-                         optimizer_kwargs={"lr": 0.05, "momentum": 0.9}, executor=ex, seed=1)
+        e = QMLHFLEngine(_dropout_off(model_fn()).to(DEVICE), ce_loss, h, (2, 2), [QSGD(4), QSGD(8)],
+                         optimizer="sgd", optimizer_kwargs={"lr": 0.05, "momentum": 0.9}, executor=ex, seed=1)
         for b in batches:
-            e.local_step(b)
-        results[ex] = (e.state.params[0].clone(), e.state.buffers[0].clone())
+            e.local_step(on_device(b))
+        results[ex] = (e.state.params[0].cpu(), e.state.buffers[0].cpu())
     torch.testing.assert_close(results["vmap"][0], results["loop"][0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(results["vmap"][1], results["loop"][1], atol=1e-6, rtol=1e-6)
 
