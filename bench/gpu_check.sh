@@ -17,13 +17,17 @@
 #   --out DIR       where every output goes (default $OUT, else ./gpu_out)
 #   --bundle FILE   after every step, pack DIR (without checkpoints) into FILE (.tar.gz), so that a run cut off by a
 #                   time limit still hands back what finished (the device tool returns at most 8 files)
+#   --steps LIST    run only these steps, in this order (comma-separated names from the list below; for reruns)
+#   --engine-configs LIST   the engine step's configurations (default: the list below, in that order)
+#   --timeouts LIST  per-step timeouts in seconds replacing the defaults, e.g. engine=200,tests=60
 #
 # Steps, in priority order, each under its own `timeout` and capped by what is left of the budget:
 #   versions         nvidia-smi, python, torch, CUDA, triton, lightning, numba; pip freeze
 #   wheels           pip install --no-index of --wheels (only with --wheels)
 #   tests            tests/test_kernels.py + tests/test_engine.py on CUDA with compiled Triton (pytest-xdist if there)
 #   kernels_*        bench/kernels.py --device cuda, both layouts, 100 x 1M and 1000 x 159k: fp32 (QSGD, Identity,
-#                    with and without EF), bf16 (QSGD), buckets of 512 (QSGD, ScaledSign)
+#                    with and without EF), bf16 (QSGD), buckets of 512 (QSGD, ScaledSign); kernels_blocks: QSGD
+#                    fp32 with 256 and 4096 columns per program (the default is 1024)
 #   engine           bench/engine.py --device cuda: vmap and loop against the naive per-client loop, LeNet x 1000
 #                    first; MLP x 100 / 1000, LeNet x 100, the CIFAR CNN x 64; JSON lines in engine.jsonl
 #   main_job         python -m recipes.mnist trainer.accelerator=gpu (the README's main job), timed
@@ -35,7 +39,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO="$(pwd)"
 
-usage() { sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,36p' "$0" | sed 's/^# \{0,1\}//'; }
 die_usage() { echo "bench/gpu_check.sh: $1" >&2; exit 2; }
 
 DRY=0
@@ -45,19 +49,23 @@ WHEELS=""
 DATA="${QMLHFL_DATA:-$(cd .. && pwd)/shared/data}"
 OUT_DIR="${OUT:-./gpu_out}"
 BUNDLE=""
+ONLY=""
+ENGINE_CONFIGS=""
+STEP_TIMEOUTS=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
     --versions) VERSIONS=1 ;;
-    --python|--wheels|--data|--out|--bundle)
+    --python|--wheels|--data|--out|--bundle|--steps|--engine-configs|--timeouts)
       [ $# -ge 2 ] && [ -n "$2" ] || die_usage "option $1 needs a value"
       case "$1" in
         --python) PY="$2" ;; --wheels) WHEELS="$2" ;; --data) DATA="$2" ;; --out) OUT_DIR="$2" ;;
-        --bundle) BUNDLE="$2" ;;
+        --bundle) BUNDLE="$2" ;; --steps) ONLY="$2" ;; --engine-configs) ENGINE_CONFIGS="$2" ;;
+        --timeouts) STEP_TIMEOUTS="$2" ;;
       esac
       shift ;;
     -h|--help) usage; exit 0 ;;
-    *) die_usage "unknown option '$1' (options: --python PY, --wheels DIR, --data DIR, --out DIR, --bundle FILE, --dry-run, --versions, --help)" ;;
+    *) die_usage "unknown option '$1' (options: --python PY, --wheels DIR, --data DIR, --out DIR, --bundle FILE, --steps LIST, --engine-configs LIST, --timeouts LIST, --dry-run, --versions, --help)" ;;
   esac
   shift
 done
@@ -140,9 +148,11 @@ fi
 XDIST=""  # decided at run time: pytest-xdist spreads the Triton compilations over the CPU cores; pytest-timeout
 TEST_ARGS="-m pytest -v -rs --durations=15 -p no:cacheprovider --junitxml=$Q_OUT/tests.xml tests/test_kernels.py tests/test_engine.py"
 KERNEL_ARGS="--device cuda --layout both --rep-ms 100 --pairs 100x1000000 1000x159010"
-ENGINE_CONFIGS="lenet1000:vmap,lenet1000:naive,lenet1000:loop,mlp100:naive,mlp100:vmap,mlp100:loop"
-ENGINE_CONFIGS+=",lenet100:naive,lenet100:vmap,lenet100:loop,cifar64:naive,cifar64:vmap,cifar64:loop"
-ENGINE_CONFIGS+=",mlp1000:vmap,mlp1000:naive,mlp1000:loop,mlp1000:vmap+bf16,cifar1000:vmap"
+if [ -z "$ENGINE_CONFIGS" ]; then
+  ENGINE_CONFIGS="lenet1000:vmap,lenet1000:naive,lenet1000:loop,mlp100:naive,mlp100:vmap,mlp100:loop"
+  ENGINE_CONFIGS+=",lenet100:naive,lenet100:vmap,lenet100:loop,cifar64:naive,cifar64:vmap,cifar64:loop"
+  ENGINE_CONFIGS+=",mlp1000:vmap,mlp1000:naive,mlp1000:loop,mlp1000:vmap+bf16,cifar1000:vmap"
+fi
 # (in this order: when the budget runs out, the configurations at the end are the ones left out)
 # @BUDGET@: the step's timeout minus 25 s, so that the engine stops starting configurations and prints its table
 ENGINE_ARGS="--device cuda --in-process --rounds 1 --configs $ENGINE_CONFIGS --jsonl $Q_OUT/engine.jsonl --budget-s @BUDGET@"
@@ -153,14 +163,41 @@ NAMES=()
 TIMEOUTS=()
 CMDS=()
 add() { NAMES+=("$1"); TIMEOUTS+=("$2"); CMDS+=("$3"); }
-add versions 15 "bash bench/gpu_check.sh --versions --python $Q_PY --out $Q_OUT > $Q_OUT/versions.txt"
+add versions 40 "bash bench/gpu_check.sh --versions --python $Q_PY --out $Q_OUT > $Q_OUT/versions.txt"
 add tests 110 "TRITON_INTERPRET=0 QMLHFL_TEST_DEVICE=cuda $Q_PY $TEST_ARGS @XDIST@"
 add kernels_fp32 35 "$Q_PY bench/kernels.py $KERNEL_ARGS --compressor qsgd identity --ef none ef"
 add kernels_bf16 25 "$Q_PY bench/kernels.py $KERNEL_ARGS --dtype bfloat16"
 add kernels_bucket512 25 "$Q_PY bench/kernels.py $KERNEL_ARGS --bucket 512 --compressor qsgd sign"
+BLOCK_ARGS="--device cuda --layout segments --no-torch --rep-ms 100 --pairs 100x1000000 1000x159010"
+add kernels_blocks 30 "$Q_PY bench/kernels.py $BLOCK_ARGS --block 256; $Q_PY bench/kernels.py $BLOCK_ARGS --block 4096"
 add engine 130 "$Q_PY bench/engine.py $ENGINE_ARGS"
 add main_job 90 "$Q_PY -m recipes.mnist $MNIST_ARGS"
 add cifar_job 45 "$Q_PY -m recipes.cifar $CIFAR_ARGS"
+
+if [ -n "$ONLY" ]; then  # --steps: keep the named steps, in the order given
+  SEL_N=(); SEL_T=(); SEL_C=()
+  IFS=',' read -ra WANT <<< "$ONLY"
+  for w in "${WANT[@]}"; do
+    found=0
+    for i in "${!NAMES[@]}"; do
+      if [ "${NAMES[$i]}" = "$w" ]; then SEL_N+=("$w"); SEL_T+=("${TIMEOUTS[$i]}"); SEL_C+=("${CMDS[$i]}"); found=1; fi
+    done
+    [ "$found" = 1 ] || die_usage "--steps: unknown step '$w' (steps: ${NAMES[*]})"
+  done
+  NAMES=("${SEL_N[@]}"); TIMEOUTS=("${SEL_T[@]}"); CMDS=("${SEL_C[@]}")
+fi
+
+if [ -n "$STEP_TIMEOUTS" ]; then  # --timeouts name=seconds,...
+  IFS=',' read -ra PAIRS <<< "$STEP_TIMEOUTS"
+  for pair in "${PAIRS[@]}"; do
+    name="${pair%%=*}"; secs="${pair#*=}"
+    [[ "$pair" == *=* && "$secs" =~ ^[0-9]+$ && "$secs" -ge 1 ]] ||
+      die_usage "--timeouts: expected NAME=SECONDS with SECONDS >= 1, got '$pair'"
+    found=0
+    for i in "${!NAMES[@]}"; do [ "${NAMES[$i]}" = "$name" ] && TIMEOUTS[$i]="$secs" && found=1; done
+    [ "$found" = 1 ] || die_usage "--timeouts: no step '$name' in this run (steps: ${NAMES[*]})"
+  done
+fi
 
 engine_budget() { echo $(($1 > 40 ? $1 - 25 : 10)); }
 expand() { local c="${1//@BUDGET@/$(engine_budget "$2")}"; echo "${c//@XDIST@/$XDIST}"; }

@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
         from lightning_qmlhfl.kernels import triton_available
 
         if triton_available():
-            from lightning_qmlhfl.kernels.triton_cuda import aggregate_layer_triton_
+            from lightning_qmlhfl.kernels.triton_cuda import aggregate_layer_triton_, row_norms_triton
             from lightning_qmlhfl.kernels.triton_cuda import supports as triton_supports
 
             triton_layouts = ["segments", "atomic"] if args.layout == "both" else [args.layout]
@@ -203,6 +203,8 @@ def main(argv: list[str] | None = None) -> None:
         header += ["torch GB/s", "torch ms", "torch/copy"]
     for lay in triton_layouts:
         header += [f"triton[{lay}] GB/s", "ms", "/copy", "/torch", "of 2-pass limit"]
+    if triton_layouts:
+        header += ["pass-1 ms"]
     if with_numba:
         header += ["numba GB/s", "numba ms", "/copy", "/torch"]
     header += ["2-pass limit"]
@@ -280,6 +282,13 @@ def main(argv: list[str] | None = None) -> None:
                 limit = f"{tri_gbs / (copy_gbs * eff_bytes / two_pass):.0%}" if fused else "n/a"
                 row += [fmt(tri_gbs), fmt(t_tri), fmt(tri_gbs / copy_gbs), fmt(tri_gbs / torch_gbs), limit]
                 del work
+            if triton_layouts:  # the norms pass alone (child and parent read once; without EF memory)
+                if fused and not ef and comp.norm is not None:
+                    t_norm = time_ms(lambda: row_norms_triton(parent, child, parent_index, comp.bucket_size,
+                                                              block=args.block), device, repeat, args.rep_ms)
+                    row.append(fmt(t_norm))
+                else:
+                    row.append("n/a")
             if with_numba:
                 if cpu_kernels.supports(parent, child, comp, mem):
                     work = parent.clone()
@@ -306,6 +315,8 @@ def main(argv: list[str] | None = None) -> None:
     print("2-pass limit = ideal / ((2C + 3M) P b + 3 C P 4 with EF): the best fused/copy possible when norms need "
           "their own pass.")
     if triton_layouts:
+        print("pass-1 ms = row_norms_triton alone (the norms pass with its host-side reduction), whole-row or "
+              "bucketed like the compressor; n/a with EF or without a norm.")
         print("of 2-pass limit = triton GB/s / (copy GB/s x 2-pass limit): the share of the fastest a two-pass "
               "kernel can be at the bandwidth measured in this run.")
     for n in notes:

@@ -285,6 +285,8 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None, overrides: Se
         extra["device_rng"] = str(tr.device_rng)
     if strategy_name == "qmlhfl_ddp":
         extra["checkpoint"] = str(tr.get("ddp_checkpoint", "full"))
+    elif str(tr.accelerator) in ("cpu", "gpu", "cuda"):  # the simulation lives where the accelerator says
+        extra["device"] = "cpu" if str(tr.accelerator) == "cpu" else "cuda"
     strategy = (QMLHFLDDPStrategy if strategy_name == "qmlhfl_ddp" else QMLHFLStrategy)(
         hierarchy=hierarchy, taus=list(cfg.hierarchy.taus), compressors=compressors,
         server_optimizers=build_server_optimizers(cfg, N), participation=build_participation(cfg, N),

@@ -29,7 +29,8 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-STEPS = ("versions", "tests", "kernels_fp32", "kernels_bf16", "kernels_bucket512", "engine", "main_job", "cifar_job")
+STEPS = ("versions", "tests", "kernels_fp32", "kernels_bf16", "kernels_bucket512", "kernels_blocks", "engine",
+         "main_job", "cifar_job")
 
 
 def test_gpu_check_dry_run_passes(tmp_path: Path, data_root: Path) -> None:
@@ -87,9 +88,25 @@ def test_gpu_check_dry_run_fails_when_something_is_missing(tmp_path: Path) -> No
     assert f"MISSING  python {tmp_path / 'no-python'}" in out.stdout
     assert f"MISSING  data {tmp_path / 'no-data'}/MNIST/raw" in out.stdout
     assert "cifar10_excerpt.npz (python bench/gpu/prepare.py writes the excerpt)" in out.stdout
-    out = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run", "--wheels"], cwd=REPO, capture_output=True,
-                         text=True, timeout=30, env=_env(OUT=str(tmp_path)))
-    assert out.returncode == 2 and "option --wheels needs a value" in out.stderr
+    for args, message in ((["--wheels"], "option --wheels needs a value"),
+                          (["--steps", "tests,nope"], "--steps: unknown step 'nope'"),
+                          (["--timeouts", "engine=0"], "--timeouts: expected NAME=SECONDS with SECONDS >= 1"),
+                          (["--steps", "tests", "--timeouts", "engine=9"], "--timeouts: no step 'engine' in this run")):
+        out = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run", *args], cwd=REPO, capture_output=True,
+                             text=True, timeout=30, env=_env(OUT=str(tmp_path)))
+        assert out.returncode == 2 and message in out.stderr, (args, out.stderr)
+
+
+def test_gpu_check_steps_and_timeouts_select_the_plan(tmp_path: Path, data_root: Path) -> None:
+    out = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run", "--python", sys.executable, "--steps",
+                          "main_job,tests", "--timeouts", "tests=61", "--engine-configs", "mlp100:vmap"], cwd=REPO,
+                         capture_output=True, text=True, timeout=200,
+                         env=_env(OUT=str(tmp_path), QMLHFL_DATA=str(data_root)))
+    assert out.returncode == 0, out.stdout[-3000:]
+    plan = [line.split()[0] for line in out.stdout.split("would run:")[1].split("(step timeouts")[0].splitlines()
+            if line.strip()]
+    assert plan == ["main_job", "tests"]
+    assert "tests              timeout   61s" in out.stdout
 
 
 def test_scripts_reject_unknown_options() -> None:

@@ -141,6 +141,14 @@ def test_registered_by_name_with_documented_defaults():
     assert isinstance(s.partitioner, Dirichlet) and s.partitioner.alpha == 0.5
 
 
+def test_cuda_device_gets_an_index():
+    """Lightning's CUDA accelerator calls torch.cuda.set_device(root_device), which refuses an index-less "cuda"
+    (seen on the H200: the recipes with trainer.accelerator=gpu failed at setup)."""
+    assert QMLHFLStrategy(device="cuda").root_device == torch.device("cuda", 0)
+    assert QMLHFLStrategy(device="cuda:1").root_device == torch.device("cuda", 1)
+    assert QMLHFLStrategy(device="cpu").root_device == torch.device("cpu")
+
+
 def test_unsupported_optimizer_is_rejected():
     strategy = QMLHFLStrategy(hierarchy=Hierarchy.balanced([2]), taus=[1], quantizers=[None], partition=IID())
     trainer = _trainer(strategy, max_steps=1)

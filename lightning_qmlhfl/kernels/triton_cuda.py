@@ -59,9 +59,8 @@ with few parameters).
 each program owns one (child, column block) and ``tl.atomic_add`` s its weighted, dequantized block into a zeroed
 fp32 accumulator [M, P]; the host then adds the accumulator to the parent. It has C / M times more parallelism
 but writes M P fp32 zeros, performs C P atomic adds (resolved in L2) and reads the accumulator again, and the
-fp32 summation order changes from run to run. We keep segments as the default because determinism is a
-requirement, and atomics as an option for small layers; the choice should be revisited with
-``bench/kernels.py --layout atomic`` on a GPU (none was available when this was written).
+fp32 summation order changes from run to run. Segments is the default: determinism is a requirement, and on an
+H200 atomics were slower in every measured case (bench/RESULTS.md, "GPU (H200)"); atomics stay an option.
 
 Random numbers
 --------------

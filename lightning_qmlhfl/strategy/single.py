@@ -68,7 +68,7 @@ class QMLHFLStrategy(QMLHFLWiring, SingleDeviceStrategy):
             label-based partitioners when the labels are not plain class ids (e.g. sequence targets).
         backend: aggregation backend ("auto": Triton on CUDA, the numba kernel for float32 on CPU, torch
             otherwise; or "torch"/"numba"/"triton"). All give the same numbers.
-        device: training device (default CUDA if available, else CPU).
+        device: training device (default CUDA if available, else CPU; ``"cuda"`` means ``cuda:0``).
         param_order: "fast" (default) or "module": storage order of the stacked rows (:mod:`..stacked`); it decides
             which entries share a QSGD bucket and which draw each entry gets, not the model or its gradients.
         max_dataset_bytes: refuse training sets larger than this as tensors (default: half the free memory of the
@@ -123,7 +123,12 @@ class QMLHFLStrategy(QMLHFLWiring, SingleDeviceStrategy):
     ) -> None:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        super().__init__(device=torch.device(device))
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            # Lightning's accelerator calls torch.cuda.set_device(root_device), which needs an index; cuda:0 is
+            # the current device of a fresh process (as Lightning's own default), without initialising CUDA here
+            device = torch.device("cuda", 0)
+        super().__init__(device=device)
         self.core = QMLHFLCore(
             hierarchy=hierarchy, taus=taus, compressors=compressors, quantizers=quantizers, partition=partition,
             seed=seed, executor=executor, weighting=weighting, global_rounds=global_rounds, latency=latency,
