@@ -57,7 +57,7 @@ class LocalEvaluator:
         if held is None:
             raise RuntimeError("the holdout partitioner has not been called: the strategy has not built its data")
         out: dict[str, Any] = {}
-        cloud = per_device_accuracy(module, strategy.core.data, held, self.batch_size)
+        cloud = per_device_accuracy(module, strategy.train_data, held, self.batch_size)
         out["local_cloud_acc"] = cloud.tolist()
         out.update({f"local_cloud_acc_{k}": v for k, v in device_summary(cloud).items()})
         if self.personalized:

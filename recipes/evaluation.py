@@ -135,7 +135,7 @@ def _scores(module: nn.Module, data: Any, index: Tensor, batch_size: int) -> Ten
 def per_device_accuracy(module: nn.Module, data: Any, holdout: Sequence[Tensor], batch_size: int = 1000) -> Tensor:
     """Accuracy of one model (e.g. the cloud's) on every device's held-out samples: float64 ``[D]``.
 
-    ``data``: the strategy's materialised training data (``strategy.core.data``); ``holdout[i]``: device i's
+    ``data``: the strategy's materialised training data (``strategy.train_data``); ``holdout[i]``: device i's
     held-out indices into it."""
     sizes = torch.tensor([len(h) for h in holdout], dtype=torch.long)
     index = torch.cat([torch.as_tensor(h, dtype=torch.long) for h in holdout])
@@ -155,8 +155,8 @@ def personalised_accuracy(strategy: Any, module: nn.Module, holdout: Sequence[Te
     from lightning_qmlhfl import Hierarchy
     from lightning_qmlhfl.engine import QMLHFLEngine, gather_batch
 
-    core, trainer = strategy.core, strategy.lightning_module.trainer
-    sampler = core.sampler
+    trainer = strategy.lightning_module.trainer
+    sampler = strategy.sampler
     D = len(holdout)
     parts = [sampler.table[i, : int(sampler.sizes[i])].clone() for i in range(D)]
     device = strategy.root_device
@@ -183,14 +183,14 @@ def personalised_accuracy(strategy: Any, module: nn.Module, holdout: Sequence[Te
         generator = torch.Generator(device=device).manual_seed(seed + 2)
         for _ in range(steps):
             idx = draws.next_indices().to(device)
-            batch = _map_tensors(lambda t: gather_batch(t, idx), core.data)
-            if core.train_transform is not None:
-                batch = core.train_transform(batch, generator)
+            batch = _map_tensors(lambda t: gather_batch(t, idx), strategy.train_data)
+            if strategy.train_transform is not None:
+                batch = strategy.train_transform(batch, generator)
             engine.local_step(batch)
     acc = torch.zeros(D, dtype=torch.float64)
     for i in range(D):
         engine.state.load_row_into(template, 0, i)
-        s = _scores(template, core.data, torch.as_tensor(holdout[i], dtype=torch.long), batch_size)
+        s = _scores(template, strategy.train_data, torch.as_tensor(holdout[i], dtype=torch.long), batch_size)
         acc[i] = s.mean()
     return acc
 

@@ -68,7 +68,19 @@ class QMLHFLWiring:
 
     @property
     def sampler(self) -> Any:
+        """The per-device sampler (:class:`~lightning_qmlhfl.data.DeviceSampler`; built with the engine)."""
         return self.core.sampler
+
+    @property
+    def train_data(self) -> Any:
+        """The materialised training data on the training device (the tensors every step gathers from; built with
+        the engine), or None before the first training dataloader."""
+        return self.core.data
+
+    @property
+    def train_transform(self) -> Any:
+        """The batched augmentation applied to every stacked training batch, or None."""
+        return self.core.train_transform
 
     # ------------------------------------------------------------------ Lightning hooks
     @override
