@@ -16,10 +16,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_qmlhfl.compressors import Compressor, layer_compressors, layer_quantizers
 from lightning_qmlhfl.hierarchy import Hierarchy
-from lightning_qmlhfl.availability import Availability
-from lightning_qmlhfl.mobility import Mobility, make_mobility
-from lightning_qmlhfl.participation import Participation, layer_participation
-from lightning_qmlhfl.server_optim import ServerOptimizer, layer_server_optimizers
+from lightning_qmlhfl.federation.availability import Availability
+from lightning_qmlhfl.federation.mobility import Mobility, make_mobility
+from lightning_qmlhfl.federation.participation import Participation, layer_participation
+from lightning_qmlhfl.optimizers.server import ServerOptimizer, layer_server_optimizers
 
 __all__ = ["build_hierarchy", "build_compressors", "build_server_optimizers", "build_participation",
            "build_availability", "build_mobility", "build_model_from_cfg", "build_partitioner", "instantiate_node",

@@ -37,7 +37,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden  # noqa: E40
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from lightning_qmlhfl.compressors import Compressor  # noqa: E402
-from lightning_qmlhfl.stacked import upload_dims  # noqa: E402
+from lightning_qmlhfl.simulation.stacked import upload_dims  # noqa: E402
 from lightning_qmlhfl.strategy import QMLHFLDDPStrategy, QMLHFLStrategy  # noqa: E402
 from lightning_qmlhfl.theory.latency import LatencyModel, default_uplink_rates, downlink_bits, upload_bits  # noqa: E402
 from recipes.building import (build_availability, build_compressors, build_hierarchy,  # noqa: E402

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from lightning_qmlhfl import QSGD, Hierarchy, Identity
-from lightning_qmlhfl.engine import QMLHFLEngine
-from lightning_qmlhfl.mobility import EdgeFailures, Markov, RandomReassociation, Schedule, Static, make_mobility
+from lightning_qmlhfl.simulation.engine import QMLHFLEngine
+from lightning_qmlhfl.federation.mobility import EdgeFailures, Markov, RandomReassociation, Schedule, Static, make_mobility
 
 from test_engine import MLP, ReferenceQMLHFL, ce_loss, make_batches
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from lightning_qmlhfl import QSGD, FedAdam, Hierarchy, Identity, ScaledSign, TopK
-from lightning_qmlhfl.comm import thread_group
-from lightning_qmlhfl.engine import NonFiniteUpdateError, QMLHFLEngine
-from lightning_qmlhfl.mobility import RandomReassociation
-from lightning_qmlhfl.participation import Fraction, Full
-from lightning_qmlhfl.shard import Shard, choose_cut
+from lightning_qmlhfl.distribution.comm import thread_group
+from lightning_qmlhfl.simulation.engine import NonFiniteUpdateError, QMLHFLEngine
+from lightning_qmlhfl.federation.mobility import RandomReassociation
+from lightning_qmlhfl.federation.participation import Fraction, Full
+from lightning_qmlhfl.distribution.shard import Shard, choose_cut
 
 from test_engine import MLP, SmallCNN, ce_loss, make_batches
 

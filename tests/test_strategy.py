@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from torch.utils._pytree import tree_map
 
 from lightning_qmlhfl import QSGD, Hierarchy
-from lightning_qmlhfl.engine import NonFiniteUpdateError, QMLHFLEngine
+from lightning_qmlhfl.simulation.engine import NonFiniteUpdateError, QMLHFLEngine
 from lightning_qmlhfl.data import IID, DeviceSampler, Dirichlet, EmptyPartitionError, Shards, materialize_dataset
 from lightning_qmlhfl.data.materialize import extract_labels
 from lightning_qmlhfl.rng import Stream, mix
@@ -290,8 +290,8 @@ def test_compressors_with_error_feedback_through_fit_resume_bit_for_bit(tmp_path
 
 
 def test_partial_participation_through_fit_logs_and_resumes_bit_for_bit(tmp_path):
-    from lightning_qmlhfl.availability import Availability
-    from lightning_qmlhfl.participation import Fraction, Full
+    from lightning_qmlhfl.federation.availability import Availability
+    from lightning_qmlhfl.federation.participation import Fraction, Full
     from lightning_qmlhfl.theory.latency import LatencyModel
 
     h = Hierarchy.balanced([2, 3])

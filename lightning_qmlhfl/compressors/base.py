@@ -7,7 +7,7 @@ Randomness is explicit: compressors that draw (``uses_uniforms``) take ``uniform
 draws of x's shape (the engine passes the counter-based Philox draws of :mod:`lightning_qmlhfl.kernels`).
 
 Error feedback (``error_feedback=``) is a property of the layer's compressor; the engine keeps its memory, one row
-per sender, stacked like the models (see :mod:`lightning_qmlhfl.engine`):
+per sender, stacked like the models (see :mod:`lightning_qmlhfl.simulation.engine`):
 
 - ``"ef"`` (Seide et al. 2014; Stich et al. 2018; Karimireddy et al. 2019): send C(Δ + e), keep
   e <- Δ + e - C(Δ + e);

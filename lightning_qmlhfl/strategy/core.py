@@ -2,7 +2,7 @@
 and its multi-process variant. A strategy owns one :class:`QMLHFLCore` and forwards its hooks to it.
 
 The core builds, from the user's train dataloader, LightningModule and optimizer, the resident data, the partition,
-the per-device sampler and the :class:`~lightning_qmlhfl.engine.QMLHFLEngine`; runs every device's
+the per-device sampler and the :class:`~lightning_qmlhfl.simulation.engine.QMLHFLEngine`; runs every device's
 ``training_step`` (with ``self.log`` captured per device, :mod:`.device_logging`); applies the update and the
 aggregations at the optimizer step; keeps the per-round history and simulated clock; and holds the checkpoint
 state. It never touches private Lightning or torch APIs.
@@ -25,16 +25,16 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sequ
 from ..data.materialize import extract_labels, materialize_dataset, num_samples
 from ..data.partition import Dirichlet, Partitioner, make_partitioner
 from ..data.sampler import DeviceSampler
-from ..engine import NonFiniteUpdateError, QMLHFLEngine, gather_batch, resolve_compressors, validate_taus
+from ..simulation.engine import NonFiniteUpdateError, QMLHFLEngine, gather_batch, resolve_compressors, validate_taus
 from ..hierarchy import Hierarchy
 from ..kernels import check_backend
 from ..compressors import QSGD, Compressor
 from ..rng import Stream, mix
-from ..mobility import make_mobility
-from ..participation import validate_participation
-from ..server_optim import validate_server_optimizers
-from ..stacked import check_param_order
-from ..availability import Availability
+from ..federation.mobility import make_mobility
+from ..federation.participation import validate_participation
+from ..optimizers.server import validate_server_optimizers
+from ..simulation.stacked import check_param_order
+from ..federation.availability import Availability
 from ..theory.latency import LatencyModel
 from .device_logging import LOG_KEY, OUT_KEY, DeviceLogCapture
 

@@ -1,7 +1,7 @@
 """QMLHFLDDPStrategy: one QMLHFL simulation spread over W processes (or GPUs) with Lightning's DDP launcher.
 
 Every rank owns whole subtrees (a contiguous block of one cut layer's nodes and every row below them,
-:mod:`lightning_qmlhfl.shard`); the layers above the cut are small and replicated. Each rank trains its own devices
+:mod:`lightning_qmlhfl.distribution.shard`); the layers above the cut are small and replicated. Each rank trains its own devices
 on its own rows; the uploads into the layer above the cut are exchanged with ``torch.distributed`` (gloo on CPU,
 NCCL on GPU): gathered and summed in global child order on every rank, so the run is bit-identical to one process
 with the same seed and ``device_rng="stream"`` (given the same per-device kernels: the same executor and the same
@@ -21,7 +21,7 @@ Checkpoints: ``checkpoint="full"`` (default) gathers every rank's rows to rank 0
 :class:`~lightning_qmlhfl.strategy.QMLHFLStrategy` (or any world size) loads; ``checkpoint="sharded"`` writes every
 rank's rows with ``torch.distributed.checkpoint`` beside the file (:mod:`.checkpoints`), resumable at any world
 size too. A non-finite upload on any rank stops every rank with the same
-:class:`~lightning_qmlhfl.engine.NonFiniteUpdateError`; collectives time out after ``timeout``, so a dead rank
+:class:`~lightning_qmlhfl.simulation.engine.NonFiniteUpdateError`; collectives time out after ``timeout``, so a dead rank
 fails the run instead of hanging it. Mobility is not supported here (a device moving to another rank's edge
 server would have to move its rows between processes).
 """
@@ -35,8 +35,8 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from typing_extensions import override
 
-from ..comm import TorchComm
-from ..shard import EXCHANGES, Shard
+from ..distribution.comm import TorchComm
+from ..distribution.shard import EXCHANGES, Shard
 from .core import QMLHFLCore
 from .wiring import QMLHFLWiring
 
@@ -53,7 +53,7 @@ class QMLHFLDDPStrategy(QMLHFLWiring, DDPStrategy):
 
     Args:
         cut_layer: the layer whose nodes are split over the ranks (default: chosen for balanced device counts,
-            :func:`lightning_qmlhfl.shard.choose_cut`).
+            :func:`lightning_qmlhfl.distribution.shard.choose_cut`).
         exchange: ``"gather"`` (bit-identical to one process) or ``"all_reduce"`` (faster; float tolerance).
         checkpoint: ``"full"`` (gathered to rank 0) or ``"sharded"`` (``torch.distributed.checkpoint``).
         timeout: of every collective (default 10 minutes).

@@ -73,23 +73,23 @@ class QMLHFLStrategy(QMLHFLWiring, SingleDeviceStrategy):
             which entries share a QSGD bucket and which draw each entry gets, not the model or its gradients.
         max_dataset_bytes: refuse training sets larger than this as tensors (default: half the free memory of the
             training device).
-        server_optimizers: one :mod:`~lightning_qmlhfl.server_optim` rule per layer n = 1..N (or one for every
+        server_optimizers: one :mod:`~lightning_qmlhfl.optimizers.server` rule per layer n = 1..N (or one for every
             layer): ``Average()`` (default), ``FedAvgM``, ``FedAdam``, ``FedYogi``, ``FedAdagrad``.
-        participation: one :mod:`~lightning_qmlhfl.participation` rule per layer n = 1..N (or one for every layer):
+        participation: one :mod:`~lightning_qmlhfl.federation.participation` rule per layer n = 1..N (or one for every layer):
             ``Full()`` (default), ``Fraction(f)``, ``UniformK(k)``, ``Bernoulli(p)``; logged per round as
             ``fl/participants_layer{n}`` and ``fl/drops_layer{n}``.
-        availability: an :class:`~lightning_qmlhfl.availability.Availability` (unavailable devices, dropouts,
+        availability: an :class:`~lightning_qmlhfl.federation.availability.Availability` (unavailable devices, dropouts,
             availability traces).
         device_rng: ``"global"`` (default) or ``"stream"``: dropout draws from a per-device counter-based stream
             with the loop executor, so results do not depend on how rows are chunked or placed
-            (:class:`~lightning_qmlhfl.engine.QMLHFLEngine`); what the multi-process strategy uses.
-        mobility: a :mod:`~lightning_qmlhfl.mobility` model (devices moving between edge servers, edge-server
+            (:class:`~lightning_qmlhfl.simulation.engine.QMLHFLEngine`); what the multi-process strategy uses.
+        mobility: a :mod:`~lightning_qmlhfl.federation.mobility` model (devices moving between edge servers, edge-server
             failures), or its config dict; logged per round as ``fl/moves``, ``fl/edge_failures``,
             ``fl/edge_devices_min`` / ``_max`` (the history holds every edge server's device count).
 
     The simulated clock (``fl/sim_time``, and its split ``fl/time_compute``, ``fl/time_layer{n}``) follows the
     latency model per node: heterogeneous devices and links, stragglers waited for or dropped at a deadline
-    (:mod:`lightning_qmlhfl.clock`).
+    (:mod:`lightning_qmlhfl.federation.clock`).
     """
 
     strategy_name = "qmlhfl"

@@ -13,7 +13,7 @@ from typing_extensions import override
 
 from ..compressors import Compressor
 from ..data.partition import Partitioner
-from ..engine import QMLHFLEngine
+from ..simulation.engine import QMLHFLEngine
 from ..hierarchy import Hierarchy
 from .core import QMLHFLCore
 
@@ -28,7 +28,7 @@ class QMLHFLWiring:
     # ------------------------------------------------------------------ the simulation's state, for users
     @property
     def engine(self) -> QMLHFLEngine | None:
-        """The :class:`~lightning_qmlhfl.engine.QMLHFLEngine` (built at the first training dataloader)."""
+        """The :class:`~lightning_qmlhfl.simulation.engine.QMLHFLEngine` (built at the first training dataloader)."""
         return self.core.engine
 
     @property

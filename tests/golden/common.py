@@ -44,7 +44,7 @@ def machine() -> dict[str, str]:
 
 
 def build_engine(model: str, hierarchy: Any, taus: list[int], kw: dict[str, Any]) -> Any:
-    from lightning_qmlhfl.engine import QMLHFLEngine
+    from lightning_qmlhfl.simulation.engine import QMLHFLEngine
 
     torch.manual_seed(0)
     template = {"mlp": MLP, "cnn": SmallCNN, "mlp_bf16": MLP}[model]()

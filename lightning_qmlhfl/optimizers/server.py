@@ -248,7 +248,7 @@ def layer_server_optimizers(layers: Any, num_layers: int, **options: Any) -> lis
     """One server optimizer per layer n = 1..N from config values: ``layers`` one name or a list of N; every
     option (``lr``, ``momentum``, ``betas``, ``tau``, ``bias_correction``) one value or a list of N; ``None``
     options take the optimizer's defaults; each layer takes the options its optimizer has."""
-    from .compressors import _per_layer
+    from ..compressors import _per_layer
 
     names = _per_layer(layers, "server_optim.layers", num_layers)
     per = {}

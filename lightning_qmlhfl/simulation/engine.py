@@ -20,20 +20,20 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from .kernels import Backend, aggregate_layer_, check_backend
-from .availability import Availability
-from .clock import SimulatedClock
-from .mobility import Mobility, make_mobility
-from .participation import Participation, validate_participation
-from .population import Population
-from .rng import Stream, mix, row_seeds
-from .server_optim import ServerOptimizer, validate_server_optimizers
-from .theory.latency import LatencyModel, default_latency, downlink_bits
+from ..kernels import Backend, aggregate_layer_, check_backend
+from ..federation.availability import Availability
+from ..federation.clock import SimulatedClock
+from ..federation.mobility import Mobility, make_mobility
+from ..federation.participation import Participation, validate_participation
+from ..federation.population import Population
+from ..rng import Stream, mix, row_seeds
+from ..optimizers.server import ServerOptimizer, validate_server_optimizers
+from ..theory.latency import LatencyModel, default_latency, downlink_bits
 from .cpu_alloc import retain_large_allocations
-from .device_optim import DeviceOptimizer
+from ..optimizers.device import DeviceOptimizer
 from .executors import LossFn, make_executor
-from .hierarchy import Hierarchy, TreeState
-from .compressors import Compressor, Identity, upload_bits, validate_compressors
+from ..hierarchy import Hierarchy, TreeState
+from ..compressors import Compressor, Identity, upload_bits, validate_compressors
 from .stacked import ParamOrder, StackedState
 
 __all__ = ["QMLHFLEngine", "NonFiniteUpdateError", "StepResult", "gather_batch", "validate_taus", "validate_quantizers",
@@ -137,27 +137,27 @@ class QMLHFLEngine:
             otherwise; or "torch"/"numba"/"triton"). All give the same numbers.
         device: where the stacks live (default: the module's device).
         param_order: "fast" (default) or "module": the storage order of the flat rows (see
-            :mod:`lightning_qmlhfl.stacked`); it decides which entries share a QSGD bucket and which seeded draw
+            :mod:`lightning_qmlhfl.simulation.stacked`); it decides which entries share a QSGD bucket and which seeded draw
             each entry gets, nothing else.
         param_groups: optional ``[{"params": [parameter names], "lr": ..., ...}, ...]``: per-group
             hyperparameters of the device optimiser, as torch parameter groups. Parameters in no group are frozen.
             Default: one group of every parameter with ``optimizer_kwargs``.
         grad_clip: optional ``("norm", max_norm)`` or ``("value", clip_value)``: each device's own gradient is
-            clipped before its update (:class:`~lightning_qmlhfl.device_optim.DeviceOptimizer`).
-        server_optimizers: one :class:`~lightning_qmlhfl.server_optim.ServerOptimizer` per layer n = 1..N (or one
+            clipped before its update (:class:`~lightning_qmlhfl.optimizers.device.DeviceOptimizer`).
+        server_optimizers: one :class:`~lightning_qmlhfl.optimizers.server.ServerOptimizer` per layer n = 1..N (or one
             for every layer; config names accepted); default ``Average()`` everywhere, the paper's Eq. 4/6.
-        participation: one :mod:`~lightning_qmlhfl.participation` rule per layer n = 1..N (layer n draws which of
+        participation: one :mod:`~lightning_qmlhfl.federation.participation` rule per layer n = 1..N (layer n draws which of
             its children take part in each of its periods), or one for every layer; default ``Full()``.
-        availability: an :class:`~lightning_qmlhfl.availability.Availability` (unavailable devices, dropouts,
+        availability: an :class:`~lightning_qmlhfl.federation.availability.Availability` (unavailable devices, dropouts,
             traces), or None (always available).
         latency: the :class:`~lightning_qmlhfl.theory.latency.LatencyModel` of the simulated clock (per-device
             compute times, per-sender rates, straggler deadlines); default
             :func:`~lightning_qmlhfl.theory.latency.default_latency`.
-        mobility: a :mod:`~lightning_qmlhfl.mobility` model (devices moving between edge servers, edge-server
+        mobility: a :mod:`~lightning_qmlhfl.federation.mobility` model (devices moving between edge servers, edge-server
             failures); default ``Static()``. The current tree is :attr:`tree`.
-        shard, comm: run one rank of a simulation split over processes (:mod:`lightning_qmlhfl.shard`): this engine
-            holds the rows of its :class:`~lightning_qmlhfl.shard.Shard` and exchanges the uploads into the layer
-            above the cut through ``comm`` (:mod:`lightning_qmlhfl.comm`); everything else is replicated. With the
+        shard, comm: run one rank of a simulation split over processes (:mod:`lightning_qmlhfl.distribution.shard`): this engine
+            holds the rows of its :class:`~lightning_qmlhfl.distribution.shard.Shard` and exchanges the uploads into the layer
+            above the cut through ``comm`` (:mod:`lightning_qmlhfl.distribution.comm`); everything else is replicated. With the
             default exchange the result is bit-identical to one process.
         device_rng: ``"global"`` (default: the forwards draw dropout masks from torch's generator, in row order) or
             ``"stream"``: the loop executor reseeds torch's generator before every device's forward from
@@ -596,8 +596,8 @@ class QMLHFLEngine:
 
     # ------------------------------------------------------------------ a changing tree (mobility.py)
     def _change_tree(self, n: int) -> None:
-        from .mobility import _other_parent
-        from .rng import Stream, generator
+        from ..federation.mobility import _other_parent
+        from ..rng import Stream, generator
 
         M1 = self.hierarchy.nodes_per_layer[1]
         pop = self.population

@@ -80,7 +80,7 @@ class DeviceOptimizer:
     """One torch optimiser over the device stack; ``step(grads)`` applies Eq. 3 (or its extension) to all devices.
 
     ``params`` must be the engine's device parameter stack [N_tot, P] itself (updated in place, identity kept).
-    With ``layout`` (the stack's :class:`~lightning_qmlhfl.stacked.ParamLayout`) the optimiser runs over one
+    With ``layout`` (the stack's :class:`~lightning_qmlhfl.simulation.stacked.ParamLayout`) the optimiser runs over one
     [N_tot, *shape] view per model parameter instead of the whole stack, so ``step`` can take the
     per-parameter gradients as the executor produced them, without concatenating them into [N_tot, P] first
     (one full-size copy and allocation per step less). The arithmetic is the same element by element.

@@ -9,7 +9,7 @@ Policies, each with ``weighting``:
 - ``Bernoulli(p)``: every child independently with probability p.
 
 ``over_select=o`` (Fraction, UniformK): ceil(k (1 + o)) children are selected and the k whose uploads are ready
-first are kept (see :mod:`lightning_qmlhfl.clock`); the others' work is lost.
+first are kept (see :mod:`lightning_qmlhfl.federation.clock`); the others' work is lost.
 
 Weighting of the uploads that arrive (w_c = |C(c)| / |C(p)| the paper's weight):
 
@@ -18,7 +18,7 @@ Weighting of the uploads that arrive (w_c = |C(c)| / |C(p)| the paper's weight):
 - ``"normalized"``: w_c / sum of w over the children that uploaded (FedAvg/Flower style): an average of the
   participants, biased towards them.
 
-Only available children can be drawn (:mod:`lightning_qmlhfl.availability`); inclusion probabilities are computed
+Only available children can be drawn (:mod:`lightning_qmlhfl.federation.availability`); inclusion probabilities are computed
 among the available ones, so unavailability, dropouts, deadlines and over-selection are *not* corrected for: they
 bias the aggregate towards the devices that show up and finish, as in deployed systems.
 
@@ -250,7 +250,7 @@ def make_participation(spec: object) -> Participation:
 def layer_participation(layers: Any, num_layers: int, **options: Any) -> list[Participation]:
     """One rule per layer n = 1..N (the children drawn are layer n-1's nodes: devices for n = 1) from config
     values; every option one value or a list of N; each layer takes the options its rule has."""
-    from .compressors import _per_layer
+    from ..compressors import _per_layer
 
     names = _per_layer(layers, "participation.layers", num_layers)
     per = {k: _per_layer(v, f"participation.{k}", num_layers) for k, v in options.items()}
