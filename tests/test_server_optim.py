@@ -105,7 +105,7 @@ def test_server_state_checkpoint_round_trip():
     for b in batches[:4]:
         half.local_step(b)
     sd = half.state_dict()
-    assert sd["server_state"][0]["m"].abs().sum() > 0 and sd["server_state"][1]["t"].tolist() == [1]
+    assert sd["state"]["server/1"]["m"].abs().sum() > 0 and sd["state"]["server/2"]["t"].tolist() == [1]
     resumed = engine()
     resumed.load_state_dict(sd)
     for b in batches[4:]:

@@ -124,7 +124,7 @@ def test_checkpoint_of_another_order_is_refused():
         module.load_state_dict(fast.state_dict())
     # checkpoints from before the order was recorded were in module order
     old = module.state_dict()
-    del old["config"]["param_layout"]
+    del old["param_layout"]
     module.load_state_dict(old)
     with pytest.raises(ValueError, match="another parameter layout"):
         fast.load_state_dict(old)

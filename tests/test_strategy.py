@@ -120,8 +120,8 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
     assert not (broken / "final.pt").exists()
     # the checkpoint loads with weights_only=True and holds the whole simulation
     ck = torch.load(broken / "ckpt" / "last.ckpt", weights_only=True)
-    assert ck["qmlhfl"]["engine"]["counters"]["round"] == 3
-    assert ck["qmlhfl"]["engine"]["stacked"]["params"][0].shape[0] == 4
+    assert ck["qmlhfl"]["engine"]["state"]["counters"]["round"] == 3
+    assert ck["qmlhfl"]["engine"]["state"]["params/0"].shape[0] == 4
     r = run(str(broken), "resume")
     assert r.returncode == 0, r.stderr[-3000:]
     a = torch.load(full / "final.pt", weights_only=True)
@@ -219,7 +219,7 @@ def test_nan_stops_training_without_poisoned_checkpoint(tmp_path):
     assert not (tmp_path / "on_exception.ckpt").exists()
     # the last good checkpoint (end of round 1) is intact and finite
     ck = torch.load(tmp_path / "last.ckpt", weights_only=True)
-    assert all(torch.isfinite(p).all() for p in ck["qmlhfl"]["engine"]["stacked"]["params"])
+    assert all(torch.isfinite(p).all() for k, p in ck["qmlhfl"]["engine"]["state"].items() if k.startswith("params/"))
 
 
 def test_sampler_per_device_epochs_cover_data_without_repeats():

@@ -136,6 +136,8 @@ class Compressor(ABC):
     unbiased: ClassVar[bool] = True
     uses_uniforms: ClassVar[bool] = False
     norm: ClassVar[str] = "l2"
+    config_name: ClassVar[str]  # the name :func:`~lightning_qmlhfl.compressors.make_compressor` takes
+    config_options: ClassVar[tuple[str, ...]] = ("error_feedback",)  # its constructor's options
     levels: int | None = None  # QSGD's s (None for the others)
     bucket_size: int | None = None
 
@@ -198,6 +200,11 @@ class Compressor(ABC):
         return False
 
     # ------------------------------------------------------------------ identity of the configuration
+    def to_config(self) -> dict[str, Any]:
+        """Plain data that :func:`~lightning_qmlhfl.compressors.make_compressor` rebuilds this compressor from:
+        ``{"name": ..., <every option>: value}`` (what checkpoints store)."""
+        return {"name": self.config_name, **{k: getattr(self, k) for k in self.config_options}}
+
     def _options(self) -> list[str]:
         """The constructor arguments that differ from their defaults, as ``repr`` shows them."""
         return []

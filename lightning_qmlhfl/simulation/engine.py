@@ -1,4 +1,4 @@
-"""The QMLHFL engine: the schedule of ALGORITHM.md section 2 with Eqs. 3-6, on stacked state.
+"""The QMLHFL engine: the schedule of docs/algorithm.md#schedule with Eqs. 3-6, on stacked state.
 
 One global round = prod(tau) local steps of every device. After local step k (1-based inside the round):
 
@@ -6,13 +6,15 @@ One global round = prod(tau) local steps of every device. After local step k (1-
         if k % (tau_1 * ... * tau_n) != 0: break
         aggregate layer n (Eq. 4; Eq. 6 for n == N), then re-synchronise its subtree (Eq. 5)
 
-Layers aggregate bottom-up inside one step, so layer 2 sees layer 1's fresh models.
+Layers aggregate bottom-up inside one step, so layer 2 sees layer 1's fresh models. The engine owns the schedule
+and the objects that hold state; what one aggregation does is its layer's chain of stages (:mod:`.layers`,
+:mod:`.stages`), and every piece of state is declared in one :class:`~.state.StateRegistry`, which checkpoints,
+loads and shards it.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -20,87 +22,34 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from ..kernels import Backend, aggregate_layer_, check_backend
+from .. import checks
+from ..compressors import Compressor, Identity, upload_bits
+from ..config import SimulationConfig
 from ..federation.availability import Availability
 from ..federation.clock import SimulatedClock
-from ..federation.mobility import Mobility, make_mobility
-from ..federation.participation import Participation, validate_participation
+from ..federation.mobility import Mobility
+from ..federation.participation import Participation
 from ..federation.population import Population
-from ..rng import Stream, mix, row_seeds
-from ..optimizers.server import ServerOptimizer, validate_server_optimizers
+from ..hierarchy import Hierarchy, TreeState
+from ..kernels import Backend
+from ..optimizers.device import DeviceOptimizer
+from ..optimizers.server import ServerOptimizer
+from ..rng import Stream, mix
 from ..theory.latency import LatencyModel, default_latency, downlink_bits
 from .cpu_alloc import retain_large_allocations
-from ..optimizers.device import DeviceOptimizer
 from .executors import LossFn, make_executor
-from ..hierarchy import Hierarchy, TreeState
-from ..compressors import Compressor, Identity, upload_bits, validate_compressors
+from .guard import NonFiniteGuard, NonFiniteUpdateError
+from .layers import BitCounter, build_layer
 from .stacked import ParamOrder, StackedState
+from .stages import AggregationContext, ChangeTree, ClipUpdates, CompressAndSum, ServerStep
+from .state import FORMAT_VERSION, StateRegistry, migrate
 
-__all__ = ["QMLHFLEngine", "NonFiniteUpdateError", "StepResult", "gather_batch", "validate_taus", "validate_quantizers",
-           "resolve_compressors"]
-
-
-class NonFiniteUpdateError(FloatingPointError):
-    """An upload held NaN or Inf. Carries ``layer`` (the receiving layer n), ``node`` (the sender's index in
-    layer n-1), ``round`` (0-based global round) and ``step`` (1-based local step inside the round)."""
-
-    def __init__(self, layer: int, node: int, round_idx: int, step: int, what: str = "parameters") -> None:
-        self.layer, self.node, self.round, self.step = layer, node, round_idx, step
-        super().__init__(
-            f"non-finite (NaN/Inf) {what} upload from node {node} of layer {layer - 1} to layer {layer} in global "
-            f"round {round_idx} (0-based), local step {step}: training stopped before the poisoned update was "
-            f"applied. Lower the learning rate or check the loss for overflow."
-        )
-
-
-def validate_taus(taus: Sequence[int], num_layers: int) -> tuple[int, ...]:
-    if isinstance(taus, (str, bytes)) or not isinstance(taus, Sequence):
-        raise ValueError(f"taus must be a list of {num_layers} integers >= 1, got {taus!r}")
-    if len(taus) != num_layers:
-        raise ValueError(f"taus has length {len(taus)} but the hierarchy has N = {num_layers} layers: give one tau per layer")
-    out = []
-    for n, t in enumerate(taus, start=1):
-        if isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 1:
-            raise ValueError(f"tau_{n} must be an integer >= 1, got {t!r}")
-        out.append(int(t))
-    return tuple(out)
-
-
-def validate_quantizers(quantizers: Any, num_layers: int) -> tuple[Compressor, ...]:
-    """One compressor per layer from ``quantizers=`` (the earlier name of ``compressors=``)."""
-    return validate_compressors(quantizers, num_layers, what="quantizers")
-
-
-def resolve_compressors(compressors: Any, quantizers: Any, num_layers: int, default: Any = None
-                        ) -> tuple[Compressor, ...]:
-    """``compressors=`` or its alias ``quantizers=`` (not both), validated; ``default`` when neither is given."""
-    if compressors is not None and quantizers is not None:
-        raise ValueError("give compressors= or its alias quantizers=, not both")
-    if quantizers is not None:
-        return validate_quantizers(quantizers, num_layers)
-    return validate_compressors(compressors if compressors is not None else default, num_layers)
-
-
-def _ordered_sum(terms: Tensor, parent_index: Tensor, num_parents: int, uploads: Tensor | None) -> Tensor:
-    """acc[p] = sum of ``terms[c]`` over p's children c in increasing index order (only ``uploads``, when given),
-    accumulated in that order from 0: the fp operations of the fused kernels and the torch reference."""
-    kids = torch.arange(terms.shape[0], device=terms.device) if uploads is None else uploads
-    pidx = parent_index[kids]
-    order = torch.argsort(pidx, stable=True)
-    kids, pidx = kids[order], pidx[order]
-    counts = torch.bincount(pidx, minlength=num_parents)
-    starts = torch.cumsum(counts, 0) - counts
-    acc = torch.zeros((num_parents, terms.shape[1]), dtype=terms.dtype, device=terms.device)
-    rank = torch.arange(kids.numel(), device=terms.device) - starts[pidx]
-    for k in range(int(counts.max()) if counts.numel() else 0):  # the k-th child of every parent, in order
-        sel = rank == k
-        acc[pidx[sel]] += terms[kids[sel]]
-    return acc
+__all__ = ["QMLHFLEngine", "NonFiniteUpdateError", "StepResult", "gather_batch"]
 
 
 def gather_batch(data: Tensor, idx: Tensor) -> Tensor:
     """``data[idx]`` for an index tensor [N_tot, B] into the first dimension: one ``index_select`` over the
-    flattened indices (~25% faster than advanced indexing for a [100, 32] MNIST batch on CPU; same values)."""
+    flattened indices (faster than advanced indexing on CPU, bench/RESULTS.md; same values)."""
     return data.index_select(0, idx.reshape(-1)).view(*idx.shape, *data.shape[1:])
 
 
@@ -123,45 +72,25 @@ class QMLHFLEngine:
             skeleton for all devices and is not trained directly (call :meth:`load_cloud_into` to read w_t).
         loss_fn: ``loss_fn(module, batch) -> loss`` (or a dict with "loss", or (loss, {name: scalar})), run on
             each device's weights and mini-batch.
-        hierarchy: the tree (N layers).
-        taus: (tau_1, ..., tau_N), every tau_n >= 1.
-        compressors: one per layer (C_1 for device->layer-1 uploads, ..., C_N for the uploads to the cloud), each
-            optionally with error feedback (:mod:`lightning_qmlhfl.compressors`); ``None`` for 32-bit uploads
-            everywhere. Config values (int s, "none", dicts) are accepted. ``quantizers=`` is an alias.
+        config: the :class:`~lightning_qmlhfl.config.SimulationConfig` (the tree, per-layer tau, compressors,
+            server optimizers, participation, seed, executor, backend, ...; its docstring lists every option).
+            Instead of ``config``, the simulation options may be given as keywords (``hierarchy``, ``taus``,
+            ``compressors`` or ``quantizers``, ``server_optimizers``, ``participation``, ``executor``, ``seed``,
+            ``backend``, ``param_order``, ``availability``, ``latency``, ``mobility``, ``device_rng``), which build
+            it; here compressors default to 32-bit uploads.
         optimizer: an element-wise torch optimiser class (or its name) and ``optimizer_kwargs`` (lr = mu, ...).
-        executor: "auto" (documented rule in :func:`executors.choose_executor`), "vmap" or "loop".
-        seed: seeds the quantizers' counter-based draws (per round, layer, event and node).
         device_mass: optional float [N_tot] (e.g. local sample counts) for ``weighting: samples``;
             default: every device weighs 1, so weights are |C(child)| / |C(parent)|.
-        backend: aggregation backend ("auto": Triton on CUDA, the numba kernel for float32 on CPU, torch
-            otherwise; or "torch"/"numba"/"triton"). All give the same numbers.
         device: where the stacks live (default: the module's device).
-        param_order: "fast" (default) or "module": the storage order of the flat rows (see
-            :mod:`lightning_qmlhfl.simulation.stacked`); it decides which entries share a QSGD bucket and which seeded draw
-            each entry gets, nothing else.
         param_groups: optional ``[{"params": [parameter names], "lr": ..., ...}, ...]``: per-group
             hyperparameters of the device optimiser, as torch parameter groups. Parameters in no group are frozen.
             Default: one group of every parameter with ``optimizer_kwargs``.
         grad_clip: optional ``("norm", max_norm)`` or ``("value", clip_value)``: each device's own gradient is
             clipped before its update (:class:`~lightning_qmlhfl.optimizers.device.DeviceOptimizer`).
-        server_optimizers: one :class:`~lightning_qmlhfl.optimizers.server.ServerOptimizer` per layer n = 1..N (or one
-            for every layer; config names accepted); default ``Average()`` everywhere, the paper's Eq. 4/6.
-        participation: one :mod:`~lightning_qmlhfl.federation.participation` rule per layer n = 1..N (layer n draws which of
-            its children take part in each of its periods), or one for every layer; default ``Full()``.
-        availability: an :class:`~lightning_qmlhfl.federation.availability.Availability` (unavailable devices, dropouts,
-            traces), or None (always available).
-        latency: the :class:`~lightning_qmlhfl.theory.latency.LatencyModel` of the simulated clock (per-device
-            compute times, per-sender rates, straggler deadlines); default
-            :func:`~lightning_qmlhfl.theory.latency.default_latency`.
-        mobility: a :mod:`~lightning_qmlhfl.federation.mobility` model (devices moving between edge servers, edge-server
-            failures); default ``Static()``. The current tree is :attr:`tree`.
-        shard, comm: run one rank of a simulation split over processes (:mod:`lightning_qmlhfl.distribution.shard`): this engine
-            holds the rows of its :class:`~lightning_qmlhfl.distribution.shard.Shard` and exchanges the uploads into the layer
-            above the cut through ``comm`` (:mod:`lightning_qmlhfl.distribution.comm`); everything else is replicated. With the
-            default exchange the result is bit-identical to one process.
-        device_rng: ``"global"`` (default: the forwards draw dropout masks from torch's generator, in row order) or
-            ``"stream"``: the loop executor reseeds torch's generator before every device's forward from
-            (seed, device, step), so the draws do not depend on which rows a process or a chunk holds.
+        shard, comm: run one rank of a simulation split over processes (:mod:`lightning_qmlhfl.distribution.shard`):
+            this engine holds the rows of its :class:`~lightning_qmlhfl.distribution.shard.Shard` and exchanges the
+            uploads into the layer above the cut through ``comm`` (:mod:`lightning_qmlhfl.distribution.comm`);
+            everything else is replicated. With the default exchange the result is bit-identical to one process.
 
     Only the devices that take part in a step compute it (their rows are gathered into a compact stack, trained
     and written back); :meth:`upcoming_devices` says which, and a batch may hold just their rows.
@@ -174,17 +103,17 @@ class QMLHFLEngine:
         self,
         module: nn.Module,
         loss_fn: LossFn,
-        hierarchy: Hierarchy,
-        taus: Sequence[int],
+        hierarchy: Hierarchy | None = None,
+        taus: Sequence[int] | None = None,
         compressors: Sequence[Compressor | int | str | None] | None = None,
         optimizer: Any = torch.optim.SGD,
         optimizer_kwargs: dict[str, Any] | None = None,
-        executor: str = "auto",
-        seed: int = 0,
+        executor: str | None = None,
+        seed: int | None = None,
         device_mass: Tensor | None = None,
-        backend: Backend = "auto",
+        backend: Backend | None = None,
         device: torch.device | str | None = None,
-        param_order: ParamOrder = "fast",
+        param_order: ParamOrder | None = None,
         param_groups: Sequence[dict[str, Any]] | None = None,
         grad_clip: tuple[str, float] | None = None,
         quantizers: Sequence[Compressor | int | str | None] | None = None,
@@ -195,151 +124,170 @@ class QMLHFLEngine:
         mobility: Mobility | dict | None = None,
         shard: Any = None,
         comm: Any = None,
-        device_rng: str = "global",
+        device_rng: str | None = None,
+        *,
+        config: SimulationConfig | None = None,
     ) -> None:
-        if not isinstance(hierarchy, Hierarchy):
-            raise TypeError(f"hierarchy must be a Hierarchy, got {type(hierarchy).__name__}")
-        self.hierarchy = hierarchy
+        options = dict(hierarchy=hierarchy, taus=taus, compressors=compressors, quantizers=quantizers,
+                       executor=executor, seed=seed, backend=backend, param_order=param_order,
+                       server_optimizers=server_optimizers, participation=participation, availability=availability,
+                       latency=latency, mobility=mobility, device_rng=device_rng)
+        given = {k: v for k, v in options.items() if v is not None}
+        if config is None:
+            if hierarchy is None:
+                raise ValueError("QMLHFLEngine needs the hierarchy (or config=SimulationConfig(...))")
+            config = SimulationConfig.build(default_compressor=Identity(), **given)
+        elif given:
+            raise ValueError(f"give config= or the simulation options {sorted(given)}, not both")
+        self.config = checks.instance(config, "config", SimulationConfig)
+        self.hierarchy = hierarchy = config.hierarchy
         self.N = hierarchy.num_layers
-        self.taus = validate_taus(taus, self.N)
-        self.compressors = resolve_compressors(compressors, quantizers, self.N)
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
-        self.seed = int(seed)
-        self.backend = check_backend(backend)
         self.module = module
-        requires = {n for n, p in module.named_parameters() if p.requires_grad}
-        if param_groups is None:
-            trainable = requires
-            groups = None
-        else:
-            named = {n for g in param_groups for n in g["params"]}
-            unknown = sorted(named - {n for n, _ in module.named_parameters()})
-            if unknown:
-                raise ValueError(f"param_groups name parameters the module does not have: {unknown}")
-            trainable = named & requires
-            groups = [{**g, "params": [n for n in g["params"] if n in trainable]} for g in param_groups]
-            groups = [g for g in groups if g["params"]]
+        # --- where the rows live: all of them, or one rank's share (shard)
         self.shard, self.comm = shard, comm
         if shard is not None:
             if shard.hierarchy is not hierarchy:
                 raise ValueError("the shard must be built from this engine's hierarchy")
             if comm is None:
                 raise ValueError("a sharded engine needs a communicator (comm=)")
-        self._rows = [torch.arange(hierarchy.nodes_per_layer[m]) if shard is None else shard.rows(m)
-                      for m in range(self.N + 1)]
+            if not config.mobility.is_static:
+                raise ValueError("mobility with a multi-process run is not supported: a device moving to an edge "
+                                 "server of another rank would have to move its rows between processes")
+        self.rows = [torch.arange(hierarchy.nodes_per_layer[m]) if shard is None else shard.rows(m)
+                     for m in range(self.N + 1)]
         self._local = [None if shard is None else shard.local_index(m) for m in range(self.N + 1)]
-        if device_rng not in ("global", "stream"):
-            raise ValueError(f"device_rng must be 'global' or 'stream', got {device_rng!r}")
-        self.device_rng = device_rng
-        self.state = StackedState(module, hierarchy, device, param_order, trainable,
-                                  rows_per_layer=[int(r.numel()) for r in self._rows])
-        for c in self.compressors:
+        # --- the stacked models, the executor, every device's optimizer
+        trainable, groups = _trainable(module, param_groups)
+        self.state = StackedState(module, hierarchy, device, config.param_order, trainable,
+                                  rows_per_layer=[int(r.numel()) for r in self.rows])
+        for c in config.compressors:
             c.check_dims(self.state.num_params)
         self.device = self.state.device
+        self.work_dtype = torch.float64 if self.state.dtype == torch.float64 else torch.float32
         if self.device.type == "cpu":
             retain_large_allocations()  # per-step temporaries of 10s-100s of MB: reuse, don't re-fault (cpu_alloc)
-        self.executor = make_executor(
-            executor, module, loss_fn, self.state.param_layout, self.state.buffer_layout, self.device
-        )
+        self.executor = make_executor(config.executor, module, loss_fn, self.state.param_layout,
+                                      self.state.buffer_layout, self.device)
         self.optimizer = DeviceOptimizer(self.state.params[0], optimizer, optimizer_kwargs or {"lr": 0.01},
                                          layout=self.state.param_layout, groups=groups, clip=grad_clip)
-        # Error-feedback memory: per layer n (index n-1) with an EF compressor, one row per sender of layer n-1,
-        # stacked like the models, in the arithmetic dtype of the aggregation; checkpointed, never aggregated.
-        work = torch.float64 if self.state.dtype == torch.float64 else torch.float32
-        self.memory: list[Tensor | None] = [
-            torch.zeros(self.state.params[n - 1].shape, dtype=work, device=self.device)
-            if self.compressors[n - 1].error_feedback else None for n in range(1, self.N + 1)
-        ]
-        # Server optimizers: per layer n, the state of its nodes (one row per node, stacked like the models) and a
-        # scratch buffer for their pseudo-gradients Delta_p; nothing for Average (the kernel adds in place).
-        self.server_optimizers = validate_server_optimizers(server_optimizers, self.N)
-        self.server_state: list[dict[str, Tensor] | None] = []
-        self._delta: list[Tensor | None] = []
-        for n, opt in enumerate(self.server_optimizers, start=1):
-            rows = self.state.params[n].shape[0]
-            if opt.is_average:
-                self.server_state.append(None)
-                self._delta.append(None)
-            else:
-                self.server_state.append(opt.init_state(rows, self.state.num_params, work, self.device))
-                self._delta.append(torch.empty(rows, self.state.num_params, dtype=work, device=self.device))
-        self._grads: Tensor | list[Tensor | None] | None = None  # accumulated gradients of the current step
-        self._step_losses: list[Tensor] = []
-        self._step_aux: list[dict[str, Tensor]] = []
-        # Per layer n = 1..N (stored at index n-1): parent index of the children and their weights (global
-        # weights, for the children this engine holds; the parents in this engine's rows).
-        self._parent_index = [self._localise(n, hierarchy.parent_index(n - 1)[self._rows[n - 1]]).to(self.device)
-                              for n in range(1, self.N + 1)]
-        self._weights = [
-            hierarchy.aggregation_weights(n, device_mass).to(
-                device=self.device, dtype=torch.float64 if self.state.dtype == torch.float64 else torch.float32)
-            for n in range(1, self.N + 1)
-        ]
-        # Eq. 5 resync maps: for layer n, the ancestor in layer n of every node of each layer m < n.
-        self._ancestors = [
-            [self._localise(n, hierarchy.ancestor_index(m, n)[self._rows[m]]).to(self.device) for m in range(n)]
-            for n in range(1, self.N + 1)
-        ]
+        # --- the tree (it may change: mobility), its weights and resync maps; who takes part, and when
+        self.tree = TreeState(hierarchy)
+        self._device_mass = device_mass
+        self.home = self.tree.parent_index(0).clone()  # every device's edge server, failures aside
+        self.parent_index: list[Tensor] = []
+        self.weights: list[Tensor] = []
+        self.ancestors: list[list[Tensor]] = []
+        self.refresh_tree()
+        self.latency = config.latency if config.latency is not None else default_latency(self.N)
+        down = None
+        if self.latency.slowest_downlink_rates is not None:
+            down = [downlink_bits(self.state.num_params + self.state.num_buffer_elems)] * self.N
+        self.clock = SimulatedClock(self.tree, self.latency, [self.upload_bits(n) for n in range(1, self.N + 1)],
+                                    down)
+        self.population = Population(self.tree, self.taus, config.participation, config.availability, self.clock,
+                                     self.seed)
+        mobility = config.mobility
+        if not mobility.is_static:
+            self.population.mid_period = mobility.mid_period
+            self.population.trivial = False  # edge servers may be left without devices: they must not upload
+        # --- the aggregation layers, their observers and the declared state
+        self.guard = NonFiniteGuard(self.rows, comm, lambda: (self.round, self.step_in_round))
+        self.bits = BitCounter(self)
+        self.change_tree = None if mobility.is_static else ChangeTree(mobility)
+        self.layers = [build_layer(n, config.layers[n - 1], self.state.num_buffer_elems > 0, self.change_tree)
+                       for n in range(1, self.N + 1)]
+        self.registry = StateRegistry()
+        self._register_state()
+        for layer in self.layers:
+            layer.bind(self)
+        # --- the schedule
         self._period = [math.prod(self.taus[:n]) for n in range(1, self.N + 1)]
         self.steps_per_round = self._period[-1]
-        # Counters (all part of the checkpoint).
         self.round = 0  # completed global rounds
         self.step_in_round = 0  # local steps done in the current round
         self.total_steps = 0
         self.events_in_round = [0] * self.N  # aggregations of layer n done in this round (RNG event index)
         self.aggregation_counts = [0] * self.N  # cumulative aggregations per layer
-        self.bits_sent = [0] * self.N  # cumulative upload bits into layer n (index n-1)
-        self.baseline_bits = [0] * self.N  # the same uploads at 32 bits per number
-        self.round_bits = [0] * self.N  # upload bits of the current (or just completed) round
-        # Who takes part and when, and the simulated clock (population.py, clock.py).
-        self.latency = latency if latency is not None else default_latency(self.N)
-        if not isinstance(self.latency, LatencyModel):
-            raise TypeError(f"latency must be a LatencyModel, got {type(self.latency).__name__}")
-        down = None
-        if self.latency.slowest_downlink_rates is not None:
-            down = [downlink_bits(self.state.num_params + self.state.num_buffer_elems)] * self.N
-        self.tree = TreeState(hierarchy)  # the current tree (devices may move between edge servers)
-        self._device_mass = device_mass
-        self.clock = SimulatedClock(self.tree, self.latency, [self.upload_bits(n) for n in range(1, self.N + 1)],
-                                    down)
-        self.participation = validate_participation(participation, self.N)
-        if availability is not None and not isinstance(availability, Availability):
-            raise TypeError(f"availability must be an Availability, got {type(availability).__name__}")
-        self.population = Population(self.tree, self.taus, self.participation, availability, self.clock, self.seed)
-        self.mobility = make_mobility(mobility, hierarchy.nodes_per_layer[1] if self.N > 1 else 1)
-        if not self.mobility.is_static:
-            if shard is not None:
-                raise ValueError("mobility with a multi-process run is not supported: a device moving to an edge "
-                                 "server of another rank would have to move its rows between processes")
-            if self.N < 2:
-                raise ValueError("mobility needs edge servers: a hierarchy of at least N = 2 layers (devices move "
-                                 "between the nodes of layer 1)")
-            self.mobility.check(hierarchy.num_devices, hierarchy.nodes_per_layer[1], self.N)
-            self.population.mid_period = self.mobility.mid_period
-            self.population.trivial = False  # edge servers may be left without devices: they must not upload
-        self._boundary_layer = self.mobility.every or self.N
-        self.home = self.tree.parent_index(0).clone()  # every device's edge server, failures aside
-        self._moves = self._failures = 0  # in the current round
+        self._grads: Tensor | list[Tensor | None] | None = None  # accumulated gradients of the current step
+        self._step_losses: list[Tensor] = []
+        self._step_aux: list[dict[str, Tensor]] = []
         self._compact: tuple[Tensor, Tensor, Tensor] | None = None  # (rows, params, buffers) of a partial step
         self.last_round_stats: dict[str, float] = {}
 
-    # ------------------------------------------------------------------ shards
+    # ------------------------------------------------------------------ the options (one source: the config)
+    @property
+    def taus(self) -> tuple[int, ...]:
+        return self.config.taus
+
+    @property
+    def compressors(self) -> tuple[Compressor, ...]:
+        return self.config.compressors
+
+    @property
+    def quantizers(self) -> tuple[Compressor, ...]:
+        """The per-layer compressors (the earlier name)."""
+        return self.config.compressors
+
+    @property
+    def server_optimizers(self) -> tuple[ServerOptimizer, ...]:
+        return self.config.server_optimizers
+
+    @property
+    def participation(self) -> tuple[Participation, ...]:
+        return self.config.participation
+
+    @property
+    def mobility(self) -> Mobility:
+        return self.config.mobility
+
+    @property
+    def seed(self) -> int:
+        return self.config.seed
+
+    @property
+    def backend(self) -> str:
+        return self.config.backend
+
+    @property
+    def device_rng(self) -> str:
+        return self.config.device_rng
+
+    # ------------------------------------------------------------------ rows: all of them, or a rank's share
+    def local_index(self, m: int) -> Tensor | None:
+        """int64 [nodes of layer m]: this engine's row of every global row of layer m (-1 where another rank
+        holds it), or None when this engine holds every row."""
+        return self._local[m]
+
     def _localise(self, n: int, global_rows: Tensor) -> Tensor:
         """Global row indices of layer n as this engine's rows (identity without a shard)."""
         return global_rows if self._local[n] is None else self._local[n][global_rows]
 
-    def _local_rows(self, m: int, global_rows: Tensor | None) -> Tensor | None:
+    def local_rows(self, m: int, global_rows: Tensor | None) -> Tensor | None:
         """The subset of ``global_rows`` (layer m) this engine holds, as local indices (None: all)."""
         if global_rows is None or self._local[m] is None:
             return global_rows
         loc = self._local[m][global_rows.cpu()]
         return loc[loc >= 0]
 
+    def at_cut(self, n: int) -> bool:
+        """Whether the aggregation into layer n gathers uploads from every rank (the layer above the cut)."""
+        return self.shard is not None and n == self.shard.cut + 1
+
     @property
     def device_ids(self) -> Tensor:
         """int64 [rows of layer 0]: the global index of every device row this engine holds."""
-        return self._rows[0]
+        return self.rows[0]
+
+    # ------------------------------------------------------------------ the tree
+    def refresh_tree(self) -> None:
+        """Parent indices, weights |C(c)| / |C(p)| and resync maps of the current tree (this engine's rows)."""
+        t = self.tree
+        self.parent_index = [self._localise(n, t.parent_index(n - 1)[self.rows[n - 1]]).to(self.device)
+                             for n in range(1, self.N + 1)]
+        self.weights = [t.aggregation_weights(n, self._device_mass).to(device=self.device, dtype=self.work_dtype)
+                        for n in range(1, self.N + 1)]
+        self.ancestors = [[self._localise(n, t.ancestor_index(m, n)[self.rows[m]]).to(self.device)
+                           for m in range(n)] for n in range(1, self.N + 1)]
 
     # ------------------------------------------------------------------ properties
     @property
@@ -351,9 +299,33 @@ class QMLHFLEngine:
         return self.executor.name
 
     @property
-    def quantizers(self) -> tuple[Compressor, ...]:
-        """The per-layer compressors (the earlier name)."""
-        return self.compressors
+    def memory(self) -> list[Tensor | None]:
+        """Per layer n (index n-1): the error-feedback memory of its senders [rows, P], or None without EF."""
+        return [layer.stage(CompressAndSum).memory for layer in self.layers]
+
+    @property
+    def server_state(self) -> list[dict[str, Tensor] | None]:
+        """Per layer n (index n-1): the server optimizer's state of its nodes, or None for Average."""
+        out = []
+        for layer in self.layers:
+            stage = layer.stage(ServerStep)
+            out.append(None if stage is None else stage.state)
+        return out
+
+    @property
+    def bits_sent(self) -> list[int]:
+        """Cumulative upload bits into layer n (index n-1)."""
+        return self.bits.bits_sent
+
+    @property
+    def baseline_bits(self) -> list[int]:
+        """The same uploads at 32 bits per number."""
+        return self.bits.baseline_bits
+
+    @property
+    def round_bits(self) -> list[int]:
+        """Upload bits of the current (or just completed) round, per layer."""
+        return self.bits.round_bits
 
     def upload_bits(self, n: int) -> int:
         """Bits of one upload into layer n (:func:`lightning_qmlhfl.compressors.upload_bits`: the parameters
@@ -382,7 +354,7 @@ class QMLHFLEngine:
     def upcoming_devices(self) -> Tensor | None:
         """The devices of this engine's rows that train in the next local step (int64 indices into the device
         rows), or None for all of them."""
-        active = self._local_rows(0, self.upcoming_global_devices())
+        active = self.local_rows(0, self.upcoming_global_devices())
         return None if active is None else active.to(self.device)
 
     def compute_gradients(self, batch: Any, loss_scale: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
@@ -394,7 +366,7 @@ class QMLHFLEngine:
         s = self.state
         active = self.upcoming_devices()
         if self.device_rng == "stream":  # every device's forward draws from its own (seed, device, step) stream
-            ids = self._rows[0] if active is None else self._rows[0][active.cpu()]
+            ids = self.rows[0] if active is None else self.rows[0][active.cpu()]
             micro = len(self._step_losses)
             self.executor.row_seeds = [mix(self.seed, Stream.DEVICE_RNG, int(i), self.total_steps, micro)
                                        for i in ids.tolist()]
@@ -446,7 +418,7 @@ class QMLHFLEngine:
         self.total_steps += 1
         k = self.step_in_round
         if self.step_in_round == 1:
-            self.round_bits = [0] * self.N
+            self.bits.on_round_start()
         done: list[int] = []
         for n in range(1, self.N + 1):
             if k % self._period[n - 1] != 0:
@@ -460,12 +432,29 @@ class QMLHFLEngine:
             self.events_in_round = [0] * self.N
             self.last_round_stats = self.round_stats()
             self.population.reset_stats()
-            self._moves = self._failures = 0
+            if self.change_tree is not None:
+                self.change_tree.moves = self.change_tree.failures = 0
+            for layer in self.layers:
+                clip = layer.stage(ClipUpdates)
+                if clip is not None:
+                    clip.round_clipped = 0
         return StepResult(losses=losses, aux=aux, aggregated=done, round_completed=completed, devices=devices)
+
+    @torch.no_grad()
+    def _aggregate(self, n: int) -> None:
+        """Eq. 4 at layer n (Eq. 6 when n == N) for all its nodes, then Eq. 5 down its subtrees: the layer's
+        chain of stages, then its observers."""
+        ctx = AggregationContext(layer=n, round=self.round, event=self.events_in_round[n - 1],
+                                 step=self.step_in_round)
+        ctx = self.layers[n - 1].aggregate(self, ctx)
+        self.events_in_round[n - 1] += 1
+        self.aggregation_counts[n - 1] += 1
+        self.bits.on_aggregate(self, ctx)
 
     def round_stats(self) -> dict[str, float]:
         """The current (or just completed) round: uploads and lost uploads per layer, the clock's split of the
-        round time (computation, each layer's links) and the simulated time."""
+        round time (computation, each layer's links), the simulated time, and what stages count (moves and edge
+        failures with mobility, clipped uploads with clipping)."""
         pop, clock = self.population, self.clock
         out: dict[str, float] = {"sim_time": clock.now, "round_time": clock.last_round_time,
                                  "time_compute": float(clock.last_split[0])}
@@ -473,10 +462,15 @@ class QMLHFLEngine:
             out[f"time_layer{n}"] = float(clock.last_split[n])
             out[f"participants_layer{n}"] = pop.uploads[n - 1]
             out[f"drops_layer{n}"] = pop.dropped[n - 1]
-        out["moves"], out["edge_failures"] = self._moves, self._failures
+        ct = self.change_tree
+        out["moves"], out["edge_failures"] = (0, 0) if ct is None else (ct.moves, ct.failures)
         if self.N > 1:
             counts = self.tree.device_counts(1)
             out["edge_devices_min"], out["edge_devices_max"] = int(counts.min()), int(counts.max())
+        for layer in self.layers:
+            clip = layer.stage(ClipUpdates)
+            if clip is not None:
+                out[f"clipped_layer{layer.layer}"] = clip.round_clipped
         return out
 
     def run_round(self, next_batch: Callable[[], Any]) -> list[StepResult]:
@@ -487,173 +481,6 @@ class QMLHFLEngine:
             out.append(r)
             if r.round_completed:
                 return out
-
-    @torch.no_grad()
-    def _aggregate(self, n: int) -> None:
-        """Eq. 4 at layer n (Eq. 6 when n == N) for all its nodes, then Eq. 5 down its subtrees."""
-        s = self.state
-        idx = self._parent_index[n - 1]
-        rows = self.hierarchy.nodes_per_layer[n - 1]  # senders, over every rank
-        event = self.events_in_round[n - 1]
-        seeds = row_seeds(self.seed, self.round, n, event, rows)
-        uploads_g, w, received = self.population.aggregate(n, self.round, event, self._weights[n - 1])
-        child_rows, parent_rows = self._rows[n - 1], self._rows[n]
-        if self.shard is not None:  # this engine's children and parents
-            seeds, w = seeds[child_rows], w[child_rows.to(w.device)]
-            received = None if received is None else received[parent_rows]
-        uploads = self._local_rows(n - 1, uploads_g)
-        if uploads is not None:
-            uploads = uploads.to(self.device)
-        if s.num_buffer_elems:
-            sent = s.buffers[n - 1] if uploads is None else s.buffers[n - 1][uploads]
-            bad = ~torch.isfinite(sent).all(dim=1)
-            node = int(bad.nonzero()[0]) if bool(bad.any()) else -1
-            self._raise_if_bad(n, node if uploads is None or node < 0 else int(uploads[node]), "buffer")
-        delta = self._delta[n - 1]
-        cut = self.shard is not None and n == self.shard.cut + 1
-        if cut:
-            norms = self._aggregate_across_ranks(n, s.params, idx, w, seeds, uploads, uploads_g, delta,
-                                                 self.compressors[n - 1], self.memory[n - 1], "params")
-        else:
-            norms = aggregate_layer_(s.params[n], s.params[n - 1], idx, w, self.compressors[n - 1], seeds,
-                                     self.backend, memory=self.memory[n - 1], rows=uploads, out=delta)
-            bad = ~torch.isfinite(norms).all(dim=1)
-            i = int(bad.nonzero()[0]) if bool(bad.any()) else -1
-            self._raise_if_bad(n, i if uploads is None or i < 0 else int(uploads[i]))
-        if delta is not None:  # a server optimizer turns the pseudo-gradients into the update of the node models
-            self.server_optimizers[n - 1].step_(s.params[n], delta, self.server_state[n - 1],
-                                                None if received is None else received.to(self.device))
-        if s.num_buffer_elems:
-            if cut:
-                self._aggregate_across_ranks(n, s.buffers, idx, w, seeds, uploads, uploads_g, None, Identity(), None,
-                                             "buffers")
-            else:
-                aggregate_layer_(s.buffers[n], s.buffers[n - 1], idx, w, Identity(), seeds, "torch", rows=uploads)
-        if not self.mobility.is_static:  # the tree changes before Eq. 5: movers continue from their new parent
-            self._change_tree(n)
-        # Eq. 5: everything below layer n continues from its layer-n ancestor's new model.
-        # index_select into the rows directly: a gather-then-copy would allocate a temporary as large as the
-        # whole device stack (0.64 GB for 1000 MLP devices) at every aggregation.
-        for m, anc in enumerate(self._ancestors[n - 1]):
-            torch.index_select(s.params[n], 0, anc, out=s.params[m])
-            if s.num_buffer_elems:
-                torch.index_select(s.buffers[n], 0, anc, out=s.buffers[m])
-        self.events_in_round[n - 1] += 1
-        self.aggregation_counts[n - 1] += 1
-        sent = rows if uploads_g is None else int(uploads_g.numel())
-        bits, base = sent * self.upload_bits(n), sent * self.upload_baseline_bits(n)
-        self.bits_sent[n - 1] += bits
-        self.baseline_bits[n - 1] += base
-        self.round_bits[n - 1] += bits
-
-    def _raise_if_bad(self, n: int, local_node: int, what: str = "parameters") -> None:
-        """Raise NonFiniteUpdateError for a non-finite upload (``local_node`` >= 0), on every rank alike."""
-        node = -1 if local_node < 0 else int(self._rows[n - 1][local_node])
-        if self.comm is not None:  # every rank learns the first bad node of any rank
-            flag = torch.tensor([float(node >= 0), -float(node if node >= 0 else 2**52)], dtype=torch.float64)
-            flag = self.comm.all_reduce_max(flag)
-            node = int(-flag[1]) if flag[0] > 0 else -1
-        if node >= 0:
-            raise NonFiniteUpdateError(n, node, self.round, self.step_in_round, what)
-
-    def _aggregate_across_ranks(self, n: int, stacks: list[Tensor], idx: Tensor, w: Tensor, seeds: Tensor,
-                                uploads: Tensor | None, uploads_g: Tensor | None, delta: Tensor | None,
-                                compressor: Compressor, memory: Tensor | None, what: str) -> Tensor:
-        """The aggregation into the layer above the cut: this rank's children are compressed and weighted here;
-        with the "gather" exchange the weighted uploads of every rank are gathered and summed in global child
-        order on every rank (the operations of one process, bit for bit); with "all_reduce" every rank sums its
-        own children and the partial sums are all-reduced."""
-        parent, child = stacks[n], stacks[n - 1]
-        C = child.shape[0]
-        work = torch.float64 if parent.dtype == torch.float64 else torch.float32
-        if self.shard.exchange == "all_reduce":
-            partial = torch.zeros(parent.shape, dtype=work, device=parent.device)
-            norms = aggregate_layer_(parent, child, idx, w, compressor, seeds, self.backend if what == "params"
-                                     else "torch", memory=memory, rows=uploads, out=partial)
-            self._check_norms(n, norms, uploads, what)
-            acc = self.comm.all_reduce_sum(partial)
-        else:
-            # every child its own parent: out[c] = 0 + w_c C(x_c), exactly the term one process adds for it
-            own = parent.index_select(0, idx)
-            mine = torch.zeros((C, parent.shape[1]), dtype=work, device=parent.device)
-            norms = aggregate_layer_(own, child, torch.arange(C, device=parent.device), w, compressor, seeds,
-                                     self.backend if what == "params" else "torch", memory=memory, rows=uploads,
-                                     out=mine)
-            self._check_norms(n, norms, uploads, what)
-            terms = torch.cat(self.comm.all_gather(mine))  # [senders of every rank], in global order
-            acc = _ordered_sum(terms, self.hierarchy.parent_index(n - 1).to(parent.device), parent.shape[0],
-                               None if uploads_g is None else uploads_g.to(parent.device))
-        if delta is not None:
-            delta.copy_(acc)
-        else:
-            parent.copy_(parent.to(work).add_(acc))
-        return norms
-
-    def _check_norms(self, n: int, norms: Tensor, uploads: Tensor | None, what: str) -> None:
-        bad = ~torch.isfinite(norms).all(dim=1)
-        i = int(bad.nonzero()[0]) if bool(bad.any()) else -1
-        self._raise_if_bad(n, i if uploads is None or i < 0 else int(uploads[i]), what)
-
-    # ------------------------------------------------------------------ a changing tree (mobility.py)
-    def _change_tree(self, n: int) -> None:
-        from ..federation.mobility import _other_parent
-        from ..rng import Stream, generator
-
-        M1 = self.hierarchy.nodes_per_layer[1]
-        pop = self.population
-        if n == 1 and bool(pop.movers.any()):  # moved during the period (their uploads were lost)
-            g = generator(self.seed, Stream.MOBILITY, self.round, self.events_in_round[0], 2)
-            movers = pop.movers
-            self.home[movers] = _other_parent(self.home[movers], M1, g)
-            self._moves += int(movers.sum())
-            pop.movers = torch.zeros_like(movers)
-        effective = self.home
-        if n == self._boundary_layer:
-            boundary = self.aggregation_counts[n - 1]
-            new = self.mobility.move(boundary, self.home, M1, generator(self.seed, Stream.MOBILITY, boundary))
-            self._moves += int((new != self.home).sum())
-            self.home = new.clone()
-            effective = self.home
-            failures = self.mobility.failures
-            if failures is not None:
-                down = failures.down(boundary, M1, generator(self.seed, Stream.MOBILITY, boundary, 3))
-                self._failures += int(down.sum())
-                if failures.mode == "fallback" and not bool(down.all()):
-                    effective = self._fallback(down, generator(self.seed, Stream.MOBILITY, boundary, 4))
-                    down = torch.zeros_like(down)
-                pop.set_down(down)
-        if not torch.equal(effective, self.tree.parent_index(0)):
-            self.tree.set_device_parents(effective)
-            self._refresh_tree()
-
-    def _fallback(self, down: Tensor, g: torch.Generator) -> Tensor:
-        """Devices of failed edge servers attach to a uniformly chosen live edge server under the same regional
-        server when there is one, else to any live one."""
-        region = self.tree.parent_index(1)  # the layer-2 node of every edge server
-        live = torch.nonzero(~down).flatten()
-        order = live[torch.argsort(region[live], stable=True)]
-        regions = self.hierarchy.nodes_per_layer[2]
-        counts = torch.bincount(region[live], minlength=regions)
-        starts = torch.cumsum(counts, 0) - counts
-        out = self.home.clone()
-        stranded = down[self.home]
-        r = region[self.home[stranded]]
-        u = torch.rand(int(stranded.sum()), generator=g, dtype=torch.float64)
-        local = counts[r] > 0
-        pick_local = order[(starts[r] + (u * counts[r].double()).long().clamp(max=counts[r] - 1).clamp(min=0))
-                           .clamp(max=order.numel() - 1)]
-        pick_any = live[(u * live.numel()).long().clamp(max=live.numel() - 1)]
-        out[stranded] = torch.where(local, pick_local, pick_any)
-        return out
-
-    def _refresh_tree(self) -> None:
-        """Parent indices, weights |C(c)| / |C(p)| and resync maps of the current tree."""
-        t = self.tree
-        dtype = torch.float64 if self.state.dtype == torch.float64 else torch.float32
-        self._parent_index[0] = t.parent_index(0).to(self.device)
-        self._weights = [t.aggregation_weights(n, self._device_mass).to(device=self.device, dtype=dtype)
-                         for n in range(1, self.N + 1)]
-        self._ancestors = [[t.ancestor_index(m, n).to(self.device) for m in range(n)] for n in range(1, self.N + 1)]
 
     # ------------------------------------------------------------------ reading the models
     def cloud_params(self) -> Tensor:
@@ -670,57 +497,68 @@ class QMLHFLEngine:
     def set_lr(self, lr: float) -> None:
         self.optimizer.set_lr(lr)
 
-    # ------------------------------------------------------------------ checkpointing
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue bit-for-bit (tensors and plain python only)."""
-        return {
-            "stacked": self.state.state_dict(),
-            "memory": [None if m is None else m.clone() for m in self.memory],
-            "server_state": [None if st is None else {k: v.clone() for k, v in st.items()}
-                             for st in self.server_state],
-            "population": self.population.state_dict(),
-            "tree": {**self.tree.state_dict(), "home": self.home.clone(), "moves": self._moves,
-                     "failures": self._failures},
-            "optimizer": self.optimizer.state_dict(),
-            "counters": {
-                "round": self.round,
-                "step_in_round": self.step_in_round,
-                "total_steps": self.total_steps,
-                "events_in_round": list(self.events_in_round),
-                "aggregation_counts": list(self.aggregation_counts),
-                "bits_sent": list(self.bits_sent),
-                "baseline_bits": list(self.baseline_bits),
-                "round_bits": list(self.round_bits),
-            },
-            "config": {
-                "taus": list(self.taus),
-                "compressors": [repr(q) for q in self.compressors],
-                "server_optimizers": [repr(o) for o in self.server_optimizers],
-                "participation": [repr(p) for p in self.participation],
-                "mobility": repr(self.mobility),
-                "hierarchy": self.hierarchy.to_dict(),
-                "seed": self.seed,
-                "param_layout": [[name, list(shape), list(order)] for name, shape, order in
-                                 self.state.param_layout.describe()],
-            },
-        }
+    # ------------------------------------------------------------------ declared state and checkpoints
+    def _register_state(self) -> None:
+        """Every piece of this engine's own state (the stages register theirs when they are bound)."""
+        reg, s = self.registry, self.state
+        for m in range(self.N + 1):
+            reg.register_rows(f"params/{m}", s.params[m], m)
+            reg.register_rows(f"buffers/{m}", s.buffers[m], m)
+        opt = self.optimizer
 
-    def _map_sharded(self, sd: dict[str, Any], fn: Callable[[Tensor, int], Tensor]) -> dict[str, Any]:
-        """A copy of ``sd`` with ``fn(tensor, layer)`` applied to every tensor whose rows are split over the ranks
-        (the stacks, error-feedback memory, server state and per-device optimizer state at or below the cut)."""
-        cut = self.shard.cut
-        out = dict(sd)
-        out["stacked"] = {k: [fn(t, m) if m <= cut else t for m, t in enumerate(v)] for k, v in sd["stacked"].items()}
-        out["memory"] = [None if t is None else fn(t, n) if n <= cut else t for n, t in enumerate(sd["memory"])]
-        out["server_state"] = [None if st is None else {k: fn(v, n + 1) for k, v in st.items()} if n + 1 <= cut
-                               else st for n, st in enumerate(sd["server_state"])]
-        opt = dict(sd["optimizer"])
-        rows = int(sd["optimizer"]["device_steps"].shape[0])
-        opt["state"] = {pid: {k: fn(v, 0) if isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == rows else v
-                              for k, v in st.items()} for pid, st in sd["optimizer"]["state"].items()}
-        opt["device_steps"] = fn(sd["optimizer"]["device_steps"], 0)
-        out["optimizer"] = opt
-        return out
+        def per_device(value: dict[str, Any], t: Tensor) -> int | None:
+            rows = value["device_steps"]
+            return 0 if t.dim() >= 1 and t.shape[0] == (rows.shape[0] if isinstance(rows, Tensor) else -1) else None
+
+        reg.register("optimizer", opt.state_dict, opt.load_state_dict, rows=per_device)
+        reg.register("population", self.population.state_dict, self._load_population, sharded=False)
+        reg.register("tree", self._tree_state, self._load_tree, sharded=False)
+        reg.register("counters", self._counters, self._load_counters, sharded=False)
+
+    def _tree_state(self) -> dict[str, Any]:
+        ct = self.change_tree
+        return {**self.tree.state_dict(), "home": self.home.clone(), "moves": 0 if ct is None else ct.moves,
+                "failures": 0 if ct is None else ct.failures}
+
+    def _load_tree(self, sd: dict[str, Any] | None) -> None:
+        if sd is None:  # a checkpoint from before mobility: the tree never changed
+            return
+        self.tree.load_state_dict(sd)
+        self.home = sd["home"].clone()
+        if self.change_tree is not None:
+            self.change_tree.moves, self.change_tree.failures = int(sd["moves"]), int(sd["failures"])
+            self.refresh_tree()
+
+    def _load_population(self, sd: dict[str, Any] | None) -> None:
+        if sd is not None:  # None: a checkpoint from before the population (full participation, no clock state)
+            self.population.load_state_dict(sd)
+
+    def _counters(self) -> dict[str, Any]:
+        return {"round": self.round, "step_in_round": self.step_in_round, "total_steps": self.total_steps,
+                "events_in_round": list(self.events_in_round), "aggregation_counts": list(self.aggregation_counts),
+                "bits_sent": list(self.bits.bits_sent), "baseline_bits": list(self.bits.baseline_bits),
+                "round_bits": list(self.bits.round_bits)}
+
+    def _load_counters(self, c: dict[str, Any]) -> None:
+        self.round, self.step_in_round, self.total_steps = c["round"], c["step_in_round"], c["total_steps"]
+        self.events_in_round = list(c["events_in_round"])
+        self.aggregation_counts = list(c["aggregation_counts"])
+        self.bits.bits_sent, self.bits.baseline_bits = list(c["bits_sent"]), list(c["baseline_bits"])
+        self.bits.round_bits = list(c["round_bits"])
+
+    def _param_layout(self) -> list[list[Any]]:
+        return [[name, list(shape), list(order)] for name, shape, order in self.state.param_layout.describe()]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue bit-for-bit (tensors and plain python only), in the checkpoint format of
+        :mod:`.state`."""
+        return {"format_version": FORMAT_VERSION, "config": self.config.identity(),
+                "param_layout": self._param_layout(), "state": self.registry.state_dict()}
+
+    def map_sharded(self, sd: dict[str, Any], fn: Callable[[Tensor, int], Any]) -> dict[str, Any]:
+        """A copy of the checkpoint ``sd`` with ``fn(tensor, layer)`` applied to every tensor whose rows are split
+        over the ranks (rows of the layers at or below the cut of a sharded entry)."""
+        return {**sd, "state": self.registry.map_sharded(sd["state"], fn, self.shard.cut)}
 
     def global_state_dict(self) -> dict[str, Any]:
         """:meth:`state_dict` with every row of every rank (a collective on a sharded engine: every rank calls
@@ -737,55 +575,61 @@ class QMLHFLEngine:
                 full[shard.rows_of(r, m).to(full.device)] = part
             return full
 
-        return self._map_sharded(sd, gather)
+        return self.map_sharded(sd, gather)
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        """Continue from ``sd``: this engine's own :meth:`state_dict`, or, for a sharded engine, the global one
-        (:meth:`global_state_dict` or a single-process checkpoint of the same run), of which it takes its rows."""
-        if self.shard is not None and sd["stacked"]["params"][0].shape[0] == self.hierarchy.num_devices \
-                and self.state.params[0].shape[0] != self.hierarchy.num_devices:
-            sd = self._map_sharded(sd, lambda t, m: t[self._rows[m].to(t.device)].clone())
-        cfg = dict(sd["config"])
-        if "compressors" not in cfg:  # checkpoints from before compressors: "quantizers", NoQuantization's name
-            cfg["compressors"] = [q.replace("NoQuantization()", "Identity()") for q in cfg.get("quantizers", [])]
-        cfg.setdefault("server_optimizers", ["Average()"] * self.N)  # checkpoints from before server optimizers
-        cfg.setdefault("participation", ["Full()"] * self.N)  # ... and from before partial participation
-        cfg.setdefault("mobility", "Static()")  # ... and from before mobility
-        mine = self.state_dict()["config"]
-        for key in ("taus", "compressors", "server_optimizers", "participation", "mobility", "hierarchy", "seed"):
-            if cfg[key] != mine[key]:
-                raise ValueError(f"checkpoint was made with {key}={cfg[key]!r}, this run has {mine[key]!r}")
-        # The meaning of the flat rows (checkpoints from before storage orders were recorded used module order).
-        theirs = cfg.get("param_layout") or [[n, shp, list(range(len(shp)))] for n, shp, _ in mine["param_layout"]]
-        if theirs != mine["param_layout"]:
-            diff = [(a, b) for a, b in zip(theirs, mine["param_layout"]) if a != b][:3]
+        """Continue from ``sd``: this engine's own :meth:`state_dict` (of this or an earlier format), or, for a
+        sharded engine, the global one (:meth:`global_state_dict` or a single-process checkpoint of the same run),
+        of which it takes its rows."""
+        sd = migrate(sd, self.N)
+        if "legacy_config" in sd:
+            self._check_config(sd["legacy_config"], self.config.legacy_identity())
+        else:
+            self._check_config(sd["config"], self.config.identity())
+        theirs = sd.get("param_layout") or [[n, shp, list(range(len(shp)))] for n, shp, _ in self._param_layout()]
+        if theirs != self._param_layout():  # the meaning of the flat rows (before it was recorded: module order)
+            diff = [(a, b) for a, b in zip(theirs, self._param_layout()) if a != b][:3]
             raise ValueError(
                 f"checkpoint's flat rows use another parameter layout (name, shape, storage order) than this run, "
                 f"e.g. {diff}: build the engine with the param_order the checkpoint was made with"
             )
-        self.state.load_state_dict(sd["stacked"])
-        for n, (mine_m, theirs_m) in enumerate(zip(self.memory, sd.get("memory", [None] * self.N)), start=1):
-            if (mine_m is None) != (theirs_m is None):
-                raise ValueError(f"checkpoint and run disagree on error feedback at layer {n}")
-            if mine_m is not None:
-                mine_m.copy_(theirs_m)
-        if "population" in sd:
-            self.population.load_state_dict(sd["population"])
-        if "tree" in sd:
-            self.tree.load_state_dict(sd["tree"])
-            self.home = sd["tree"]["home"].clone()
-            self._moves, self._failures = int(sd["tree"]["moves"]), int(sd["tree"]["failures"])
-            if not self.mobility.is_static:
-                self._refresh_tree()
+        state = sd["state"]
+        if self.shard is not None and state["params/0"].shape[0] == self.hierarchy.num_devices \
+                and self.state.params[0].shape[0] != self.hierarchy.num_devices:  # a global state: take my rows
+            state = self.registry.map_sharded(state, lambda t, m: t[self.rows[m].to(t.device)].clone(),
+                                              self.shard.cut)
+        self.registry.load_state_dict(state)
         self._compact = None
-        for mine_s, theirs_s in zip(self.server_state, sd.get("server_state", [None] * self.N)):
-            if mine_s is not None:
-                for k, v in mine_s.items():
-                    v.copy_(theirs_s[k])
-        self.optimizer.load_state_dict(sd["optimizer"], steps_taken=sd["counters"]["total_steps"])
-        c = sd["counters"]
-        self.round, self.step_in_round, self.total_steps = c["round"], c["step_in_round"], c["total_steps"]
-        self.events_in_round = list(c["events_in_round"])
-        self.aggregation_counts = list(c["aggregation_counts"])
-        self.bits_sent, self.baseline_bits = list(c["bits_sent"]), list(c["baseline_bits"])
-        self.round_bits = list(c["round_bits"])
+
+    @staticmethod
+    def _check_config(theirs: dict[str, Any], mine: dict[str, Any]) -> None:
+        theirs, mine = _by_option(theirs), _by_option(mine)
+        for key in mine:
+            if theirs.get(key) != mine[key]:
+                raise ValueError(f"checkpoint was made with {key}={theirs.get(key)!r}, this run has {mine[key]!r}")
+
+
+def _by_option(identity: dict[str, Any]) -> dict[str, Any]:
+    """A config identity with the per-layer options as lists (``compressors=[...]``), for readable mismatches."""
+    out = {k: v for k, v in identity.items() if k not in ("layers", "format_version")}
+    if "layers" in identity:
+        for key, option in (("taus", "tau"), ("compressors", "compressor"), ("server_optimizers", "server_optimizer"),
+                            ("participation", "participation"), ("clip_norms", "clip_norm")):
+            out[key] = [layer.get(option) for layer in identity["layers"]]
+    return out
+
+
+def _trainable(module: nn.Module, param_groups: Sequence[dict[str, Any]] | None
+               ) -> tuple[set[str], list[dict[str, Any]] | None]:
+    """The trained parameters' names and the optimizer's groups restricted to them (parameters in no group and
+    those with ``requires_grad=False`` are frozen)."""
+    requires = {n for n, p in module.named_parameters() if p.requires_grad}
+    if param_groups is None:
+        return requires, None
+    named = {n for g in param_groups for n in g["params"]}
+    unknown = sorted(named - {n for n, _ in module.named_parameters()})
+    if unknown:
+        raise ValueError(f"param_groups name parameters the module does not have: {unknown}")
+    trainable = named & requires
+    groups = [{**g, "params": [n for n in g["params"] if n in trainable]} for g in param_groups]
+    return trainable, [g for g in groups if g["params"]]

@@ -37,7 +37,8 @@ from typing_extensions import override
 
 from ..distribution.comm import TorchComm
 from ..distribution.shard import EXCHANGES, Shard
-from .core import QMLHFLCore
+from ..config import SimulationConfig
+from .core import QMLHFLCore, simulation_config
 from .wiring import QMLHFLWiring
 
 __all__ = ["QMLHFLDDPStrategy"]
@@ -48,7 +49,8 @@ CHECKPOINTS = ("full", "sharded")
 class QMLHFLDDPStrategy(QMLHFLWiring, DDPStrategy):
     """The multi-process QMLHFL strategy (module docstring).
 
-    Takes the simulation arguments of :class:`~lightning_qmlhfl.strategy.QMLHFLStrategy` (``hierarchy``, ``taus``,
+    Takes the simulation of :class:`~lightning_qmlhfl.strategy.QMLHFLStrategy`: ``config`` (a
+    :class:`~lightning_qmlhfl.config.SimulationConfig`) or its options as keywords (``hierarchy``, ``taus``,
     ``compressors``, ``partition``, ``seed``, ...; ``device_rng`` defaults to ``"stream"`` here), plus:
 
     Args:
@@ -64,11 +66,11 @@ class QMLHFLDDPStrategy(QMLHFLWiring, DDPStrategy):
 
     strategy_name = "qmlhfl_ddp"
 
-    def __init__(self, *, cut_layer: int | None = None, exchange: str = "gather", checkpoint: str = "full",
-                 timeout: timedelta = timedelta(minutes=10), start_method: str = "popen",
-                 process_group_backend: str | None = None, accelerator: Any = None, parallel_devices: Any = None,
-                 cluster_environment: Any = None, checkpoint_io: Any = None, precision_plugin: Any = None,
-                 device_rng: str = "stream", **simulation: Any) -> None:
+    def __init__(self, config: SimulationConfig | None = None, *, cut_layer: int | None = None,
+                 exchange: str = "gather", checkpoint: str = "full", timeout: timedelta = timedelta(minutes=10),
+                 start_method: str = "popen", process_group_backend: str | None = None, accelerator: Any = None,
+                 parallel_devices: Any = None, cluster_environment: Any = None, checkpoint_io: Any = None,
+                 precision_plugin: Any = None, **options: Any) -> None:
         if exchange not in EXCHANGES:
             raise ValueError(f"exchange must be 'gather' (bit-identical) or 'all_reduce' (faster, float tolerance), "
                              f"got {exchange!r}")
@@ -80,8 +82,8 @@ class QMLHFLDDPStrategy(QMLHFLWiring, DDPStrategy):
                          cluster_environment=cluster_environment, checkpoint_io=checkpoint_io,
                          precision_plugin=precision_plugin, process_group_backend=process_group_backend,
                          timeout=timeout, start_method=start_method)
-        self.core = QMLHFLCore(device_rng=device_rng, **simulation)
-        if not self.core.mobility.is_static:
+        self.core = QMLHFLCore(simulation_config(config, options, device_rng="stream"))
+        if not self.core.config.mobility.is_static:
             raise ValueError("QMLHFLDDPStrategy does not support mobility (a device moving to another rank's edge "
                              "server would have to move its rows between processes); use QMLHFLStrategy")
         self.cut_layer, self.exchange, self.checkpoint_mode = cut_layer, exchange, checkpoint
@@ -94,7 +96,7 @@ class QMLHFLDDPStrategy(QMLHFLWiring, DDPStrategy):
     @override
     def setup(self, trainer: Any) -> None:
         super().setup(trainer)
-        self.core.shard = Shard.build(self.core.hierarchy, self.world_size, self.global_rank, self.cut_layer,
+        self.core.shard = Shard.build(self.core.config.hierarchy, self.world_size, self.global_rank, self.cut_layer,
                                       self.exchange)
         self.core.comm = TorchComm()
 
