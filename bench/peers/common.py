@@ -46,7 +46,7 @@ RECORD_FIELDS = ("system", "mode", "framework_version", "torch_version", "python
                  "per_round", "rounds", "local_steps", "batch", "lr", "device", "processes", "threads_per_process",
                  "round_s", "train_s", "steady_client_steps_per_s", "mean_client_steps_per_s", "eval_s", "accuracy",
                  "test_loss", "partition_sha256", "init_sha256", "data_sha256", "t_process_start", "t_train_start",
-                 "t_train_end", "t_end")
+                 "t_train_end", "t_end", "clients_per_round_seen", "local_steps_per_client")
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -267,6 +267,18 @@ def make_record(args, *, system: str, mode: str, framework_version: str, process
     }
     rec.update(extra)
     return rec
+
+
+def workload_check(rec: dict) -> str:
+    """"ok" when the record shows the workload was run as specified: ``per_round`` clients trained in every one of
+    the ``rounds`` rounds, exactly LOCAL_STEPS local steps each; else what differs."""
+    problems = []
+    if rec["clients_per_round_seen"] != [rec["per_round"]] * rec["rounds"]:
+        problems.append(f"clients per round {rec['clients_per_round_seen']}, expected {rec['per_round']} in each of "
+                        f"{rec['rounds']} rounds")
+    if abs(rec["local_steps_per_client"] - LOCAL_STEPS) > 1e-9:
+        problems.append(f"{rec['local_steps_per_client']} local steps per client, expected {LOCAL_STEPS}")
+    return "ok" if not problems else "; ".join(problems)
 
 
 def write_record(path: str, rec: dict) -> None:

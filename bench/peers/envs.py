@@ -83,9 +83,9 @@ def build(name: str, cuda: bool, python: str = "python3", root: Path = ENVS, log
     if out.returncode != 0:
         raise RuntimeError(f"the {name} venv does not work (rc {out.returncode}; 3 = torch is "
                            f"{'a CPU' if cuda else 'a CUDA'} build): {out.stdout[-500:]}{out.stderr[-1500:]}")
-    info = {"name": name, "cuda": cuda, "versions": json.loads(out.stdout.strip().splitlines()[-1]),
-            "python": subprocess.run([str(d / "bin" / "python"), "-c", "import platform; print(platform.python_version())"],
-                                     capture_output=True, text=True).stdout.strip(),
+    pyver = subprocess.run([str(d / "bin" / "python"), "-c", "import platform; print(platform.python_version())"],
+                           capture_output=True, text=True).stdout.strip()
+    info = {"name": name, "cuda": cuda, "versions": json.loads(out.stdout.strip().splitlines()[-1]), "python": pyver,
             "requirements": [TORCH_CUDA if cuda else TORCH, *reqs], "build_s": round(time.time() - t0, 1),
             "built": time.strftime("%Y-%m-%d %H:%M:%S")}
     (d / MARKER).write_text(json.dumps(info, indent=1))

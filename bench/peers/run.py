@@ -28,10 +28,12 @@ the start to the end of round 1 (start-up + first round; Flower starts Ray while
 round 1's clients, so Ray's start-up lands in round 1); time of all training rounds; steady client-steps/s =
 (clients per round x 10) / median round time, round 1 excluded; peak memory of the whole process tree (this script
 is a child subreaper, so orphaned grandchildren stay in its tree; every 0.2 s the RSS of every descendant is summed,
-and every 1 s their PSS, which counts shared pages once); final test accuracy; the load average before and after;
+and every 2 s their PSS, which counts shared pages once; the sampler runs on the cores the run does not use, when
+there are any); final test accuracy; the load average before and after;
 the sha256 of the partition, initial weights and data files each runner read (they must agree).
-``--competing-load`` starts one busy-loop process per pinned core (pinned to it) before each run and stops it after:
-the systems then share their cores with a CPU hog.
+``--competing-load`` (= ``on``) starts one busy-loop process per pinned core (pinned to it) before each run and stops
+it after: the systems then share their cores with a CPU hog; ``--competing-load both`` runs every configuration
+without and then with the hogs (the ratio table has a row for each).
 
 Output: a Markdown table of the runs and one of the ratios (this project against the best pfl mode and Flower, at
 equal cores, side by side), printed and written to ``OUT.md``; one JSON line per run in ``OUT.jsonl`` (plus a first
@@ -43,6 +45,7 @@ Usage::
     python bench/peers/run.py --build-only                             # build the peers' venvs, nothing else
     python bench/peers/run.py                                          # everything: 2 workloads x 2 models x 1,2 cores
     python bench/peers/run.py --workloads 100of100 --models lenet --threads 2 --competing-load
+    python bench/peers/run.py --competing-load both                    # the full comparison, idle and loaded
     python bench/peers/run.py --device cuda --threads 2                # on a GPU machine (CUDA venvs)
 """
 
@@ -54,7 +57,6 @@ import json
 import os
 import platform
 import signal
-import statistics
 import subprocess
 import sys
 import threading
@@ -98,8 +100,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--pfl-modes", default="single,workers",
                     help="single (1 process x k threads), workers (k torchrun processes x 1 thread; at k > 1)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    ap.add_argument("--competing-load", action="store_true", help="a busy-loop process per pinned core during "
-                                                                  "each run")
+    ap.add_argument("--competing-load", nargs="?", const="on", default="off",
+                    help="a busy-loop process per pinned core during each run: on (the flag alone), off (default), "
+                         "both (every configuration idle, then loaded)")
     ap.add_argument("--tiny", action="store_true", help="the smoke configuration: 4 clients, 2 rounds, lenet")
     ap.add_argument("--no-pin", action="store_true", help="do not pin the runs to the first k cores")
     ap.add_argument("--no-build", action="store_true", help="never build a missing venv (skip that peer)")
@@ -134,10 +137,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
             fail(f"--rounds {args.rounds}: allowed is an integer >= 1")
     args.peers = [] if args.peers.strip() == "none" else _list(args.peers, PEERS + ("none",), "--peers")
     args.pfl_modes = _list(args.pfl_modes, PFL_MODES, "--pfl-modes")
+    if args.competing_load not in ("off", "on", "both"):
+        fail(f"--competing-load {args.competing_load!r}: allowed are on (the flag alone), off, both")
     dev = args.device
     if not (dev == "cpu" or dev == "cuda" or (dev.startswith("cuda:") and dev[5:].isdigit())):
         fail(f"--device {dev!r}: allowed are cpu, cuda, cuda:N")
     args.cuda = dev.startswith("cuda")
+    if args.cuda:
+        import torch
+
+        if not torch.cuda.is_available():
+            fail(f"--device {dev}: this environment's torch {torch.__version__} sees no CUDA device (on a GPU "
+                 f"machine: bash scripts/setup.sh --cuda); allowed here: cpu")
     if args.timeout <= 0:
         fail(f"--timeout {args.timeout}: must be > 0 seconds")
     cores = sorted(os.sched_getaffinity(0))
@@ -211,7 +222,7 @@ class TreeMemory(threading.Thread):
     """Peak summed RSS (every ``interval`` s) and PSS (every ``pss_every`` samples) of this process's
     descendants, except ``exclude`` (the competing load) and their children."""
 
-    def __init__(self, exclude: set[int], interval: float = 0.2, pss_every: int = 5) -> None:
+    def __init__(self, exclude: set[int], interval: float = 0.2, pss_every: int = 10) -> None:
         super().__init__(daemon=True)
         self.exclude, self.interval, self.pss_every = exclude, interval, pss_every
         self.peak_rss = self.peak_pss = self.peak_procs = self.samples = 0
@@ -274,21 +285,33 @@ def clean_up(exclude: set[int], grace: float = 10.0) -> int:
 
 
 # ------------------------------------------------------------------------------------------- the runs
-def plan(args: argparse.Namespace, peers_ok: dict[str, dict | None]) -> list[dict]:
-    runs = []
-    for w in args.workloads:
-        for m in args.models:
-            for k in args.threads:
-                base = {"workload": w, "model": m, "cores": k}
-                runs.append({**base, "system": "qmlhfl", "procs": 1, "threads_per_process": k})
-                if "pfl" in args.peers:
-                    if "single" in args.pfl_modes:
-                        runs.append({**base, "system": "pfl", "procs": 1, "threads_per_process": k})
-                    if "workers" in args.pfl_modes and k > 1:
-                        runs.append({**base, "system": "pfl", "procs": k, "threads_per_process": 1})
-                if "flower" in args.peers:
-                    runs.append({**base, "system": "flower", "procs": k, "threads_per_process": 1})
-    return runs
+def plan(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
+    """The runs, in order, and notes on the ones left out."""
+    runs, notes = [], []
+    gpus = 0
+    if args.cuda:
+        import torch
+
+        gpus = torch.cuda.device_count()
+    loads = {"off": [False], "on": [True], "both": [False, True]}[args.competing_load]
+    combos = [(w, m, k, busy) for w in args.workloads for m in args.models for k in args.threads for busy in loads]
+    for w, m, k, busy in combos:
+        base = {"workload": w, "model": m, "cores": k, "busy": busy}
+        runs.append({**base, "system": "qmlhfl", "procs": 1, "threads_per_process": k})
+        if "pfl" in args.peers:
+            if "single" in args.pfl_modes:
+                runs.append({**base, "system": "pfl", "procs": 1, "threads_per_process": k})
+            if "workers" in args.pfl_modes and k > 1:
+                if args.cuda and k > gpus:
+                    note = (f"pfl's multi-worker mode at {k} cores left out: it takes one GPU per worker and {gpus} "
+                            f"GPU(s) are visible")
+                    if note not in notes:
+                        notes.append(note)
+                else:
+                    runs.append({**base, "system": "pfl", "procs": k, "threads_per_process": 1})
+        if "flower" in args.peers:
+            runs.append({**base, "system": "flower", "procs": k, "threads_per_process": 1})
+    return runs, notes
 
 
 def command(run: dict, args: argparse.Namespace, result: Path) -> list[str]:
@@ -340,10 +363,13 @@ def execute(run: dict, args: argparse.Namespace, logs: Path, index: int) -> dict
     t = str(run["threads_per_process"])
     env.update(OMP_NUM_THREADS=t, MKL_NUM_THREADS=t, NUMBA_NUM_THREADS=t, PYTHONUNBUFFERED="1",
                FLWR_TELEMETRY_ENABLED="0", RAY_USAGE_STATS_ENABLED="0", WANDB_MODE="disabled")
-    load = start_load(cores) if args.competing_load else []
+    load = start_load(cores) if run["busy"] else []
     exclude = {p.pid for p in load}
     if load:
         time.sleep(0.5)  # the hogs are running before the system starts
+    spare = set(args.cores) - set(cores)
+    if spare and not args.no_pin:  # this script (the memory sampler) keeps off the run's cores when it can
+        os.sched_setaffinity(0, spare)
     load_before = os.getloadavg()
     mem = TreeMemory(exclude)
     pin = None if args.no_pin else (lambda: os.sched_setaffinity(0, set(cores)))
@@ -366,6 +392,7 @@ def execute(run: dict, args: argparse.Namespace, logs: Path, index: int) -> dict
     leftovers = clean_up(exclude)
     load_after = os.getloadavg()
     stop_load(load)
+    os.sched_setaffinity(0, set(args.cores))
     rec: dict = {"kind": "run", **run, "status": status}
     if status == "ok" and (rc != 0 or not result.exists()):
         tail = log_path.read_text(errors="replace").strip().splitlines()[-6:]
@@ -373,6 +400,7 @@ def execute(run: dict, args: argparse.Namespace, logs: Path, index: int) -> dict
     if status == "ok":
         rec.update(json.loads(result.read_text()))
         rec["status"] = "ok"
+        rec["workload_check"] = common.workload_check(rec)
         rec["startup_s"] = rec["t_train_start"] - t_launch
         rec["to_round1_end_s"] = rec["t_train_start"] + rec["round_s"][0] - t_launch
     rec.update(wall_s=wall, peak_rss_mb=mem.peak_rss / 2**20, peak_pss_mb=mem.peak_pss / 2**20,
@@ -409,7 +437,8 @@ def runs_table(recs: list[dict]) -> str:
         lines.append(
             f"| {r['workload']} | {r['model']} | {r['cores']} | {'busy' if r.get('competing_load') else '-'} | "
             f"{NAMES[r['system']]} | {_mode(r)} | {_f(r.get('wall_s'), '{:.1f}')} | "
-            f"{_f(r.get('to_round1_end_s') if ok else None, '{:.1f}')} | {_f(r.get('train_s') if ok else None, '{:.1f}')} | "
+            f"{_f(r.get('to_round1_end_s') if ok else None, '{:.1f}')} | "
+            f"{_f(r.get('train_s') if ok else None, '{:.1f}')} | "
             f"{_f(r.get('steady_client_steps_per_s') if ok else None)} | "
             f"{_f(r.get('peak_rss_mb'))} ({r.get('peak_procs', '-')}) | {_f(r.get('peak_pss_mb'))} | "
             f"{_f(r.get('accuracy') if ok else None, '{:.4f}')} | "
@@ -460,9 +489,13 @@ def ratios_table(recs: list[dict]) -> str:
 
 def hash_check(recs: list[dict]) -> list[str]:
     """Every run of a workload read the same partition file, every run of a model the same initial weights, and
-    every run the same data file."""
+    every run the same data file; every run trained the workload as specified (clients per round, local steps)."""
     notes = []
     ok = [r for r in recs if r["status"] == "ok"]
+    bad = [r for r in ok if r.get("workload_check") != "ok"]
+    notes.append("- every run trained the specified clients per round with exactly 10 local steps each" if not bad
+                 else "- WORKLOAD MISMATCH: " + "; ".join(f"{NAMES[r['system']]} ({_mode(r)}, {r['workload']} "
+                                                           f"{r['model']}): {r['workload_check']}" for r in bad))
     for key, what in (("partition_sha256", "workload"), ("init_sha256", "model"), ("data_sha256", None)):
         by: dict = {}
         for r in ok:
@@ -525,7 +558,10 @@ def main(argv: list[str] | None = None) -> int:
     subreaper = _set_subreaper()
     info = meta(args, env_infos)
     info.update(skipped_peers=skipped, subreaper=subreaper, competing_load=args.competing_load)
-    runs = plan(args, env_infos)
+    runs, plan_notes = plan(args)
+    info["plan_notes"] = plan_notes
+    for note in plan_notes:
+        print(f"[peers] {note}", file=sys.stderr, flush=True)
     recs: list[dict] = []
     jsonl = out.with_suffix(".jsonl")
     with open(jsonl, "w") as f:
@@ -533,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[peers] {len(runs)} runs, one after the other; logs in {logs}", file=sys.stderr, flush=True)
     for i, run in enumerate(runs):
         label = (f"{run['workload']} {run['model']} {run['cores']} core(s): {NAMES[run['system']]} "
-                 f"({_mode(run)}){' + busy load' if args.competing_load else ''}")
+                 f"({_mode(run)}){' + busy load' if run['busy'] else ''}")
         print(f"[peers] {i + 1}/{len(runs)} {label}: load avg {os.getloadavg()[0]:.2f} ...", file=sys.stderr,
               flush=True)
         rec = execute(run, args, logs, i)
@@ -551,10 +587,11 @@ def main(argv: list[str] | None = None) -> int:
              f"`{' '.join(['python', 'bench/peers/run.py', *sys.argv[1:]])}` at commit {str(info['commit'])[:10]}"
              f"{' (dirty)' if info['dirty'] else ''}; {info['cpu']}, {len(args.cores)} CPU(s) allowed, "
              f"device {args.device}; Python {info['python']}, torch {info['torch']}; peers: "
-             + "; ".join(f"{k}: " + ", ".join(f"{n} {v}" for n, v in e["versions"].items())
-                         for k, e in env_infos.items()), ""]
+             + ("; ".join(f"{k}: " + ", ".join(f"{n} {v}" for n, v in e["versions"].items())
+                         for k, e in env_infos.items()) or "none"), ""]
     for peer, reason in skipped.items():
         parts.append(f"- {peer} skipped: {reason}")
+    parts += [f"- {note}" for note in plan_notes]
     parts += ["", "Runs:", "", runs_table(recs), "", "This project against the peers at equal cores (pfl: its "
               "fastest mode for the rates and wall time, its smallest tree for memory):", "", ratios_table(recs), ""]
     parts += hash_check(recs)

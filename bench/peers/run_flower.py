@@ -22,6 +22,7 @@ records ``time.time()`` each time and evaluates the global model on the test set
 from __future__ import annotations
 
 import os
+import random
 import sys
 import time
 from pathlib import Path
@@ -38,6 +39,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 def main() -> None:
     args = common.runner_args(__doc__.split("\n")[0])
+    random.seed(args.seed)  # FedAvg draws each round's nodes with random.sample
     torch.set_num_threads(args.threads)
     device = common.check_device(args.device)
     clients, per_round, rounds = common.workload(args)
@@ -81,12 +83,25 @@ def main() -> None:
             loss_sum += float(loss.detach())
         content = RecordDict({
             "arrays": ArrayRecord(model.state_dict()),
-            "metrics": MetricRecord({"num-examples": order.size, "train_loss": loss_sum / len(order)}),
+            "metrics": MetricRecord({"num-examples": order.size, "train_loss": loss_sum / len(order),
+                                     "local-steps": len(order)}),
         })
         return Message(content=content, reply_to=msg)
 
     stamps: list[float] = []
     final: dict[str, float] = {}
+    seen: list[int] = []  # replies per round
+    steps: list[float] = []  # mean local steps of the replies per round
+
+    class CountingFedAvg(FedAvg):
+        """FedAvg, noting how many clients replied per round (for the record; the aggregation is FedAvg's)."""
+
+        def aggregate_train(self, server_round, replies):
+            replies = list(replies)
+            ok = [r for r in replies if not r.has_error()]
+            seen.append(len(ok))
+            steps.append(sum(float(r.content["metrics"]["local-steps"]) for r in ok) / max(1, len(ok)))
+            return super().aggregate_train(server_round, replies)
 
     def on_round_end(server_round: int, arrays: ArrayRecord):
         stamps.append(time.time())
@@ -106,7 +121,7 @@ def main() -> None:
     def server_main(grid: Grid, context: Context) -> None:
         model = common.build_model(model_name)
         common.load_init(model, common.init_file(Path(cache), model_name, seed))
-        strategy = FedAvg(fraction_train=per_round / clients, fraction_evaluate=0.0, min_train_nodes=per_round,
+        strategy = CountingFedAvg(fraction_train=per_round / clients, fraction_evaluate=0.0, min_train_nodes=per_round,
                           min_available_nodes=clients)
         strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=rounds,
                        evaluate_fn=on_round_end)
@@ -124,7 +139,8 @@ def main() -> None:
     rec = common.make_record(
         args, system="flower", mode=f"ray: {args.threads} actor(s) x 1 thr", framework_version=flwr.__version__,
         processes=args.threads, threads_per_process=1, stamps=stamps, eval_s=final["eval_s"],
-        accuracy=final["accuracy"], test_loss=final["test_loss"], device=device, ray_version=_ray_version())
+        accuracy=final["accuracy"], test_loss=final["test_loss"], device=device, ray_version=_ray_version(),
+        clients_per_round_seen=seen, local_steps_per_client=sum(steps) / max(1, len(steps)))
     common.write_record(args.result, rec)
 
 

@@ -76,6 +76,7 @@ def main() -> None:
     x_all = common.normalise(torch.from_numpy(data["train_x"])).to(device)
     y_all = torch.from_numpy(data["train_y"]).to(device)
     current = {"round": 1}  # Flower's numbering: the first round is 1
+    counts = {"loss_calls": 0, "users": 0}  # this process's local steps and users trained
 
     class Net(torch.nn.Module):
         def __init__(self) -> None:
@@ -86,6 +87,7 @@ def main() -> None:
             return self.net(x)
 
         def loss(self, x, y):
+            counts["loss_calls"] += 1
             self.train()
             return F.cross_entropy(self(x), y)
 
@@ -98,6 +100,7 @@ def main() -> None:
                     "accuracy": Weighted(float((logits.argmax(1) == y).sum()), n)}
 
     def make_dataset(user_id: int) -> Dataset:
+        counts["users"] += 1
         idx = parts[user_id]
         order = idx[common.local_batches(common.client_rng(args.seed, current["round"], user_id), len(idx))]
         sel = torch.from_numpy(order.reshape(-1)).to(device)
@@ -126,14 +129,19 @@ def main() -> None:
     class RoundClock(TrainingProcessCallback):
         def __init__(self) -> None:
             self.stamps: list[float] = []
+            self.seen: list[int] = []
 
         def on_train_begin(self, *, model):
             self.stamps.append(time.time())
             return Metrics()
 
         def after_central_iteration(self, aggregate_metrics, model, *, central_iteration):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             self.stamps.append(time.time())
             current["round"] = central_iteration + 2
+            devices = [v for k, v in aggregate_metrics.to_simple_dict().items() if "number of devices" in k]
+            self.seen.append(int(round(devices[0])) if devices else -1)
             return False, Metrics()
 
     net = Net()
@@ -161,7 +169,9 @@ def main() -> None:
     rec = common.make_record(
         args, system="pfl", mode=mode, framework_version=getattr(pfl, "__version__", _dist_version("pfl")),
         processes=args.workers, threads_per_process=args.threads, stamps=clock.stamps, eval_s=eval_s,
-        accuracy=acc, test_loss=loss, device=device, workers=args.workers)
+        accuracy=acc, test_loss=loss, device=device, workers=args.workers, clients_per_round_seen=clock.seen,
+        local_steps_per_client=counts["loss_calls"] / max(1, counts["users"]),
+        cuda_max_memory_mb=torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None)
     common.write_record(args.result, rec)
 
 

@@ -95,6 +95,8 @@ def main() -> None:
                 self.stamps.append(time.time())
 
         def on_train_epoch_end(self, trainer, module) -> None:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             self.stamps.append(time.time())
 
     module = Module()
@@ -117,11 +119,16 @@ def main() -> None:
     t0 = time.perf_counter()
     acc, loss = common.evaluate(module.net.to(device), data["test_x"], data["test_y"], device)
     eval_s = time.perf_counter() - t0
+    hist = strategy.history
+    seen = [int(h["participants_layer1"]) for h in hist]
+    n_params = sum(p.numel() for p in module.net.parameters())
+    bits = [h["bits_round_layer1"] / max(1, c) / n_params for h, c in zip(hist, seen)]
     rec = common.make_record(
         args, system="qmlhfl", mode=f"1 proc x {args.threads} thr", framework_version=lightning_qmlhfl.__version__
         if hasattr(lightning_qmlhfl, "__version__") else "checkout", processes=1, threads_per_process=args.threads,
         stamps=clock.stamps, eval_s=eval_s, accuracy=acc, test_loss=loss, device=device,
-        executor=strategy.engine.executor_name, lightning_version=L.__version__,
+        executor=strategy.engine.executor_name, lightning_version=L.__version__, clients_per_round_seen=seen,
+        local_steps_per_client=trainer.global_step / rounds, upload_bits_per_parameter=max(bits),
         cuda_max_memory_mb=torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None)
     common.write_record(args.result, rec)
 
