@@ -35,6 +35,10 @@ the sha256 of the partition, initial weights and data files each runner read (th
 it after: the systems then share their cores with a CPU hog; ``--competing-load both`` runs every configuration
 without and then with the hogs (the ratio table has a row for each).
 
+Before the timed runs (except with ``--tiny`` or ``--no-warm-up``) every system runs the tiny configuration once,
+untimed and unreported: what a first run after a checkout or a venv build compiles and caches (the project's numba
+kernels, the venvs' bytecode) would otherwise be charged to whichever system runs first.
+
 Output: a Markdown table of the runs and one of the ratios (this project against the best pfl mode and Flower, at
 equal cores, side by side), printed and written to ``OUT.md``; one JSON line per run in ``OUT.jsonl`` (plus a first
 ``meta`` line: machine, commit, command); each runner's log under ``--logs``.
@@ -104,6 +108,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     help="a busy-loop process per pinned core during each run: on (the flag alone), off (default), "
                          "both (every configuration idle, then loaded)")
     ap.add_argument("--tiny", action="store_true", help="the smoke configuration: 4 clients, 2 rounds, lenet")
+    ap.add_argument("--no-warm-up", action="store_true",
+                    help="skip the untimed tiny run of every system before the timed runs")
     ap.add_argument("--no-pin", action="store_true", help="do not pin the runs to the first k cores")
     ap.add_argument("--no-build", action="store_true", help="never build a missing venv (skip that peer)")
     ap.add_argument("--build-only", action="store_true", help="build the peers' venvs and exit")
@@ -351,8 +357,8 @@ def stop_load(procs: list[subprocess.Popen]) -> None:
             p.wait()
 
 
-def execute(run: dict, args: argparse.Namespace, logs: Path, index: int) -> dict:
-    tag = f"{index:02d}_{run['workload']}_{run['model']}_{run['cores']}c_{run['system']}"
+def execute(run: dict, args: argparse.Namespace, logs: Path, prefix: str) -> dict:
+    tag = f"{prefix}_{run['workload']}_{run['model']}_{run['cores']}c_{run['system']}"
     if run["system"] == "pfl":
         tag += f"_{run['procs']}p"
     result = logs / f"{tag}.json"
@@ -408,6 +414,20 @@ def execute(run: dict, args: argparse.Namespace, logs: Path, index: int) -> dict
                load_after=load_after, pinned_cores=None if args.no_pin else cores,
                competing_load=len(load), leftover_processes_ended=leftovers, cmd=cmd, log=str(log_path))
     return rec
+
+
+def warm_up(args: argparse.Namespace, logs: Path) -> None:
+    """One untimed tiny run of every system (1 core), not reported: the first run after a checkout or a venv
+    build compiles what later runs find cached (the project's numba kernels, the venvs' bytecode) and reads the
+    libraries from disk; without it, whichever system runs first would carry that cost."""
+    systems = [("qmlhfl", 1)] + [(p, 1) for p in args.peers]
+    for system, procs in systems:
+        run = {"workload": "tiny", "model": args.models[0], "cores": 1, "busy": False, "system": system,
+               "procs": procs, "threads_per_process": 1}
+        t0 = time.perf_counter()
+        rec = execute(run, args, logs, "warmup")
+        print(f"[peers] warm-up {NAMES[system]}: {rec['status'][:200]} ({time.perf_counter() - t0:.0f} s, "
+              f"not reported)", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------------- reporting
@@ -546,7 +566,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from prepare import prepare
 
-    clients = sorted({common.WORKLOADS[w][0] for w in args.workloads})
+    warm = not (args.tiny or args.no_warm_up)
+    clients = sorted({common.WORKLOADS[w][0] for w in args.workloads + (["tiny"] if warm else [])})
     for p in prepare(Path(args.cache), args.data, clients, args.models, args.seed):
         print(f"[peers] prepared {p}", file=sys.stderr, flush=True)
 
@@ -566,13 +587,15 @@ def main(argv: list[str] | None = None) -> int:
     jsonl = out.with_suffix(".jsonl")
     with open(jsonl, "w") as f:
         f.write(json.dumps(info) + "\n")
+    if warm:
+        warm_up(args, logs)
     print(f"[peers] {len(runs)} runs, one after the other; logs in {logs}", file=sys.stderr, flush=True)
     for i, run in enumerate(runs):
         label = (f"{run['workload']} {run['model']} {run['cores']} core(s): {NAMES[run['system']]} "
                  f"({_mode(run)}){' + busy load' if run['busy'] else ''}")
         print(f"[peers] {i + 1}/{len(runs)} {label}: load avg {os.getloadavg()[0]:.2f} ...", file=sys.stderr,
               flush=True)
-        rec = execute(run, args, logs, i)
+        rec = execute(run, args, logs, f"{i:02d}")
         recs.append(rec)
         with open(jsonl, "a") as f:
             f.write(json.dumps(rec) + "\n")
