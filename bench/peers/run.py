@@ -141,7 +141,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
             fail(f"--rounds {args.rounds!r}: allowed is an integer >= 1")
         if args.rounds < 1:
             fail(f"--rounds {args.rounds}: allowed is an integer >= 1")
-    args.peers = [] if args.peers.strip() == "none" else _list(args.peers, PEERS + ("none",), "--peers")
+    args.peers = [p for p in _list(args.peers, PEERS + ("none",), "--peers") if p != "none"]
     args.pfl_modes = _list(args.pfl_modes, PFL_MODES, "--pfl-modes")
     if args.competing_load not in ("off", "on", "both"):
         fail(f"--competing-load {args.competing_load!r}: allowed are on (the flag alone), off, both")

@@ -121,8 +121,8 @@ def main() -> None:
     def server_main(grid: Grid, context: Context) -> None:
         model = common.build_model(model_name)
         common.load_init(model, common.init_file(Path(cache), model_name, seed))
-        strategy = CountingFedAvg(fraction_train=per_round / clients, fraction_evaluate=0.0, min_train_nodes=per_round,
-                          min_available_nodes=clients)
+        strategy = CountingFedAvg(fraction_train=per_round / clients, fraction_evaluate=0.0,
+                                  min_train_nodes=per_round, min_available_nodes=clients)
         strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=rounds,
                        evaluate_fn=on_round_end)
 
