@@ -42,9 +42,8 @@ def main() -> None:
     from torch.utils.data import DataLoader, TensorDataset
 
     import lightning_qmlhfl
-    from lightning_qmlhfl import Hierarchy, Identity, QMLHFLStrategy
+    from lightning_qmlhfl import Full, Hierarchy, Identity, QMLHFLStrategy, UniformK
     from lightning_qmlhfl.data.partition import Partitioner
-    from lightning_qmlhfl.participation import Full, UniformK
 
     clients, per_round, rounds = common.workload(args)
     cache = Path(args.cache)
