@@ -108,7 +108,7 @@ def run_fit(name: str, warm: int, rounds: int, threads: int, val: bool, val_batc
     torch.manual_seed(0)
     fraction = PARTICIPATION.get(name)  # the partial-participation configurations, as in bench/engine.py
     participation = None if fraction is None else [Fraction(fraction)] + [Full()] * (len(TAUS) - 1)
-    strategy = QMLHFLStrategy(hierarchy=h, taus=list(TAUS), compressors=[QSGD(LEVELS)] * len(TAUS), partition=IID(),
+    strategy = QMLHFLStrategy(hierarchy=h, taus=list(TAUS), compressors=[QSGD(LEVELS, bucket_size=None)] * len(TAUS), partition=IID(),
                               seed=0, executor=executor, device="cpu", participation=participation)
     clock = Clock()
     precision = PRECISION.get(name, "32-true")  # the +bf16 configurations: bf16-mixed, as in bench/engine.py

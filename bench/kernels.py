@@ -7,7 +7,7 @@
 
 For each layer size P (parameters) and number of child rows C, a tree of M = ceil(C / fanout) parents with the
 children interleaved over the parents (child c -> parent c mod M, so the kernels' host-side sort is exercised) is
-aggregated with each compressor of ``--compressor`` (default QSGD(s), ``--levels``; whole-row norms by default,
+aggregated with each compressor of ``--compressor`` (default QSGD(s, bucket_size=None), ``--levels``; whole-row norms by default,
 ``--bucket`` for QSGD's and ScaledSign's buckets; ``--ratio`` for top-k and random-k) and each error-feedback mode
 of ``--ef`` (default none; with EF the fp32 memory [C, P] is read and written in place at every call).
 

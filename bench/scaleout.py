@@ -100,7 +100,7 @@ def state_bytes(engine: QMLHFLEngine) -> int:
 
 def part_memory(worlds: list[int]) -> list[dict]:
     h = Hierarchy.balanced([10, 10, 10])
-    qs = [TopK(ratio=0.1, error_feedback="ef"), QSGD(8), QSGD(8)]
+    qs = [TopK(ratio=0.1, error_feedback="ef"), QSGD(8, bucket_size=None), QSGD(8, bucket_size=None)]
     X, Y, part = BE.make_data(h.num_devices)
     torch.manual_seed(0)
     template = BE.MLP()
@@ -184,7 +184,7 @@ def _rank_engine(rank: int, world: int, port: int, name: str, warm: int, rounds:
         shard, comm = Shard.build(h, world, rank, cut), TorchComm()
     X, Y, part = BE.make_data(h.num_devices)
     torch.manual_seed(0)
-    engine = QMLHFLEngine(BE.MLP(), BE.ce_loss, h, TAUS, [QSGD(BE.LEVELS)] * 3, optimizer="sgd",
+    engine = QMLHFLEngine(BE.MLP(), BE.ce_loss, h, TAUS, [QSGD(BE.LEVELS, bucket_size=None)] * 3, optimizer="sgd",
                           optimizer_kwargs={"lr": BE.LR}, seed=0, shard=shard, comm=comm)
     mine = part if shard is None else part[shard.rows(0)]
     g = torch.Generator().manual_seed(1)

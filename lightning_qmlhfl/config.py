@@ -35,7 +35,10 @@ Every option, its default and what it means:
   stacked training batch), ``max_dataset_bytes`` (refuse larger training sets; default half the free memory of
   the training device).
 - The run (strategies): ``global_rounds`` (stop after this many global rounds), ``smoothness`` (L: check the
-  learning-rate condition, Eq. 15, at setup) and ``strict_lr`` (make that check an error).
+  learning-rate condition, Eq. 15, at setup), ``strict_lr`` (make that check an error) and ``compression_warning``
+  (warn when a layer's uploads lose more than this ratio ||C(x) - x||^2 / ||x||^2 to compression on average over
+  their first aggregations, :class:`~lightning_qmlhfl.simulation.stages.MeasureCompression`; None: do not
+  measure).
 """
 
 from __future__ import annotations
@@ -132,6 +135,7 @@ class SimulationConfig:
     global_rounds: int | None = None
     smoothness: float | None = None
     strict_lr: bool = False
+    compression_warning: float | None = 5.0
 
     def __post_init__(self) -> None:
         checks.instance(self.hierarchy, "hierarchy", Hierarchy)
@@ -172,6 +176,8 @@ class SimulationConfig:
         if self.smoothness is not None:
             set_(self, "smoothness", checks.real(self.smoothness, "smoothness L", 0.0, low_open=True))
         set_(self, "strict_lr", bool(self.strict_lr))
+        set_(self, "compression_warning", checks.real(self.compression_warning, "compression_warning", 0.0,
+                                                      allow_none=True))
 
     # ------------------------------------------------------------------ the keyword API
     @classmethod
@@ -252,7 +258,7 @@ class SimulationConfig:
 
     def legacy_identity(self) -> dict[str, Any]:
         """:meth:`identity` as checkpoints of format 1 wrote it (``repr()`` strings), to compare with them."""
-        return {"taus": list(self.taus), "compressors": [repr(c) for c in self.compressors],
+        return {"taus": list(self.taus), "compressors": [c.legacy_repr() for c in self.compressors],
                 "server_optimizers": [repr(o) for o in self.server_optimizers],
                 "participation": [repr(p) for p in self.participation], "mobility": repr(self.mobility),
                 "hierarchy": self.hierarchy.to_dict(), "seed": self.seed}

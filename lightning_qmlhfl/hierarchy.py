@@ -1,4 +1,4 @@
-"""The tree of a multi-layer hierarchical federated system (ALGORITHM.md section 1).
+"""The tree of a multi-layer hierarchical federated system (docs/algorithm.md#topology).
 
 Layer 0 holds the devices, layers 1..N-1 the edge servers, layer N the single cloud. Every node of layer
 n < N has exactly one parent in layer n+1; every path from a device to the cloud has exactly N hops.
@@ -104,6 +104,13 @@ class Hierarchy:
                         f"parent index out of range: layer {n + 1} is the cloud (a single node, index 0), "
                         f"but parents[{n}] contains {max(layer)}"
                     )
+            elif top > len(parents[n + 1]):  # layer n+1 has as many nodes as parents[n + 1] has entries
+                i = max(range(len(layer)), key=lambda k: layer[k])
+                raise ValueError(
+                    f"parent index out of range: parents[{n}][{i}] = {layer[i]}, but layer {n + 1} has "
+                    f"{len(parents[n + 1])} nodes (parents[{n + 1}] has {len(parents[n + 1])} entries): indices "
+                    f"0..{len(parents[n + 1]) - 1}"
+                )
             sizes.append(top)
             missing = sorted(set(range(top)) - set(layer))
             if missing:

@@ -285,10 +285,8 @@ class CifarSmallCNN(ImageClassifier):
 
     ``[conv 3x3 (pad 1) -> relu -> maxpool 2] x 3`` with ``width, 2*width, 4*width`` channels, then
     ``flatten (4*width*4*4) -> fc(-> 64) -> relu -> fc(64 -> 10)``.
-    No BatchNorm (no running statistics to synchronise, cheap under vmap). Measured centrally (not
-    federated) with plain SGD (lr 0.05, momentum 0.9, weight decay 5e-4, batch 128) and
-    :func:`~lightning_qmlhfl.datasets.random_crop_flip`: 52% test accuracy after 1 epoch, 64% after 2
-    (about 80 s per epoch on 2 CPU cores).
+    No BatchNorm (no running statistics to synchronise, cheap under vmap). Its central (not federated)
+    accuracy with random crops and flips (:func:`recipes.datasets.random_crop_flip`) is in docs/README.md.
 
     Args:
         width: channels of the first conv (then doubled twice).

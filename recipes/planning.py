@@ -1,4 +1,4 @@
-"""Experiment 3 of ALGORITHM.md section 7: the planner's tau against random feasible tau under one deadline.
+"""Experiment 3 of docs/README.md: the planner's tau against random feasible tau under one deadline.
 
 ``python -m recipes.planning [hydra overrides of recipes.mnist]`` composes ``recipes/conf/mnist.yaml`` with
 ``+experiment=planning`` (the setting: hierarchy, links, compute time per step, simulated deadline, the smoothness

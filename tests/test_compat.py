@@ -15,18 +15,36 @@ import subprocess
 import sys
 import warnings
 
-import lightning as L
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchmetrics import MaxMetric, MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_qmlhfl import IID, QSGD, Dirichlet, Hierarchy, QMLHFLStrategy, Shards
+from lightning_qmlhfl import IID, QSGD, Dirichlet, Hierarchy, Shards
+
+# The matrix runs against `lightning` (default) or the standalone `pytorch_lightning` package
+# (QMLHFL_TEST_LIGHTNING=pytorch_lightning; tests/test_pytorch_lightning.py runs it so): its Trainer, its
+# LightningModules, its callbacks and its strategy registry, with lightning_qmlhfl.pytorch_lightning's strategy.
+PACKAGE = os.environ.get("QMLHFL_TEST_LIGHTNING", "lightning")
+if PACKAGE == "pytorch_lightning":
+    import pytorch_lightning as L
+    from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+    from pytorch_lightning.loggers import CSVLogger
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    from lightning_qmlhfl.pytorch_lightning import QMLHFLStrategy
+else:
+    import lightning as L
+    from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from lightning_qmlhfl import QMLHFLStrategy
 from lightning_qmlhfl.data.materialize import DatasetTooLargeError
 from lightning_qmlhfl.simulation.executors import VmapUnsupportedError
 from lightning_qmlhfl.rng import Stream, mix
@@ -331,7 +349,7 @@ def test_optimizer_forms_one_device_equal_plain(form, tmp_path):
     monitor = [LearningRateMonitor()] if form == "tuple" else []
     a, b, _, tb = fit_both(lambda: OptimizerForms(form), steps=16, val=val_loader() if form == "plateau" else None,
                            callbacks=monitor, strategy_kw={"taus": [8]},
-                           logger=L.pytorch.loggers.CSVLogger(tmp_path) if monitor else False)
+                           logger=CSVLogger(tmp_path) if monitor else False)
     assert_same_weights(a, b)
     opt = tb.optimizers[0]
     if form in ("submodule", "requires_grad"):
@@ -777,17 +795,21 @@ def test_batchnorm_running_statistics_are_per_device_and_averaged():
 
 
 # ====================================================================================== 7. imports
-def test_package_import_does_not_import_lightning_and_registers_the_strategy():
+@pytest.mark.parametrize("first", ["lightning_qmlhfl", "lightning"])  # (lightning: the package under test)
+def test_the_strategy_names_are_registered_in_either_import_order(first):
+    """``import lightning_qmlhfl`` imports Lightning and registers the names (no import hook around Lightning's
+    loader): ``Trainer(strategy="qmlhfl")`` works whichever package is imported first."""
+    order = f"import lightning_qmlhfl\nimport {PACKAGE} as L\n" if first == "lightning_qmlhfl" else \
+        f"import {PACKAGE} as L\nimport lightning_qmlhfl\n"
+    module = "lightning_qmlhfl.pytorch_lightning" if PACKAGE == "pytorch_lightning" else "lightning_qmlhfl"
     code = (
-        "import sys, lightning_qmlhfl\n"
-        "assert 'lightning' not in sys.modules and 'lightning.pytorch' not in sys.modules\n"
-        "from lightning_qmlhfl import IID, Dirichlet, Shards, Hierarchy\n"
-        "assert 'lightning.pytorch' not in sys.modules\n"
-        "import lightning as L\n"
+        "import sys\n" + order +
+        "assert not [f for f in sys.meta_path if type(f).__module__.startswith('lightning_qmlhfl')]\n"
         "t = L.Trainer(strategy='qmlhfl', logger=False, enable_progress_bar=False)\n"
-        "from lightning_qmlhfl import QMLHFLStrategy\n"
+        f"from {module} import QMLHFLStrategy\n"
         "assert type(t.strategy) is QMLHFLStrategy\n"
+        "t = L.Trainer(strategy='qmlhfl_ddp_spawn', accelerator='cpu', devices=2, logger=False)\n"
+        "assert type(t.strategy).__name__ == 'QMLHFLDDPStrategy'\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
-

@@ -14,7 +14,6 @@ from lightning_qmlhfl import (QSGD, Identity, NaturalCompression, NoQuantization
                               make_compressor, upload_bits)
 from lightning_qmlhfl.compressors import layer_compressors
 from lightning_qmlhfl.kernels import aggregate_layer_, aggregate_layer_torch_, backend_supports, row_uniforms
-from lightning_qmlhfl.kernels import numba_cpu
 from lightning_qmlhfl.rng import row_seeds
 
 from helpers.compress_by_hand import natural_by_hand, sign_by_hand, topk_by_hand
@@ -99,14 +98,14 @@ def test_scaled_sign_matches_the_definition_and_its_error_identity():
 def test_bits_against_hand_counts():
     d = 21_840  # LeNet
     assert Identity().bits(d) == 32 * d
-    assert QSGD(8).bits(d) == 32 + d * 5  # one norm, sign + 4 bits for 9 level values
+    assert QSGD(8, bucket_size=None).bits(d) == 32 + d * 5  # one norm, sign + 4 bits for 9 level values
     assert QSGD(1, bucket_size=512).bits(d) == 32 * 43 + d * 2
     assert TopK(k=100).bits(d) == 100 * (32 + 15)  # 15 = ceil(log2 21840) index bits: cheaper than a mask
     assert TopK(ratio=0.9).bits(d) == d + 32 * math.ceil(0.9 * d)  # mask + values is cheaper for large k
     assert RandomK(k=100).bits(d) == 3200
     assert ScaledSign().bits(d) == d + 32 and ScaledSign(bucket_size=32).bits(d) == d + 32 * 683
     assert NaturalCompression().bits(d) == 9 * d
-    assert upload_bits(QSGD(8), d, num_buffer_elems=10) == 32 + 5 * d + 320  # buffers at 32 bits
+    assert upload_bits(QSGD(8, bucket_size=None), d, num_buffer_elems=10) == 32 + 5 * d + 320  # buffers at 32 bits
 
 
 def test_error_feedback_with_identity_keeps_memory_zero_and_equals_no_ef():
@@ -124,7 +123,7 @@ def test_error_feedback_with_identity_keeps_memory_zero_and_equals_no_ef():
 
 
 @pytest.mark.parametrize("compressor", [TopK(k=3, error_feedback="ef"), ScaledSign(error_feedback="ef"),
-                                        QSGD(2, error_feedback="ef"), NaturalCompression(error_feedback="ef")])
+                                        QSGD(2, bucket_size=None, error_feedback="ef"), NaturalCompression(error_feedback="ef")])
 def test_error_feedback_telescopes(compressor):
     """float64, one sender: sum_t sent_t + e_T = sum_t Delta_t."""
     d = 16
@@ -162,7 +161,7 @@ def test_ef21_tracks_the_sent_estimate():
 
 
 # ---------------------------------------------------------------- backends against the reference
-FUSED = [Identity(), QSGD(4), QSGD(3, bucket_size=7), ScaledSign(), ScaledSign(bucket_size=10),
+FUSED = [Identity(), QSGD(4, bucket_size=None), QSGD(3, bucket_size=7), ScaledSign(), ScaledSign(bucket_size=10),
          NaturalCompression()]
 EF_MODES = [None, "ef", "ef21"]
 
@@ -237,7 +236,9 @@ def test_dispatch_never_hands_a_backend_what_it_cannot_run():
                                              "implement RandomK"):
             aggregate_layer_(parent.clone(), child, idx, w, c, seeds, "numba")
     assert backend_supports("numba", parent, child, NaturalCompression("ef21"))
-    assert numba_cpu.KINDS.keys() == {Identity, QSGD, ScaledSign, NaturalCompression}
+    fused = {type(c) for c in (Identity(), QSGD(4, bucket_size=None), ScaledSign(), NaturalCompression(), TopK(k=3), RandomK(k=3))
+             if c.fused_spec() is not None}
+    assert fused == {Identity, QSGD, ScaledSign, NaturalCompression}
 
 
 def test_non_finite_upload_writes_nothing():
@@ -261,7 +262,7 @@ def test_config_values_and_aliases():
     layers = layer_compressors(["topk", "qsgd", "sign"], 3, ratio=0.01, levels=[None, 8, None], bucket_size=512,
                                error_feedback=["ef", None, "ef21"])
     assert layers == [TopK(ratio=0.01, error_feedback="ef"), QSGD(8, 512), ScaledSign(512, "ef21")]
-    assert layer_compressors("qsgd", 2, levels=[4, None]) == [QSGD(4), Identity()]
+    assert layer_compressors("qsgd", 2, levels=[4, None]) == [QSGD(4, bucket_size=None), Identity()]
 
 
 @pytest.mark.parametrize("build, match", [
@@ -271,7 +272,7 @@ def test_config_values_and_aliases():
     (lambda: TopK(k=0), "k must be an integer >= 1"),
     (lambda: TopK(), "exactly one of ratio"),
     (lambda: TopK(ratio=0.1, k=3), "exactly one of ratio"),
-    (lambda: QSGD(4, error_feedback="ef3"), "error_feedback must be None, 'ef' or 'ef21'"),
+    (lambda: QSGD(4, bucket_size=None, error_feedback="ef3"), "error_feedback must be None, 'ef' or 'ef21'"),
     (lambda: ScaledSign(bucket_size=0), "bucket_size must be None or an integer >= 1"),
     (lambda: make_compressor({"name": "topk", "levels": 3}), r"TopK takes the options \['ratio', 'k', "),
     (lambda: make_compressor("zip"), "unknown compressor 'zip'"),
@@ -284,7 +285,7 @@ def test_bad_input(build, match):
 
 
 @pytest.mark.parametrize("ef", EF_MODES)
-@pytest.mark.parametrize("compressor", [Identity(), QSGD(3), QSGD(5, bucket_size=3000), ScaledSign(),
+@pytest.mark.parametrize("compressor", [Identity(), QSGD(3, bucket_size=None), QSGD(5, bucket_size=3000), ScaledSign(),
                                         ScaledSign(bucket_size=5000), NaturalCompression()], ids=repr)
 def test_numba_equals_the_torch_reference_over_several_column_blocks(compressor, ef):
     """Rows wider than the numba kernel's column block (4096): blocks that end inside a bucket, buckets split

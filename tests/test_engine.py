@@ -1,7 +1,7 @@
 """The engine against a slow, obviously-correct reference: a plain loop over node objects.
 
 The reference gives every device its own nn.Module and torch optimiser, every node its own state dict, and
-writes Eqs. 4-6 and the Eq. 5 resync as per-node Python code, following ALGORITHM.md section 2 literally
+writes Eqs. 4-6 and the Eq. 5 resync as per-node Python code, following docs/algorithm.md#schedule literally
 (nested loops: tau_N times { ... tau_2 times { tau_1 local steps; aggregate layer 1 } ... }; aggregate the cloud).
 
 The comparisons with the reference run the engine on ``DEVICE`` (from ``QMLHFL_TEST_DEVICE``, default "cpu"); the
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_qmlhfl import QSGD, Hierarchy, Identity, NaturalCompression, NoQuantization, RandomK, ScaledSign, TopK
+from lightning_qmlhfl import SimulationConfig
 from lightning_qmlhfl import kernels as aggregation_mod
 from lightning_qmlhfl.kernels import row_uniforms
 from lightning_qmlhfl.rng import row_seeds
@@ -117,8 +118,9 @@ class RefNode:
 
 class ReferenceQMLHFL:
     def __init__(self, template, hierarchy, taus, quantizers, lr, momentum, seed, uniforms_override=None,
-                 param_order="fast", server_optimizers=None):
+                 param_order="fast", server_optimizers=None, clip_norms=None):
         self.h, self.taus, self.quantizers, self.seed = hierarchy, list(taus), list(quantizers), seed
+        self.clip_norms = list(clip_norms) if clip_norms is not None else [None] * hierarchy.num_layers
         self.server = list(server_optimizers) if server_optimizers is not None else [None] * hierarchy.num_layers
         # storage order of each parameter in a flat row (identity when absent)
         self.orders = FAST_ORDERS[type(template).__name__] if param_order == "fast" else {}
@@ -192,6 +194,10 @@ class ReferenceQMLHFL:
             for child in parent.children:
                 w = child.mass / parent.mass
                 diff = self._flat(child.state) - vp
+                if self.clip_norms[n - 1] is not None:  # the upload's model difference clipped to the norm
+                    norm = float(torch.linalg.vector_norm(diff.double()))
+                    if norm > self.clip_norms[n - 1]:
+                        diff = diff * torch.tensor(self.clip_norms[n - 1] / norm, dtype=torch.float32)
                 mem = getattr(child, "memory", torch.zeros_like(diff))
                 x = diff + mem if q.error_feedback == "ef" else diff - mem if q.error_feedback == "ef21" else diff
                 u = row_uniforms(seeds[child.index : child.index + 1], diff.numel(), "cpu")[0].tolist() \
@@ -220,7 +226,7 @@ class ReferenceQMLHFL:
             self._resync(child)
 
     def global_round(self, batches):
-        """The nested loops of ALGORITHM.md section 2, written recursively."""
+        """The nested loops of docs/algorithm.md#schedule, written recursively."""
         it = iter(batches)
         events = [0] * self.h.num_layers
 
@@ -253,22 +259,28 @@ HIERARCHIES = {
 
 
 def _run_both(hname, quantized, executor, rounds=2, momentum=0.5, param_order="fast", compressors=None,
-              server_optimizers=None):
+              server_optimizers=None, clip_norms=None):
     h, taus = HIERARCHIES[hname]
     torch.manual_seed(0)
     template = MLP()
-    qs = [QSGD(s) for s in (4, 8, 2, 16)[: h.num_layers]] if quantized else [NoQuantization()] * h.num_layers
+    qs = [QSGD(s, bucket_size=None) for s in (4, 8, 2, 16)[: h.num_layers]] if quantized else [NoQuantization()] * h.num_layers
     qs = compressors if compressors is not None else qs
     steps = math.prod(taus) * rounds
     batches = make_batches(h.num_devices, steps)
-    engine = QMLHFLEngine(copy.deepcopy(template).to(DEVICE), ce_loss, h, taus, qs, optimizer="sgd",
-                          optimizer_kwargs={"lr": 0.2, "momentum": momentum}, executor=executor, seed=7,
-                          param_order=param_order, server_optimizers=server_optimizers)
+    if clip_norms is None:
+        engine = QMLHFLEngine(copy.deepcopy(template).to(DEVICE), ce_loss, h, taus, qs, optimizer="sgd",
+                              optimizer_kwargs={"lr": 0.2, "momentum": momentum}, executor=executor, seed=7,
+                              param_order=param_order, server_optimizers=server_optimizers)
+    else:
+        config = SimulationConfig.build(h, taus, qs, server_optimizers=server_optimizers, clip_norms=clip_norms,
+                                        executor=executor, seed=7, param_order=param_order)
+        engine = QMLHFLEngine(copy.deepcopy(template).to(DEVICE), ce_loss, optimizer="sgd",
+                              optimizer_kwargs={"lr": 0.2, "momentum": momentum}, config=config)
     assert engine.device.type == DEVICE.type
     for b in batches:
         engine.local_step(on_device(b))
     ref = ReferenceQMLHFL(copy.deepcopy(template), h, taus, qs, lr=0.2, momentum=momentum, seed=7,
-                          param_order=param_order, server_optimizers=server_optimizers)
+                          param_order=param_order, server_optimizers=server_optimizers, clip_norms=clip_norms)
     per_round = math.prod(taus)
     for r in range(rounds):
         ref.global_round(batches[r * per_round : (r + 1) * per_round])
@@ -295,6 +307,23 @@ def test_engine_matches_reference_quantized(hname, param_order):
     engine, ref = _run_both(hname, quantized=True, executor="vmap", param_order=param_order)
     torch.testing.assert_close(engine.state.params[0].cpu(), ref.device_matrix(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(engine.cloud_params().cpu(), ref.cloud_flat(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_clipped_uploads_match_reference(quantized):
+    """``clip_norms``: each sender's model difference clipped to the layer's norm before compression, at the
+    devices' layer only and at every layer; norms small enough that most uploads are clipped (counted)."""
+    for clips in ([0.05, None, None], [0.05, 0.02, 0.01]):
+        engine, ref = _run_both("N3", quantized=quantized, executor="vmap", clip_norms=clips)
+        torch.testing.assert_close(engine.state.params[0].cpu(), ref.device_matrix(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(engine.cloud_params().cpu(), ref.cloud_flat(), atol=1e-5, rtol=1e-5)
+        state = engine.state_dict()["state"]
+        for n, c in enumerate(clips, start=1):
+            assert (f"clipped/{n}" in state) == (c is not None)
+            if c is not None:
+                assert int(state[f"clipped/{n}"].sum()) > 0
+    unclipped, _ = _run_both("N3", quantized=quantized, executor="vmap")
+    assert not torch.allclose(unclipped.cloud_params(), engine.cloud_params())
 
 
 COMPRESSOR_SETS = {
@@ -386,7 +415,7 @@ def test_identity_with_error_feedback_equals_the_uncompressed_run():
 
 def test_error_feedback_memory_is_checkpointed():
     h, taus = HIERARCHIES["N2"]
-    cs = [TopK(ratio=0.2, error_feedback="ef"), QSGD(4)]
+    cs = [TopK(ratio=0.2, error_feedback="ef"), QSGD(4, bucket_size=None)]
     batches = make_batches(h.num_devices, 8)
     torch.manual_seed(0)
     template = MLP()
@@ -405,7 +434,7 @@ def test_error_feedback_memory_is_checkpointed():
     assert torch.equal(resumed.state.params[0], full.state.params[0]) and torch.equal(resumed.memory[0],
                                                                                          full.memory[0])
     with pytest.raises(ValueError, match="compressors="):
-        QMLHFLEngine(copy.deepcopy(template), ce_loss, h, taus, [QSGD(4), QSGD(4)], optimizer_kwargs={"lr": 0.2},
+        QMLHFLEngine(copy.deepcopy(template), ce_loss, h, taus, [QSGD(4, bucket_size=None), QSGD(4, bucket_size=None)], optimizer_kwargs={"lr": 0.2},
                      seed=1).load_state_dict(sd)
 
 
@@ -415,11 +444,11 @@ def test_batchnorm_buffers_match_reference():
     torch.manual_seed(0)
     template = SmallCNN()
     batches = make_batches(h.num_devices, 4, shape=(1, 6, 6))
-    engine = QMLHFLEngine(copy.deepcopy(template).to(DEVICE), ce_loss, h, taus, [QSGD(8), NoQuantization()],
+    engine = QMLHFLEngine(copy.deepcopy(template).to(DEVICE), ce_loss, h, taus, [QSGD(8, bucket_size=None), NoQuantization()],
                           optimizer_kwargs={"lr": 0.1}, executor="loop", seed=3)
     for b in batches:
         engine.local_step(on_device(b))
-    ref = ReferenceQMLHFL(copy.deepcopy(template), h, taus, [QSGD(8), NoQuantization()], 0.1, 0.0, seed=3)
+    ref = ReferenceQMLHFL(copy.deepcopy(template), h, taus, [QSGD(8, bucket_size=None), NoQuantization()], 0.1, 0.0, seed=3)
     ref.global_round(batches[:2])
     ref.global_round(batches[2:])
     torch.testing.assert_close(engine.state.params[0].cpu(), ref.device_matrix(), atol=1e-5, rtol=1e-5)
@@ -462,7 +491,7 @@ def test_schedule_counts_tau_2_3_2_2(monkeypatch):
 
 def test_bits_accounting_per_round():
     h = Hierarchy.balanced([2, 3])
-    engine = QMLHFLEngine(MLP(), ce_loss, h, (2, 3), [QSGD(8), QSGD(4)], optimizer_kwargs={"lr": 0.01})
+    engine = QMLHFLEngine(MLP(), ce_loss, h, (2, 3), [QSGD(8, bucket_size=None), QSGD(4, bucket_size=None)], optimizer_kwargs={"lr": 0.01})
     d = engine.num_params
     for b in make_batches(6, 6):
         engine.local_step(b)
@@ -489,7 +518,7 @@ def test_executors_agree(model_fn, shape):
     for ex in ("vmap", "loop"):
         torch.manual_seed(0)
         # SGD with momentum: Adam would turn fp-rounding-sized gradient differences near 0 into +-lr steps.
-        e = QMLHFLEngine(_dropout_off(model_fn()).to(DEVICE), ce_loss, h, (2, 2), [QSGD(4), QSGD(8)],
+        e = QMLHFLEngine(_dropout_off(model_fn()).to(DEVICE), ce_loss, h, (2, 2), [QSGD(4, bucket_size=None), QSGD(8, bucket_size=None)],
                          optimizer="sgd", optimizer_kwargs={"lr": 0.05, "momentum": 0.9}, executor=ex, seed=1)
         for b in batches:
             e.local_step(on_device(b))
@@ -519,7 +548,7 @@ def test_auto_executor_rule():
 
 def test_nan_upload_stops_with_layer_node_round():
     h = Hierarchy.balanced([2, 2])
-    e = QMLHFLEngine(MLP(), ce_loss, h, (1, 1), [QSGD(4), QSGD(4)], optimizer_kwargs={"lr": 0.1})
+    e = QMLHFLEngine(MLP(), ce_loss, h, (1, 1), [QSGD(4, bucket_size=None), QSGD(4, bucket_size=None)], optimizer_kwargs={"lr": 0.1})
     x, y = make_batches(4, 1)[0]
     e.local_step((x, y))
     x = x.clone()
@@ -538,7 +567,7 @@ def test_state_dict_roundtrip_continues_identically():
 
     def make():
         torch.manual_seed(0)
-        return QMLHFLEngine(MLP(), ce_loss, h, (2, 3), [QSGD(4), QSGD(8)], optimizer="adam",
+        return QMLHFLEngine(MLP(), ce_loss, h, (2, 3), [QSGD(4, bucket_size=None), QSGD(8, bucket_size=None)], optimizer="adam",
                             optimizer_kwargs={"lr": 0.01}, seed=5)
 
     a = make()
@@ -564,7 +593,7 @@ def test_state_dict_roundtrip_continues_identically():
         ((1,), None, "taus has length 1 but the hierarchy has N = 2"),
         ((1, 0), None, "tau_2 must be an integer >= 1, got 0"),
         ((1, 2.5), None, "tau_2 must be an integer >= 1"),
-        ((1, 1), [QSGD(4)], "compressors has length 1 but the hierarchy has N = 2"),
+        ((1, 1), [QSGD(4, bucket_size=None)], "compressors has length 1 but the hierarchy has N = 2"),
         ((1, 1), [4, 0], "levels must be an integer >= 1"),
     ],
 )
@@ -593,7 +622,7 @@ def test_unsupported_optimizer_and_integer_params():
         QMLHFLEngine(MLP(), ce_loss, h, (1,), backend="cuda")
 
 
-@pytest.mark.parametrize("quantizer", [QSGD(8), QSGD(3, bucket_size=7), QSGD(1), NoQuantization()], ids=repr)
+@pytest.mark.parametrize("quantizer", [QSGD(8, bucket_size=None), QSGD(3, bucket_size=7), QSGD(1, bucket_size=None), NoQuantization()], ids=repr)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_fast_torch_aggregation_equals_encode_decode(quantizer, dtype):
     """The in-place fast path of aggregate_layer_torch_ == the quantizer's public encode/decode, number for number

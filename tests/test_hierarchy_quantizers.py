@@ -73,7 +73,7 @@ def test_balanced_errors(branching, match):
 @pytest.mark.parametrize("levels", [0, -1, 2.0, "8", True])
 def test_qsgd_bad_levels(levels):
     with pytest.raises(ValueError, match="levels must be an integer >= 1"):
-        QSGD(levels)
+        QSGD(levels, bucket_size=None)
 
 
 @pytest.mark.parametrize("bucket", [0, 3.5])
@@ -85,7 +85,7 @@ def test_qsgd_bad_bucket(bucket):
 def test_make_quantizer_specs():
     assert make_quantizer(None) == NoQuantization()
     assert make_quantizer("none") == NoQuantization()
-    assert make_quantizer(8) == QSGD(8)
+    assert make_quantizer(8) == QSGD(8, bucket_size=None)
     assert make_quantizer({"levels": 4, "bucket_size": 16}) == QSGD(4, 16)
     with pytest.raises(ValueError, match="cannot build a compressor"):
         make_quantizer(2.5)
@@ -120,7 +120,7 @@ def test_qsgd_unbiased_and_variance_bound(levels, bucket):
 def test_qsgd_levels_match_definition():
     """xi_j is floor(s|x_j|/||x||) or one more, and the probability of 'one more' is the fractional part."""
     x = torch.tensor([[3.0, -4.0, 0.0]])  # norm 5
-    q = QSGD(2)
+    q = QSGD(2, bucket_size=None)
     # s|x|/||x|| = [1.2, 1.6, 0]
     u = torch.tensor([[0.19, 0.61, 0.0]])
     assert q.encode(x, uniforms=u).levels.tolist() == [[2, -1, 0]]
@@ -130,7 +130,7 @@ def test_qsgd_levels_match_definition():
 
 
 def test_zero_vector_is_exact_zero():
-    q = QSGD(4)
+    q = QSGD(4, bucket_size=None)
     out = q(torch.zeros(3, 17), generator=torch.Generator().manual_seed(0))
     assert torch.equal(out, torch.zeros(3, 17))
     qb = QSGD(4, bucket_size=5)
@@ -145,7 +145,7 @@ def test_zero_vector_is_exact_zero():
 def test_tiny_and_huge_norms(scale):
     torch.manual_seed(0)
     x = torch.randn(2, 100) * scale
-    q = QSGD(8)
+    q = QSGD(8, bucket_size=None)
     out = q(x, generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(out).all()
     norms = row_norms(x)
@@ -162,7 +162,7 @@ def test_half_inputs_computed_in_fp32(dtype):
     torch.manual_seed(0)
     x32 = torch.randn(3, 64)
     x = x32.to(dtype)
-    q = QSGD(16)
+    q = QSGD(16, bucket_size=None)
     u = torch.rand(3, 64, generator=torch.Generator().manual_seed(5))
     out = q(x, uniforms=u)
     ref = q(x.to(torch.float32), uniforms=u)
@@ -174,23 +174,23 @@ def test_half_inputs_computed_in_fp32(dtype):
 
 
 def test_bits_accounting():
-    q = QSGD(8)
+    q = QSGD(8, bucket_size=None)
     # 32 (norm) + d * (1 sign + ceil(log2(9)) = 4 level bits)
     assert q.bits(1000) == 32 + 1000 * 5
     assert QSGD(8, bucket_size=300).bits(1000) == 4 * 32 + 1000 * 5
-    assert QSGD(1).bits(10) == 32 + 10 * 2
+    assert QSGD(1, bucket_size=None).bits(10) == 32 + 10 * 2
     assert NoQuantization().bits(1000) == 32000 == q.baseline_bits(1000)
     assert q.variance_bound(64) == min(64 / 64, 8 / 8)
-    assert QSGD(2).variance_bound(100) == min(100 / 4, 10 / 2)
+    assert QSGD(2, bucket_size=None).variance_bound(100) == min(100 / 4, 10 / 2)
     assert NoQuantization().variance_bound(100) == 0.0
 
 
 def test_layer_quantizers_from_config_values():
     from lightning_qmlhfl.compressors import layer_quantizers
 
-    assert layer_quantizers(8, None, 3) == [QSGD(8)] * 3
+    assert layer_quantizers(8, None, 3) == [QSGD(8, bucket_size=None)] * 3
     assert layer_quantizers([4, None, "none"], 512, 3) == [QSGD(4, 512), NoQuantization(), NoQuantization()]
-    assert layer_quantizers([4, 8], [None, 64], 2) == [QSGD(4), QSGD(8, 64)]
+    assert layer_quantizers([4, 8], [None, 64], 2) == [QSGD(4, bucket_size=None), QSGD(8, 64)]
     with pytest.raises(ValueError, match="quantizer.levels has 2 entries .* N = 3"):
         layer_quantizers([4, 8], None, 3)
     with pytest.raises(ValueError, match="quantizer.bucket_size has 1 entries .* N = 2"):

@@ -62,9 +62,9 @@ elif not ON_GPU and not kernels.INTERPRET:
 BLOCK = 1024
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Every dtype with a whole-row, a small-bucket and no quantizer; the rest in fp32 only (the interpreter is slow).
-CASES = [(dt, q) for q in (QSGD(4), QSGD(3, bucket_size=100), NoQuantization()) for dt in DTYPES] + [
+CASES = [(dt, q) for q in (QSGD(4, bucket_size=None), QSGD(3, bucket_size=100), NoQuantization()) for dt in DTYPES] + [
     (torch.float32, QSGD(5, bucket_size=1200)),  # buckets spanning two column blocks
-    (torch.float32, QSGD(1)),
+    (torch.float32, QSGD(1, bucket_size=None)),
 ]
 
 # An irregular tree, children not grouped by parent: parent 0 has 3 children, 1 has 1, 2 has 3, 3 has none.
@@ -204,7 +204,7 @@ def test_aggregate_matches_reference(dtype, quantizer):
     assert not torch.equal(out, parent)
 
 
-@pytest.mark.parametrize("quantizer", [QSGD(4), QSGD(3, bucket_size=100), NoQuantization()], ids=repr)
+@pytest.mark.parametrize("quantizer", [QSGD(4, bucket_size=None), QSGD(3, bucket_size=100), NoQuantization()], ids=repr)
 def test_atomic_layout_matches_reference(quantizer):
     parent, child, weights = make_layer(torch.float32, seed=3)
     seeds = row_seeds(2, 0, 1, 0, C)
@@ -216,7 +216,7 @@ def test_atomic_layout_matches_reference(quantizer):
 
 @pytest.mark.parametrize(
     ("dtype", "quantizer"),
-    [(torch.float32, QSGD(4)), (torch.bfloat16, QSGD(7, bucket_size=100)), (torch.float16, NoQuantization())],
+    [(torch.float32, QSGD(4, bucket_size=None)), (torch.bfloat16, QSGD(7, bucket_size=100)), (torch.float16, NoQuantization())],
     ids=str,
 )
 def test_encode_matches_reference(dtype, quantizer):
@@ -241,7 +241,7 @@ def test_encode_matches_reference(dtype, quantizer):
 
 def test_encode_decodes_to_what_the_kernel_adds():
     parent, child, weights = make_layer(torch.float32, seed=5)
-    q = QSGD(6)
+    q = QSGD(6, bucket_size=None)
     seeds = row_seeds(4, 4, 4, 0, C)
     enc = encode_uploads_triton(*on_device(parent, child, PARENT_INDEX), q, seeds.to(DEVICE), block=BLOCK)
     enc.norms, enc.levels = enc.norms.cpu(), enc.levels.cpu()
@@ -282,7 +282,7 @@ def test_row_norms_tiny_and_huge_entries():
 def test_zero_norm_rows_contribute_exactly_zero():
     parent, child, weights = make_layer(torch.float32, seed=7)
     seeds = row_seeds(0, 0, 0, 0, C)
-    q = QSGD(2)
+    q = QSGD(2, bucket_size=None)
     # Child 3 equals its parent (parent 1, its only child): parent 1 must not move at all.
     out, norms = triton(parent, child, weights, q, seeds, block=BLOCK)
     assert float(norms[3, 0]) == 0.0
@@ -302,7 +302,7 @@ def test_zero_norm_rows_contribute_exactly_zero():
 def test_non_finite_upload_leaves_parent_untouched(bad):
     parent, child, weights = make_layer(torch.float32, seed=8)
     child[5, 17] = bad
-    out, norms = triton(parent, child, weights, QSGD(4), row_seeds(0, 0, 0, 0, C))
+    out, norms = triton(parent, child, weights, QSGD(4, bucket_size=None), row_seeds(0, 0, 0, 0, C))
     assert not bool(torch.isfinite(norms[5]).all()) and bool(torch.isfinite(norms[torch.arange(C) != 5]).all())
     assert torch.equal(out, parent)
 
@@ -333,10 +333,10 @@ def test_no_children_and_empty_rows():
     parent, child, weights = on_device(*make_layer(torch.float32))
     pidx = PARENT_INDEX.to(DEVICE)
     out = parent.clone()
-    norms = aggregate_layer_triton_(out, child[:0], pidx[:0], weights[:0], QSGD(2), row_seeds(0, 0, 0, 0, 0).to(DEVICE))
+    norms = aggregate_layer_triton_(out, child[:0], pidx[:0], weights[:0], QSGD(2, bucket_size=None), row_seeds(0, 0, 0, 0, 0).to(DEVICE))
     assert norms.shape == (0, 1) and torch.equal(out, parent)
     norms = aggregate_layer_triton_(torch.zeros(M, 0, device=DEVICE), torch.zeros(C, 0, device=DEVICE), pidx, weights,
-                                    QSGD(2), row_seeds(0, 0, 0, 0, C).to(DEVICE))
+                                    QSGD(2, bucket_size=None), row_seeds(0, 0, 0, 0, C).to(DEVICE))
     assert norms.shape == (C, 1) and not bool(norms.any())
 
 
@@ -344,7 +344,7 @@ def test_bad_inputs_get_clear_errors():
     parent, child, weights = on_device(*make_layer(torch.float32))
     pidx = PARENT_INDEX.to(DEVICE)
     seeds = row_seeds(0, 0, 0, 0, C).to(DEVICE)
-    q = QSGD(2)
+    q = QSGD(2, bucket_size=None)
     with pytest.raises(ValueError, match="dtype torch.int32 is not supported; allowed"):
         aggregate_layer_triton_(parent.int(), child, pidx, weights, q, seeds)
     with pytest.raises(ValueError, match="share P"):
@@ -431,12 +431,12 @@ def test_dispatch_auto_on_cpu_takes_a_cpu_path(monkeypatch):
 
     monkeypatch.setattr(kernels, "aggregate_layer_triton_", boom)
     out = parent.clone()
-    aggregate_layer_(out, child, PARENT_INDEX, weights, QSGD(4), seeds, backend="auto")
+    aggregate_layer_(out, child, PARENT_INDEX, weights, QSGD(4, bucket_size=None), seeds, backend="auto")
     expected = parent.clone()
-    aggregate_layer_torch_(expected, child, PARENT_INDEX, weights, QSGD(4), seeds)
+    aggregate_layer_torch_(expected, child, PARENT_INDEX, weights, QSGD(4, bucket_size=None), seeds)
     assert torch.equal(out, expected)
     with pytest.raises(AssertionError, match="Triton path was taken"):  # the patch is what "triton" would call
-        aggregate_layer_(*on_device(parent.clone(), child, PARENT_INDEX, weights), QSGD(4), seeds.to(DEVICE),
+        aggregate_layer_(*on_device(parent.clone(), child, PARENT_INDEX, weights), QSGD(4, bucket_size=None), seeds.to(DEVICE),
                          backend="triton")
 
 
@@ -445,7 +445,7 @@ def test_dispatch_auto_on_cpu_takes_a_cpu_path(monkeypatch):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("quantizer", [QSGD(2), QSGD(16), QSGD(4, bucket_size=64)], ids=repr)
+@pytest.mark.parametrize("quantizer", [QSGD(2, bucket_size=None), QSGD(16, bucket_size=None), QSGD(4, bucket_size=64)], ids=repr)
 def test_unbiased_and_variance_bound(quantizer):
     """n independent draws of Q(x) for one fixed x: one upload per seed, all with the same difference x.
 
@@ -485,7 +485,7 @@ def test_unbiased_and_variance_bound(quantizer):
 
 def test_same_seed_same_output_other_round_or_node_other_draws():
     parent, child, weights = make_layer(torch.float32, seed=13, P=1024)
-    q = QSGD(64)
+    q = QSGD(64, bucket_size=None)
 
     def seeds_for(round_idx: int) -> torch.Tensor:
         return row_seeds(seed=5, round_idx=round_idx, layer=1, event=0, num_rows=C)
@@ -511,7 +511,7 @@ def test_same_seed_same_output_other_round_or_node_other_draws():
 # Every compressor of the Triton kernels, with error feedback, row subsets and out=, against the reference
 # ----------------------------------------------------------------------------------------------------------------
 
-TRITON_FUSED = [Identity(), QSGD(4), QSGD(3, bucket_size=24), ScaledSign(), ScaledSign(bucket_size=16),
+TRITON_FUSED = [Identity(), QSGD(4, bucket_size=None), QSGD(3, bucket_size=24), ScaledSign(), ScaledSign(bucket_size=16),
                 NaturalCompression()]
 EF_MODES = [None, "ef", "ef21"]
 SUBSET = torch.tensor([6, 1, 4, 5])  # unsorted; parent 1 (its only child is 3) and parent 3 get no upload
@@ -623,7 +623,7 @@ def test_triton_non_finite_upload_with_error_feedback_writes_nothing():
     bad_memory[1, 60] = float("inf")
     for c, ch, mem, rows, write_out in [
         (ScaledSign(bucket_size=16, error_feedback="ef"), bad_child, memory, None, True),  # NaN in a child row
-        (QSGD(4, error_feedback="ef21"), child, bad_memory, SUBSET, False),  # Inf in the memory of an upload
+        (QSGD(4, bucket_size=None, error_feedback="ef21"), child, bad_memory, SUBSET, False),  # Inf in the memory of an upload
         (NaturalCompression("ef"), bad_child, bad_memory, torch.tensor([1, 4]), True),
     ]:
         p, m, o, chd, pidx, w, s, r = on_device(parent.clone(), mem.clone(), torch.full(parent.shape, 7.0), ch,
@@ -635,7 +635,7 @@ def test_triton_non_finite_upload_with_error_feedback_writes_nothing():
         assert torch.equal(p.cpu(), parent) and torch.equal(m.cpu(), mem) and bool((o.cpu() == 7.0).all())
     # the same bad rows outside the uploading subset are not read: all finite, the aggregation happens
     rows = torch.tensor([0, 2, 6])
-    results = run_both(QSGD(4, error_feedback="ef21"), parent, bad_child, weights, bad_memory, seeds, rows)
+    results = run_both(QSGD(4, bucket_size=None, error_feedback="ef21"), parent, bad_child, weights, bad_memory, seeds, rows)
     assert bool(torch.isfinite(results[1][3]).all())
     check_same(results, parent, bad_memory, rows)
 
@@ -673,10 +673,10 @@ def test_triton_declares_what_it_implements():
         assert backend_supports("triton", parent, child, c, memory if ef else None, rows, out)
         assert backend_supports("triton", parent.bfloat16(), child.bfloat16(), c, memory if ef else None)
         assert supports(parent, child, c, layout="atomic") == (type(c) in (QSGD, Identity) and ef is None)
-    assert not supports(parent, child, QSGD(4), rows=rows, layout="atomic")
+    assert not supports(parent, child, QSGD(4, bucket_size=None), rows=rows, layout="atomic")
     assert not supports(parent, child, Identity(), out=out, layout="atomic")
-    assert not supports(parent, child, QSGD(4, error_feedback="ef"), memory.double())  # fp32 memory only
-    assert not supports(parent, child, QSGD(4), out=out.half())  # fp32 out only
+    assert not supports(parent, child, QSGD(4, bucket_size=None, error_feedback="ef"), memory.double())  # fp32 memory only
+    assert not supports(parent, child, QSGD(4, bucket_size=None), out=out.half())  # fp32 out only
     for c in (TopK(k=3), RandomK(ratio=0.1), TopK(k=3, error_feedback="ef")):
         assert not backend_supports("triton", parent, child, c, memory)
         with pytest.raises(ValueError, match=f"backend 'triton' does not implement {type(c).__name__}"):
@@ -684,12 +684,12 @@ def test_triton_declares_what_it_implements():
         with pytest.raises(ValueError, match="implements Identity, QSGD, ScaledSign, NaturalCompression; got"):
             aggregate_layer_triton_(parent.clone(), child, pidx, weights, c, seeds)
     with pytest.raises(ValueError, match="layout='atomic' implements QSGD and Identity without error feedback"):
-        aggregate_layer_triton_(parent.clone(), child, pidx, weights, QSGD(4, error_feedback="ef"), seeds,
+        aggregate_layer_triton_(parent.clone(), child, pidx, weights, QSGD(4, bucket_size=None, error_feedback="ef"), seeds,
                                 memory=memory.clone(), layout="atomic")
     with pytest.raises(ValueError, match=r"layout='atomic' .* with rows"):
-        aggregate_layer_triton_(parent.clone(), child, pidx, weights, QSGD(4), seeds, rows=rows, layout="atomic")
+        aggregate_layer_triton_(parent.clone(), child, pidx, weights, QSGD(4, bucket_size=None), seeds, rows=rows, layout="atomic")
     with pytest.raises(ValueError, match=r"QSGD\(4, error_feedback='ef'\) needs its memory \[7, 70\], got None"):
-        aggregate_layer_triton_(parent.clone(), child, pidx, weights, QSGD(4, error_feedback="ef"), seeds)
+        aggregate_layer_triton_(parent.clone(), child, pidx, weights, QSGD(4, bucket_size=None, error_feedback="ef"), seeds)
     with pytest.raises(ValueError, match=r"memory must be a float32 tensor of shape \[7, 70\]"):
         aggregate_layer_triton_(parent.clone(), child, pidx, weights, ScaledSign(error_feedback="ef21"), seeds,
                                 memory=memory[:3].clone())
@@ -721,7 +721,7 @@ def test_cpu_draws_are_the_triton_kernels_draws():
     assert cpu_kernels.philox_uniforms(seeds, 0).shape == (3, 0)
 
 
-FP32_CASES = [QSGD(4), QSGD(3, bucket_size=100), QSGD(5, bucket_size=1200), QSGD(1), QSGD(8, bucket_size=2000),
+FP32_CASES = [QSGD(4, bucket_size=None), QSGD(3, bucket_size=100), QSGD(5, bucket_size=1200), QSGD(1, bucket_size=None), QSGD(8, bucket_size=2000),
               NoQuantization()]
 
 
@@ -753,7 +753,7 @@ def test_numba_kernel_edge_cases():
     bad = child.clone()
     bad[2, 40] = float("inf")
     out = parent.clone()
-    norms = cpu_kernels.aggregate_layer_numba_(out, bad, PARENT_INDEX, weights, QSGD(4), seeds)
+    norms = cpu_kernels.aggregate_layer_numba_(out, bad, PARENT_INDEX, weights, QSGD(4, bucket_size=None), seeds)
     assert not bool(torch.isfinite(norms[2]).all()) and torch.equal(out, parent)
     # no children, no columns
     norms = cpu_kernels.aggregate_layer_numba_(out, child[:0], PARENT_INDEX[:0], weights[:0], q, seeds[:0])
@@ -775,9 +775,9 @@ def test_dispatch_auto_on_cpu_uses_numba_for_float32_only(monkeypatch):
     calls = []
     real = cpu_kernels.aggregate_layer_numba_
     monkeypatch.setattr(cpu_kernels, "aggregate_layer_numba_", lambda *a, **k: calls.append(1) or real(*a, **k))
-    aggregate_layer_(parent.clone(), child, PARENT_INDEX, weights, QSGD(4), seeds)
+    aggregate_layer_(parent.clone(), child, PARENT_INDEX, weights, QSGD(4, bucket_size=None), seeds)
     assert calls == [1]
-    aggregate_layer_(parent.half(), child.half(), PARENT_INDEX, weights, QSGD(4), seeds)  # torch path
+    aggregate_layer_(parent.half(), child.half(), PARENT_INDEX, weights, QSGD(4, bucket_size=None), seeds)  # torch path
     assert calls == [1]
     with pytest.raises(ValueError, match="backend must be 'auto', 'torch', 'numba' or 'triton'"):
-        aggregate_layer_(parent, child, PARENT_INDEX, weights, QSGD(4), seeds, backend="cuda")
+        aggregate_layer_(parent, child, PARENT_INDEX, weights, QSGD(4, bucket_size=None), seeds, backend="cuda")

@@ -18,7 +18,7 @@ H = Hierarchy.balanced([2, 3, 4])  # 24 devices under 6 edge servers under 2 reg
 TAUS = [2, 2, 1]
 
 
-def _engine(mobility=None, compressors=(QSGD(4), QSGD(8), None), template=None, h=H, **kw):
+def _engine(mobility=None, compressors=(QSGD(4, bucket_size=None), QSGD(8, bucket_size=None), None), template=None, h=H, **kw):
     torch.manual_seed(0)
     template = template if template is not None else MLP()
     return QMLHFLEngine(copy.deepcopy(template), ce_loss, h, TAUS, list(compressors), optimizer_kwargs={"lr": 0.1},
@@ -128,7 +128,7 @@ def test_a_scheduled_sequence_of_trees_against_the_per_node_loop():
     schedule[0][:4] = [5] * 4  # an uneven tree, with some edge servers emptied
     torch.manual_seed(0)
     template = MLP()
-    qs = [QSGD(4), QSGD(8), Identity()]
+    qs = [QSGD(4, bucket_size=None), QSGD(8, bucket_size=None), Identity()]
     batches = make_batches(24, 16)
     engine = _run(_engine(Schedule(schedule), qs, template), batches=batches)
     ref = ScheduledReference(copy.deepcopy(template), H, TAUS, qs, lr=0.1, momentum=0.0, seed=2, schedule=schedule)

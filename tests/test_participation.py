@@ -180,7 +180,7 @@ def test_engine_with_partial_participation_matches_the_reference(optimizer, weig
     policies = [UniformK(2, weighting=weighting), Bernoulli(0.6, weighting=weighting), Full()]
     # (a scaled sign, not top-k: top-k's choice of entries flips on float-rounding differences of near-equal
     # magnitudes, which the reference's other summation order produces)
-    qs = [QSGD(4), ScaledSign(bucket_size=16, error_feedback="ef"), Identity()]
+    qs = [QSGD(4, bucket_size=None), ScaledSign(bucket_size=16, error_feedback="ef"), Identity()]
     torch.manual_seed(0)
     template = MLP()
     batches = make_batches(h.num_devices, 12)
@@ -292,7 +292,7 @@ def test_the_engine_clock_and_the_latency_model_agree():
     h = Hierarchy.balanced([2, 3, 2])
     lat = LatencyModel.lognormal(h, 0.01, [1e6, 1e5, 1e4], compute_sigma=0.6, rate_sigma=0.6, seed=4)
     torch.manual_seed(0)
-    engine = QMLHFLEngine(MLP(), ce_loss, h, [2, 2, 1], [QSGD(4), QSGD(8), None], optimizer_kwargs={"lr": 0.1},
+    engine = QMLHFLEngine(MLP(), ce_loss, h, [2, 2, 1], [QSGD(4, bucket_size=None), QSGD(8, bucket_size=None), None], optimizer_kwargs={"lr": 0.1},
                           latency=lat)
     for b in make_batches(12, 8):
         engine.local_step(b)
@@ -399,3 +399,91 @@ def test_config_values():
 def test_bad_input(build, match):
     with pytest.raises(ValueError, match=match):
         build()
+
+
+def test_gradient_norm_clipping_with_partial_participation_is_per_stepping_device():
+    """Only the stepping devices' gradients are clipped (each to its own norm), as a per-device loop does."""
+    h = Hierarchy.balanced([2, 4])
+    torch.manual_seed(0)
+    template = MLP()
+    engine = QMLHFLEngine(copy.deepcopy(template), ce_loss, h, [2, 1], None, optimizer="sgd",
+                          optimizer_kwargs={"lr": 0.5}, seed=0, param_order="module", grad_clip=("norm", 0.01),
+                          participation=[UniformK(1), Full()])
+    x, y = make_batches(8, 1)[0]
+    before = engine.state.params[0].clone()
+    engine.local_step((x, y))
+    active = engine.population.active.tolist()
+    assert len(active) == 2
+    for i in range(8):
+        if i not in active:
+            assert torch.equal(engine.state.params[0][i], before[i])
+            continue
+        ref = copy.deepcopy(template)
+        torch.nn.utils.vector_to_parameters(before[i].clone(), ref.parameters())
+        torch.nn.functional.cross_entropy(ref(x[i]), y[i]).backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.01)
+        with torch.no_grad():
+            for p in ref.parameters():
+                p -= 0.5 * p.grad
+        torch.testing.assert_close(engine.state.params[0][i], torch.nn.utils.parameters_to_vector(ref.parameters()),
+                                   atol=1e-6, rtol=1e-6)
+
+
+def test_batchnorm_buffers_are_an_exact_mean_under_unbiased_participation():
+    """Unbiased weights (w / pi) under a parent can sum to more than one; the float buffers (running statistics)
+    are averaged with the weights renormalised over the uploads, so a running variance cannot turn negative."""
+    from test_engine import SmallCNN
+
+    h = Hierarchy.balanced([6])
+    torch.manual_seed(0)
+    engine = QMLHFLEngine(SmallCNN(), ce_loss, h, [1], None, optimizer_kwargs={"lr": 0.1}, seed=4,
+                          executor="loop", participation=[Bernoulli(0.3)])
+    seen = []
+    real = engine.population.aggregate
+
+    def spy(n, r, e, base):  # called as the aggregation starts: the devices' buffers are what they upload
+        out = real(n, r, e, base)
+        seen.append((engine.state.buffers[0].clone(), engine.state.buffers[1][0].clone(), out))
+        return out
+
+    engine.population.aggregate = spy
+    checked = 0
+    for b in make_batches(6, 8, shape=(1, 6, 6)):
+        engine.local_step(b)
+        children, parent, (rows, w, _) = seen[-1]
+        if rows is None or rows.numel() == 0:
+            continue
+        sent = w[rows].double()
+        expected = parent.double() + ((sent / sent.sum()).unsqueeze(1) * (children[rows].double() - parent)).sum(0)
+        torch.testing.assert_close(engine.state.buffers[1][0].double(), expected, atol=1e-6, rtol=1e-6)
+        checked += float(sent.sum()) != 1.0  # the unbiased weights alone are not a mean
+    assert checked >= 2
+    m = engine.load_cloud_into(SmallCNN())
+    assert bool((m.bn.running_var > 0).all())
+
+
+def test_messages_name_the_real_culprit(tmp_path):
+    """A CSV trace with a gap names the device of the offending line; a tree with an out-of-range parent index
+    names the index; Dirichlet(alpha=inf) is refused at once."""
+    from lightning_qmlhfl import Dirichlet
+
+    trace = tmp_path / "t.csv"
+    trace.write_text("device,start,end\n" + "".join(f"{i},0,100\n" for i in range(8)) + "100,0,100\n")
+    with pytest.raises(TraceFormatError, match=r"line 10: device 100, but devices 8\.\.99 have no row"):
+        AvailabilityTrace.from_file(trace)
+    with pytest.raises(ValueError, match=r"parents\[0\]\[2\] = 5, but layer 1 has 2 nodes"):
+        Hierarchy.from_parents([[0, 0, 5, 1], [0, 0]])
+    with pytest.raises(ValueError, match="Dirichlet alpha must be a finite number > 0"):
+        Dirichlet(alpha=math.inf)
+
+
+def test_a_trace_under_which_no_device_can_upload_is_refused():
+    h = Hierarchy.balanced([2, 2])
+    lat = LatencyModel(compute_time=1.0, uplink_rates=[1e9, 1e9])
+    short = AvailabilityTrace([[[0.0, 1.5]], [[2.0, 3.0]], [[0.0, 0.5]], [[5.0, 6.9]]])  # every window < 2 s
+    kw = dict(optimizer_kwargs={"lr": 0.1}, seed=0, latency=lat)
+    with pytest.raises(ValueError, match=r"no device can ever upload under this availability trace: .* longest "
+                                         r"window of any device is 1\.9 s \(device 3\)"):
+        QMLHFLEngine(MLP(), ce_loss, h, [2, 1], None, availability=Availability(trace=short), **kw)
+    ok = AvailabilityTrace([[[0.0, 1.5]], [[2.0, 3.0]], [[0.0, 0.5]], [[5.0, 7.5]]])  # device 3 has 2.5 s
+    QMLHFLEngine(MLP(), ce_loss, h, [2, 1], None, availability=Availability(trace=ok), **kw)

@@ -27,8 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 # ================================================================================================ latency
 def test_upload_bits():
-    # QSGD(8) on d = 1000: 32 + 1000 * (1 + ceil(log2 9) = 4) = 5032; unquantized: 32 * 1000
-    assert upload_bits([QSGD(8), None], 1000) == [5032, 32000]
+    # QSGD(8, bucket_size=None) on d = 1000: 32 + 1000 * (1 + ceil(log2 9) = 4) = 5032; unquantized: 32 * 1000
+    assert upload_bits([QSGD(8, bucket_size=None), None], 1000) == [5032, 32000]
     assert downlink_bits(1000) == 32000
 
 
@@ -39,7 +39,7 @@ def test_n1_round_time_by_hand():
     assert rt.compute == pytest.approx(0.05)
     assert rt.per_layer_comm == pytest.approx((0.005032,))
     assert rt.total == pytest.approx(0.055032)
-    assert lat.round_time_for([5], [QSGD(8)], 1000).total == pytest.approx(0.055032)
+    assert lat.round_time_for([5], [QSGD(8, bucket_size=None)], 1000).total == pytest.approx(0.055032)
 
 
 def test_n2_round_time_by_hand():
@@ -179,7 +179,7 @@ SMALL_CASES = [
     ([10], [QSGD(8, 64)], 1000, LatencyModel(0.01, [1e5]), 20.0, 1.0, 0.05, 16),
     ([10], [None], 1000, LatencyModel(0.002, [1e5]), 5.0, 1.0, None, 16),
     ([4, 5], [QSGD(4, 64), QSGD(8, 64)], 2000, LatencyModel(0.005, [1e6, 1e5]), 30.0, 1.0, 0.02, 10),
-    ([4, 5], [None, QSGD(2)], 2000, LatencyModel(0.005, [1e6, 2e5], downlink_rates=[1e7, 1e6]), 10.0, 2.0, 0.01, 10),
+    ([4, 5], [None, QSGD(2, bucket_size=None)], 2000, LatencyModel(0.005, [1e6, 2e5], downlink_rates=[1e7, 1e6]), 10.0, 2.0, 0.01, 10),
     ([2, 3, 2], [QSGD(8, 128)] * 3, 5000, LatencyModel(0.001, [1e7, 1e6, 1e5]), 60.0, 1.0, 0.01, 6),
     ([2, 3, 2], [QSGD(8, 128)] * 3, 5000, LatencyModel(0.001, [1e7, 1e6, 1e5]), 60.0, 1.0, None, 6),
 ]
@@ -268,7 +268,7 @@ def test_auto_uses_the_heuristic_for_large_n_and_stays_feasible():
 def test_no_feasible_tau_says_what_would_help():
     # tau = (1, 1): compute 0.01 + layer 1 5032/1e6 = 0.005032 + layer 2 32000/1e5 = 0.32 -> 0.335032 s > 0.2 s
     lat = LatencyModel(0.01, [1e6, 1e5])
-    plan = plan_taus([2, 2], [QSGD(8), None], 1000, lat, deadline=0.2, L=1.0, mu=0.01)
+    plan = plan_taus([2, 2], [QSGD(8, bucket_size=None), None], 1000, lat, deadline=0.2, L=1.0, mu=0.01)
     assert not plan.feasible and plan.taus is None and plan.rounds == 0
     msg = plan.message
     assert "no tau meets" in msg
@@ -285,18 +285,18 @@ def test_no_feasible_tau_says_what_would_help():
 
 
 def test_infeasible_when_only_computation_is_too_slow():
-    plan = plan_taus([3], [QSGD(4)], 1000, LatencyModel(1.0, [1e9]), deadline=0.5, L=1.0, mu=0.01)
+    plan = plan_taus([3], [QSGD(4, bucket_size=None)], 1000, LatencyModel(1.0, [1e9]), deadline=0.5, L=1.0, mu=0.01)
     assert not plan.feasible
     assert "only a longer deadline, faster devices" in plan.message
 
 
 def test_infeasible_learning_rate_without_adaptation():
     # tau = (1,), q_1 = q(8, 21840) = 18.47: mu* = 1/sqrt(18.47) = 0.2327; mu = 0.5 violates Eq. 15
-    plan = plan_taus([5], [QSGD(8)], 21840, LatencyModel(0.01, [1e6]), 10.0, 1.0, 0.5, adapt_mu=False)
+    plan = plan_taus([5], [QSGD(8, bucket_size=None)], 21840, LatencyModel(0.01, [1e6]), 10.0, 1.0, 0.5, adapt_mu=False)
     assert not plan.feasible
     assert "violates Eq. 15" in plan.message and "mu < 0.232" in plan.message
     # with adaptation the planner lowers mu instead
-    plan = plan_taus([5], [QSGD(8)], 21840, LatencyModel(0.01, [1e6]), 10.0, 1.0, 0.5)
+    plan = plan_taus([5], [QSGD(8, bucket_size=None)], 21840, LatencyModel(0.01, [1e6]), 10.0, 1.0, 0.5)
     assert plan.feasible and plan.mu < 0.2327
 
 
@@ -320,13 +320,13 @@ def test_plan_summary_and_evaluate_taus():
         (dict(tau_max=0), "tau_max"),
         (dict(method="greedy"), "method"),
         (dict(safety=1.0), "safety"),
-        (dict(quantizers=[QSGD(4)]), "one quantizer spec per layer"),
+        (dict(quantizers=[QSGD(4, bucket_size=None)]), "one quantizer spec per layer"),
         (dict(latency=LatencyModel(0.01, [1e6])), "1 layers but the hierarchy has N = 2"),
         (dict(d=0), "d"),
     ],
 )
 def test_planner_bad_input(kwargs, match):
-    args = dict(hierarchy=[2, 2], quantizers=[QSGD(4), QSGD(4)], d=1000, latency=LatencyModel(0.01, [1e6, 1e6]),
+    args = dict(hierarchy=[2, 2], quantizers=[QSGD(4, bucket_size=None), QSGD(4, bucket_size=None)], d=1000, latency=LatencyModel(0.01, [1e6, 1e6]),
                 deadline=10.0, L=1.0, mu=0.01)
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
@@ -351,7 +351,7 @@ def test_recipe_prints_the_plan(tmp_path):
     out = _recipe(tmp_path, "deadline=30", "quantizer.levels=[4,8,8]")
     assert out.returncode == 0, out.stderr
     for needle in ("chosen tau", "global iterations T", "computation", "layer 3 links", "learning rate mu", "mu <",
-                   "Eq. 15 bracket", "(paper)", "(ours)", "QSGD(4)"):
+                   "Eq. 15 bracket", "(paper)", "(ours)", "QSGD(4, bucket_size=None)"):
         assert needle in out.stdout, needle
 
 

@@ -164,7 +164,7 @@ def test_mnist_recipe_end_to_end(tmp_path, data_env):
     s = _check_outputs(tmp_path / "run", out, 5)
     assert s["layers"] == 4 and s["devices"] == 8 and s["local_steps"] == 20
     assert all(b < base for b, base in zip(s["bits_per_layer"], s["baseline_bits_per_layer"]))
-    assert s["compressors"][0].startswith("QSGD(4") and (tmp_path / "run" / "last.ckpt").exists()
+    assert s["compressors"][0].startswith("QSGD(4", bucket_size=None) and (tmp_path / "run" / "last.ckpt").exists()
     assert (tmp_path / "run" / "csv" / "metrics.csv").exists()
     assert s["final_test_acc"] > 0.3  # chance is 0.1; 20 local steps of 8 devices on 2000 images
     assert s["precision"] == "32-true"
@@ -275,7 +275,7 @@ def test_deadline_rounds_and_the_logged_time_count_the_same_bits_for_batchnorm_m
     model = build_model("cifar_cnn3")
     d, b = upload_dims(model)
     assert b > 0
-    qs = [QSGD(8, 512), QSGD(4)]
+    qs = [QSGD(8, 512), QSGD(4, bucket_size=None)]
     e = QMLHFLEngine(model, lambda m, batch: F.cross_entropy(m(batch[0]), batch[1]), Hierarchy.balanced([2, 2]),
                      [1, 1], qs, device="cpu")
     assert upload_bits(qs, d, b) == [e.upload_bits(1), e.upload_bits(2)]

@@ -85,10 +85,10 @@ def test_partitioner_compressor_logger_and_callback_targets():
     with pytest.raises(TypeError, match="not a lightning_qmlhfl.data.Partitioner"):
         build_partitioner(_compose(["partition._target_=collections.OrderedDict"]))
     cfg = _compose([f"compressor.layers=[topk,{{_target_:{USER}.coarse_qsgd,levels:3}},sign]"])
-    assert build_compressors(cfg, 3) == [TopK(ratio=0.01), QSGD(3), ScaledSign(512)]
+    assert build_compressors(cfg, 3) == [TopK(ratio=0.01), QSGD(3, bucket_size=None), ScaledSign(512)]
     every = _compose([f"+compressor._target_={USER}.coarse_qsgd"])
     with pytest.warns(UserWarning, match="does not take bucket_size"):
-        assert build_compressors(every, 3) == [QSGD(8)] * 3  # levels: taken from the preset (the target has it)
+        assert build_compressors(every, 3) == [QSGD(8, bucket_size=None)] * 3  # levels: taken from the preset (the target has it)
     logger = instantiate_node(OmegaConf.create({"_target_": "lightning.pytorch.loggers.CSVLogger", "name": "x"}),
                               "logger", defaults={"save_dir": "/tmp/somewhere"})
     assert type(logger).__name__ == "CSVLogger" and logger.save_dir == "/tmp/somewhere"
@@ -123,7 +123,7 @@ def test_user_module_and_datamodule_train_through_the_recipe(tmp_path):
                     "trainer.callbacks=[{_target_:lightning.pytorch.callbacks.Timer}]"])
     s = run(cfg, tmp_path)
     assert s["model"] == f"{USER}.TinyNet" and s["dataset"] == f"{USER}.BlobsDataModule"
-    assert s["layers"] == 4 and s["devices"] == 8 and s["compressors"][3] == "QSGD(3)"
+    assert s["layers"] == 4 and s["devices"] == 8 and s["compressors"][3] == "QSGD(3, bucket_size=None)"
     assert s["final_test_acc"] is not None and s["best_round"] is not None and s["selection_set"] == "validation"
     assert s["local_eval"]["personalized"]["mean"] >= 0 and "with 0.2 of every device" in s["partition"]
     assert (tmp_path / "last.ckpt").is_file()

@@ -95,7 +95,7 @@ def test_server_state_checkpoint_round_trip():
     template = MLP()
 
     def engine():
-        return QMLHFLEngine(copy.deepcopy(template), ce_loss, h, taus, [QSGD(4), TopK(ratio=0.5, error_feedback="ef")],
+        return QMLHFLEngine(copy.deepcopy(template), ce_loss, h, taus, [QSGD(4, bucket_size=None), TopK(ratio=0.5, error_feedback="ef")],
                             optimizer_kwargs={"lr": 0.2}, seed=2, server_optimizers=servers)
 
     full = engine()
@@ -113,7 +113,7 @@ def test_server_state_checkpoint_round_trip():
     assert torch.equal(resumed.cloud_params(), full.cloud_params())
     for a, b in zip(resumed.server_state, full.server_state):
         assert all(torch.equal(a[k], b[k]) for k in a)
-    other = QMLHFLEngine(copy.deepcopy(template), ce_loss, h, taus, [QSGD(4), TopK(ratio=0.5, error_feedback="ef")],
+    other = QMLHFLEngine(copy.deepcopy(template), ce_loss, h, taus, [QSGD(4, bucket_size=None), TopK(ratio=0.5, error_feedback="ef")],
                          optimizer_kwargs={"lr": 0.2}, seed=2)
     with pytest.raises(ValueError, match="server_optimizers"):
         other.load_state_dict(sd)

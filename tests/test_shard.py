@@ -73,11 +73,11 @@ def assert_same(one, shards):
 
 
 CASES = {
-    "qsgd-irregular": (IRREGULAR, [2, 2, 1], [QSGD(4), QSGD(8), None], MLP, (6,), {}),
+    "qsgd-irregular": (IRREGULAR, [2, 2, 1], [QSGD(4, bucket_size=None), QSGD(8, bucket_size=None), None], MLP, (6,), {}),
     "none-irregular": (IRREGULAR, [1, 2, 2], None, MLP, (6,), {}),
-    "topk-ef-batchnorm": (BALANCED, [2, 2, 1], [TopK(ratio=0.3, error_feedback="ef"), QSGD(8), Identity()],
+    "topk-ef-batchnorm": (BALANCED, [2, 2, 1], [TopK(ratio=0.3, error_feedback="ef"), QSGD(8, bucket_size=None), Identity()],
                           SmallCNN, (1, 6, 6), {}),
-    "participation-server": (BALANCED, [2, 2, 1], [QSGD(4), ScaledSign(error_feedback="ef21"), None], MLP, (6,),
+    "participation-server": (BALANCED, [2, 2, 1], [QSGD(4, bucket_size=None), ScaledSign(error_feedback="ef21"), None], MLP, (6,),
                              dict(participation=[Fraction(0.5), Full(), Full()],
                                   server_optimizers=[None, FedAdam(lr=0.02), None])),
 }

@@ -118,8 +118,8 @@ def test_module_and_fast_orders_train_the_same_models_without_quantization():
 def test_checkpoint_of_another_order_is_refused():
     h = Hierarchy.balanced([2])
     torch.manual_seed(0)
-    fast = QMLHFLEngine(Net(), loss_with_aux, h, (1,), [QSGD(4)])
-    module = QMLHFLEngine(Net(), loss_with_aux, h, (1,), [QSGD(4)], param_order="module")
+    fast = QMLHFLEngine(Net(), loss_with_aux, h, (1,), [QSGD(4, bucket_size=None)])
+    module = QMLHFLEngine(Net(), loss_with_aux, h, (1,), [QSGD(4, bucket_size=None)], param_order="module")
     with pytest.raises(ValueError, match="another parameter layout .* param_order the checkpoint was made with"):
         module.load_state_dict(fast.state_dict())
     # checkpoints from before the order was recorded were in module order
@@ -260,7 +260,7 @@ from lightning_qmlhfl import QSGD, Hierarchy
 from lightning_qmlhfl.simulation.engine import QMLHFLEngine
 assert "numba" not in sys.modules  # imported only by the first aggregation
 m = torch.nn.Linear(4, 2)
-e = QMLHFLEngine(m, lambda mod, b: mod(b[0]).pow(2).mean(), Hierarchy.balanced([2]), [1], [QSGD(4)], backend="numba")
+e = QMLHFLEngine(m, lambda mod, b: mod(b[0]).pow(2).mean(), Hierarchy.balanced([2]), [1], [QSGD(4, bucket_size=None)], backend="numba")
 e.local_step((torch.randn(2, 3, 4),))
 import numba
 print(numba.config.NUMBA_NUM_THREADS)

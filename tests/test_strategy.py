@@ -50,7 +50,7 @@ def test_unmodified_module_reaches_useful_accuracy():
     assert len(strategy.history) == 8
     h = strategy.history[-1]
     assert h["round"] == 8 and h["local_steps"] == 80
-    # bits: per round 10 uploads into layer 1 (twice) and 2 into the cloud; QSGD(8) = 5 bits per number plus
+    # bits: per round 10 uploads into layer 1 (twice) and 2 into the cloud; QSGD(8, bucket_size=None) = 5 bits per number plus
     # one 32-bit norm per bucket of 512
     d = strategy.engine.num_params
     upload = 32 * math.ceil(d / 512) + 5 * d
@@ -68,7 +68,7 @@ def test_unmodified_module_reaches_useful_accuracy():
 
 def test_one_round_through_fit_equals_engine():
     """Trainer.fit for one global round == the engine driven by hand with the same partition, batches and seed."""
-    h, taus, qs, seed = Hierarchy.balanced([2, 3]), [2, 3], [QSGD(4), QSGD(8)], 5
+    h, taus, qs, seed = Hierarchy.balanced([2, 3]), [2, 3], [QSGD(4, bucket_size=None), QSGD(8, bucket_size=None)], 5
     torch.manual_seed(0)
     module = MnistCNN(lr=0.05, optimizer="adam")
     init = {k: v.clone() for k, v in module.state_dict().items()}
@@ -137,7 +137,7 @@ def test_registered_by_name_with_documented_defaults():
     assert isinstance(s, QMLHFLStrategy)
     assert s.hierarchy.nodes_per_layer == (100, 20, 4, 1)
     assert s.taus == (5, 2, 2)
-    assert list(s.quantizers) == [QSGD(8)] * 3
+    assert list(s.quantizers) == [QSGD(8, bucket_size=None)] * 3
     assert isinstance(s.partitioner, Dirichlet) and s.partitioner.alpha == 0.5
 
 
@@ -186,7 +186,7 @@ def test_bad_options(kwargs, match):
 
 
 def test_learning_rate_condition_warns_and_errors():
-    kw = dict(hierarchy=Hierarchy.balanced([2, 2]), taus=[5, 5], quantizers=[QSGD(2), QSGD(2)], partition=IID(),
+    kw = dict(hierarchy=Hierarchy.balanced([2, 2]), taus=[5, 5], quantizers=[QSGD(2, bucket_size=None), QSGD(2, bucket_size=None)], partition=IID(),
               smoothness=10.0)
     train_dl, val_dl = loaders(n_train=200, n_val=50, batch_size=4)
     with pytest.warns(UserWarning, match="Admissible: mu <"):
@@ -202,7 +202,7 @@ class NanAfter(MnistCNN):
 
 
 def test_nan_stops_training_without_poisoned_checkpoint(tmp_path):
-    strategy = QMLHFLStrategy(hierarchy=Hierarchy.balanced([2, 2]), taus=[2, 2], quantizers=[QSGD(4), QSGD(4)],
+    strategy = QMLHFLStrategy(hierarchy=Hierarchy.balanced([2, 2]), taus=[2, 2], quantizers=[QSGD(4, bucket_size=None), QSGD(4, bucket_size=None)],
                               partition=IID(), seed=0)
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     trainer = _trainer(strategy, max_epochs=5, enable_checkpointing=True,
@@ -299,7 +299,7 @@ def test_partial_participation_through_fit_logs_and_resumes_bit_for_bit(tmp_path
     def make(rounds, ckpt_path=None):
         torch.manual_seed(0)
         strategy = QMLHFLStrategy(
-            hierarchy=h, taus=[2, 2], compressors=[QSGD(4), QSGD(8)], partition=IID(), seed=5,
+            hierarchy=h, taus=[2, 2], compressors=[QSGD(4, bucket_size=None), QSGD(8, bucket_size=None)], partition=IID(), seed=5,
             participation=[Fraction(0.5), Full()], availability=Availability(unavailable=0.1, dropout=0.1),
             latency=LatencyModel.lognormal(h, 0.01, [1e6, 1e5], compute_sigma=0.5, seed=2, deadlines=[0.16, None],
                                            straggler="drop"))

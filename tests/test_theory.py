@@ -44,7 +44,7 @@ def test_q_bound_hand_values():
 
 def test_q_bound_matches_quantizer_and_rejects_bad_input():
     for s, d in [(1, 10), (4, 1000), (8, 21840), (255, 7)]:
-        assert q_bound(s, d) == pytest.approx(QSGD(s).variance_bound(d))
+        assert q_bound(s, d) == pytest.approx(QSGD(s, bucket_size=None).variance_bound(d))
     with pytest.raises(ValueError, match="s"):
         q_bound(0, 10)
     with pytest.raises(ValueError, match="d"):
@@ -52,12 +52,12 @@ def test_q_bound_matches_quantizer_and_rejects_bad_input():
 
 
 def test_quantizer_variances_mixes_floats_and_quantizers():
-    qs = quantizer_variances([QSGD(8), None, 0.3, NoQuantization(), QSGD(4, 16)], d=21840)
-    # QSGD(4) with buckets of 16: min(16/16, 4/4) = 1
+    qs = quantizer_variances([QSGD(8, bucket_size=None), None, 0.3, NoQuantization(), QSGD(4, 16)], d=21840)
+    # QSGD(4, bucket_size=None) with buckets of 16: min(16/16, 4/4) = 1
     assert qs == pytest.approx([q_bound(8, 21840), 0.0, 0.3, 0.0, 1.0])
     assert quantizer_variances([0.5, None]) == [0.5, 0.0]  # no d needed without real quantizers
     with pytest.raises(ValueError, match="pass d"):
-        quantizer_variances([QSGD(8)])
+        quantizer_variances([QSGD(8, bucket_size=None)])
     with pytest.raises(ValueError, match="q_1"):
         quantizer_variances([-0.1])
     with pytest.raises(ValueError, match="as a float"):
@@ -172,7 +172,7 @@ def test_grid_matches_scalar_reference():
 
 def test_quantizer_objects_with_d():
     d = 1000
-    a = lr_condition_terms([2, 2], [QSGD(4), QSGD(8)], [2, 2], d=d)
+    a = lr_condition_terms([2, 2], [QSGD(4, bucket_size=None), QSGD(8, bucket_size=None)], [2, 2], d=d)
     b = lr_condition_terms([2, 2], [q_bound(4, d), q_bound(8, d)], [2, 2])
     assert a == pytest.approx(b)
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
-from .base import (ERROR_FEEDBACK, Compressor, Encoded, check_error_feedback, row_l1_norms, row_norms,
-                   upload_bits)
+from .base import (EF_CODES, ERROR_FEEDBACK, Compressor, Encoded, FusedSpec, Kind, check_error_feedback, row_l1_norms,
+                   row_norms, upload_bits)
 from .identity import Identity, NoQuantization
 from .natural import NaturalCompression
 from .qsgd import QSGD, quantize_levels
@@ -30,7 +30,7 @@ from .sparsify import RandomK, TopK
 
 Quantizer = Compressor
 
-__all__ = ["Compressor", "Quantizer", "Identity", "NoQuantization", "QSGD", "TopK", "RandomK", "ScaledSign",
+__all__ = ["Compressor", "FusedSpec", "Kind", "EF_CODES", "Quantizer", "Identity", "NoQuantization", "QSGD", "TopK", "RandomK", "ScaledSign",
            "NaturalCompression", "Encoded", "ERROR_FEEDBACK", "check_error_feedback", "make_compressor",
            "make_quantizer", "layer_compressors", "layer_quantizers", "row_norms", "row_l1_norms",
            "upload_bits", "quantize_levels", "COMPRESSOR_NAMES", "validate_compressors"]

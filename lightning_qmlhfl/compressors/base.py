@@ -17,6 +17,7 @@ per sender, stacked like the models (see :mod:`lightning_qmlhfl.simulation.engin
 
 from __future__ import annotations
 
+import enum
 import math
 import numbers
 from abc import ABC, abstractmethod
@@ -125,6 +126,49 @@ def check_positive_int(value: object, what: str, allow_none: bool = False) -> in
     return int(value)
 
 
+class Kind(enum.IntEnum):
+    """The compressor rules the fused kernels implement (their ``KIND`` code)."""
+
+    IDENTITY = 0
+    QSGD = 1
+    SIGN = 2
+    NATURAL = 3
+
+
+EF_CODES = {None: 0, "ef": 1, "ef21": 2}
+"""The fused kernels' code of each error-feedback mode."""
+
+
+@dataclass(frozen=True)
+class FusedSpec:
+    """What a fused kernel needs to know of a compressor (the contract between the compressors and the kernel
+    backends, :mod:`lightning_qmlhfl.kernels`): the rule (``kind``), QSGD's levels s (``levels``; 1 for the
+    others), the bucket length (``bucket``: None for one norm per row), the error-feedback mode (``error_feedback``:
+    0 none, 1 "ef", 2 "ef21"), the statistic of the first pass (``norm``: "l2" or "l1") and whether it draws one
+    uniform per entry (``draws``)."""
+
+    kind: Kind
+    levels: float
+    bucket: int | None
+    error_feedback: int
+    norm: str
+    draws: bool
+
+
+def fused_compressor_names() -> list[str]:
+    """The names of the compressor classes with a fused kernel rule, in the order of their :class:`Kind` (for
+    messages)."""
+    found: dict[Kind, str] = {}
+    stack = list(Compressor.__subclasses__())
+    while stack:
+        cls = stack.pop()
+        stack.extend(cls.__subclasses__())
+        kind = cls.__dict__.get("fused_kind")
+        if kind is not None and kind not in found:
+            found[kind] = cls.__name__
+    return [found[k] for k in sorted(found)]
+
+
 class Compressor(ABC):
     """Interface of a layer's uplink compressor C_n (shapes in the module docstring).
 
@@ -199,6 +243,17 @@ class Compressor(ABC):
     def is_identity(self) -> bool:
         return False
 
+    fused_kind: ClassVar[Kind | None] = None  # the fused kernels' rule for this compressor, None: not fused
+
+    def fused_spec(self) -> FusedSpec | None:
+        """The :class:`FusedSpec` of this compressor, or None when no fused kernel implements it (top-k, random-k:
+        the torch reference runs them)."""
+        if self.fused_kind is None:
+            return None
+        return FusedSpec(kind=self.fused_kind, levels=float(self.levels) if self.levels is not None else 1.0,
+                         bucket=self.bucket_size, error_feedback=EF_CODES[self.error_feedback], norm=self.norm,
+                         draws=self.uses_uniforms)
+
     # ------------------------------------------------------------------ identity of the configuration
     def to_config(self) -> dict[str, Any]:
         """Plain data that :func:`~lightning_qmlhfl.compressors.make_compressor` rebuilds this compressor from:
@@ -214,6 +269,10 @@ class Compressor(ABC):
         if self.error_feedback is not None:
             opts.append(f"error_feedback={self.error_feedback!r}")
         return f"{type(self).__name__}({', '.join(opts)})"
+
+    def legacy_repr(self) -> str:
+        """The repr that checkpoints of format 1 stored for this compressor (to compare with them)."""
+        return repr(self)
 
     def __eq__(self, other: object) -> bool:
         return type(other) is type(self) and repr(other) == repr(self)

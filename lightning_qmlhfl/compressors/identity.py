@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Compressor, Encoded, _as_rows, row_norms
+from .base import Compressor, Encoded, Kind, _as_rows, row_norms
 
 __all__ = ["Identity", "NoQuantization"]
 
@@ -14,6 +14,7 @@ class Identity(Compressor):
     """C(x) = x; bits per upload 32 d. With ``error_feedback="ef"`` the memory stays exactly 0 (x - C(x) = 0)."""
 
     config_name = "identity"
+    fused_kind = Kind.IDENTITY
 
     unbiased = True
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Compressor
+from .base import Compressor, Kind
 
 __all__ = ["NaturalCompression"]
 
@@ -30,6 +30,7 @@ class NaturalCompression(Compressor):
     """Stochastic rounding of every entry to a power of two (see the module docstring)."""
 
     config_name = "natural"
+    fused_kind = Kind.NATURAL
 
     unbiased = True
     uses_uniforms = True

@@ -1,4 +1,4 @@
-"""QSGD with s levels (Alistarh et al., 2017), the quantizer the paper's analysis matches (ALGORITHM.md section 4).
+"""QSGD with s levels (Alistarh et al., 2017), the quantizer the paper's analysis matches (docs/algorithm.md#qsgd).
 
 For a vector x (a row, or a bucket of ``bucket_size`` consecutive entries) with ||x||_2 > 0:
 
@@ -20,22 +20,30 @@ import math
 import torch
 from torch import Tensor
 
-from .base import Compressor, Encoded, _as_rows, check_positive_int, expand_buckets, num_buckets, row_norms
+from .base import Compressor, Encoded, Kind, _as_rows, check_positive_int, expand_buckets, num_buckets, row_norms
 
-__all__ = ["QSGD", "quantize_levels"]
+__all__ = ["QSGD", "quantize_levels", "DEFAULT_BUCKET"]
+
+DEFAULT_BUCKET = 512
+"""Entries per norm of ``QSGD(s)`` by default: the QSGD paper's own practice, and what keeps the quantization error
+of a large model's upload small (one norm per whole upload, ``bucket_size=None``, is the QMLHFL paper's q(s, d) and
+loses far more: its variance bound grows with sqrt(d))."""
 
 
 class QSGD(Compressor):
-    """QSGD with ``levels`` = s quantization levels per sign, optionally per bucket of ``bucket_size`` entries."""
+    """QSGD with ``levels`` = s quantization levels per sign, one norm per bucket of ``bucket_size`` entries
+    (default :data:`DEFAULT_BUCKET`; ``None``: one norm per whole upload, as in the QMLHFL paper's analysis)."""
 
     config_name = "qsgd"
+    fused_kind = Kind.QSGD
     config_options = ("levels", "bucket_size", "error_feedback")
 
     unbiased = True
     uses_uniforms = True
     norm = "l2"
 
-    def __init__(self, levels: int, bucket_size: int | None = None, error_feedback: str | None = None) -> None:
+    def __init__(self, levels: int, bucket_size: int | None = DEFAULT_BUCKET,
+                 error_feedback: str | None = None) -> None:
         super().__init__(error_feedback)
         self.levels = check_positive_int(levels, "QSGD levels")
         self.bucket_size = check_positive_int(bucket_size, "QSGD bucket_size", allow_none=True)
@@ -93,7 +101,15 @@ class QSGD(Compressor):
         return 32 * num_buckets(d, self.bucket_size) + d * (1 + math.ceil(math.log2(self.levels + 1)))
 
     def _options(self) -> list[str]:
-        return [str(self.levels)] + ([f"bucket_size={self.bucket_size}"] if self.bucket_size is not None else [])
+        return [str(self.levels)] + ([f"bucket_size={self.bucket_size}"] if self.bucket_size != DEFAULT_BUCKET
+                                     else [])
+
+    def legacy_repr(self) -> str:
+        """The repr of checkpoints of format 1, written when one norm per upload was the default."""
+        opts = [str(self.levels)] + ([f"bucket_size={self.bucket_size}"] if self.bucket_size is not None else [])
+        if self.error_feedback is not None:
+            opts.append(f"error_feedback={self.error_feedback!r}")
+        return f"QSGD({', '.join(opts)})"
 
 
 def quantize_levels(x: Tensor, norms: Tensor, uniforms: Tensor, s: float) -> Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Compressor, bucket_lengths, check_positive_int, expand_buckets, num_buckets
+from .base import Compressor, Kind, bucket_lengths, check_positive_int, expand_buckets, num_buckets
 
 __all__ = ["ScaledSign"]
 
@@ -19,6 +19,7 @@ class ScaledSign(Compressor):
     """(||x||_1 / d) sign(x) per row or per bucket of ``bucket_size`` entries (see the module docstring)."""
 
     config_name = "sign"
+    fused_kind = Kind.SIGN
     config_options = ("bucket_size", "error_feedback")
 
     unbiased = False

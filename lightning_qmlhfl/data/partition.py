@@ -1,4 +1,4 @@
-"""Partitioners: split a labelled dataset over the devices of a hierarchy (non-IID settings of ALGORITHM.md §7).
+"""Partitioners: split a labelled dataset over the devices of a hierarchy (the non-IID settings of the experiments, docs/README.md).
 
 Every partitioner returns one LongTensor of dataset indices per device. Each is a pure function of the labels,
 the hierarchy and a seed. A device left without data is an error, never a silent empty device.
@@ -10,6 +10,7 @@ and the devices under one edge split that edge's data IID, so devices under one 
 
 from __future__ import annotations
 
+import math
 import numbers
 from abc import ABC, abstractmethod
 
@@ -92,8 +93,10 @@ class Dirichlet(Partitioner):
 
     def __init__(self, alpha: float = 0.5, min_samples: int = 10, group_by_edge: bool = False,
                  max_tries: int = 100) -> None:
-        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not alpha > 0:
-            raise ValueError(f"Dirichlet alpha must be a number > 0, got {alpha!r}")
+        if (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not alpha > 0
+                or not math.isfinite(float(alpha))):
+            raise ValueError(f"Dirichlet alpha must be a finite number > 0 (large values approach an IID split; use "
+                             f"IID() for one), got {alpha!r}")
         if isinstance(min_samples, bool) or not isinstance(min_samples, numbers.Integral) or min_samples < 1:
             raise ValueError(f"min_samples must be an integer >= 1, got {min_samples!r}")
         self.alpha, self.min_samples, self.group_by_edge = float(alpha), int(min_samples), bool(group_by_edge)

@@ -105,6 +105,7 @@ class AvailabilityTrace:
                 if not rows or set(rows[0]) != {"device", "start", "end"}:
                     raise TraceFormatError("a CSV trace needs the header device,start,end and at least one row")
                 per: dict[int, list[list[float]]] = {}
+                line_of: dict[int, int] = {}  # the first line of each device
                 for k, r in enumerate(rows, start=2):
                     try:
                         dev, s, e = int(r["device"]), float(r["start"]), float(r["end"])
@@ -113,7 +114,14 @@ class AvailabilityTrace:
                     if dev < 0:
                         raise TraceFormatError(f"line {k}: device {dev} < 0")
                     per.setdefault(dev, []).append([s, e])
+                    line_of.setdefault(dev, k)
                 n = max(per) + 1
+                gaps = sorted(set(range(n)) - set(per))
+                if gaps:
+                    top = max(per)
+                    raise TraceFormatError(
+                        f"line {line_of[top]}: device {top}, but devices {_ranges(gaps)} have no row (device ids "
+                        f"are 0..N-1, every device with at least one window)")
                 return cls([per.get(i, []) for i in range(n)])
             data = json.loads(text)
         except TraceFormatError as err:
@@ -140,6 +148,10 @@ class AvailabilityTrace:
         if self.period is not None:
             end = end + (t.to(torch.float64) - tt)  # back to absolute time
         return online, end
+
+    def longest_window(self) -> Tensor:
+        """float64 [N]: the length of each device's longest availability window."""
+        return (self.ends - self.starts).nan_to_num(nan=0.0, posinf=0.0).amax(dim=1)
 
     def online(self, t: Tensor) -> Tensor:
         """bool [N]: whether each device is online at its own time t [N]."""
@@ -180,6 +192,20 @@ class Availability:
             raise ValueError(f"the availability trace describes {self.trace.num_devices} devices but there are "
                              f"{num_devices}")
 
+    def check_uploads_possible(self, needed: Tensor) -> None:
+        """Refuse an availability under which no device can ever upload: ``needed`` (float64 [N]) is the time each
+        device needs for one layer-1 period (its local steps and its upload), which it must spend online."""
+        # (the probabilities are below 1 by construction: a device can then always upload eventually)
+        if self.trace is not None:
+            longest = self.trace.longest_window()
+            if not bool((longest >= needed).any()):
+                i = int(torch.argmax(longest - needed))
+                raise ValueError(
+                    f"no device can ever upload under this availability trace: a device must stay online for its "
+                    f"local steps and its upload ({float(needed.min()):.4g} s or more), but the longest window of "
+                    f"any device is {float(longest.max()):.4g} s (device {i}); lengthen the windows or shorten the "
+                    f"period (tau_1, compute times, upload size)")
+
     def available(self, now: Tensor, generator: torch.Generator) -> Tensor:
         """bool [N]: the devices that can be drawn at their period start ``now`` (float64 [N], simulated s)."""
         n = now.numel()
@@ -209,3 +235,13 @@ class Availability:
 
         trace = "" if self.trace is None else f", trace=<{self.trace.num_devices} devices>"
         return f"Availability(unavailable={show(self.unavailable)}, dropout={show(self.dropout)}{trace})"
+
+
+def _ranges(values: list[int]) -> str:
+    """``[8, 9, 10, 12]`` -> ``"8..10, 12"``."""
+    out, start = [], values[0]
+    for a, b in zip(values, values[1:] + [None]):
+        if b != a + 1:
+            out.append(str(start) if start == a else f"{start}..{a}")
+            start = b
+    return ", ".join(out)

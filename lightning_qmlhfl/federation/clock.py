@@ -1,4 +1,4 @@
-"""The simulated clock of the schedule (ALGORITHM.md section 6, generalised to heterogeneous nodes).
+"""The simulated clock of the schedule (docs/algorithm.md#clock, generalised to heterogeneous nodes).
 
 Every node keeps the time it has spent in its parent's current aggregation period. A device adds its compute time
 per local step it trains. At an aggregation of layer n, child c's upload is ready at

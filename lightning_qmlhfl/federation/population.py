@@ -46,6 +46,8 @@ class Population:
             availability.check(hierarchy.num_devices)
         self.availability = availability if availability is not None and not availability.is_always else None
         self.clock, self.seed = clock, int(seed)
+        if self.availability is not None:
+            self.availability.check_uploads_possible(self.period[0] * clock.compute + clock.up[0])
         self.trivial = (all(p.is_full for p in self.participation) and self.availability is None
                         and all(d is None for d in clock.deadlines))
         self._version = -1

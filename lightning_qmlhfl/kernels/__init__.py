@@ -20,8 +20,10 @@ Backends, one semantics, checked against each other number for number in the tes
 - ``triton`` (:mod:`.triton_cuda`): fused, CUDA tensors (or Triton's CPU interpreter with ``TRITON_INTERPRET=1``
   set before the Triton module is first imported); what it implements is its ``supports()``.
 
-Each backend declares what it implements (:func:`backend_supports`); :func:`aggregate_layer_` dispatches to the
-first that can run the request and never hands a backend something it cannot run.
+Each backend is a :class:`~.interface.KernelBackend` that declares what it implements (:func:`backend_supports`)
+for an :class:`~.interface.AggregationRequest`; :func:`aggregate_layer_` dispatches to the first that can run the
+request and never hands a backend something it cannot run. What a fused kernel needs of a compressor is its
+:class:`~lightning_qmlhfl.compressors.FusedSpec`.
 """
 
 from __future__ import annotations
@@ -37,9 +39,10 @@ from torch import Tensor
 import torch
 
 from ..compressors import Compressor
-from .reference import aggregate_layer_torch_, encode_uploads
+from .interface import AggregationRequest, KernelBackend
+from .reference import TorchBackend, aggregate_layer_torch_, encode_uploads
 
-__all__ = ["Backend", "BACKENDS", "numba_backend", "check_backend", "row_uniforms", "aggregate_layer_",
+__all__ = ["Backend", "BACKENDS", "AggregationRequest", "KernelBackend", "numba_backend", "check_backend", "row_uniforms", "aggregate_layer_",
            "aggregate_layer_torch_",
            "encode_uploads", "triton_available", "backend_supports", "choose_backend"]
 
@@ -95,38 +98,52 @@ def row_uniforms(seeds: Tensor, d: int, device: torch.device | str) -> Tensor:
     return numba_backend().philox_uniforms(seeds, d).to(device)
 
 
-def _triton_supports(parent: Tensor, child: Tensor, compressor: Compressor, memory: Tensor | None,
-                     rows: Tensor | None, out: Tensor | None) -> bool:
-    from .triton_cuda import supports
+def _backend(name: str) -> KernelBackend | None:
+    """The registered backend ``name`` if it can run in this process (its library importable; Triton also needs
+    CUDA or the interpreter), else None. Backends are imported on first use."""
+    if name == "torch":
+        return TorchBackend()
+    if name == "numba":
+        return numba_backend().NumbaBackend()
+    if name == "triton":
+        if not triton_available():
+            return None
+        from .triton_cuda import TritonBackend
 
-    return supports(parent, child, compressor, memory, rows, out)
+        return TritonBackend()
+    raise ValueError(f"unknown backend {name!r}; allowed: 'torch', 'numba', 'triton'")
 
 
-def _numba_supports(parent: Tensor, child: Tensor, compressor: Compressor, memory: Tensor | None,
-                    rows: Tensor | None, out: Tensor | None) -> bool:
-    return numba_backend().supports(parent, child, compressor, memory, out)
+def _request(parent: Tensor, child: Tensor, compressor: Compressor, memory: Tensor | None, rows: Tensor | None,
+             out: Tensor | None, parent_index: Tensor | None = None, weights: Tensor | None = None,
+             seeds: Tensor | None = None) -> AggregationRequest:
+    return AggregationRequest(parent=parent, child=child, parent_index=parent_index, weights=weights,
+                              compressor=compressor, seeds=seeds, memory=memory, rows=rows, out=out)
+
+
+def _supports(name: str, request: AggregationRequest) -> bool:
+    backend = _backend(name)
+    return backend is not None and backend.supports(request)
 
 
 def backend_supports(backend: str, parent: Tensor, child: Tensor, compressor: Compressor,
                      memory: Tensor | None = None, rows: Tensor | None = None, out: Tensor | None = None) -> bool:
     """Whether ``backend`` ("torch", "numba", "triton") runs this aggregation: each backend declares the
-    compressors, dtypes and devices it implements; the torch reference runs everything."""
-    if backend == "torch":
-        return True
-    if backend == "numba":
-        return _numba_supports(parent, child, compressor, memory, rows, out)
-    if backend == "triton":
-        on_device = parent.is_cuda or (parent.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
-        return triton_available() and on_device and _triton_supports(parent, child, compressor, memory, rows, out)
-    raise ValueError(f"unknown backend {backend!r}")
+    compressors, dtypes and devices it implements (:meth:`KernelBackend.supports`); the torch reference runs
+    everything."""
+    return _supports(backend, _request(parent, child, compressor, memory, rows, out))
+
+
+def _choose(request: AggregationRequest) -> str:
+    first = "triton" if request.parent.is_cuda else "numba"
+    return first if _supports(first, request) else "torch"
 
 
 def choose_backend(parent: Tensor, child: Tensor, compressor: Compressor, memory: Tensor | None = None,
                    rows: Tensor | None = None, out: Tensor | None = None) -> str:
     """``backend="auto"``: Triton for CUDA tensors, numba for CPU tensors, each only for what it supports; the
     torch reference otherwise."""
-    first = "triton" if parent.is_cuda else "numba"
-    return first if backend_supports(first, parent, child, compressor, memory, rows, out) else "torch"
+    return _choose(_request(parent, child, compressor, memory, rows, out))
 
 
 def aggregate_layer_(
@@ -159,20 +176,12 @@ def aggregate_layer_(
     docstring).
     """
     check_backend(backend)
-    args = (parent, child, quantizer, memory, rows, out)
-    if backend == "auto":
-        backend = choose_backend(*args)
-    elif not backend_supports(backend, *args):
+    request = AggregationRequest(parent=parent, child=child, parent_index=parent_index, weights=weights,
+                                 compressor=quantizer, seeds=seeds, memory=memory, rows=rows, out=out)
+    name = _choose(request) if backend == "auto" else backend
+    if backend != "auto" and not _supports(name, request):
         raise ValueError(
-            f"backend {backend!r} does not implement {quantizer!r} on {parent.dtype} {parent.device.type} tensors"
-            f"{' with a rows subset' if rows is not None else ''}{' with out=' if out is not None else ''}; "
-            f"use backend='auto' (which falls back to the torch reference) or 'torch'"
+            f"backend {name!r} does not implement {request.describe()}; use backend='auto' (which falls back to "
+            f"the torch reference) or 'torch'"
         )
-    kw = dict(memory=memory, rows=rows, out=out)
-    if backend == "triton":
-        from .triton_cuda import aggregate_layer_triton_
-
-        return aggregate_layer_triton_(parent, child, parent_index, weights, quantizer, seeds, **kw)
-    if backend == "numba":
-        return numba_backend().aggregate_layer_numba_(parent, child, parent_index, weights, quantizer, seeds, **kw)
-    return aggregate_layer_torch_(parent, child, parent_index, weights, quantizer, seeds, **kw)
+    return _backend(name).run(request)

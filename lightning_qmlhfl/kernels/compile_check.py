@@ -46,13 +46,14 @@ def _segments_name(storage: str, kind: int, bucket: int, ef: int, subset: bool, 
 
 
 def _variants():
-    from . import triton_cuda as qa
+    from . import triton_kernels as qa
 
     seg = ["parent_ptr", "child_ptr", "order_ptr", "rows_ptr", "segment_ptr", "weight_ptr", "seed_ptr", "norm_ptr",
-           "memory_ptr", "out_ptr", "P", "stride_parent", "stride_child", "stride_memory", "stride_out",
-           "num_col_blocks", "s", "NUM_BUCKETS"]
+           "memory_ptr", "out_ptr", "P", "stride_parent", "stride_child", "stride_memory", "stride_out", "s",
+           "NUM_BUCKETS"]
     up = ["parent_ptr", "child_ptr", "order_ptr", "parent_index_ptr", "weight_ptr", "seed_ptr", "norm_ptr",
           "out_ptr", "C", "P", "stride_parent", "stride_child", "s", "NUM_BUCKETS"]
+    enc = [n for n in up if n != "weight_ptr"]
     sq = ["parent_ptr", "child_ptr", "order_ptr", "rows_ptr", "parent_index_ptr", "memory_ptr", "partial_ptr", "C",
           "P", "stride_parent", "stride_child", "stride_memory", "bucket", "blocks_per_bucket", "partial_stride"]
 
@@ -63,7 +64,7 @@ def _variants():
         return {n: t.get(n, "i32") for n in names}
 
     def segments(storage, kind, bucket=0, ef=0, subset=False, write_out=False):
-        return (_segments_name(storage[1:], kind, bucket, ef, subset, write_out), qa._aggregate_segments_kernel,
+        return (_segments_name(storage[1:], kind, bucket, ef, subset, write_out), qa.aggregate_segments_kernel,
                 types(seg, storage), {"BUCKET": bucket, "KIND": kind, "EF": ef, "SUBSET": subset,
                                       "WRITE_OUT": write_out, "BLOCK": 1024})
 
@@ -78,20 +79,19 @@ def _variants():
     yield segments("*fp32", 2, 64, ef=1, subset=True, write_out=True)
     yield segments("*bf16", 3, 0, ef=2, subset=True, write_out=True)
     yield segments("*fp16", 1, 0, subset=True, write_out=True)
-    yield ("upload atomic bf16 bucket=64", qa._upload_kernel, types(up, "*bf16"),
-           {"BUCKET": 64, "QUANTIZE": True, "ATOMIC": True, "BLOCK": 1024})
-    yield ("upload atomic fp32 identity", qa._upload_kernel, types(up, "*fp32"),
-           {"BUCKET": 0, "QUANTIZE": False, "ATOMIC": True, "BLOCK": 1024})
-    yield ("encode fp16 int16", qa._upload_kernel, types(up, "*fp16", out="*i16"),
-           {"BUCKET": 0, "QUANTIZE": True, "ATOMIC": False, "BLOCK": 1024})
+    yield ("upload atomic bf16 bucket=64", qa.atomic_upload_kernel, types(up, "*bf16"),
+           {"BUCKET": 64, "QUANTIZE": True, "BLOCK": 1024})
+    yield ("upload atomic fp32 identity", qa.atomic_upload_kernel, types(up, "*fp32"),
+           {"BUCKET": 0, "QUANTIZE": False, "BLOCK": 1024})
+    yield ("encode fp16 int16", qa.encode_kernel, types(enc, "*fp16", out="*i16"), {"BUCKET": 0, "BLOCK": 1024})
     norm_pass = {"EF": 0, "L1": False, "SUBSET": False}
-    yield ("sumsq whole-row", qa._diff_sumsq_kernel, types(sq, "*bf16"), {"R": 1, "W": 1024, **norm_pass})
-    yield ("sumsq buckets", qa._diff_sumsq_kernel, types(sq, "*fp32"), {"R": 8, "W": 128, **norm_pass})
-    yield ("sumsq l1 buckets ef rows", qa._diff_sumsq_kernel, types(sq, "*fp32"),
+    yield ("sumsq whole-row", qa.diff_sumsq_kernel, types(sq, "*bf16"), {"R": 1, "W": 1024, **norm_pass})
+    yield ("sumsq buckets", qa.diff_sumsq_kernel, types(sq, "*fp32"), {"R": 8, "W": 128, **norm_pass})
+    yield ("sumsq l1 buckets ef rows", qa.diff_sumsq_kernel, types(sq, "*fp32"),
            {"R": 16, "W": 64, "EF": 1, "L1": True, "SUBSET": True})
-    yield ("sumsq whole-row ef21 fp16", qa._diff_sumsq_kernel, types(sq, "*fp16"),
+    yield ("sumsq whole-row ef21 fp16", qa.diff_sumsq_kernel, types(sq, "*fp16"),
            {"R": 1, "W": 1024, "EF": 2, "L1": False, "SUBSET": False})
-    yield ("uniforms", qa._uniforms_kernel, {"seed_ptr": "*i64", "out_ptr": "*fp32", "d": "i32",
+    yield ("uniforms", qa.uniforms_kernel, {"seed_ptr": "*i64", "out_ptr": "*fp32", "d": "i32",
                                               "num_col_blocks": "i32"}, {"BLOCK": 1024})
 
 

@@ -33,10 +33,11 @@ import torch
 from numba import njit, prange
 from torch import Tensor
 
-from ..compressors import QSGD, Compressor, Identity, NaturalCompression, ScaledSign
+from ..compressors import Compressor
+from .interface import AggregationRequest, KernelBackend
 from ..hierarchy import check_layer_shapes, children_by_parent
 
-__all__ = ["philox_uniforms", "aggregate_layer_numba_", "supports", "KINDS"]
+__all__ = ["philox_uniforms", "aggregate_layer_numba_", "supports", "NumbaBackend"]
 
 _M32 = np.uint64(0xFFFFFFFF)
 _KEY_A = np.uint64(0x9E3779B9)
@@ -112,10 +113,6 @@ def philox_uniforms(seeds: Tensor, d: int) -> Tensor:
         _uniforms_kernel(seeds.to(torch.int64).cpu().contiguous().numpy(), out.numpy())
     return out
 
-
-# Compressor kinds and error-feedback modes of the fused kernels (the torch reference handles every compressor).
-KINDS = {Identity: 0, QSGD: 1, ScaledSign: 2, NaturalCompression: 3}
-_EF = {None: 0, "ef": 1, "ef21": 2}
 
 
 @njit(inline="always", cache=True)
@@ -283,7 +280,7 @@ def supports(parent: Tensor, child: Tensor, compressor: Compressor, memory: Tens
     Identity, QSGD, ScaledSign or NaturalCompression, with or without error feedback."""
     tensors = [t for t in (parent, child, memory, out) if t is not None]
     return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-            and type(compressor) in KINDS)
+            and compressor.fused_spec() is not None)
 
 
 @torch.no_grad()
@@ -301,15 +298,16 @@ def aggregate_layer_numba_(
         )
     check_layer_shapes(parent, child, parent_index, weights)
     c_rows, d = child.shape
-    ef = _EF[compressor.error_feedback]
+    spec = compressor.fused_spec()
+    ef = spec.error_feedback
     if ef and (memory is None or memory.shape != child.shape):
         raise ValueError(f"{compressor!r} needs its memory [{c_rows}, {d}], got "
                          f"{None if memory is None else tuple(memory.shape)}")
-    kind = KINDS[type(compressor)]
+    kind = int(spec.kind)
     rows_t = torch.arange(c_rows) if rows is None else rows.to(torch.int64).cpu().contiguous()
     if compressor.uses_uniforms and seeds.shape != (c_rows,):
         raise ValueError(f"seeds must have shape ({c_rows},), got {tuple(seeds.shape)}")
-    bucket = compressor.bucket_size if kind in (1, 2) and compressor.bucket_size is not None else 0
+    bucket = spec.bucket if spec.bucket is not None else 0
     bucket = bucket if 0 < bucket < d else 0
     nb = -(-d // bucket) if bucket else 1
     par = parent if parent.is_contiguous() else parent.contiguous()  # written back below
@@ -331,13 +329,13 @@ def aggregate_layer_numba_(
         raise ValueError("the error-feedback memory must be contiguous")
     pa, ch, me = par.numpy(), chi.numpy(), mem.numpy()
     _use_torch_threads()
-    _norms_kernel(pa, ch, rows_t.numpy(), pidx.numpy(), me, ef, bucket if bucket else d, compressor.norm == "l1",
+    _norms_kernel(pa, ch, rows_t.numpy(), pidx.numpy(), me, ef, bucket if bucket else d, spec.norm == "l1",
                   norms.numpy())
     if not bool(torch.isfinite(norms).all()):
         return norms
     norm_row = torch.full((c_rows,), -1, dtype=torch.int64)
     norm_row[rows_t] = torch.arange(rows_t.numel())
-    s = np.float32(compressor.levels if kind == 1 else 1)
+    s = np.float32(spec.levels)
     o = out if out is not None else torch.zeros(1, 1)
     if out is not None and (out.shape != par.shape or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous tensor of the parent's shape {tuple(par.shape)}")
@@ -347,3 +345,17 @@ def aggregate_layer_numba_(
     if par is not parent:
         parent.copy_(par)
     return norms
+
+
+class NumbaBackend(KernelBackend):
+    """The fused kernel on float32 CPU tensors, for every compressor with a fused spec."""
+
+    name = "numba"
+
+    def supports(self, request: AggregationRequest) -> bool:
+        return supports(request.parent, request.child, request.compressor, request.memory, request.out)
+
+    def run(self, request: AggregationRequest) -> Tensor:
+        r = request
+        return aggregate_layer_numba_(r.parent, r.child, r.parent_index, r.weights, r.compressor, r.seeds,
+                                      memory=r.memory, rows=r.rows, out=r.out)

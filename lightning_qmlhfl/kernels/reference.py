@@ -14,8 +14,9 @@ from torch import Tensor
 
 from ..compressors import Compressor, Encoded
 from ..hierarchy import check_layer_shapes
+from .interface import AggregationRequest, KernelBackend
 
-__all__ = ["aggregate_layer_torch_", "encode_uploads"]
+__all__ = ["aggregate_layer_torch_", "encode_uploads", "TorchBackend"]
 
 
 def _chunk_rows(num_cols: int, budget_bytes: int = 1 << 20) -> int:
@@ -105,3 +106,17 @@ def aggregate_layer_torch_(
     else:
         parent.copy_(pf.add_(acc))
     return norms
+
+
+class TorchBackend(KernelBackend):
+    """The reference: every request, on any device and dtype."""
+
+    name = "torch"
+
+    def supports(self, request: AggregationRequest) -> bool:
+        return True
+
+    def run(self, request: AggregationRequest) -> Tensor:
+        r = request
+        return aggregate_layer_torch_(r.parent, r.child, r.parent_index, r.weights, r.compressor, r.seeds,
+                                      memory=r.memory, rows=r.rows, out=r.out)

@@ -3,8 +3,7 @@
 Plain SGD is the paper's optimiser. Element-wise optimisers (SGD with momentum/Nesterov/weight decay, Adam,
 AdamW, RMSprop, Adagrad) treat every coordinate independently, so running one torch optimiser over the whole
 stacked tensor [N_tot, P] is exactly running one optimiser per device: the state tensors (momentum buffers,
-Adam moments) have shape [N_tot, P] and row i is device i's own state. This project's choice (ALGORITHM.md
-section 3): that per-device state is kept by the device across aggregations and is never aggregated or reset.
+Adam moments) have shape [N_tot, P] and row i is device i's own state. This project's choice (docs/algorithm.md#device-optimizers): that per-device state is kept by the device across aggregations and is never aggregated or reset.
 
 Optimisers that couple coordinates (LBFGS, Adafactor-like factorised ones, anything unknown) are rejected.
 """
@@ -160,9 +159,13 @@ class DeviceOptimizer:
         algorithm, value = self.clip  # type: ignore[misc]
         if algorithm == "value":
             for g in grads:
-                g.clamp_(-value, value)
+                if g is not None:
+                    g.clamp_(-value, value)
             return
-        rows = self.params.shape[0]
+        grads = [g for g in grads if g is not None]
+        if not grads:
+            return
+        rows = grads[0].shape[0]  # every device (step) or the stepping ones (step_rows)
         norms = torch.stack([torch.linalg.vector_norm(g.reshape(rows, -1), dim=1) for g in grads], dim=1)
         total = torch.linalg.vector_norm(norms, dim=1)
         coef = (value / (total + 1e-6)).clamp_(max=1.0)  # as torch.nn.utils.clip_grad_norm_, per device
@@ -234,7 +237,6 @@ class DeviceOptimizer:
             self._clip_(parts)
         rows_cpu = rows.cpu()
         counts = self.device_steps[rows_cpu]
-        names = self.layout.names if self.layout else [None]
         for c in torch.unique(counts).tolist():
             sel = torch.nonzero(counts == c).flatten()
             sel_dev = sel.to(params_c.device)

@@ -8,8 +8,8 @@ reused one (bench/RESULTS.md has the measurements).
 
 :func:`retain_large_allocations` raises the mmap threshold and the trim threshold with ``mallopt`` so such blocks
 come from the heap and are reused. Blocks above 256 MiB (the 640 MB gradients of 1000 MLPs) still get their own
-mapping: reusing those through the heap fragmented it (with a 1 GiB threshold 1000 MLPs peaked ~25 % higher; with
-256 MiB the peak is the same as without the setting; bench/RESULTS.md). Effects: process-wide; memory freed by
+mapping: reusing those through the heap fragmented it (a higher threshold raised the peak of 1000 MLPs; the
+measurements are in bench/RESULTS.md). Effects: process-wide; memory freed by
 the process stays mapped (the RSS does not shrink after a peak). It is a no-op where glibc is not the C library
 (macOS, musl) and can be switched off with the environment variable ``QMLHFL_KEEP_MALLOC=1``.
 """

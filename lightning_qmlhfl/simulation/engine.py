@@ -194,7 +194,8 @@ class QMLHFLEngine:
         self.guard = NonFiniteGuard(self.rows, comm, lambda: (self.round, self.step_in_round))
         self.bits = BitCounter(self)
         self.change_tree = None if mobility.is_static else ChangeTree(mobility)
-        self.layers = [build_layer(n, config.layers[n - 1], self.state.num_buffer_elems > 0, self.change_tree)
+        self.layers = [build_layer(n, config.layers[n - 1], self.state.num_buffer_elems > 0, self.change_tree,
+                                   config.compression_warning)
                        for n in range(1, self.N + 1)]
         self.registry = StateRegistry()
         self._register_state()

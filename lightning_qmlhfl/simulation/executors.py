@@ -162,7 +162,7 @@ class VmapExecutor(_ExecutorBase):
         bufs = {k: v.clone() for k, v in views.items()}
         # One autograd leaf per parameter (views of the stack, no copy). Differentiating with respect to the
         # whole [N_tot, P] stack instead would make every per-parameter slice's backward materialise a full
-        # [N_tot, P] zero tensor and add into it: measured 64% of an MLP step on a 2-core CPU.
+        # [N_tot, P] zero tensor and add into it (most of an MLP step; bench/RESULTS.md).
         leaves = {k: v.detach().requires_grad_(True) for k, v in self.param_layout.views(params).items()}
         with torch.enable_grad():
             with self._guard:  # raises before any effect of an unbatchable step is kept
@@ -184,7 +184,7 @@ class LoopExecutor(_ExecutorBase):
     count, so ``torch.set_num_threads(1)`` means a plain loop), each using an equal share of the intra-op threads.
     The forward passes still run one at a time in row order, under a turn-taking lock, so everything a forward
     does that is order-dependent (dropout masks from torch's global generator, BatchNorm statistics, torchmetrics
-    states, ``self.log``) happens exactly as in a plain loop; a backward pass and its gradient copy (about 55% of
+    states, ``self.log``) happens exactly as in a plain loop; a backward pass and its gradient copy (about half of
     a LeNet step) overlaps with the next forward. Since the forwards form a chain, more than two workers do not
     help (bench/RESULTS.md compares one, two and three workers). Autocast (mixed precision) is thread-local, so
     under autocast the loop runs in the calling thread only.
@@ -298,8 +298,8 @@ def _turn_taking(rows: int, workers: int, forward: Callable, backward: Callable)
 
     def work(k: int) -> None:
         # An equal share of the intra-op threads per worker. With torch's default each worker would start its own
-        # OpenMP team as wide as the machine, and the oversubscribed teams made the step 2-3x slower than the
-        # plain loop (measured, 2 workers on 2 cores). The count is per thread; it is put back before returning.
+        # OpenMP team as wide as the machine, and the oversubscribed teams made the step slower than the plain
+        # loop (bench/RESULTS.md). The count is per thread; it is put back before returning.
         torch.set_num_threads(max(1, intra_op // workers))
         try:
             for i in range(k, rows, workers):
@@ -453,9 +453,9 @@ def choose_executor(module: nn.Module, device: torch.device) -> str:
     (LSTM/GRU/RNN: torch has no vmap rule for them), ``vmap`` otherwise (with the loop as fallback for steps vmap
     cannot run, :class:`GuardedVmapExecutor`).
 
-    Measured on a 2-core CPU (bench/engine.py, 100 devices; bench/RESULTS.md): vmap is 2.2x the loop's speed for a
-    784-200-10 MLP, but 0.70x for LeNet (its convolutions become grouped convolutions under vmap), and 0.6x for the
-    225k-parameter CIFAR CNN (16 devices). On CUDA vmap is used throughout.
+    On a CPU vmap is faster than the loop for MLPs but slower for convolutional networks (their convolutions become
+    grouped convolutions under vmap); bench/engine.py measures both (bench/RESULTS.md). On CUDA vmap is used
+    throughout.
     """
     if any(isinstance(m, nn.RNNBase) for m in module.modules()):
         return "loop"

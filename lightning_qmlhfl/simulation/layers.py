@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..compressors import upload_bits
 from .stages import (AggregationContext, AverageBuffers, ChangeTree, CheckBuffers, ClipUpdates, CompressAndSum,
-                     Resync, SelectUploads, ServerStep, Stage)
+                     MeasureCompression, Resync, SelectUploads, ServerStep, Stage)
 
 if TYPE_CHECKING:
     from ..config import LayerConfig
@@ -47,8 +47,8 @@ class AggregationLayer:
         return f"AggregationLayer({self.layer}: {' -> '.join(map(repr, self.stages))})"
 
 
-def build_layer(layer: int, config: "LayerConfig", has_buffers: bool, change_tree: ChangeTree | None
-                ) -> AggregationLayer:
+def build_layer(layer: int, config: "LayerConfig", has_buffers: bool, change_tree: ChangeTree | None,
+                compression_warning: float | None = None) -> AggregationLayer:
     """The chain of layer n (:mod:`.stages` lists the order); the Average server optimizer is fused into the
     compression kernel (it adds the aggregate into the parents), any other one is its own stage, which receives
     the pseudo-gradients from the kernel."""
@@ -58,6 +58,8 @@ def build_layer(layer: int, config: "LayerConfig", has_buffers: bool, change_tre
         stages.append(ClipUpdates(config.clip_norm))
     if has_buffers:
         stages.append(CheckBuffers())
+    if compression_warning is not None and not config.compressor.is_identity:
+        stages.append(MeasureCompression(config.compressor, compression_warning, compress=compress))
     stages.append(compress)
     if not config.server_optimizer.is_average:
         server = ServerStep(config.server_optimizer)

@@ -17,7 +17,7 @@ to the model permute it back (same shape, other strides; no copies):
 
 - ``nn.Linear`` weights [out, in] are stored as [in, out]. A batched ``F.linear`` under vmap computes the weight
   gradient as a [in, out] matrix, so the gradient then has the parameter's own strides and the optimiser's update
-  is a contiguous pass (it was a transposed, cache-hostile one, ~3x slower for stacked MLPs; bench/RESULTS.md).
+  is a contiguous pass (it was a transposed, cache-hostile one; bench/RESULTS.md).
 - ``nn.Conv2d`` / ``nn.Conv3d`` weights [out, in, *k] are stored channels-last, [out, *k, in]: oneDNN then runs
   the convolution, and the activations after it (max pooling included), in channels-last layout, which is
   faster per device step for small CNNs such as the MNIST LeNet (bench/RESULTS.md).

@@ -10,6 +10,8 @@ layer runs (:func:`~lightning_qmlhfl.simulation.layers.build_layer`):
    seeds);
 2. :class:`ClipUpdates` (with ``LayerConfig.clip_norm``): each sender's model difference clipped to a norm;
 3. :class:`CheckBuffers` (models with float buffers): a non-finite buffer upload stops the run;
+   :class:`MeasureCompression` (a compressor other than the identity, ``compression_warning`` set): the realised
+   compression error of the first uploads, and one warning when it is large;
 4. :class:`CompressAndSum`: compression with its error-feedback memory and the weighted sum over every parent's
    children, one fused kernel; with the default server optimizer (Average) it adds into the parents (the server
    step fused in), otherwise it hands the pseudo-gradients on; a non-finite upload stops the run;
@@ -24,6 +26,7 @@ A new capability is a new stage (with its declared state) placed in this chain, 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -32,14 +35,15 @@ from torch import Tensor
 
 from ..compressors import Compressor, Identity
 from ..distribution.exchange import aggregate_across_ranks
-from ..kernels import aggregate_layer_
+from ..kernels import aggregate_layer_, row_uniforms
 from ..optimizers.server import ServerOptimizer
 from ..rng import Stream, generator, row_seeds
 
 if TYPE_CHECKING:
     from .engine import QMLHFLEngine
 
-__all__ = ["AggregationContext", "Stage", "SelectUploads", "ClipUpdates", "CheckBuffers", "CompressAndSum",
+__all__ = ["AggregationContext", "Stage", "SelectUploads", "ClipUpdates", "CheckBuffers", "MeasureCompression",
+           "CompressionWarning", "CompressAndSum",
            "ServerStep", "AverageBuffers", "ChangeTree", "Resync"]
 
 
@@ -50,7 +54,9 @@ class AggregationContext:
     ``layer``: n; ``round``: the global round (0-based); ``event``: the aggregation's number in this round at this
     layer (0-based); ``step``: the local step (1-based in the round) that closed the period. Filled in by the
     stages: ``seeds`` (int64 per sender row: its draws), ``uploads`` (the sender rows that upload; None: all),
-    ``uploads_global`` (the same over every rank), ``weights`` (float per sender row), ``received`` (bool per
+    ``uploads_global`` (the same over every rank), ``weights`` (float per sender row), ``mean_weights`` (the
+    weights of an exact weighted mean, for the float buffers: ``weights`` renormalised over each parent's uploads
+    when the participation weighting is unbiased, else ``weights`` itself), ``received`` (bool per
     parent row: got at least one upload; None: all), ``norms`` (float32 [uploads, buckets] of the compressed
     uploads)."""
 
@@ -62,6 +68,7 @@ class AggregationContext:
     uploads: Tensor | None = None
     uploads_global: Tensor | None = None
     weights: Tensor | None = None
+    mean_weights: Tensor | None = None
     received: Tensor | None = None
     norms: Tensor | None = None
 
@@ -96,14 +103,29 @@ class SelectUploads(Stage):
         n = ctx.layer
         seeds = row_seeds(sim.seed, ctx.round, n, ctx.event, sim.hierarchy.nodes_per_layer[n - 1])
         uploads_g, w, received = sim.population.aggregate(n, ctx.round, ctx.event, sim.weights[n - 1])
+        mean_w = w
+        if (uploads_g is not None and sim.state.num_buffer_elems
+                and sim.config.layers[n - 1].participation.weighting == "unbiased"):
+            mean_w = _normalized(w, uploads_g, sim.tree.parent_index(n - 1), sim.hierarchy.nodes_per_layer[n])
         if sim.shard is not None:  # this process's senders and parents
             child_rows, parent_rows = sim.rows[n - 1], sim.rows[n]
             seeds, w = seeds[child_rows], w[child_rows.to(w.device)]
+            mean_w = mean_w[child_rows.to(mean_w.device)]
             received = None if received is None else received[parent_rows]
         uploads = sim.local_rows(n - 1, uploads_g)
-        return ctx.replace(seeds=seeds, weights=w, uploads_global=uploads_g,
+        return ctx.replace(seeds=seeds, weights=w, mean_weights=mean_w, uploads_global=uploads_g,
                            uploads=None if uploads is None else uploads.to(sim.device),
                            received=None if received is None else received.to(sim.device))
+
+
+def _normalized(w: Tensor, uploads: Tensor, parent_index: Tensor, num_parents: int) -> Tensor:
+    """``w`` divided, child by child, by the sum of the weights of its parent's uploading children (so that they sum
+    to one under every parent that received an upload)."""
+    pidx = parent_index.to(w.device)
+    sel = uploads.to(w.device)
+    sums = torch.zeros(num_parents, dtype=w.dtype, device=w.device).index_add_(0, pidx[sel], w[sel])
+    sums = sums[pidx]
+    return torch.where(sums > 0, w / torch.where(sums > 0, sums, torch.ones_like(sums)), w)
 
 
 class ClipUpdates(Stage):
@@ -155,6 +177,67 @@ class CheckBuffers(Stage):
         sent = buffers if ctx.uploads is None else buffers[ctx.uploads]
         sim.guard.check_rows(n, ~torch.isfinite(sent).all(dim=1), ctx.uploads, "buffer")
         return ctx
+
+
+class CompressionWarning(UserWarning):
+    """A layer's compressor loses so much of its uploads that training suffers."""
+
+
+class MeasureCompression(Stage):
+    """The realised relative compression error ||C(x) - x||^2 / ||x||^2 of layer n's uploads (x the compressor's
+    input, error-feedback memory included), measured on the first two uploading rows of each of the layer's first
+    ``samples`` aggregations with the uploads' own draws, so it is exactly what the kernel sends. Measured here with
+    the torch reference rather than returned by the fused kernels: a handful of rows, a handful of times, costs
+    little and leaves the three kernel backends as they are; it changes no number of the run.
+
+    When the mean exceeds ``warn_above``, one :class:`CompressionWarning` names the layer, the value and the fix
+    (typically QSGD with one norm per whole upload of a large model: its error grows with sqrt(d)). ``mean``:
+    the measured mean (None before the first measurement)."""
+
+    def __init__(self, compressor: Compressor, warn_above: float, samples: int = 4,
+                 compress: "CompressAndSum | None" = None) -> None:
+        self.compressor, self.warn_above, self.samples = compressor, float(warn_above), int(samples)
+        self.compress = compress  # the stage whose error-feedback memory is part of the input
+        self.measured, self.total, self.rows = 0, 0.0, 0
+
+    @property
+    def mean(self) -> float | None:
+        return self.total / self.rows if self.rows else None
+
+    @torch.no_grad()
+    def apply(self, sim: "QMLHFLEngine", ctx: AggregationContext) -> AggregationContext:
+        if self.measured >= self.samples:
+            return ctx
+        n = ctx.layer
+        child, parent = sim.state.params[n - 1], sim.state.params[n]
+        rows = ctx.uploads[:2] if ctx.uploads is not None else torch.arange(min(2, child.shape[0]),
+                                                                            device=child.device)
+        if rows.numel() == 0:
+            return ctx
+        x = child[rows].to(torch.float32) - parent[sim.parent_index[n - 1][rows]].to(torch.float32)
+        memory = None if self.compress is None else self.compress.memory
+        if memory is not None:
+            x = x + memory[rows].to(torch.float32) if self.compressor.error_feedback == "ef" else \
+                x - memory[rows].to(torch.float32)
+        uniforms = row_uniforms(ctx.seeds[rows.cpu()], x.shape[1], x.device) if self.compressor.uses_uniforms \
+            else None
+        energy = x.double().pow(2).sum(1)
+        err = (self.compressor(x, uniforms=uniforms).double() - x.double()).pow(2).sum(1)
+        keep = energy > 0
+        self.total += float((err[keep] / energy[keep]).sum())
+        self.rows += int(keep.sum())
+        self.measured += 1
+        if self.measured == self.samples and self.mean is not None and self.mean > self.warn_above:
+            warnings.warn(
+                f"layer {n}'s uploads lose much to compression: ||C(x) - x||^2 / ||x||^2 = {self.mean:.3g} on "
+                f"average over its first {self.samples} aggregations with {self.compressor!r} (over "
+                f"{self.warn_above:g}); training may stall or diverge. Use buckets (QSGD(s, bucket_size=512), the "
+                f"default), more levels or error feedback; compression_warning=None silences this",
+                CompressionWarning, stacklevel=2)
+        return ctx
+
+    def __repr__(self) -> str:
+        return f"MeasureCompression({self.warn_above:g})"
 
 
 class CompressAndSum(Stage):
@@ -226,8 +309,9 @@ class ServerStep(Stage):
 
 
 class AverageBuffers(Stage):
-    """Float buffers (BatchNorm statistics) travel up uncompressed and are aggregated by the exact weighted sum
-    (never quantized: stochastic rounding could make a running variance negative)."""
+    """Float buffers (BatchNorm statistics) travel up uncompressed and are aggregated by the exact weighted mean
+    (never quantized: stochastic rounding could make a running variance negative; never with unbiased
+    participation weights, whose sum under a parent can exceed one and extrapolate a variance below zero)."""
 
     @torch.no_grad()
     def apply(self, sim: "QMLHFLEngine", ctx: AggregationContext) -> AggregationContext:
@@ -235,12 +319,12 @@ class AverageBuffers(Stage):
         buffers = sim.state.buffers
         idx = sim.parent_index[n - 1]
         if sim.at_cut(n):
-            aggregate_across_ranks(buffers[n], buffers[n - 1], idx, ctx.weights, Identity(), ctx.seeds, "torch",
+            aggregate_across_ranks(buffers[n], buffers[n - 1], idx, ctx.mean_weights, Identity(), ctx.seeds, "torch",
                                    None, ctx.uploads, ctx.uploads_global, sim.hierarchy.parent_index(n - 1),
                                    sim.shard.exchange, sim.comm,
                                    lambda norms: sim.guard.check_norms(n, norms, ctx.uploads, "buffers"), None)
         else:
-            aggregate_layer_(buffers[n], buffers[n - 1], idx, ctx.weights, Identity(), ctx.seeds, "torch",
+            aggregate_layer_(buffers[n], buffers[n - 1], idx, ctx.mean_weights, Identity(), ctx.seeds, "torch",
                              rows=ctx.uploads)
         return ctx
 

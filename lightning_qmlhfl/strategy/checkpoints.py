@@ -5,7 +5,8 @@ layers at or below the cut: :meth:`QMLHFLEngine.map_sharded`) and the rest, whic
 rank writes its own rows, and the global row indices they stand for, into one DCP checkpoint directory beside the
 Lightning checkpoint file (``<file>.shards/``); the Lightning file (written by rank 0) holds the rest with
 placeholders. Loading reads every rank's pieces and assembles the global state, which any engine takes its rows
-from: a sharded checkpoint resumes at any world size, one process included.
+from: a sharded checkpoint resumes at any world size, one process included. The DCP metadata is read with a
+restricted unpickler (:class:`~.integrity.SafeFileSystemReader`), never with plain ``pickle``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from .integrity import SafeFileSystemReader
 
 __all__ = ["shard_dir", "save_sharded", "load_sharded", "SHARD_MARK"]
 
@@ -56,9 +59,9 @@ def load_sharded(skeleton: dict[str, Any], filepath: Any, nodes_per_layer: tuple
     directory = Path(filepath).parent / skeleton["sharded"]["dir"]
     if not directory.is_dir():
         raise FileNotFoundError(f"the sharded checkpoint's tensors are missing: {directory} (written beside {filepath})")
-    md = dcp.FileSystemReader(str(directory)).read_metadata()
+    md = SafeFileSystemReader(str(directory)).read_metadata()
     flat = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in md.state_dict_metadata.items()}
-    dcp.load(flat, checkpoint_id=str(directory))
+    dcp.load(flat, storage_reader=SafeFileSystemReader(str(directory)))
     world = int(skeleton["sharded"]["world"])
 
     def assemble(value: Any) -> Any:

@@ -10,14 +10,10 @@ state. It never touches private Lightning or torch APIs.
 
 from __future__ import annotations
 
-import numbers
 import warnings
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable
 
-import lightning.pytorch as pl
 import torch
-from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
-from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
@@ -34,8 +30,6 @@ if TYPE_CHECKING:
     from lightning.pytorch.strategies import Strategy
 
 __all__ = ["QMLHFLCore", "RoundBatches"]
-
-_PRECISIONS = (MixedPrecision, HalfPrecision, DoublePrecision)
 
 
 def simulation_config(config: SimulationConfig | None, options: dict[str, Any], **defaults: Any
@@ -91,7 +85,7 @@ class QMLHFLCore:
         self._checkpoint_path: Any = None
 
     # ------------------------------------------------------------------ setup: what Lightning features mean here
-    def setup(self, strategy: "Strategy", trainer: pl.Trainer) -> None:
+    def setup(self, strategy: "Strategy", trainer: Any) -> None:
         """Refuse, at setup, what the simulation cannot honour; remember what it must apply itself."""
         module = strategy.lightning_module
         if not module.automatic_optimization:
@@ -104,14 +98,14 @@ class QMLHFLCore:
                 f"configure_optimizers must return exactly one optimizer, got {len(strategy.optimizers)}: every "
                 f"simulated device runs one optimizer (use parameter groups for per-parameter settings)"
             )
-        if is_overridden("configure_gradient_clipping", module):
+        if strategy.lightning.is_overridden("configure_gradient_clipping", module):
             raise ValueError(
                 "the LightningModule overrides configure_gradient_clipping, which acts on one model's .grad: "
                 "under QMLHFLStrategy every device clips its own gradients. Use Trainer(gradient_clip_val=..., "
                 "gradient_clip_algorithm='norm' | 'value') instead"
             )
         precision = strategy.precision_plugin
-        if type(precision) is not Precision and not isinstance(precision, _PRECISIONS):
+        if not strategy.lightning.supported_precision(precision):
             raise ValueError(
                 f"precision plugin {type(precision).__name__} is not supported by QMLHFLStrategy; use "
                 f"precision='32-true', '64-true', '16-true', 'bf16-true', '16-mixed' or 'bf16-mixed'"
@@ -258,7 +252,7 @@ class QMLHFLCore:
         vals = torch.cat(self.comm.all_gather(values))
         return vals[torch.argsort(ids)]
 
-    def _device_loss(self, module: pl.LightningModule, batch: Any) -> tuple[Tensor, dict[Any, Tensor]]:
+    def _device_loss(self, module: Any, batch: Any) -> tuple[Tensor, dict[Any, Tensor]]:
         """The user's training_step on one device's weights and batch, with self.log captured."""
         with self.logs.installed(module) as captured:
             out = module.training_step(batch, self._batch_idx)
@@ -292,7 +286,7 @@ class QMLHFLCore:
     @staticmethod
     def _scaler(strategy: "Strategy") -> Any:
         precision = strategy.precision_plugin
-        return precision.scaler if isinstance(precision, MixedPrecision) else None
+        return strategy.lightning.scaler(precision)
 
     def training_step(self, strategy: "Strategy", batch: Any, batch_idx: int) -> dict[str, Tensor]:
         """Every device's training_step on its mini-batch: gradients (accumulated until the optimizer step) and
@@ -343,7 +337,7 @@ class QMLHFLCore:
         if result.round_completed:
             self._end_round(strategy.lightning_module)
 
-    def _end_round(self, module: pl.LightningModule) -> None:
+    def _end_round(self, module: Any) -> None:
         e = self.engine
         assert e is not None
         e.load_cloud_into(module)
@@ -365,7 +359,8 @@ class QMLHFLCore:
             rec[f"time_layer{n}"] = stats[f"time_layer{n}"]
             rec[f"participants_layer{n}"] = stats[f"participants_layer{n}"]
             rec[f"drops_layer{n}"] = stats[f"drops_layer{n}"]
-        for key in ("moves", "edge_failures", "edge_devices_min", "edge_devices_max"):
+        for key in ("moves", "edge_failures", "edge_devices_min", "edge_devices_max",
+                    *(f"clipped_layer{n}" for n in range(1, e.N + 1))):
             if key in stats:
                 rec[key] = stats[key]
         if not e.mobility.is_static:  # the current device count of every edge server (not logged as a metric)
@@ -377,7 +372,6 @@ class QMLHFLCore:
             module.log(f"fl/{k}", float(v), on_step=False, on_epoch=True, batch_size=1,
                        prog_bar=k in ("round", "train_loss"))
         self._round_loss_sum, self._round_loss_steps = 0.0, 0
-
 
     # ------------------------------------------------------------------ checkpointing
     @property
@@ -398,7 +392,7 @@ class QMLHFLCore:
             "round_loss": [self._round_loss_sum, self._round_loss_steps],
         }
 
-    def load_state_dict(self, sd: dict[str, Any], module: pl.LightningModule) -> None:
+    def load_state_dict(self, sd: dict[str, Any], module: Any) -> None:
         assert self.engine is not None and self.sampler is not None
         engine_sd = sd["engine"]
         if "sharded" in engine_sd:  # a multi-process run's sharded checkpoint: assemble the global state
@@ -418,7 +412,7 @@ class QMLHFLCore:
         self._round_loss_sum, self._round_loss_steps = float(sd["round_loss"][0]), int(sd["round_loss"][1])
         self.engine.load_cloud_into(module)
 
-    def restore(self, sd: dict[str, Any] | None, module: pl.LightningModule, path: Any = None) -> None:
+    def restore(self, sd: dict[str, Any] | None, module: Any, path: Any = None) -> None:
         """Load a checkpoint's simulation state now, or when the simulation is built (at the first training
         dataloader). ``path``: the checkpoint file (where a sharded checkpoint's tensors lie beside)."""
         self._checkpoint_path = path

@@ -30,45 +30,58 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
 
 from ..config import SimulationConfig
+from .base import QMLHFLStrategyBase
 from .core import QMLHFLCore, simulation_config
-from .wiring import QMLHFLWiring
+from .flavor import LightningAPI, lightning_api
 
-__all__ = ["QMLHFLStrategy"]
+__all__ = ["QMLHFLStrategy", "single_strategy"]
 
 
-class QMLHFLStrategy(QMLHFLWiring, SingleDeviceStrategy):
-    """Lightning strategy simulating QMLHFL over a hierarchy of devices in one process (see the module docstring).
+def single_strategy(api: LightningAPI, module: str) -> type:
+    """The single-process strategy class for the Lightning package of ``api``, named as if defined in ``module``
+    (so that pickle finds it there)."""
 
-    Args:
-        config: the simulation's options, a :class:`~lightning_qmlhfl.config.SimulationConfig` (its docstring
-            lists every option with its default: the tree, tau, compressors, server optimizers, participation,
-            partition, seed, executor, latency model, mobility, ...). Instead of ``config``, give those options as
-            keywords, ``QMLHFLStrategy(hierarchy=Hierarchy.balanced([4, 5, 5]), taus=[5, 2, 2],
-            compressors=[QSGD(8)] * 3)``: they build it with :meth:`SimulationConfig.build` (config values such as
-            an int s for QSGD, names and dicts are accepted; one value for every layer where a list is expected).
-        device: the training device (default CUDA if available, else CPU; ``"cuda"`` means ``cuda:0``).
-    """
+    class QMLHFLStrategy(QMLHFLStrategyBase, api.SingleDeviceStrategy):
+        """Lightning strategy simulating QMLHFL over a hierarchy of devices in one process (the module docstring
+        of :mod:`lightning_qmlhfl.strategy.single`).
 
-    strategy_name = "qmlhfl"
+        Args:
+            config: the simulation's options, a :class:`~lightning_qmlhfl.config.SimulationConfig` (its docstring
+                lists every option with its default: the tree, tau, compressors, server optimizers, participation,
+                partition, seed, executor, latency model, mobility, ...). Instead of ``config``, give those options
+                as keywords, ``QMLHFLStrategy(hierarchy=Hierarchy.balanced([4, 5, 5]), taus=[5, 2, 2],
+                compressors=[QSGD(8)] * 3)``: they build it with :meth:`SimulationConfig.build` (config values such
+                as an int s for QSGD, names and dicts are accepted; one value for every layer where a list is
+                expected).
+            device: the training device (default CUDA if available, else CPU; ``"cuda"`` means ``cuda:0``).
+        """
 
-    def __init__(self, config: SimulationConfig | None = None, device: str | torch.device | None = None,
-                 **options: Any) -> None:
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            # Lightning's accelerator calls torch.cuda.set_device(root_device), which needs an index; cuda:0 is
-            # the current device of a fresh process (as Lightning's own default), without initialising CUDA here
-            device = torch.device("cuda", 0)
-        super().__init__(device=device)
-        self.core = QMLHFLCore(simulation_config(config, options))
+        strategy_name = "qmlhfl"
+        lightning = api
 
-StrategyRegistry.register(
-    "qmlhfl",
-    QMLHFLStrategy,
-    description="QMLHFL defaults: Hierarchy.balanced([4, 5, 5]), taus [5, 2, 2], QSGD(8) on every layer, "
-    "Dirichlet(alpha=0.5) partition, seed 0",
-)
+        def __init__(self, config: SimulationConfig | None = None, device: str | torch.device | None = None,
+                     **options: Any) -> None:
+            if device is None:
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+            device = torch.device(device)
+            if device.type == "cuda" and device.index is None:
+                # Lightning's accelerator calls torch.cuda.set_device(root_device), which needs an index; cuda:0 is
+                # the current device of a fresh process (as Lightning's own default), without initialising CUDA
+                device = torch.device("cuda", 0)
+            super().__init__(device=device)
+            self.core = QMLHFLCore(simulation_config(config, options))
+
+        @classmethod
+        def register_strategies(cls, strategy_registry: Any) -> None:
+            strategy_registry.register(
+                "qmlhfl", cls, description="QMLHFL defaults: Hierarchy.balanced([4, 5, 5]), taus [5, 2, 2], QSGD(8) "
+                "(buckets of 512) "
+                "on every layer, Dirichlet(alpha=0.5) partition, seed 0")
+
+    QMLHFLStrategy.__module__, QMLHFLStrategy.__qualname__ = module, "QMLHFLStrategy"
+    return QMLHFLStrategy
+
+
+QMLHFLStrategy = single_strategy(lightning_api("lightning.pytorch"), __name__)

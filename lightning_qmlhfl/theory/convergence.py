@@ -1,6 +1,6 @@
 """Convergence theory of QMLHFL: the learning-rate condition of Theorem 1 (Eq. 15) and the rate proxy.
 
-What is the paper's and what is this project's (ALGORITHM.md sections 4 and 5):
+What is the paper's and what is this project's (docs/algorithm.md#eq-15):
 
 * ``q_bound(s, d) = min(d / s^2, sqrt(d) / s)``: the QSGD variance bound (**paper**: E||Q(x)-x||^2 <= q ||x||^2;
   the QSGD constant is the scheme this project uses).

@@ -1,9 +1,9 @@
-"""Wall-clock model of one global iteration (ALGORITHM.md section 6; the model is this project's, **ours**).
+"""Wall-clock model of one global iteration (docs/algorithm.md#latency; the model is this project's, **ours**).
 
 One global iteration runs ``prod tau_m`` local steps on every device and, for each layer n = 1..N,
 ``prod_{m>n} tau_m`` uploads over the links into layer n (layer N, the cloud, once). Layers are synchronous:
 a step ends when the slowest device finishes it, an aggregation of layer n starts when the slowest sender of layer
-n-1 has delivered its upload, and everything happens one after the other (the schedule of ALGORITHM.md section 2
+n-1 has delivered its upload, and everything happens one after the other (the schedule of docs/algorithm.md#schedule
 is sequential). Hence::
 
     T_glob(tau) = prod_m tau_m * t_comp  +  sum_{n=1..N} (prod_{m>n} tau_m) * t_n

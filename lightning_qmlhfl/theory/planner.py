@@ -1,4 +1,4 @@
-"""Choose the intra-layer counts tau_n under a deadline (ALGORITHM.md section 6; the paper's Algorithm 2 is not
+"""Choose the intra-layer counts tau_n under a deadline (docs/algorithm.md#planner; the paper's Algorithm 2 is not
 recoverable, so the problem statement below is **ours**, built from the paper's pieces).
 
 Problem. Over integer ``tau in [1, tau_max]^N`` maximise the rate proxy of Remark 2 (**paper**)::

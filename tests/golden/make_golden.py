@@ -50,7 +50,7 @@ def _latency(h: Hierarchy) -> LatencyModel:
 
 # name -> (model, hierarchy, taus, engine options, steps)
 RUNS: dict[str, tuple] = {
-    "qsgd": ("mlp", IRREGULAR, [2, 2, 1], dict(compressors=[QSGD(4), QSGD(8), QSGD(2, bucket_size=16)],
+    "qsgd": ("mlp", IRREGULAR, [2, 2, 1], dict(compressors=[QSGD(4, bucket_size=None), QSGD(8, bucket_size=None), QSGD(2, bucket_size=16)],
                                                optimizer="sgd", optimizer_kwargs={"lr": 0.2, "momentum": 0.5},
                                                executor="vmap", seed=7), 12),
     "compressors_ef": ("mlp", IRREGULAR, [2, 2, 1], dict(
@@ -58,27 +58,27 @@ RUNS: dict[str, tuple] = {
                      NaturalCompression("ef")],
         optimizer="sgd", optimizer_kwargs={"lr": 0.2}, executor="loop", seed=1), 12),
     "server_optimizers": ("mlp", BALANCED, [2, 1, 2], dict(
-        compressors=[QSGD(4, error_feedback="ef"), Identity(), QSGD(8)], optimizer="adam",
+        compressors=[QSGD(4, bucket_size=None, error_feedback="ef"), Identity(), QSGD(8, bucket_size=None)], optimizer="adam",
         optimizer_kwargs={"lr": 0.01}, server_optimizers=[FedAvgM(lr=1.0, momentum=0.9), FedAdam(lr=0.05),
                                                           FedYogi(lr=0.05)], seed=2), 12),
     "participation": ("mlp", BALANCED, [2, 1, 2], dict(
-        compressors=[QSGD(4), QSGD(8), None], optimizer="sgd", optimizer_kwargs={"lr": 0.1, "momentum": 0.9},
+        compressors=[QSGD(4, bucket_size=None), QSGD(8, bucket_size=None), None], optimizer="sgd", optimizer_kwargs={"lr": 0.1, "momentum": 0.9},
         participation=[Fraction(0.5), UniformK(1, over_select=1.0), Full(weighting="normalized")],
         availability=Availability(unavailable=0.2, dropout=0.15), latency=_latency(BALANCED), seed=3), 16),
     "mobility": ("mlp", Hierarchy.balanced([2, 3, 4]), [2, 2, 1], dict(
-        compressors=[QSGD(4), QSGD(8), None], optimizer_kwargs={"lr": 0.1}, seed=2,
+        compressors=[QSGD(4, bucket_size=None), QSGD(8, bucket_size=None), None], optimizer_kwargs={"lr": 0.1}, seed=2,
         mobility=RandomReassociation(0.3, mid_period=0.1, failures=EdgeFailures(0.2, mode="fallback"))), 12),
     "batchnorm": ("cnn", Hierarchy.balanced([2, 2]), [2, 1], dict(
-        compressors=[QSGD(8), None], optimizer_kwargs={"lr": 0.1}, executor="loop", seed=3), 8),
+        compressors=[QSGD(8, bucket_size=None), None], optimizer_kwargs={"lr": 0.1}, executor="loop", seed=3), 8),
     "groups_clip_module_order": ("mlp", Hierarchy.balanced([2, 3]), [2, 2], dict(
-        compressors=[QSGD(4, bucket_size=10), QSGD(8)], optimizer="sgd",
+        compressors=[QSGD(4, bucket_size=10), QSGD(8, bucket_size=None)], optimizer="sgd",
         param_groups=[{"params": ["fc1.weight", "fc1.bias"], "lr": 0.3, "momentum": 0.9},
                       {"params": ["fc2.weight"], "lr": 0.1, "weight_decay": 0.01}],
         grad_clip=("norm", 0.5), param_order="module", seed=4), 8),
     "bf16_storage": ("mlp_bf16", Hierarchy.balanced([2, 2]), [2, 2], dict(
-        compressors=[QSGD(4), QSGD(8, error_feedback="ef")], optimizer_kwargs={"lr": 0.2}, seed=5), 8),
+        compressors=[QSGD(4, bucket_size=None), QSGD(8, bucket_size=None, error_feedback="ef")], optimizer_kwargs={"lr": 0.2}, seed=5), 8),
     "samples_weighting": ("mlp", IRREGULAR, [1, 2, 1], dict(
-        compressors=[QSGD(4), None, QSGD(8)], optimizer_kwargs={"lr": 0.2},
+        compressors=[QSGD(4, bucket_size=None), None, QSGD(8, bucket_size=None)], optimizer_kwargs={"lr": 0.2},
         device_mass=torch.arange(1.0, 9.0, dtype=torch.float64), seed=6), 8),
 }
 CHECKPOINT_RUN = "participation"  # the richest state: population, clock, EF, per-device momentum

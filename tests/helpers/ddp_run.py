@@ -51,7 +51,7 @@ def main():
     torch.set_num_threads(1)
     torch.manual_seed(0)
     sim = dict(hierarchy=Hierarchy.balanced([2, 2, 3]), taus=[2, 2, 1],
-               compressors=[TopK(ratio=0.2, error_feedback="ef"), QSGD(8), QSGD(16)],
+               compressors=[TopK(ratio=0.2, error_feedback="ef"), QSGD(8, bucket_size=None), QSGD(16, bucket_size=None)],
                partition=Dirichlet(alpha=0.5, min_samples=5), seed=7, executor="loop")
     if kind == "single":
         strategy = QMLHFLStrategy(device_rng="stream", **sim)

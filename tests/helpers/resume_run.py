@@ -39,7 +39,7 @@ def main():
     torch.manual_seed(0)
     torch.set_num_threads(1)
     model = MnistCNN(lr=0.05, dropout=0.3)  # dropout: the per-device masks must resume identically too
-    strategy = QMLHFLStrategy(hierarchy=Hierarchy.balanced([2, 2]), taus=[2, 2], quantizers=[QSGD(4), QSGD(8)],
+    strategy = QMLHFLStrategy(hierarchy=Hierarchy.balanced([2, 2]), taus=[2, 2], quantizers=[QSGD(4, bucket_size=None), QSGD(8, bucket_size=None)],
                               partition=Dirichlet(alpha=0.5, min_samples=5), seed=11, executor="vmap")
     ckpt = ModelCheckpoint(dirpath=os.path.join(out, "ckpt"), save_last=True, save_top_k=-1, every_n_epochs=1)
     callbacks = [ckpt] + ([KillAt(int(sys.argv[3]))] if mode == "kill" else [])

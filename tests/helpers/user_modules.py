@@ -115,4 +115,4 @@ class FirstHalfIID(Partitioner):
 
 def coarse_qsgd(levels: int = 2) -> QSGD:
     """A user compressor factory (any callable returning a Compressor)."""
-    return QSGD(levels)
+    return QSGD(levels, bucket_size=None)

@@ -1,13 +1,15 @@
-"""The Lightning hooks both QMLHFL strategies share (the single-process one and the DDP one): a mixin placed
-before the Lightning strategy class, forwarding to the strategy's :class:`~lightning_qmlhfl.strategy.core.QMLHFLCore`.
+"""The base of both QMLHFL strategies (the single-process one and the DDP one): the Lightning hooks they share,
+forwarding to the strategy's :class:`~lightning_qmlhfl.strategy.core.QMLHFLCore`, and the simulation's state for
+users. It is placed before the Lightning strategy class (``SingleDeviceStrategy`` or ``DDPStrategy`` of the package
+in :attr:`QMLHFLStrategyBase.lightning`, :mod:`.flavor`); the subclasses add a constructor and their registry
+names (``register_strategies``).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
-import lightning.pytorch as pl
-from lightning.pytorch.trainer.states import RunningStage
 from torch import Tensor
 from typing_extensions import override
 
@@ -17,14 +19,18 @@ from ..data.partition import Partitioner
 from ..simulation.engine import QMLHFLEngine
 from ..hierarchy import Hierarchy
 from .core import QMLHFLCore
+from .flavor import LightningAPI
+from .integrity import (CHECKSUM_KEY, CorruptCheckpointError, no_space_error, payload_checksum, read_error,
+                        verify_checksum)
 
-__all__ = ["QMLHFLWiring"]
+__all__ = ["QMLHFLStrategyBase"]
 
 
-class QMLHFLWiring:
-    """Wiring of Lightning's strategy hooks to ``self.core`` (see :mod:`.single` for what each means)."""
+class QMLHFLStrategyBase:
+    """Lightning's strategy hooks wired to ``self.core`` (see :mod:`.single` for what each means)."""
 
     core: QMLHFLCore
+    lightning: LightningAPI  # the Lightning package the subclass derives from
 
     # ------------------------------------------------------------------ the simulation's state, for users
     @property
@@ -90,14 +96,14 @@ class QMLHFLWiring:
 
     # ------------------------------------------------------------------ Lightning hooks
     @override
-    def setup(self, trainer: pl.Trainer) -> None:
+    def setup(self, trainer: Any) -> None:
         super().setup(trainer)
         self.core.setup(self, trainer)
 
     @override
     def process_dataloader(self, dataloader: object) -> object:
         trainer = self.lightning_module.trainer
-        if trainer.state.stage != RunningStage.TRAINING:
+        if trainer.state.stage != self.lightning.RunningStage.TRAINING:
             return dataloader
         return self.core.round_batches(self, dataloader)
 
@@ -142,9 +148,16 @@ class QMLHFLWiring:
                 f"refusing to write checkpoint {filepath}: the simulation hit a non-finite update and its state is "
                 f"poisoned"
             )
-        if self.core.engine is not None:
-            checkpoint["qmlhfl"] = self.core.state_dict(self._engine_checkpoint_state(filepath))
-        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+        try:
+            if self.core.engine is not None:
+                checkpoint["qmlhfl"] = self.core.state_dict(self._engine_checkpoint_state(filepath))
+            checkpoint[CHECKSUM_KEY] = payload_checksum(checkpoint)
+            super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+        except (OSError, RuntimeError) as e:
+            full = no_space_error(e, filepath)
+            if full is None:
+                raise
+            raise full from None
 
     def _engine_checkpoint_state(self, filepath: Any) -> dict[str, Any] | None:
         """The engine state a checkpoint stores (None: the engine's own; a multi-process strategy overrides)."""
@@ -152,6 +165,15 @@ class QMLHFLWiring:
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        ckpt = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        if not Path(checkpoint_path).is_file():  # (Lightning's own message for a missing file)
+            ckpt = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        else:
+            try:
+                ckpt = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+            except Exception as e:  # never the loader's advice to turn weights_only off
+                raise read_error(checkpoint_path, e) from None
+            if not isinstance(ckpt, dict):
+                raise CorruptCheckpointError(checkpoint_path, f"it holds a {type(ckpt).__name__}, not a checkpoint")
+            verify_checksum(ckpt, checkpoint_path)
         self.core.restore(ckpt.get("qmlhfl"), self.lightning_module, checkpoint_path)
         return ckpt
