@@ -1,6 +1,6 @@
 """Compare finished runs: ``python -m recipes.report RUN_DIR... [--out DIR] [--group-by KEY ...]``.
 
-Every ``RUN_DIR`` is either a run directory written by :mod:`recipes.common` (it holds ``summary.json`` and
+Every ``RUN_DIR`` is either a run directory written by :mod:`recipes.train` (it holds ``summary.json`` and
 ``history.json``) or a directory above such runs, e.g. a Hydra multirun directory
 ``multirun/depth/2026-11-30_10-00-00/`` with numbered job subdirectories: it is searched recursively and every
 directory holding a ``summary.json`` is one run.
