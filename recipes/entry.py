@@ -5,8 +5,9 @@ Nothing heavy is imported before Hydra has parsed the command line (``--cfg job`
 Before Hydra starts: renamed keys are rewritten (:func:`recipes.config.rewrite_overrides`), ``ckpt_path=...`` is
 resolved (:func:`recipes.resume.resume_argv`: continue in the checkpoint's run directory), and a run directory given
 on the command line (``hydra.run.dir=...``) is claimed, so that a second run into a directory in use stops before
-Hydra writes anything there. A bad config value, a directory in use, missing data: one line on stderr and exit
-status 1, without a traceback (``HYDRA_FULL_ERROR=1`` shows it).
+Hydra writes anything there. A bad config value, a directory in use, missing data, training stopped by a NaN: one
+line on stderr and exit status 1, without a traceback (``HYDRA_FULL_ERROR=1`` shows it). Warnings of renamed keys
+are one line each.
 """
 
 from __future__ import annotations
@@ -23,17 +24,23 @@ __all__ = ["CONF_DIR", "hydra_entry", "user_errors"]
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """The errors a user fixes by changing the command line or the environment (printed as one line)."""
+    from lightning_qmlhfl.engine import NonFiniteUpdateError
     from recipes.datasets import DatasetError
     from recipes.options import ConfigError
     from recipes.rundir import RunDirectoryInUse
 
-    return (ConfigError, RunDirectoryInUse, DatasetError, FileNotFoundError)
+    return (ConfigError, RunDirectoryInUse, DatasetError, FileNotFoundError, NonFiniteUpdateError)
 
 
 def _one_line(error: BaseException) -> SystemExit:
+    """``error`` as the one line the command line prints (exit status 1), or raised with its traceback under
+    ``HYDRA_FULL_ERROR=1``."""
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         raise error
-    return SystemExit(f"error: {error}")
+    from lightning_qmlhfl.engine import NonFiniteUpdateError
+
+    what = f"{type(error).__name__}: " if isinstance(error, NonFiniteUpdateError) else ""
+    return SystemExit(f"error: {what}{error}")
 
 
 def hydra_entry(config_name: str) -> Callable[[], Any]:

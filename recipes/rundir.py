@@ -75,7 +75,7 @@ class RunLock:
                     f"run directory {self.directory} is in use by another run ({_holder_text(self.path)}); wait "
                     f"for it to finish or choose another directory (hydra.run.dir=...)") from None
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-                  "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:500]}
+                  "command": _command()}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode(), 0)
         self._fd = fd
@@ -88,11 +88,24 @@ class RunLock:
         RunLock._held.pop(self.directory, None)
 
 
+def _command() -> str:
+    """This process's command line, as typed (``python -m recipes.mnist seed=1 ...``)."""
+    argv = list(getattr(sys, "orig_argv", sys.argv))
+    if argv:
+        argv[0] = Path(argv[0]).name
+    return " ".join(argv)[:500]
+
+
 def _holder_text(path: Path) -> str:
-    try:
-        h = json.loads(path.read_text() or "{}")
-    except (OSError, ValueError):
-        h = {}
+    h: dict[str, Any] = {}
+    for _ in range(20):  # a holder that has just taken the lock writes who it is a moment later
+        try:
+            h = json.loads(path.read_text() or "{}")
+        except (OSError, ValueError):
+            h = {}
+        if h:
+            break
+        time.sleep(0.05)
     if not h:
         return "holder unknown"
     return f"pid {h.get('pid')} on {h.get('host')}, since {h.get('since')}: {h.get('command')}"

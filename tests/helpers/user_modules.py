@@ -176,8 +176,9 @@ class NaNAt(TinyNet):
     """TinyNet whose loss turns NaN at local step ``nan_step`` (1-based): the strategy stops with
     NonFiniteUpdateError at the next aggregation."""
 
-    def __init__(self, nan_step: int = 3, **kwargs) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, nan_step: int = 3, features: int = 8, hidden: int = 32, classes: int = 4,
+                 lr: float = 0.1) -> None:
+        super().__init__(features, hidden, classes, lr)
         self.nan_step = nan_step
 
     def training_step(self, batch, batch_idx):
