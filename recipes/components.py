@@ -140,11 +140,14 @@ def _drop_inherited(spec: dict[str, Any], obj: Any, what: str, target: str) -> N
 
 def _name_the_key(message: str, what: str, target: str, spec: dict[str, Any]) -> str:
     """``lr must be > 0`` from the model becomes ``model.lr must be > 0``; a message that names a key already stays."""
-    first = message.split(" ", 1)[0]
-    if first in spec:
+    words = message.split(" ")
+    if words[0] in spec:
         return f"{what}.{message}"
-    if "." in first or "=" in first:  # names a config key already
+    if "." in words[0] or "=" in words[0]:  # names a config key already
         return message
+    named = next((w.strip(",:") for w in words[1:3] if w.strip(",:") in spec), None)  # "Dirichlet alpha must ..."
+    if named is not None:
+        return f"{what}.{named}={spec[named]!r}: {message}"
     return f"{what} ({target}): {message}"
 
 

@@ -24,12 +24,13 @@ __all__ = ["CONF_DIR", "hydra_entry", "user_errors"]
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """The errors a user fixes by changing the command line or the environment (printed as one line)."""
+    from lightning_qmlhfl.data import EmptyPartitionError
     from lightning_qmlhfl.engine import NonFiniteUpdateError
     from recipes.datasets import DatasetError
     from recipes.options import ConfigError
     from recipes.rundir import RunDirectoryInUse
 
-    return (ConfigError, RunDirectoryInUse, DatasetError, FileNotFoundError, NonFiniteUpdateError)
+    return (ConfigError, RunDirectoryInUse, DatasetError, FileNotFoundError, NonFiniteUpdateError, EmptyPartitionError)
 
 
 def _one_line(error: BaseException) -> SystemExit:
@@ -37,10 +38,11 @@ def _one_line(error: BaseException) -> SystemExit:
     ``HYDRA_FULL_ERROR=1``."""
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         raise error
+    from lightning_qmlhfl.data import EmptyPartitionError
     from lightning_qmlhfl.engine import NonFiniteUpdateError
 
-    what = f"{type(error).__name__}: " if isinstance(error, NonFiniteUpdateError) else ""
-    return SystemExit(f"error: {what}{error}")
+    library = isinstance(error, (NonFiniteUpdateError, EmptyPartitionError))  # its name says what happened
+    return SystemExit(f"error: {type(error).__name__ + ': ' if library else ''}{error}")
 
 
 def hydra_entry(config_name: str) -> Callable[[], Any]:
@@ -65,7 +67,13 @@ def hydra_entry(config_name: str) -> Callable[[], Any]:
         return summary.get("final_test_acc")  # None on the other ranks of a multi-process run
 
     def main() -> Any:
+        import warnings
+
         from recipes.config import rewrite_overrides
+
+        show = warnings.formatwarning
+        warnings.formatwarning = lambda message, category, *a, **k: (  # renamed keys: one line each
+            f"{category.__name__}: {message}\n" if category is FutureWarning else show(message, category, *a, **k))
         from recipes.resume import resume_argv
         from recipes.rundir import RunLock, is_global_zero
 

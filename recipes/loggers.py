@@ -56,7 +56,7 @@ def wandb_logger(save_dir: str, name: str = "wandb", project: str = "lightning-q
     the W&B run ``run_id`` when it exists (``resume="allow"``)."""
     from lightning.pytorch.loggers import WandbLogger
 
-    mode = os.environ.get("WANDB_MODE", mode)
+    mode = os.environ.get("WANDB_MODE") or mode
     check_choice(mode, "logger.mode", ("online", "offline", "disabled"))
     return WandbLogger(project=project, entity=entity, save_dir=str(save_dir), mode=mode, tags=list(tags or []),
                        group=group, name=run_name, id=run_id, resume="allow", config=config)

@@ -37,14 +37,18 @@ __all__ = ["STRATEGIES", "Simulation", "build_availability", "build_compressors"
 STRATEGIES = ("qmlhfl", "qmlhfl_ddp")  # one process, or one simulation over trainer.devices ranks
 
 
-def _library(group: str, build: Callable[[], Any]) -> Any:
-    """``build()``, with a library ValueError / TypeError (a value it refuses) named after the config group."""
+def _library(group: str, build: Callable[[], Any], options: dict[str, Any] | None = None) -> Any:
+    """``build()``, with a library ValueError / TypeError (a value it refuses) named after the config group, and
+    after the option when the message names one of ``options`` (``TopK ratio must ...``: ``compressor.ratio``)."""
     try:
         return build()
     except (ValueError, TypeError) as e:
         if isinstance(e, ConfigError) or str(e).startswith(f"{group}."):
             raise
-        raise ConfigError(f"{group}: {e}") from e
+        words = [w.strip(",:") for w in str(e).split(" ")[:3]]
+        named = next((w for w in words if options and w in options), None)
+        where = group if named is None else f"{group}.{named}={options[named]!r}"  # type: ignore[index]
+        raise ConfigError(f"{where}: {e}") from e
 
 
 def _plain(node: Any) -> Any:
@@ -80,10 +84,10 @@ def build_compressors(cfg: DictConfig, num_layers: int) -> list[Compressor]:
         if len(layers) != num_layers:
             raise ConfigError(f"compressor.layers has {len(layers)} entries, the hierarchy has N = {num_layers}")
         names = ["identity" if isinstance(v, dict) else v for v in layers]
-        built = _library("compressor", lambda: layer_compressors(names, num_layers, **opts))
+        built = _library("compressor", lambda: layer_compressors(names, num_layers, **opts), opts)
         return [_instantiate_compressor(v, f"compressor.layers[{n}]") if isinstance(v, dict) else built[n]
                 for n, v in enumerate(layers)]
-    return _library("compressor", lambda: layer_compressors(layers, num_layers, **opts))
+    return _library("compressor", lambda: layer_compressors(layers, num_layers, **opts), opts)
 
 
 def _instantiate_compressor(node: Any, what: str) -> Compressor:
@@ -106,8 +110,8 @@ def build_server_optimizers(cfg: DictConfig, num_layers: int) -> list[ServerOpti
     if c is None:
         return layer_server_optimizers("average", num_layers)
     opts = OmegaConf.to_container(c, resolve=True)
-    return _library("server_optim",
-                    lambda: layer_server_optimizers(opts.pop("layers", "average"), num_layers, **opts))
+    layers = opts.pop("layers", "average")
+    return _library("server_optim", lambda: layer_server_optimizers(layers, num_layers, **opts), opts)
 
 
 def build_participation(cfg: DictConfig, num_layers: int) -> list[Participation]:
@@ -116,7 +120,8 @@ def build_participation(cfg: DictConfig, num_layers: int) -> list[Participation]
     if c is None:
         return layer_participation("full", num_layers)
     opts = OmegaConf.to_container(c, resolve=True)
-    return _library("participation", lambda: layer_participation(opts.pop("layers", "full"), num_layers, **opts))
+    layers = opts.pop("layers", "full")
+    return _library("participation", lambda: layer_participation(layers, num_layers, **opts), opts)
 
 
 def build_availability(cfg: DictConfig) -> Availability | None:
