@@ -21,7 +21,7 @@ size of MNIST's training set), for ``cifar_small`` 50,000 random CIFAR-shaped im
 random labels, partitioned IID by index over the devices (600 MNIST / 500 CIFAR samples per device for 100
 devices, 60 / 50 for 1000). Random data is fine for throughput: the work per step does not depend on the values.
 
-- ``vmap`` / ``loop``: :class:`lightning_qmlhfl.engine.QMLHFLEngine` with that executor. Each local step gathers
+- ``vmap`` / ``loop``: :class:`lightning_qmlhfl.simulation.engine.QMLHFLEngine` with that executor. Each local step gathers
   one mini-batch per device from the resident tensors by one indexing operation (random positions inside each
   device's partition), x [N_tot, 32, 1, 28, 28], y [N_tot, 32], the way the Lightning strategy does.
 - ``naive``: :class:`NaiveHierFL` below, written the way public hierarchical-FL code (HierFAVG and its forks) is
@@ -101,8 +101,8 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 from lightning_qmlhfl import Hierarchy
-from lightning_qmlhfl.engine import QMLHFLEngine, gather_batch
-from lightning_qmlhfl.participation import Fraction, Full
+from lightning_qmlhfl.simulation.engine import QMLHFLEngine, gather_batch
+from lightning_qmlhfl.federation.participation import Fraction, Full
 
 POOL = 60_000  # synthetic MNIST-sized training set, resident in memory
 CIFAR_POOL = 50_000  # synthetic CIFAR-10-sized training set

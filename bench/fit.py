@@ -53,7 +53,7 @@ def run_fit(name: str, warm: int, rounds: int, threads: int, val: bool, val_batc
     from torch.utils.data import DataLoader, TensorDataset
 
     from lightning_qmlhfl import IID, QSGD, Hierarchy, QMLHFLStrategy
-    from lightning_qmlhfl.participation import Fraction, Full
+    from lightning_qmlhfl.federation.participation import Fraction, Full
 
     torch.set_num_threads(threads)
     model_name, tree, executor, _, _ = CONFIGS[name]

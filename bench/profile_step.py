@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from engine import BATCH, INPUTS, LEVELS, LR, MODELS, TAUS, ce_loss, make_data  # noqa: E402  (bench/engine.py)
 
 from lightning_qmlhfl import Hierarchy  # noqa: E402
-from lightning_qmlhfl.engine import QMLHFLEngine, gather_batch  # noqa: E402
+from lightning_qmlhfl.simulation.engine import QMLHFLEngine, gather_batch  # noqa: E402
 
 
 class Timer:

@@ -1,4 +1,4 @@
-"""Scale-out: one QMLHFL simulation sharded over W processes (lightning_qmlhfl.shard), measured with gloo.
+"""Scale-out: one QMLHFL simulation sharded over W processes (lightning_qmlhfl.distribution.shard), measured with gloo.
 
 Parts (``--parts``, default all):
 
@@ -55,9 +55,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from lightning_qmlhfl import QSGD, Hierarchy, TopK  # noqa: E402
-from lightning_qmlhfl.comm import TorchComm, thread_group  # noqa: E402
-from lightning_qmlhfl.engine import QMLHFLEngine, gather_batch  # noqa: E402
-from lightning_qmlhfl.shard import Shard  # noqa: E402
+from lightning_qmlhfl.distribution.comm import TorchComm, thread_group  # noqa: E402
+from lightning_qmlhfl.simulation.engine import QMLHFLEngine, gather_batch  # noqa: E402
+from lightning_qmlhfl.distribution.shard import Shard  # noqa: E402
 
 
 def _bench_engine():

@@ -18,11 +18,11 @@ from typing import Any
 from .compressors import (QSGD, Compressor, Identity, NaturalCompression, NoQuantization, Quantizer, RandomK,
                           ScaledSign, TopK, make_compressor, make_quantizer, upload_bits)
 from .data.partition import IID, Dirichlet, Shards
-from .availability import Availability, AvailabilityTrace
+from .federation.availability import Availability, AvailabilityTrace
 from .hierarchy import Hierarchy
-from .mobility import EdgeFailures, Markov, Mobility, RandomReassociation, Schedule, Static
-from .participation import Bernoulli, Fraction, Full, Participation, UniformK
-from .server_optim import Average, FedAdagrad, FedAdam, FedAvgM, FedYogi, ServerOptimizer
+from .federation.mobility import EdgeFailures, Markov, Mobility, RandomReassociation, Schedule, Static
+from .federation.participation import Bernoulli, Fraction, Full, Participation, UniformK
+from .optimizers.server import Average, FedAdagrad, FedAdam, FedAvgM, FedYogi, ServerOptimizer
 from .theory.latency import LatencyModel
 
 __version__ = "0.1.0"

@@ -231,7 +231,7 @@ class Hierarchy:
 
 
 class TreeState:
-    """The current tree of a run whose devices may move between edge servers (:mod:`lightning_qmlhfl.mobility`):
+    """The current tree of a run whose devices may move between edge servers (:mod:`lightning_qmlhfl.federation.mobility`):
     the :class:`Hierarchy`'s parent index arrays, with the devices' edge servers replaceable. An edge server may be
     left without devices (then it has no children and its |C| is 0). Offers the Hierarchy's derived views."""
 

@@ -25,7 +25,7 @@ __all__ = ["CONF_DIR", "hydra_entry", "user_errors"]
 def user_errors() -> tuple[type[BaseException], ...]:
     """The errors a user fixes by changing the command line or the environment (printed as one line)."""
     from lightning_qmlhfl.data import EmptyPartitionError
-    from lightning_qmlhfl.engine import NonFiniteUpdateError
+    from lightning_qmlhfl.simulation.engine import NonFiniteUpdateError
     from recipes.datasets import DatasetError
     from recipes.options import ConfigError
     from recipes.rundir import RunDirectoryInUse
@@ -39,7 +39,7 @@ def _one_line(error: BaseException) -> SystemExit:
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         raise error
     from lightning_qmlhfl.data import EmptyPartitionError
-    from lightning_qmlhfl.engine import NonFiniteUpdateError
+    from lightning_qmlhfl.simulation.engine import NonFiniteUpdateError
 
     library = isinstance(error, (NonFiniteUpdateError, EmptyPartitionError))  # its name says what happened
     return SystemExit(f"error: {type(error).__name__ + ': ' if library else ''}{error}")

@@ -77,7 +77,7 @@ def personalised_accuracy(strategy: Any, module: nn.Module, holdout: Sequence[Te
     (see the module docstring). ``seed`` seeds the mini-batch draws and dropout masks (use one per round, so a
     resumed run redraws the same); the simulation's random state is not touched."""
     from lightning_qmlhfl import Hierarchy
-    from lightning_qmlhfl.engine import QMLHFLEngine, gather_batch
+    from lightning_qmlhfl.simulation.engine import QMLHFLEngine, gather_batch
 
     trainer = strategy.lightning_module.trainer
     sampler = strategy.sampler

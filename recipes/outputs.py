@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-from lightning_qmlhfl.engine import NonFiniteUpdateError
+from lightning_qmlhfl.simulation.engine import NonFiniteUpdateError
 from recipes.files import write_json_atomic
 from recipes.local_eval import device_summary
 from recipes.plots import plot_device_accuracy, plot_history

@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_qmlhfl.hierarchy import Hierarchy
-from lightning_qmlhfl.stacked import upload_dims
+from lightning_qmlhfl.simulation.stacked import upload_dims
 from lightning_qmlhfl.theory.latency import LatencyModel, measure_compute_time, upload_bits
 from lightning_qmlhfl.theory.planner import Plan, plan_taus
 from lightning_qmlhfl.theory import lr_condition_terms, quantizer_variances, term_provenance

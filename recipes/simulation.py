@@ -19,12 +19,12 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_qmlhfl.availability import Availability
+from lightning_qmlhfl.federation.availability import Availability
 from lightning_qmlhfl.compressors import Compressor, layer_compressors, layer_quantizers
 from lightning_qmlhfl.hierarchy import Hierarchy
-from lightning_qmlhfl.mobility import Mobility, make_mobility
-from lightning_qmlhfl.participation import Participation, layer_participation
-from lightning_qmlhfl.server_optim import ServerOptimizer, layer_server_optimizers
+from lightning_qmlhfl.federation.mobility import Mobility, make_mobility
+from lightning_qmlhfl.federation.participation import Participation, layer_participation
+from lightning_qmlhfl.optimizers.server import ServerOptimizer, layer_server_optimizers
 from lightning_qmlhfl.theory.latency import LatencyModel, default_uplink_rates, downlink_bits, upload_bits
 from recipes.config import key_name
 from recipes.options import (ConfigError, check_choice, check_fraction, check_number, int_list, int_option,
@@ -246,7 +246,7 @@ class Simulation:
 
 def build_simulation(cfg: DictConfig, model: Any, datamodule: Any, sweep: str | None = None) -> Simulation:
     """The strategy of ``cfg.strategy``, given the simulation's objects (see the module docstring)."""
-    from lightning_qmlhfl.stacked import upload_dims
+    from lightning_qmlhfl.simulation.stacked import upload_dims
     from recipes.components import build_partitioner, instantiate_node
     from recipes.local_eval import HoldoutPartitioner
 

@@ -195,7 +195,9 @@ def test_fit_bench_smoke_compares_trainer_fit_with_the_engine() -> None:
     row = next(line for line in out.stdout.splitlines() if line.startswith("| mlp100:vmap+bf16 |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     engine, fit = (float(c.replace(",", "")) for c in cells[1:3])
-    assert engine > 0 and fit > 0 and cells[3] == f"{fit / engine:.2f}x"
+    # the table rounds the rates to whole steps/s and computes the ratio from the unrounded ones
+    assert engine > 0 and fit > 0 and cells[3].endswith("x")
+    assert float(cells[3][:-1]) == pytest.approx(fit / engine, rel=0.01)
     modes = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("  {")]
     assert [m["mode"] for m in modes] == ["engine", "fit", "fit"]
     bad = subprocess.run([sys.executable, "bench/fit.py", "--configs", "mlp100:naive"], cwd=REPO, capture_output=True,

@@ -28,7 +28,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_qmlhfl import IID, QSGD, Dirichlet, Hierarchy, QMLHFLStrategy, Shards
 from lightning_qmlhfl.data.materialize import DatasetTooLargeError
-from lightning_qmlhfl.executors import VmapUnsupportedError
+from lightning_qmlhfl.simulation.executors import VmapUnsupportedError
 from lightning_qmlhfl.rng import Stream, mix
 
 N_SAMPLES, DIM, CLASSES, BATCH = 64, 8, 3, 8

@@ -80,12 +80,14 @@ def _final(out: str) -> dict:
 
 
 def _assert_same_run(a: dict, b: dict) -> None:
-    ea, eb = a["engine"], b["engine"]
+    ea, eb = a["engine"]["state"], b["engine"]["state"]
     for key in ("params", "buffers"):
-        for m, (x, y) in enumerate(zip(ea["stacked"][key], eb["stacked"][key])):
+        for m, (x, y) in enumerate(zip(*([v for k, v in e.items() if k.startswith(f"{key}/")] for e in (ea, eb)))):
             assert torch.equal(x, y), (key, m)
-    for m, (x, y) in enumerate(zip(ea["memory"], eb["memory"])):
-        assert (x is None and y is None) or torch.equal(x, y), ("memory", m)
+    memories = [[(k, v) for k, v in e.items() if k.startswith("memory/")] for e in (ea, eb)]
+    assert [k for k, _ in memories[0]] == [k for k, _ in memories[1]]
+    for (m, x), (_, y) in zip(*memories):
+        assert torch.equal(x, y), ("memory", m)
     oa, ob = ea["optimizer"], eb["optimizer"]
     assert oa.keys() == ob.keys()
     for k in oa:

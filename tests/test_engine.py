@@ -29,8 +29,8 @@ from lightning_qmlhfl import QSGD, Hierarchy, Identity, NaturalCompression, NoQu
 from lightning_qmlhfl import kernels as aggregation_mod
 from lightning_qmlhfl.kernels import row_uniforms
 from lightning_qmlhfl.rng import row_seeds
-from lightning_qmlhfl.engine import NonFiniteUpdateError, QMLHFLEngine
-from lightning_qmlhfl.stacked import ParamLayout
+from lightning_qmlhfl.simulation.engine import NonFiniteUpdateError, QMLHFLEngine
+from lightning_qmlhfl.simulation.stacked import ParamLayout
 
 from helpers.compress_by_hand import compress_by_hand
 from helpers.server_optim_by_hand import server_step_by_hand
@@ -397,7 +397,7 @@ def test_error_feedback_memory_is_checkpointed():
     for b in batches[:4]:
         half.local_step(b)
     sd = half.state_dict()
-    assert sd["memory"][0].abs().sum() > 0 and sd["memory"][1] is None
+    assert sd["state"]["memory/1"].abs().sum() > 0 and "memory/2" not in sd["state"]
     resumed = QMLHFLEngine(copy.deepcopy(template), ce_loss, h, taus, cs, optimizer_kwargs={"lr": 0.2}, seed=1)
     resumed.load_state_dict(sd)
     for b in batches[4:]:
@@ -450,7 +450,7 @@ def test_schedule_counts_tau_2_3_2_2(monkeypatch):
         return real_agg(parent, child, *a, **k)
 
     engine.executor = counting_exec
-    monkeypatch.setattr("lightning_qmlhfl.engine.aggregate_layer_", counting_agg)
+    monkeypatch.setattr("lightning_qmlhfl.simulation.stages.aggregate_layer_", counting_agg)
     batches = make_batches(h.num_devices, 24)
     for t, b in enumerate(batches):
         r = engine.local_step(b)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from lightning_qmlhfl import QSGD, Hierarchy, Identity
-from lightning_qmlhfl.engine import QMLHFLEngine
-from lightning_qmlhfl.mobility import EdgeFailures, Markov, RandomReassociation, Schedule, Static, make_mobility
+from lightning_qmlhfl.simulation.engine import QMLHFLEngine
+from lightning_qmlhfl.federation.mobility import EdgeFailures, Markov, RandomReassociation, Schedule, Static, make_mobility
 
 from test_engine import MLP, ReferenceQMLHFL, ce_loss, make_batches
 
@@ -157,9 +157,9 @@ def test_skipped_and_fallback_failures():
     assert not bool(fall.population.down.any()) and bool((fall.tree.parent_index(0) != fall.home).any())
     # fallback: a live edge server under the same regional server when there is one, else any live one
     g = torch.Generator().manual_seed(0)
-    out = fall._fallback(torch.tensor([True, False, True, False, True, True]), g)
+    out = fall.change_tree.fallback(fall, torch.tensor([True, False, True, False, True, True]), g)
     assert out.tolist() == [1] * 12 + [3] * 12
-    out = fall._fallback(torch.tensor([False, True, True, True, True, True]), g)
+    out = fall.change_tree.fallback(fall, torch.tensor([False, True, True, True, True, True]), g)
     assert out.tolist() == [0] * 24
 
 

@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from lightning_qmlhfl import QSGD, Hierarchy, Identity, ScaledSign, TopK
-from lightning_qmlhfl.availability import Availability, AvailabilityTrace, TraceFormatError
-from lightning_qmlhfl.clock import SimulatedClock, tree_round_times
-from lightning_qmlhfl.engine import QMLHFLEngine
+from lightning_qmlhfl.federation.availability import Availability, AvailabilityTrace, TraceFormatError
+from lightning_qmlhfl.federation.clock import SimulatedClock, tree_round_times
+from lightning_qmlhfl.simulation.engine import QMLHFLEngine
 from lightning_qmlhfl.kernels import aggregate_layer_torch_
-from lightning_qmlhfl.participation import (Bernoulli, Fraction, Full, UniformK, layer_participation,
+from lightning_qmlhfl.federation.participation import (Bernoulli, Fraction, Full, UniformK, layer_participation,
                                             participation_weights)
-from lightning_qmlhfl.population import Population, estimate_round_time, simulate_round
+from lightning_qmlhfl.federation.population import Population, estimate_round_time, simulate_round
 from lightning_qmlhfl.rng import row_seeds
 from lightning_qmlhfl.theory.latency import LatencyModel
 

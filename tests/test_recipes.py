@@ -266,8 +266,8 @@ def test_deadline_rounds_and_the_logged_time_count_the_same_bits_for_batchnorm_m
     import torch.nn.functional as F
 
     from lightning_qmlhfl import QSGD, Hierarchy
-    from lightning_qmlhfl.engine import QMLHFLEngine
-    from lightning_qmlhfl.stacked import upload_dims
+    from lightning_qmlhfl.simulation.engine import QMLHFLEngine
+    from lightning_qmlhfl.simulation.stacked import upload_dims
     from lightning_qmlhfl.theory.latency import upload_bits
     from recipes.models import build_model
 
@@ -290,7 +290,7 @@ def test_server_optim_group_from_the_command_line():
 
 
 def test_participation_availability_and_stragglers_from_the_command_line():
-    from lightning_qmlhfl.participation import Fraction, Full, UniformK
+    from lightning_qmlhfl.federation.participation import Fraction, Full, UniformK
     from recipes.simulation import build_availability, build_participation
 
     cfg = _compose("mnist", ["participation.layers=[uniformk,full,full]", "participation.k=2",
@@ -310,7 +310,7 @@ def test_participation_availability_and_stragglers_from_the_command_line():
 
 
 def test_mobility_group_from_the_command_line():
-    from lightning_qmlhfl.mobility import Markov, RandomReassociation, Static
+    from lightning_qmlhfl.federation.mobility import Markov, RandomReassociation, Static
     from recipes.simulation import build_mobility
 
     h = build_hierarchy(_compose("mnist", []))

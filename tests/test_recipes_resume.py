@@ -60,7 +60,7 @@ def test_sigkill_at_a_random_step_then_resume_continues_bit_for_bit(tmp_path, mo
     assert (broken / "last.ckpt").is_file() and not (broken / "summary.json").exists(), why
     assert not [p.name for p in broken.iterdir() if p.name.endswith(".tmp")], why  # no half-written checkpoint
     ck = torch.load(broken / "last.ckpt", weights_only=True)
-    done = ck["qmlhfl"]["engine"]["counters"]["round"]
+    done = ck["qmlhfl"]["engine"]["state"]["counters"]["round"]
     assert done == (kill - 1) // STEPS_PER_ROUND, why  # the last completed round before the kill
 
     # resume in another process state: `ckpt_path=last` finds the newest last.ckpt of a run with this config
@@ -73,7 +73,7 @@ def test_sigkill_at_a_random_step_then_resume_continues_bit_for_bit(tmp_path, mo
             assert resumed[key] == full[key], (key, why)
     assert json.loads((broken / "history.json").read_text()) == json.loads((full_dir / "history.json").read_text())
     a, b = (torch.load(d / "last.ckpt", weights_only=True) for d in (full_dir, broken))
-    for x, y in zip(a["qmlhfl"]["engine"]["stacked"]["params"], b["qmlhfl"]["engine"]["stacked"]["params"]):
+    for x, y in ((a["qmlhfl"]["engine"]["state"][k], b["qmlhfl"]["engine"]["state"][k]) for k in a["qmlhfl"]["engine"]["state"] if k.startswith("params/")):
         assert torch.equal(x, y), why
     assert a["callbacks"]["LRPlateau"] == b["callbacks"]["LRPlateau"], why  # the plateau scheduler's state
     assert a["callbacks"]["LRPlateau"]["scheduler"]["last_epoch"] == ROUNDS

@@ -171,7 +171,7 @@ def test_outputs_go_through_the_atomic_writer(tmp_path, monkeypatch):
 
 
 def test_a_nan_stop_writes_summary_and_history_with_the_reason(tmp_path):
-    from lightning_qmlhfl.engine import NonFiniteUpdateError
+    from lightning_qmlhfl.simulation.engine import NonFiniteUpdateError
     from recipes.train import run
 
     cfg = compose("mnist", [*BLOBS, "rounds=4", f"model._target_={USER}.NaNAt", "+model.nan_step=3"])

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from lightning_qmlhfl import QSGD, Average, FedAdagrad, FedAdam, FedAvgM, FedYogi, Hierarchy, TopK
-from lightning_qmlhfl.engine import QMLHFLEngine
-from lightning_qmlhfl.server_optim import adaptive_update_, layer_server_optimizers, make_server_optimizer
+from lightning_qmlhfl.simulation.engine import QMLHFLEngine
+from lightning_qmlhfl.optimizers.server import adaptive_update_, layer_server_optimizers, make_server_optimizer
 
 from helpers.server_optim_by_hand import server_step_by_hand
 from test_engine import HIERARCHIES, MLP, _run_both, ce_loss, make_batches
@@ -105,7 +105,7 @@ def test_server_state_checkpoint_round_trip():
     for b in batches[:4]:
         half.local_step(b)
     sd = half.state_dict()
-    assert sd["server_state"][0]["m"].abs().sum() > 0 and sd["server_state"][1]["t"].tolist() == [1]
+    assert sd["state"]["server/1"]["m"].abs().sum() > 0 and sd["state"]["server/2"]["t"].tolist() == [1]
     resumed = engine()
     resumed.load_state_dict(sd)
     for b in batches[4:]:

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from lightning_qmlhfl import QSGD, FedAdam, Hierarchy, Identity, ScaledSign, TopK
-from lightning_qmlhfl.comm import thread_group
-from lightning_qmlhfl.engine import NonFiniteUpdateError, QMLHFLEngine
-from lightning_qmlhfl.mobility import RandomReassociation
-from lightning_qmlhfl.participation import Fraction, Full
-from lightning_qmlhfl.shard import Shard, choose_cut
+from lightning_qmlhfl.distribution.comm import thread_group
+from lightning_qmlhfl.simulation.engine import NonFiniteUpdateError, QMLHFLEngine
+from lightning_qmlhfl.federation.mobility import RandomReassociation
+from lightning_qmlhfl.federation.participation import Fraction, Full
+from lightning_qmlhfl.distribution.shard import Shard, choose_cut
 
 from test_engine import MLP, SmallCNN, ce_loss, make_batches
 
@@ -147,9 +147,9 @@ def test_global_state_resumes_any_world_size():
     threads = [threading.Thread(target=first_half, args=(r,)) for r in range(2)]
     [t.start() for t in threads]
     [t.join() for t in threads]
-    for a, b in zip(got[0]["stacked"]["params"], half_sd["stacked"]["params"]):
-        assert torch.equal(a, b)
-    assert torch.equal(got[0]["memory"][0], half_sd["memory"][0])
+    for m in range(h.num_layers + 1):
+        assert torch.equal(got[0]["state"][f"params/{m}"], half_sd["state"][f"params/{m}"])
+    assert torch.equal(got[0]["state"]["memory/1"], half_sd["state"]["memory/1"])
     # ... which a single engine continues, and a 3-rank run continues from the single engine's state
     cont = QMLHFLEngine(copy.deepcopy(template), ce_loss, h, taus, qs, **_kw())
     cont.load_state_dict(got[0])

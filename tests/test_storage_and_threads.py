@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_qmlhfl import QSGD, Hierarchy
-from lightning_qmlhfl.engine import QMLHFLEngine
-from lightning_qmlhfl.executors import LoopExecutor
-from lightning_qmlhfl.stacked import ParamLayout
+from lightning_qmlhfl.simulation.engine import QMLHFLEngine
+from lightning_qmlhfl.simulation.executors import LoopExecutor
+from lightning_qmlhfl.simulation.stacked import ParamLayout
 
 
 class Net(nn.Module):
@@ -124,7 +124,7 @@ def test_checkpoint_of_another_order_is_refused():
         module.load_state_dict(fast.state_dict())
     # checkpoints from before the order was recorded were in module order
     old = module.state_dict()
-    del old["config"]["param_layout"]
+    del old["param_layout"]
     module.load_state_dict(old)
     with pytest.raises(ValueError, match="another parameter layout"):
         fast.load_state_dict(old)
@@ -188,7 +188,7 @@ def test_loop_threads_validation():
 # ---------------------------------------------------------------- draws and allocator
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
 def test_allocator_setting_applies_once_and_can_be_switched_off():
-    code = "from lightning_qmlhfl.cpu_alloc import retain_large_allocations as r; print(r(), r())"
+    code = "from lightning_qmlhfl.simulation.cpu_alloc import retain_large_allocations as r; print(r(), r())"
     env = {k: v for k, v in os.environ.items() if k != "QMLHFL_KEEP_MALLOC"}
     on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
@@ -201,7 +201,7 @@ def test_allocator_setting_applies_once_and_can_be_switched_off():
 
 
 def test_gather_batch_is_advanced_indexing():
-    from lightning_qmlhfl.engine import gather_batch
+    from lightning_qmlhfl.simulation.engine import gather_batch
 
     data = torch.randn(50, 3, 4)
     idx = torch.randint(0, 50, (6, 5))
@@ -257,7 +257,7 @@ NUMBA_POOL = """
 import sys, torch
 torch.set_num_threads(1)
 from lightning_qmlhfl import QSGD, Hierarchy
-from lightning_qmlhfl.engine import QMLHFLEngine
+from lightning_qmlhfl.simulation.engine import QMLHFLEngine
 assert "numba" not in sys.modules  # imported only by the first aggregation
 m = torch.nn.Linear(4, 2)
 e = QMLHFLEngine(m, lambda mod, b: mod(b[0]).pow(2).mean(), Hierarchy.balanced([2]), [1], [QSGD(4)], backend="numba")

@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from torch.utils._pytree import tree_map
 
 from lightning_qmlhfl import QSGD, Hierarchy
-from lightning_qmlhfl.engine import NonFiniteUpdateError, QMLHFLEngine
+from lightning_qmlhfl.simulation.engine import NonFiniteUpdateError, QMLHFLEngine
 from lightning_qmlhfl.data import IID, DeviceSampler, Dirichlet, EmptyPartitionError, Shards, materialize_dataset
 from lightning_qmlhfl.data.materialize import extract_labels
 from lightning_qmlhfl.rng import Stream, mix
@@ -120,8 +120,8 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
     assert not (broken / "final.pt").exists()
     # the checkpoint loads with weights_only=True and holds the whole simulation
     ck = torch.load(broken / "ckpt" / "last.ckpt", weights_only=True)
-    assert ck["qmlhfl"]["engine"]["counters"]["round"] == 3
-    assert ck["qmlhfl"]["engine"]["stacked"]["params"][0].shape[0] == 4
+    assert ck["qmlhfl"]["engine"]["state"]["counters"]["round"] == 3
+    assert ck["qmlhfl"]["engine"]["state"]["params/0"].shape[0] == 4
     r = run(str(broken), "resume")
     assert r.returncode == 0, r.stderr[-3000:]
     a = torch.load(full / "final.pt", weights_only=True)
@@ -219,7 +219,7 @@ def test_nan_stops_training_without_poisoned_checkpoint(tmp_path):
     assert not (tmp_path / "on_exception.ckpt").exists()
     # the last good checkpoint (end of round 1) is intact and finite
     ck = torch.load(tmp_path / "last.ckpt", weights_only=True)
-    assert all(torch.isfinite(p).all() for p in ck["qmlhfl"]["engine"]["stacked"]["params"])
+    assert all(torch.isfinite(p).all() for k, p in ck["qmlhfl"]["engine"]["state"].items() if k.startswith("params/"))
 
 
 def test_sampler_per_device_epochs_cover_data_without_repeats():
@@ -290,8 +290,8 @@ def test_compressors_with_error_feedback_through_fit_resume_bit_for_bit(tmp_path
 
 
 def test_partial_participation_through_fit_logs_and_resumes_bit_for_bit(tmp_path):
-    from lightning_qmlhfl.availability import Availability
-    from lightning_qmlhfl.participation import Fraction, Full
+    from lightning_qmlhfl.federation.availability import Availability
+    from lightning_qmlhfl.federation.participation import Fraction, Full
     from lightning_qmlhfl.theory.latency import LatencyModel
 
     h = Hierarchy.balanced([2, 3])

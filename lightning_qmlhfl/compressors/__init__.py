@@ -39,14 +39,6 @@ COMPRESSOR_NAMES = {
     "identity": Identity, "none": Identity, "qsgd": QSGD, "topk": TopK, "randomk": RandomK,
     "sign": ScaledSign, "scaled_sign": ScaledSign, "natural": NaturalCompression,
 }
-_OPTIONS = {  # the config options each compressor takes
-    Identity: ("error_feedback",),
-    QSGD: ("levels", "bucket_size", "error_feedback"),
-    TopK: ("ratio", "k", "error_feedback"),
-    RandomK: ("ratio", "k", "error_feedback"),
-    ScaledSign: ("bucket_size", "error_feedback"),
-    NaturalCompression: ("error_feedback",),
-}
 
 
 def make_compressor(spec: object) -> Compressor:
@@ -77,9 +69,9 @@ def make_compressor(spec: object) -> Compressor:
         if key not in COMPRESSOR_NAMES:
             raise ValueError(f"unknown compressor {name!r}; allowed: {sorted(COMPRESSOR_NAMES)}")
         cls = COMPRESSOR_NAMES[key]
-        unknown = sorted(set(d) - set(_OPTIONS[cls]))
+        unknown = sorted(set(d) - set(cls.config_options))
         if unknown:
-            raise ValueError(f"{cls.__name__} takes the options {list(_OPTIONS[cls])}, got also {unknown}")
+            raise ValueError(f"{cls.__name__} takes the options {list(cls.config_options)}, got also {unknown}")
         if cls is QSGD and d.get("levels") is None:
             raise ValueError("QSGD needs levels (an integer s >= 1); use 'identity' for 32-bit uploads")
         return cls(**d)
@@ -120,7 +112,7 @@ def layer_compressors(layers: Any = "qsgd", num_layers: int = 1, prefix: str = "
                              f"{sorted(COMPRESSOR_NAMES)}")
         cls = COMPRESSOR_NAMES[key]
         opts = {k: None if isinstance(v[n], str) and v[n].lower() in ("none", "null") else v[n]
-                for k, v in per.items() if k in _OPTIONS[cls]}
+                for k, v in per.items() if k in cls.config_options}
         if cls in (TopK, RandomK) and opts.get("k") is not None:
             opts.pop("ratio", None)
         elif cls in (TopK, RandomK):

@@ -7,7 +7,7 @@ Randomness is explicit: compressors that draw (``uses_uniforms``) take ``uniform
 draws of x's shape (the engine passes the counter-based Philox draws of :mod:`lightning_qmlhfl.kernels`).
 
 Error feedback (``error_feedback=``) is a property of the layer's compressor; the engine keeps its memory, one row
-per sender, stacked like the models (see :mod:`lightning_qmlhfl.engine`):
+per sender, stacked like the models (see :mod:`lightning_qmlhfl.simulation.engine`):
 
 - ``"ef"`` (Seide et al. 2014; Stich et al. 2018; Karimireddy et al. 2019): send C(Δ + e), keep
   e <- Δ + e - C(Δ + e);
@@ -136,6 +136,8 @@ class Compressor(ABC):
     unbiased: ClassVar[bool] = True
     uses_uniforms: ClassVar[bool] = False
     norm: ClassVar[str] = "l2"
+    config_name: ClassVar[str]  # the name :func:`~lightning_qmlhfl.compressors.make_compressor` takes
+    config_options: ClassVar[tuple[str, ...]] = ("error_feedback",)  # its constructor's options
     levels: int | None = None  # QSGD's s (None for the others)
     bucket_size: int | None = None
 
@@ -198,6 +200,11 @@ class Compressor(ABC):
         return False
 
     # ------------------------------------------------------------------ identity of the configuration
+    def to_config(self) -> dict[str, Any]:
+        """Plain data that :func:`~lightning_qmlhfl.compressors.make_compressor` rebuilds this compressor from:
+        ``{"name": ..., <every option>: value}`` (what checkpoints store)."""
+        return {"name": self.config_name, **{k: getattr(self, k) for k in self.config_options}}
+
     def _options(self) -> list[str]:
         """The constructor arguments that differ from their defaults, as ``repr`` shows them."""
         return []

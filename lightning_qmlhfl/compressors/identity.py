@@ -13,6 +13,8 @@ __all__ = ["Identity", "NoQuantization"]
 class Identity(Compressor):
     """C(x) = x; bits per upload 32 d. With ``error_feedback="ef"`` the memory stays exactly 0 (x - C(x) = 0)."""
 
+    config_name = "identity"
+
     unbiased = True
 
     def compress_(self, x: Tensor, norms: Tensor, uniforms: Tensor | None) -> Tensor:

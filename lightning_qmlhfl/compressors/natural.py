@@ -29,6 +29,8 @@ _UP, _DOWN = 2.0**64, 2.0**-64
 class NaturalCompression(Compressor):
     """Stochastic rounding of every entry to a power of two (see the module docstring)."""
 
+    config_name = "natural"
+
     unbiased = True
     uses_uniforms = True
 

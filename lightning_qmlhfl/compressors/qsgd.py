@@ -28,6 +28,9 @@ __all__ = ["QSGD", "quantize_levels"]
 class QSGD(Compressor):
     """QSGD with ``levels`` = s quantization levels per sign, optionally per bucket of ``bucket_size`` entries."""
 
+    config_name = "qsgd"
+    config_options = ("levels", "bucket_size", "error_feedback")
+
     unbiased = True
     uses_uniforms = True
     norm = "l2"

@@ -18,6 +18,9 @@ __all__ = ["ScaledSign"]
 class ScaledSign(Compressor):
     """(||x||_1 / d) sign(x) per row or per bucket of ``bucket_size`` entries (see the module docstring)."""
 
+    config_name = "sign"
+    config_options = ("bucket_size", "error_feedback")
+
     unbiased = False
     norm = "l1"
 

@@ -51,6 +51,8 @@ def _first_k_mask(key: Tensor, k: int, largest: bool) -> Tensor:
 
 
 class _Sparsifier(Compressor):
+    config_options = ("ratio", "k", "error_feedback")
+
     def __init__(self, ratio: float | None = None, k: int | None = None, error_feedback: str | None = None) -> None:
         super().__init__(error_feedback)
         self.ratio, self.k = _check_k(ratio, k, type(self).__name__)
@@ -72,6 +74,8 @@ class _Sparsifier(Compressor):
 class TopK(_Sparsifier):
     """Keep the k largest-magnitude entries of each row (biased; see the module docstring)."""
 
+    config_name = "topk"
+
     unbiased = False
 
     def compress_(self, x: Tensor, norms: Tensor, uniforms: Tensor | None) -> Tensor:
@@ -90,6 +94,8 @@ class TopK(_Sparsifier):
 
 class RandomK(_Sparsifier):
     """Keep k uniformly random entries of each row, scaled by d / k (unbiased; see the module docstring)."""
+
+    config_name = "randomk"
 
     unbiased = True
     uses_uniforms = True

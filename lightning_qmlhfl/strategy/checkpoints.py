@@ -1,8 +1,7 @@
 """Sharded checkpoints of a multi-process run, with ``torch.distributed.checkpoint`` as the storage.
 
-The engine's state splits into the tensors whose rows are spread over the ranks (device stacks, error-feedback
-memory, per-device optimizer state, the state of sharded server nodes: :meth:`QMLHFLEngine._map_sharded`) and the
-rest, which every rank holds alike (replicated layers, the population, the clock, counters, configuration). Every
+The engine's state splits into the tensors whose rows are spread over the ranks (the declared state's rows of the
+layers at or below the cut: :meth:`QMLHFLEngine.map_sharded`) and the rest, which every rank holds alike (replicated layers, the population, the clock, counters, configuration). Every
 rank writes its own rows, and the global row indices they stand for, into one DCP checkpoint directory beside the
 Lightning checkpoint file (``<file>.shards/``); the Lightning file (written by rank 0) holds the rest with
 placeholders. Loading reads every rank's pieces and assembles the global state, which any engine takes its rows
@@ -42,7 +41,7 @@ def save_sharded(engine: Any, filepath: Any) -> dict[str, Any]:
         tensors[f"rank{shard.rank}/{key}"] = t.detach().cpu().contiguous()
         return f"{SHARD_MARK}:{key}:{m}"
 
-    skeleton = engine._map_sharded(engine.state_dict(), take)
+    skeleton = engine.map_sharded(engine.state_dict(), take)
     for m in range(shard.cut + 1):
         tensors[f"rank{shard.rank}/rows/{m}"] = shard.rows(m).clone()
     dcp.save(tensors, checkpoint_id=str(shard_dir(filepath)))

@@ -2,7 +2,7 @@
 and its multi-process variant. A strategy owns one :class:`QMLHFLCore` and forwards its hooks to it.
 
 The core builds, from the user's train dataloader, LightningModule and optimizer, the resident data, the partition,
-the per-device sampler and the :class:`~lightning_qmlhfl.engine.QMLHFLEngine`; runs every device's
+the per-device sampler and the :class:`~lightning_qmlhfl.simulation.engine.QMLHFLEngine`; runs every device's
 ``training_step`` (with ``self.log`` captured per device, :mod:`.device_logging`); applies the update and the
 aggregations at the optimizer step; keeps the per-round history and simulated clock; and holds the checkpoint
 state. It never touches private Lightning or torch APIs.
@@ -22,20 +22,12 @@ from torch import Tensor
 from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
+from .. import checks
+from ..config import SimulationConfig
 from ..data.materialize import extract_labels, materialize_dataset, num_samples
-from ..data.partition import Dirichlet, Partitioner, make_partitioner
 from ..data.sampler import DeviceSampler
-from ..engine import NonFiniteUpdateError, QMLHFLEngine, gather_batch, resolve_compressors, validate_taus
-from ..hierarchy import Hierarchy
-from ..kernels import check_backend
-from ..compressors import QSGD, Compressor
 from ..rng import Stream, mix
-from ..mobility import make_mobility
-from ..participation import validate_participation
-from ..server_optim import validate_server_optimizers
-from ..stacked import check_param_order
-from ..availability import Availability
-from ..theory.latency import LatencyModel
+from ..simulation.engine import NonFiniteUpdateError, QMLHFLEngine, gather_batch
 from .device_logging import LOG_KEY, OUT_KEY, DeviceLogCapture
 
 if TYPE_CHECKING:
@@ -46,12 +38,15 @@ __all__ = ["QMLHFLCore", "RoundBatches"]
 _PRECISIONS = (MixedPrecision, HalfPrecision, DoublePrecision)
 
 
-def _check_int(value: object, what: str, minimum: int, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{what} must be {'None or ' if allow_none else ''}an integer >= {minimum}, got {value!r}")
-    return int(value)
+def simulation_config(config: SimulationConfig | None, options: dict[str, Any], **defaults: Any
+                      ) -> SimulationConfig:
+    """The strategies' simulation: ``config``, or one built from the keyword ``options`` (with ``defaults`` for
+    those not given), not both."""
+    if config is not None:
+        if options:
+            raise ValueError(f"give config= or the simulation options {sorted(options)}, not both")
+        return checks.instance(config, "config", SimulationConfig)
+    return SimulationConfig.build(**{**defaults, **options})
 
 
 class RoundBatches:
@@ -73,79 +68,10 @@ class RoundBatches:
 class QMLHFLCore:
     """QMLHFL inside a Lightning run (see the module docstring); the options are the strategy's."""
 
-    def __init__(
-        self,
-        hierarchy: Hierarchy | None = None,
-        taus: Sequence[int] | None = None,
-        compressors: Sequence[Compressor | int | str | None] | None = None,
-        partition: Partitioner | dict | str | None = None,
-        seed: int = 0,
-        executor: str = "auto",
-        weighting: str = "devices",
-        global_rounds: int | None = None,
-        latency: LatencyModel | None = None,
-        smoothness: float | None = None,
-        strict_lr: bool = False,
-        train_transform: Callable[[Any, torch.Generator], Any] | None = None,
-        label_key: str | int | None = None,
-        label_fn: Callable[[Any], Tensor] | None = None,
-        backend: str = "auto",
-        param_order: str = "fast",
-        max_dataset_bytes: int | None = None,
-        quantizers: Sequence[Compressor | int | str | None] | None = None,
-        server_optimizers: Any = None,
-        participation: Any = None,
-        availability: Availability | None = None,
-        mobility: Any = None,
-        device_rng: str = "global",
-    ) -> None:
-        self.hierarchy = hierarchy if hierarchy is not None else Hierarchy.balanced([4, 5, 5])
-        if not isinstance(self.hierarchy, Hierarchy):
-            raise TypeError(f"hierarchy must be a Hierarchy, got {type(self.hierarchy).__name__}")
-        N = self.hierarchy.num_layers
-        if taus is None:
-            taus = [5, 2, 2] if self.hierarchy.nodes_per_layer == (100, 20, 4, 1) else [2] * N
-        self.taus = validate_taus(taus, N)
-        self.compressors = resolve_compressors(compressors, quantizers, N, default=[QSGD(8)] * N)
-        self.server_optimizers = validate_server_optimizers(server_optimizers, N)
-        self.participation = validate_participation(participation, N)
-        if availability is not None and not isinstance(availability, Availability):
-            raise TypeError(f"availability must be an Availability, got {type(availability).__name__}")
-        self.availability = availability
-        self.mobility = make_mobility(mobility, self.hierarchy.nodes_per_layer[1] if N > 1 else 1)
-        if device_rng not in ("global", "stream"):
-            raise ValueError(f"device_rng must be 'global' or 'stream', got {device_rng!r}")
-        self.device_rng = device_rng
+    def __init__(self, config: SimulationConfig) -> None:
+        self.config = checks.instance(config, "config", SimulationConfig)
         self.shard: Any = None  # set by the multi-process strategy: this rank's rows ...
         self.comm: Any = None  # ... and its collectives
-        self.partitioner = make_partitioner(partition if partition is not None else Dirichlet(alpha=0.5))
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
-        self.seed = seed
-        if executor not in ("auto", "vmap", "loop"):
-            raise ValueError(f"executor must be 'auto', 'vmap' or 'loop', got {executor!r}")
-        self.executor = executor
-        if weighting not in ("devices", "samples"):
-            raise ValueError(f"weighting must be 'devices' or 'samples', got {weighting!r}")
-        self.weighting = weighting
-        self.global_rounds = _check_int(global_rounds, "global_rounds", 1, allow_none=True)
-        if latency is not None and latency.num_layers != N:
-            raise ValueError(f"latency model describes {latency.num_layers} layers, the hierarchy has N = {N}")
-        self.latency = latency
-        if smoothness is not None and not (isinstance(smoothness, (int, float)) and smoothness > 0):
-            raise ValueError(f"smoothness L must be a number > 0, got {smoothness!r}")
-        self.smoothness = smoothness
-        self.strict_lr = bool(strict_lr)
-        if train_transform is not None and not callable(train_transform):
-            raise TypeError(f"train_transform must be callable f(batch, generator) -> batch, got {train_transform!r}")
-        self.train_transform = train_transform
-        if label_fn is not None and not callable(label_fn):
-            raise TypeError(f"label_fn must be callable f(data) -> Tensor[n], got {label_fn!r}")
-        self.label_key, self.label_fn = label_key, label_fn
-        self.backend = check_backend(backend)
-        self.param_order = check_param_order(param_order)
-        self.max_dataset_bytes = _check_int(max_dataset_bytes, "max_dataset_bytes", 1, allow_none=True)
-
         self.engine: QMLHFLEngine | None = None
         self.sampler: DeviceSampler | None = None
         self.data: Any = None
@@ -202,8 +128,8 @@ class QMLHFLCore:
         if trainer.gradient_clip_val:
             algorithm = str(getattr(trainer.gradient_clip_algorithm, "value", trainer.gradient_clip_algorithm) or "norm")
             self._clip = (algorithm, float(trainer.gradient_clip_val))
-        if self.global_rounds is not None:
-            trainer.fit_loop.max_epochs = self.global_rounds
+        if self.config.global_rounds is not None:
+            trainer.fit_loop.max_epochs = self.config.global_rounds
 
     # ------------------------------------------------------------------ building the simulation from the data
     def round_batches(self, strategy: "Strategy", dataloader: Any) -> RoundBatches:
@@ -234,39 +160,35 @@ class QMLHFLCore:
                 f"shuffling of each device's own partition", UserWarning, stacklevel=2)
         self._dataset = dataloader.dataset
         device = self._device = strategy.root_device
-        data = materialize_dataset(dataloader.dataset, dataloader.collate_fn, max_bytes=self.max_dataset_bytes,
+        data = materialize_dataset(dataloader.dataset, dataloader.collate_fn, max_bytes=self.config.max_dataset_bytes,
                                    device=device)
         n = num_samples(data)
-        labels = extract_labels(data, self.label_key, self.label_fn) if self.partitioner.needs_labels else None
-        parts = self.partitioner(labels, self.hierarchy, seed=mix(self.seed, Stream.PARTITION), num_samples=n)
-        self.sampler = DeviceSampler(parts, dataloader.batch_size, seed=mix(self.seed, Stream.SAMPLER),
+        labels = extract_labels(data, self.config.label_key, self.config.label_fn) if self.config.partition.needs_labels else None
+        parts = self.config.partition(labels, self.config.hierarchy, seed=mix(self.config.seed, Stream.PARTITION), num_samples=n)
+        self.sampler = DeviceSampler(parts, dataloader.batch_size, seed=mix(self.config.seed, Stream.SAMPLER),
                                      shuffle=shuffle)
         self.data = tree_map(lambda t: t.to(device), data)
-        mass = torch.tensor([len(p) for p in parts], dtype=torch.float64) if self.weighting == "samples" else None
+        mass = torch.tensor([len(p) for p in parts], dtype=torch.float64) if self.config.weighting == "samples" else None
         module = strategy.lightning_module
         cls, groups = self._optimizer_spec(module, strategy.optimizers[0])
-        self.engine = QMLHFLEngine(
-            module, self._device_loss, self.hierarchy, self.taus, self.compressors, optimizer=cls,
-            executor=self.executor, seed=self.seed, device_mass=mass, backend=self.backend, device=device,
-            param_order=self.param_order, param_groups=groups, grad_clip=self._clip,
-            server_optimizers=self.server_optimizers, participation=self.participation,
-            availability=self.availability, latency=self.latency, mobility=self.mobility,
-            shard=self.shard, comm=self.comm, device_rng=self.device_rng,
-        )
-        self._aug_generator = torch.Generator(device=device).manual_seed(mix(self.seed, Stream.AUGMENT))
+        self.engine = QMLHFLEngine(module, self._device_loss, config=self.config, optimizer=cls, device_mass=mass,
+                                   device=device, param_groups=groups, grad_clip=self._clip, shard=self.shard,
+                                   comm=self.comm)
+        self._aug_generator = torch.Generator(device=device).manual_seed(mix(self.config.seed, Stream.AUGMENT))
         with torch.random.fork_rng(devices=self._cuda_devices()):
-            torch.manual_seed(mix(self.seed, Stream.TORCH_RNG))
+            torch.manual_seed(mix(self.config.seed, Stream.TORCH_RNG))
             self._rng_state = torch.get_rng_state()
             self._cuda_rng_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
         if self._pending_state is not None:
             self.load_state_dict(self._pending_state, module)
             self._pending_state = None
-        if self.smoothness is not None:
+        cfg = self.config
+        if cfg.smoothness is not None:
             from ..theory import check_learning_rate
 
-            check_learning_rate(self.engine.optimizer.lr, self.smoothness, self.taus, list(self.compressors),
-                                self.hierarchy, d=self.engine.num_params, strict=self.strict_lr,
-                                server_optimizers=self.server_optimizers)
+            check_learning_rate(self.engine.optimizer.lr, cfg.smoothness, cfg.taus, list(cfg.compressors),
+                                cfg.hierarchy, d=self.engine.num_params, strict=cfg.strict_lr,
+                                server_optimizers=cfg.server_optimizers)
 
     @staticmethod
     def _optimizer_spec(module: torch.nn.Module, optimizer: torch.optim.Optimizer
@@ -292,6 +214,10 @@ class QMLHFLCore:
 
     # ------------------------------------------------------------------ one step
     @property
+    def train_transform(self) -> Callable[[Any, torch.Generator], Any] | None:
+        return self.config.train_transform
+
+    @property
     def sim_time(self) -> float:
         """Simulated seconds at the end of the last completed global round (the engine's clock)."""
         return 0.0 if self.engine is None else self.engine.sim_time
@@ -303,16 +229,16 @@ class QMLHFLCore:
         e = self.engine
         active = e.upcoming_global_devices()  # every rank draws every training device's batch (one sampler)
         idx = self.sampler.next_indices(None if active is None else active.cpu())
-        devices = torch.arange(self.hierarchy.num_devices) if active is None else active.cpu()
+        devices = torch.arange(self.config.hierarchy.num_devices) if active is None else active.cpu()
         if self.shard is not None:  # this rank's devices among them
-            mine = e._local[0][devices] >= 0
+            mine = e.local_index(0)[devices] >= 0
             idx, devices = idx[mine], devices[mine]
         batch = tree_map(lambda t: gather_batch(t, idx.to(self._device)), self.data)
         if self.train_transform is not None:
-            if self.device_rng == "stream":  # every device's augmentation from its own (seed, device, step) stream
+            if self.config.device_rng == "stream":  # every device's augmentation from its own (seed, device, step) stream
                 parts = []
                 for j, dev in enumerate(devices.tolist()):
-                    self._aug_generator.manual_seed(mix(self.seed, Stream.AUGMENT, dev, e.total_steps))
+                    self._aug_generator.manual_seed(mix(self.config.seed, Stream.AUGMENT, dev, e.total_steps))
                     parts.append(self.train_transform(tree_map(lambda t: t[j:j + 1], batch), self._aug_generator))
                 batch = tree_map(lambda *xs: torch.cat(xs), *parts) if parts else batch
             else:
@@ -326,8 +252,8 @@ class QMLHFLCore:
             return values
         e = self.engine
         active = e.upcoming_global_devices()
-        devices = torch.arange(self.hierarchy.num_devices) if active is None else active.cpu()
-        mine = devices[e._local[0][devices] >= 0]
+        devices = torch.arange(self.config.hierarchy.num_devices) if active is None else active.cpu()
+        mine = devices[e.local_index(0)[devices] >= 0]
         ids = torch.cat(self.comm.all_gather(mine.to(values.device)))
         vals = torch.cat(self.comm.all_gather(values))
         return vals[torch.argsort(ids)]
@@ -480,14 +406,14 @@ class QMLHFLCore:
 
             if self._checkpoint_path is None:
                 raise ValueError("a sharded checkpoint is loaded from its file (its tensors lie beside it)")
-            engine_sd = load_sharded(engine_sd, self._checkpoint_path, self.hierarchy.nodes_per_layer)
+            engine_sd = load_sharded(engine_sd, self._checkpoint_path, self.config.hierarchy.nodes_per_layer)
         self.engine.load_state_dict(engine_sd)
         self.sampler.load_state_dict(sd["sampler"])
         self._rng_state = sd["rng"].clone()
         self._cuda_rng_state = None if sd["cuda_rng"] is None else sd["cuda_rng"].clone()
         self._aug_generator.set_state(sd["aug_rng"])
         self.history = [dict(h) for h in sd["history"]]
-        if "population" not in sd["engine"]:  # checkpoints from before the engine's clock
+        if sd["engine"].get("format_version", 1) == 1 and "population" not in sd["engine"]:  # before the clock
             self.engine.clock.now = float(sd.get("sim_time", 0.0))
         self._round_loss_sum, self._round_loss_steps = float(sd["round_loss"][0]), int(sd["round_loss"][1])
         self.engine.load_cloud_into(module)

@@ -1,7 +1,7 @@
 """QMLHFLDDPStrategy: one QMLHFL simulation spread over W processes (or GPUs) with Lightning's DDP launcher.
 
 Every rank owns whole subtrees (a contiguous block of one cut layer's nodes and every row below them,
-:mod:`lightning_qmlhfl.shard`); the layers above the cut are small and replicated. Each rank trains its own devices
+:mod:`lightning_qmlhfl.distribution.shard`); the layers above the cut are small and replicated. Each rank trains its own devices
 on its own rows; the uploads into the layer above the cut are exchanged with ``torch.distributed`` (gloo on CPU,
 NCCL on GPU): gathered and summed in global child order on every rank, so the run is bit-identical to one process
 with the same seed and ``device_rng="stream"`` (given the same per-device kernels: the same executor and the same
@@ -21,7 +21,7 @@ Checkpoints: ``checkpoint="full"`` (default) gathers every rank's rows to rank 0
 :class:`~lightning_qmlhfl.strategy.QMLHFLStrategy` (or any world size) loads; ``checkpoint="sharded"`` writes every
 rank's rows with ``torch.distributed.checkpoint`` beside the file (:mod:`.checkpoints`), resumable at any world
 size too. A non-finite upload on any rank stops every rank with the same
-:class:`~lightning_qmlhfl.engine.NonFiniteUpdateError`; collectives time out after ``timeout``, so a dead rank
+:class:`~lightning_qmlhfl.simulation.engine.NonFiniteUpdateError`; collectives time out after ``timeout``, so a dead rank
 fails the run instead of hanging it. Mobility is not supported here (a device moving to another rank's edge
 server would have to move its rows between processes).
 """
@@ -35,9 +35,10 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from typing_extensions import override
 
-from ..comm import TorchComm
-from ..shard import EXCHANGES, Shard
-from .core import QMLHFLCore
+from ..distribution.comm import TorchComm
+from ..distribution.shard import EXCHANGES, Shard
+from ..config import SimulationConfig
+from .core import QMLHFLCore, simulation_config
 from .wiring import QMLHFLWiring
 
 __all__ = ["QMLHFLDDPStrategy"]
@@ -48,12 +49,13 @@ CHECKPOINTS = ("full", "sharded")
 class QMLHFLDDPStrategy(QMLHFLWiring, DDPStrategy):
     """The multi-process QMLHFL strategy (module docstring).
 
-    Takes the simulation arguments of :class:`~lightning_qmlhfl.strategy.QMLHFLStrategy` (``hierarchy``, ``taus``,
+    Takes the simulation of :class:`~lightning_qmlhfl.strategy.QMLHFLStrategy`: ``config`` (a
+    :class:`~lightning_qmlhfl.config.SimulationConfig`) or its options as keywords (``hierarchy``, ``taus``,
     ``compressors``, ``partition``, ``seed``, ...; ``device_rng`` defaults to ``"stream"`` here), plus:
 
     Args:
         cut_layer: the layer whose nodes are split over the ranks (default: chosen for balanced device counts,
-            :func:`lightning_qmlhfl.shard.choose_cut`).
+            :func:`lightning_qmlhfl.distribution.shard.choose_cut`).
         exchange: ``"gather"`` (bit-identical to one process) or ``"all_reduce"`` (faster; float tolerance).
         checkpoint: ``"full"`` (gathered to rank 0) or ``"sharded"`` (``torch.distributed.checkpoint``).
         timeout: of every collective (default 10 minutes).
@@ -64,11 +66,11 @@ class QMLHFLDDPStrategy(QMLHFLWiring, DDPStrategy):
 
     strategy_name = "qmlhfl_ddp"
 
-    def __init__(self, *, cut_layer: int | None = None, exchange: str = "gather", checkpoint: str = "full",
-                 timeout: timedelta = timedelta(minutes=10), start_method: str = "popen",
-                 process_group_backend: str | None = None, accelerator: Any = None, parallel_devices: Any = None,
-                 cluster_environment: Any = None, checkpoint_io: Any = None, precision_plugin: Any = None,
-                 device_rng: str = "stream", **simulation: Any) -> None:
+    def __init__(self, config: SimulationConfig | None = None, *, cut_layer: int | None = None,
+                 exchange: str = "gather", checkpoint: str = "full", timeout: timedelta = timedelta(minutes=10),
+                 start_method: str = "popen", process_group_backend: str | None = None, accelerator: Any = None,
+                 parallel_devices: Any = None, cluster_environment: Any = None, checkpoint_io: Any = None,
+                 precision_plugin: Any = None, **options: Any) -> None:
         if exchange not in EXCHANGES:
             raise ValueError(f"exchange must be 'gather' (bit-identical) or 'all_reduce' (faster, float tolerance), "
                              f"got {exchange!r}")
@@ -80,8 +82,8 @@ class QMLHFLDDPStrategy(QMLHFLWiring, DDPStrategy):
                          cluster_environment=cluster_environment, checkpoint_io=checkpoint_io,
                          precision_plugin=precision_plugin, process_group_backend=process_group_backend,
                          timeout=timeout, start_method=start_method)
-        self.core = QMLHFLCore(device_rng=device_rng, **simulation)
-        if not self.core.mobility.is_static:
+        self.core = QMLHFLCore(simulation_config(config, options, device_rng="stream"))
+        if not self.core.config.mobility.is_static:
             raise ValueError("QMLHFLDDPStrategy does not support mobility (a device moving to another rank's edge "
                              "server would have to move its rows between processes); use QMLHFLStrategy")
         self.cut_layer, self.exchange, self.checkpoint_mode = cut_layer, exchange, checkpoint
@@ -94,7 +96,7 @@ class QMLHFLDDPStrategy(QMLHFLWiring, DDPStrategy):
     @override
     def setup(self, trainer: Any) -> None:
         super().setup(trainer)
-        self.core.shard = Shard.build(self.core.hierarchy, self.world_size, self.global_rank, self.cut_layer,
+        self.core.shard = Shard.build(self.core.config.hierarchy, self.world_size, self.global_rank, self.cut_layer,
                                       self.exchange)
         self.core.comm = TorchComm()
 

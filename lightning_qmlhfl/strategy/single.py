@@ -3,7 +3,7 @@
 How it maps onto Lightning (the README's compatibility table lists every feature):
 
 - One Trainer step = one local step (Eq. 3) of EVERY simulated device, followed by the aggregations that fall
-  due (ALGORITHM.md section 2). One Lightning epoch = one global round (prod(tau) steps), so validation runs once
+  due (docs/algorithm.md#schedule). One Lightning epoch = one global round (prod(tau) steps), so validation runs once
   per global round by default, on the cloud model: after each cloud aggregation the LightningModule's own
   parameters hold w_t, and the user's ``validation_step``, torchmetrics, ``ModelCheckpoint``, ``EarlyStopping``
   and ``ReduceLROnPlateau`` work unmodified; so do ``trainer.validate/test/predict`` after fit. ``max_steps``
@@ -27,100 +27,35 @@ How it maps onto Lightning (the README's compatibility table lists every feature
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
-from torch import Tensor
 
-from ..compressors import Compressor
-from ..data.partition import Partitioner
-from ..hierarchy import Hierarchy
-from ..theory.latency import LatencyModel
-from .core import QMLHFLCore
+from ..config import SimulationConfig
+from .core import QMLHFLCore, simulation_config
 from .wiring import QMLHFLWiring
 
 __all__ = ["QMLHFLStrategy"]
 
 
 class QMLHFLStrategy(QMLHFLWiring, SingleDeviceStrategy):
-    """Lightning strategy simulating QMLHFL over a hierarchy of devices (see the module docstring).
+    """Lightning strategy simulating QMLHFL over a hierarchy of devices in one process (see the module docstring).
 
     Args:
-        hierarchy: the tree (default ``Hierarchy.balanced([4, 5, 5])``: 100 devices, N = 3).
-        taus: (tau_1..tau_N) (default ``[5, 2, 2]`` for the default hierarchy, else all 2).
-        compressors: one per layer (:mod:`lightning_qmlhfl.compressors`: QSGD, TopK, RandomK, ScaledSign,
-            NaturalCompression, Identity, each with optional error feedback), or config values (int s, "none");
-            default QSGD(8) on every layer. ``quantizers=`` is an alias.
-        partition: a Partitioner or config (default ``Dirichlet(alpha=0.5)``).
-        seed: seeds the partition, per-device sampling, dropout masks, augmentation and quantization draws.
-        executor: "auto", "vmap" or "loop" (``auto`` falls back to the loop for steps vmap cannot run).
-        weighting: "devices" (|C(child)|/|C(parent)|, the paper's) or "samples" (by local data size, ours).
-        global_rounds: stop after this many global rounds (alternative to ``max_steps``).
-        latency: a :class:`LatencyModel` for the simulated time (logged as ``fl/sim_time``). Default: 1 ms per
-            local step, uplinks of 100 Mbit/s from the devices and 10x slower per layer up.
-        smoothness: L; when given, the learning-rate condition (Eq. 15) is checked at setup.
-        strict_lr: turn the learning-rate warning into an error.
-        train_transform: ``f(batch, generator) -> batch`` applied to each stacked per-device batch on the training
-            device (e.g. random crop/flip); batch leaves have shape [N_tot, B, ...].
-        label_key: where the labels are in each sample (default: element 1 of tuples, or "label"/"y"/... in dicts).
-        label_fn: ``f(data) -> LongTensor[n]``, one class id per sample from the materialised dataset, for
-            label-based partitioners when the labels are not plain class ids (e.g. sequence targets).
-        backend: aggregation backend ("auto": Triton on CUDA, the numba kernel for float32 on CPU, torch
-            otherwise; or "torch"/"numba"/"triton"). All give the same numbers.
-        device: training device (default CUDA if available, else CPU; ``"cuda"`` means ``cuda:0``).
-        param_order: "fast" (default) or "module": storage order of the stacked rows (:mod:`..stacked`); it decides
-            which entries share a QSGD bucket and which draw each entry gets, not the model or its gradients.
-        max_dataset_bytes: refuse training sets larger than this as tensors (default: half the free memory of the
-            training device).
-        server_optimizers: one :mod:`~lightning_qmlhfl.server_optim` rule per layer n = 1..N (or one for every
-            layer): ``Average()`` (default), ``FedAvgM``, ``FedAdam``, ``FedYogi``, ``FedAdagrad``.
-        participation: one :mod:`~lightning_qmlhfl.participation` rule per layer n = 1..N (or one for every layer):
-            ``Full()`` (default), ``Fraction(f)``, ``UniformK(k)``, ``Bernoulli(p)``; logged per round as
-            ``fl/participants_layer{n}`` and ``fl/drops_layer{n}``.
-        availability: an :class:`~lightning_qmlhfl.availability.Availability` (unavailable devices, dropouts,
-            availability traces).
-        device_rng: ``"global"`` (default) or ``"stream"``: dropout draws from a per-device counter-based stream
-            with the loop executor, so results do not depend on how rows are chunked or placed
-            (:class:`~lightning_qmlhfl.engine.QMLHFLEngine`); what the multi-process strategy uses.
-        mobility: a :mod:`~lightning_qmlhfl.mobility` model (devices moving between edge servers, edge-server
-            failures), or its config dict; logged per round as ``fl/moves``, ``fl/edge_failures``,
-            ``fl/edge_devices_min`` / ``_max`` (the history holds every edge server's device count).
-
-    The simulated clock (``fl/sim_time``, and its split ``fl/time_compute``, ``fl/time_layer{n}``) follows the
-    latency model per node: heterogeneous devices and links, stragglers waited for or dropped at a deadline
-    (:mod:`lightning_qmlhfl.clock`).
+        config: the simulation's options, a :class:`~lightning_qmlhfl.config.SimulationConfig` (its docstring
+            lists every option with its default: the tree, tau, compressors, server optimizers, participation,
+            partition, seed, executor, latency model, mobility, ...). Instead of ``config``, give those options as
+            keywords, ``QMLHFLStrategy(hierarchy=Hierarchy.balanced([4, 5, 5]), taus=[5, 2, 2],
+            compressors=[QSGD(8)] * 3)``: they build it with :meth:`SimulationConfig.build` (config values such as
+            an int s for QSGD, names and dicts are accepted; one value for every layer where a list is expected).
+        device: the training device (default CUDA if available, else CPU; ``"cuda"`` means ``cuda:0``).
     """
 
     strategy_name = "qmlhfl"
 
-    def __init__(
-        self,
-        hierarchy: Hierarchy | None = None,
-        taus: Sequence[int] | None = None,
-        compressors: Sequence[Compressor | int | str | None] | None = None,
-        partition: Partitioner | dict | str | None = None,
-        seed: int = 0,
-        executor: str = "auto",
-        weighting: str = "devices",
-        global_rounds: int | None = None,
-        latency: LatencyModel | None = None,
-        smoothness: float | None = None,
-        strict_lr: bool = False,
-        train_transform: Callable[[Any, torch.Generator], Any] | None = None,
-        label_key: str | int | None = None,
-        label_fn: Callable[[Any], Tensor] | None = None,
-        backend: str = "auto",
-        device: str | torch.device | None = None,
-        param_order: str = "fast",
-        max_dataset_bytes: int | None = None,
-        quantizers: Sequence[Compressor | int | str | None] | None = None,
-        server_optimizers: Any = None,
-        participation: Any = None,
-        availability: Any = None,
-        mobility: Any = None,
-        device_rng: str = "global",
-    ) -> None:
+    def __init__(self, config: SimulationConfig | None = None, device: str | torch.device | None = None,
+                 **options: Any) -> None:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         device = torch.device(device)
@@ -129,15 +64,7 @@ class QMLHFLStrategy(QMLHFLWiring, SingleDeviceStrategy):
             # the current device of a fresh process (as Lightning's own default), without initialising CUDA here
             device = torch.device("cuda", 0)
         super().__init__(device=device)
-        self.core = QMLHFLCore(
-            hierarchy=hierarchy, taus=taus, compressors=compressors, quantizers=quantizers, partition=partition,
-            seed=seed, executor=executor, weighting=weighting, global_rounds=global_rounds, latency=latency,
-            smoothness=smoothness, strict_lr=strict_lr, train_transform=train_transform, label_key=label_key,
-            label_fn=label_fn, backend=backend, param_order=param_order, max_dataset_bytes=max_dataset_bytes,
-            server_optimizers=server_optimizers, participation=participation, availability=availability,
-            mobility=mobility, device_rng=device_rng,
-        )
-
+        self.core = QMLHFLCore(simulation_config(config, options))
 
 StrategyRegistry.register(
     "qmlhfl",

@@ -12,8 +12,9 @@ from torch import Tensor
 from typing_extensions import override
 
 from ..compressors import Compressor
+from ..config import SimulationConfig
 from ..data.partition import Partitioner
-from ..engine import QMLHFLEngine
+from ..simulation.engine import QMLHFLEngine
 from ..hierarchy import Hierarchy
 from .core import QMLHFLCore
 
@@ -28,7 +29,7 @@ class QMLHFLWiring:
     # ------------------------------------------------------------------ the simulation's state, for users
     @property
     def engine(self) -> QMLHFLEngine | None:
-        """The :class:`~lightning_qmlhfl.engine.QMLHFLEngine` (built at the first training dataloader)."""
+        """The :class:`~lightning_qmlhfl.simulation.engine.QMLHFLEngine` (built at the first training dataloader)."""
         return self.core.engine
 
     @property
@@ -42,29 +43,34 @@ class QMLHFLWiring:
         return self.core.sim_time
 
     @property
+    def config(self) -> SimulationConfig:
+        """The simulation's options (:class:`~lightning_qmlhfl.config.SimulationConfig`)."""
+        return self.core.config
+
+    @property
     def hierarchy(self) -> Hierarchy:
-        return self.core.hierarchy
+        return self.core.config.hierarchy
 
     @property
     def taus(self) -> tuple[int, ...]:
-        return self.core.taus
+        return self.core.config.taus
 
     @property
     def compressors(self) -> tuple[Compressor, ...]:
-        return self.core.compressors
+        return self.core.config.compressors
 
     @property
     def quantizers(self) -> tuple[Compressor, ...]:
         """The per-layer compressors (the earlier name)."""
-        return self.core.compressors
+        return self.core.config.compressors
 
     @property
     def server_optimizers(self) -> tuple:
-        return self.core.server_optimizers
+        return self.core.config.server_optimizers
 
     @property
     def partitioner(self) -> Partitioner:
-        return self.core.partitioner
+        return self.core.config.partition
 
     @property
     def sampler(self) -> Any:

@@ -133,7 +133,7 @@ class LatencyModel:
 
     With per-device compute times or per-sender rates, :meth:`round_time` with a ``hierarchy`` follows the tree
     (each node waits for its own slowest child, subtrees run in parallel; the engine's clock,
-    :mod:`lightning_qmlhfl.clock`, is the same recursion step by step); without one it uses the slowest sender of
+    :mod:`lightning_qmlhfl.federation.clock`, is the same recursion step by step); without one it uses the slowest sender of
     every layer, an upper bound. :meth:`lognormal` and :meth:`from_file` build heterogeneous models.
     """
 
@@ -342,15 +342,15 @@ class LatencyModel:
         """T_glob(tau) and its split (see the module docstring). ``upload_bits``: bits per upload, per layer.
 
         With a ``hierarchy`` and heterogeneous nodes (or drop deadlines) the round follows the tree: the engine's
-        clock for a round in which everyone takes part (:mod:`lightning_qmlhfl.clock`); the split is that of the
+        clock for a round in which everyone takes part (:mod:`lightning_qmlhfl.federation.clock`); the split is that of the
         critical path. Otherwise the slowest sender of every layer sets its time (exact for identical nodes)."""
         from .convergence import check_taus  # local import: theory does not depend on latency either way
 
         t = check_taus(taus, self.num_layers)
         link = self.link_times(upload_bits, downlink_bits)
         if hierarchy is not None and self.needs_tree:
-            from ..participation import Full
-            from ..population import simulate_round
+            from ..federation.participation import Full
+            from ..federation.population import simulate_round
 
             total, split = simulate_round(hierarchy, t, self, list(upload_bits), [Full()] * self.num_layers,
                                           downlink_bits=self._per_layer_down(downlink_bits))
@@ -375,9 +375,9 @@ class LatencyModel:
                         downlink_bits: int | Sequence[int] | None = None) -> np.ndarray:
         """Vectorised T_glob for many tau: ``tau_grid`` int array [K, N], ``link_times`` t_n -> float64 [K].
         With a ``hierarchy`` (and ``upload_bits``) and heterogeneous nodes, the tree recursion of
-        :func:`lightning_qmlhfl.clock.tree_round_times` (the engine's clock when everyone takes part)."""
+        :func:`lightning_qmlhfl.federation.clock.tree_round_times` (the engine's clock when everyone takes part)."""
         if hierarchy is not None and self.needs_tree:
-            from ..clock import tree_round_times
+            from ..federation.clock import tree_round_times
 
             if upload_bits is None:
                 raise ValueError("the tree recursion needs upload_bits")

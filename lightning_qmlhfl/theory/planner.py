@@ -538,8 +538,8 @@ def _with_expected_time(plan: Plan, prob: "_Problem", participation: Sequence[An
         return plan
     from dataclasses import replace
 
-    from ..participation import validate_participation
-    from ..population import estimate_round_time
+    from ..federation.participation import validate_participation
+    from ..federation.population import estimate_round_time
 
     parts = validate_participation(participation, prob.N)
     if all(p.is_full for p in parts) and availability is None:

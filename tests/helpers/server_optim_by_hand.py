@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from lightning_qmlhfl.server_optim import Average, FedAdagrad, FedAdam, FedAvgM, FedYogi
+from lightning_qmlhfl.optimizers.server import Average, FedAdagrad, FedAdam, FedAvgM, FedYogi
 
 
 def server_step_by_hand(opt, node, v: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,8 @@ the simulated clock, shared by the engine (which trains and aggregates on top of
 expected round time (which only runs the clock).
 
 At the start of each aggregation period of layer n (the local step k with (k - 1) mod (tau_1 ... tau_n) = 0, 1-based),
-every node of layer n draws its children for the period (:mod:`lightning_qmlhfl.participation`; devices only among
-those available, :mod:`lightning_qmlhfl.availability`). A device trains during a layer-1 period when it and each of
+every node of layer n draws its children for the period (:mod:`lightning_qmlhfl.federation.participation`; devices only among
+those available, :mod:`lightning_qmlhfl.federation.availability`). A device trains during a layer-1 period when it and each of
 its ancestors below the cloud were drawn for their current periods. At the aggregation that closes the period,
 the candidates are the drawn children that trained (devices) or received at least one upload (nodes); of these,
 late senders (when stragglers are dropped), the over-selected beyond the first k to finish, and devices that drop
@@ -25,9 +25,9 @@ from torch import Tensor
 
 from .availability import Availability
 from .clock import SimulatedClock
-from .hierarchy import Hierarchy
+from ..hierarchy import Hierarchy
 from .participation import Participation, participation_weights, rank_within_parent
-from .rng import Stream, generator
+from ..rng import Stream, generator
 
 __all__ = ["Population", "estimate_round_time", "simulate_round"]
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .hierarchy import Hierarchy, TreeState
+from ..hierarchy import Hierarchy, TreeState
 
 __all__ = ["SimulatedClock", "tree_round_times"]
 

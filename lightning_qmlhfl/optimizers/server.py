@@ -45,6 +45,10 @@ __all__ = ["ServerOptimizer", "Average", "FedAvgM", "FedAdam", "FedYogi", "FedAd
            "layer_server_optimizers", "validate_server_optimizers", "adaptive_update_"]
 
 
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
 def _lr(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)) \
             or float(value) <= 0:
@@ -62,10 +66,16 @@ class ServerOptimizer(ABC):
     """Interface: the update of one layer's node models from their pseudo-gradients (module docstring)."""
 
     state_names: tuple[str, ...] = ()
+    config_name: str  # the name make_server_optimizer takes
+    config_options: tuple[str, ...] = ()  # its constructor's options
 
     @property
     def is_average(self) -> bool:
         return False
+
+    def to_config(self) -> dict[str, Any]:
+        """Plain data that :func:`make_server_optimizer` rebuilds this optimizer from (what checkpoints store)."""
+        return {"name": self.config_name, **{k: _plain(getattr(self, k)) for k in self.config_options}}
 
     def init_state(self, rows: int, num_params: int, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
         """The state of ``rows`` nodes: the tensors of :attr:`state_names` [rows, P] and the update counts ``t``
@@ -113,6 +123,8 @@ class ServerOptimizer(ABC):
 class Average(ServerOptimizer):
     """v <- v + Delta: the paper's Eq. 4/6 (the engine adds the aggregate in its fused kernel)."""
 
+    config_name = "average"
+
     @property
     def is_average(self) -> bool:
         return True
@@ -125,6 +137,8 @@ class FedAvgM(ServerOptimizer):
     """Server momentum (Hsu et al. 2019): m <- momentum m + Delta; v <- v + lr m."""
 
     state_names = ("m",)
+    config_name = "fedavgm"
+    config_options = ("lr", "momentum")
 
     def __init__(self, lr: float = 1.0, momentum: float = 0.9) -> None:
         self.lr = _lr(lr)
@@ -167,6 +181,7 @@ def adaptive_update_(v: Tensor, m: Tensor, u: Tensor, delta: Tensor, lr: float, 
 class _Adaptive(ServerOptimizer):
     state_names = ("m", "u")
     rule = "adam"
+    config_options = ("lr", "betas", "tau", "bias_correction")
 
     def __init__(self, lr: float = 0.01, betas: Sequence[float] = (0.9, 0.99), tau: float = 1e-3,
                  bias_correction: bool = False) -> None:
@@ -198,24 +213,25 @@ class FedAdam(_Adaptive):
     """Adam at the server: u <- b2 u + (1 - b2) Delta^2."""
 
     rule = "adam"
+    config_name = "fedadam"
 
 
 class FedYogi(_Adaptive):
     """Yogi at the server: u <- u - (1 - b2) Delta^2 sign(u - Delta^2) (never negative from u >= 0)."""
 
     rule = "yogi"
+    config_name = "fedyogi"
 
 
 class FedAdagrad(_Adaptive):
     """Adagrad at the server: u <- u + Delta^2."""
 
     rule = "adagrad"
+    config_name = "fedadagrad"
 
 
 SERVER_OPTIMIZERS = {"average": Average, "fedavgm": FedAvgM, "fedadam": FedAdam, "fedyogi": FedYogi,
                      "fedadagrad": FedAdagrad}
-_OPTIONS = {Average: (), FedAvgM: ("lr", "momentum"), FedAdam: ("lr", "betas", "tau", "bias_correction"),
-            FedYogi: ("lr", "betas", "tau", "bias_correction"), FedAdagrad: ("lr", "betas", "tau", "bias_correction")}
 
 
 def make_server_optimizer(spec: object) -> ServerOptimizer:
@@ -234,9 +250,9 @@ def make_server_optimizer(spec: object) -> ServerOptimizer:
             raise ValueError(f"unknown server optimizer {name!r}; allowed: {sorted(SERVER_OPTIMIZERS)}")
         cls = SERVER_OPTIMIZERS[name]
         d = {k: v for k, v in d.items() if v is not None}
-        unknown = sorted(set(d) - set(_OPTIONS[cls]))
+        unknown = sorted(set(d) - set(cls.config_options))
         if unknown:
-            raise ValueError(f"{cls.__name__} takes the options {list(_OPTIONS[cls])}, got also {unknown}")
+            raise ValueError(f"{cls.__name__} takes the options {list(cls.config_options)}, got also {unknown}")
         if "betas" in d:
             d["betas"] = tuple(d["betas"])
         return cls(**d)
@@ -248,7 +264,7 @@ def layer_server_optimizers(layers: Any, num_layers: int, **options: Any) -> lis
     """One server optimizer per layer n = 1..N from config values: ``layers`` one name or a list of N; every
     option (``lr``, ``momentum``, ``betas``, ``tau``, ``bias_correction``) one value or a list of N; ``None``
     options take the optimizer's defaults; each layer takes the options its optimizer has."""
-    from .compressors import _per_layer
+    from ..compressors import _per_layer
 
     names = _per_layer(layers, "server_optim.layers", num_layers)
     per = {}
@@ -263,7 +279,7 @@ def layer_server_optimizers(layers: Any, num_layers: int, **options: Any) -> lis
             raise ValueError(f"server_optim.layers[{n}] = {name!r} is not a server optimizer; allowed: "
                              f"{sorted(SERVER_OPTIMIZERS)}")
         cls = SERVER_OPTIMIZERS[key]
-        out.append(make_server_optimizer({"name": key, **{k: v[n] for k, v in per.items() if k in _OPTIONS[cls]}}))
+        out.append(make_server_optimizer({"name": key, **{k: v[n] for k, v in per.items() if k in cls.config_options}}))
     return out
 
 

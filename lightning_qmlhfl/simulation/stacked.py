@@ -35,7 +35,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .hierarchy import Hierarchy
+from ..hierarchy import Hierarchy
 
 __all__ = ["ParamLayout", "StackedState", "check_param_order", "fast_orders", "upload_dims"]
 

@@ -80,7 +80,7 @@ class DeviceOptimizer:
     """One torch optimiser over the device stack; ``step(grads)`` applies Eq. 3 (or its extension) to all devices.
 
     ``params`` must be the engine's device parameter stack [N_tot, P] itself (updated in place, identity kept).
-    With ``layout`` (the stack's :class:`~lightning_qmlhfl.stacked.ParamLayout`) the optimiser runs over one
+    With ``layout`` (the stack's :class:`~lightning_qmlhfl.simulation.stacked.ParamLayout`) the optimiser runs over one
     [N_tot, *shape] view per model parameter instead of the whole stack, so ``step`` can take the
     per-parameter gradients as the executor produced them, without concatenating them into [N_tot, P] first
     (one full-size copy and allocation per step less). The arithmetic is the same element by element.
@@ -277,11 +277,11 @@ class DeviceOptimizer:
         return {**sd, "device_steps": self.device_steps.clone()}
 
     def load_state_dict(self, sd: dict[str, Any], steps_taken: int | None = None) -> None:
-        """``steps_taken``: for checkpoints from before per-device step counts, the steps every device took."""
+        """``device_steps`` in ``sd`` may be one count for every device (``steps_taken`` gives it when absent)."""
         sd = dict(sd)
-        steps = sd.pop("device_steps", None)
+        steps = sd.pop("device_steps", steps_taken)
         self.optimizer.load_state_dict(sd)
-        if steps is not None:
+        if isinstance(steps, Tensor):
             self.device_steps.copy_(steps)
-        elif steps_taken is not None:
-            self.device_steps.fill_(int(steps_taken))
+        elif steps is not None:  # one count for every device (checkpoints from before per-device counts)
+            self.device_steps.fill_(int(steps))

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .hierarchy import Hierarchy, aggregations_per_round
+from ..hierarchy import Hierarchy, aggregations_per_round
 
 __all__ = ["Shard", "choose_cut", "EXCHANGES"]
 

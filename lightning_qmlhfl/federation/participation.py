@@ -9,7 +9,7 @@ Policies, each with ``weighting``:
 - ``Bernoulli(p)``: every child independently with probability p.
 
 ``over_select=o`` (Fraction, UniformK): ceil(k (1 + o)) children are selected and the k whose uploads are ready
-first are kept (see :mod:`lightning_qmlhfl.clock`); the others' work is lost.
+first are kept (see :mod:`lightning_qmlhfl.federation.clock`); the others' work is lost.
 
 Weighting of the uploads that arrive (w_c = |C(c)| / |C(p)| the paper's weight):
 
@@ -18,7 +18,7 @@ Weighting of the uploads that arrive (w_c = |C(c)| / |C(p)| the paper's weight):
 - ``"normalized"``: w_c / sum of w over the children that uploaded (FedAvg/Flower style): an average of the
   participants, biased towards them.
 
-Only available children can be drawn (:mod:`lightning_qmlhfl.availability`); inclusion probabilities are computed
+Only available children can be drawn (:mod:`lightning_qmlhfl.federation.availability`); inclusion probabilities are computed
 among the available ones, so unavailability, dropouts, deadlines and over-selection are *not* corrected for: they
 bias the aggregate towards the devices that show up and finish, as in deployed systems.
 
@@ -74,9 +74,16 @@ def rank_within_parent(parent_index: Tensor, keys: Tensor, num_parents: int) -> 
 class Participation(ABC):
     """A selection rule for the children of every node of one layer (module docstring)."""
 
+    config_name: str  # the name make_participation takes
+    config_options: tuple[str, ...] = ("weighting", "over_select")  # its constructor's options
+
     def __init__(self, weighting: str = "unbiased", over_select: float = 0.0) -> None:
         self.weighting = _check_weighting(weighting)
         self.over_select = _check_over(over_select)
+
+    def to_config(self) -> dict[str, Any]:
+        """Plain data that :func:`make_participation` rebuilds this rule from (what checkpoints store)."""
+        return {"name": self.config_name, **{k: getattr(self, k) for k in self.config_options}}
 
     @property
     def is_full(self) -> bool:
@@ -136,6 +143,9 @@ class Participation(ABC):
 class Full(Participation):
     """Every available child takes part (pi = 1): the paper's setting and the default."""
 
+    config_name = "full"
+    config_options = ("weighting",)
+
     def __init__(self, weighting: str = "unbiased") -> None:
         super().__init__(weighting)
 
@@ -149,6 +159,9 @@ class Full(Participation):
 
 class Fraction(Participation):
     """k_p = max(1, round(f n_p)) children of each node p, uniformly without replacement."""
+
+    config_name = "fraction"
+    config_options = ("f", "weighting", "over_select")
 
     def __init__(self, f: float, weighting: str = "unbiased", over_select: float = 0.0) -> None:
         if isinstance(f, bool) or not isinstance(f, numbers.Real) or not 0 < float(f) <= 1:
@@ -165,6 +178,9 @@ class Fraction(Participation):
 
 class UniformK(Participation):
     """k children of every node, uniformly without replacement."""
+
+    config_name = "uniformk"
+    config_options = ("k", "weighting", "over_select")
 
     def __init__(self, k: int, weighting: str = "unbiased", over_select: float = 0.0) -> None:
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
@@ -191,6 +207,9 @@ class UniformK(Participation):
 
 class Bernoulli(Participation):
     """Every child independently with probability p (pi = p)."""
+
+    config_name = "bernoulli"
+    config_options = ("p", "weighting")
 
     def __init__(self, p: float, weighting: str = "unbiased") -> None:
         if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 < float(p) <= 1:
@@ -219,8 +238,6 @@ def participation_weights(policy: Participation, base: Tensor, pi: Tensor, uploa
 
 
 PARTICIPATIONS = {"full": Full, "fraction": Fraction, "uniformk": UniformK, "bernoulli": Bernoulli}
-_OPTIONS = {Full: ("weighting",), Fraction: ("f", "weighting", "over_select"),
-            UniformK: ("k", "weighting", "over_select"), Bernoulli: ("p", "weighting")}
 
 
 def make_participation(spec: object) -> Participation:
@@ -239,9 +256,9 @@ def make_participation(spec: object) -> Participation:
             raise ValueError(f"unknown participation {name!r}; allowed: {sorted(PARTICIPATIONS)}")
         cls = PARTICIPATIONS[name]
         d = {k: v for k, v in d.items() if v is not None}
-        unknown = sorted(set(d) - set(_OPTIONS[cls]))
+        unknown = sorted(set(d) - set(cls.config_options))
         if unknown:
-            raise ValueError(f"{cls.__name__} takes the options {list(_OPTIONS[cls])}, got also {unknown}")
+            raise ValueError(f"{cls.__name__} takes the options {list(cls.config_options)}, got also {unknown}")
         return cls(**d)
     raise ValueError(f"cannot build a participation rule from {spec!r}; use a name ({sorted(PARTICIPATIONS)}), a "
                      f"dict with a name and options, or a Participation")
@@ -250,7 +267,7 @@ def make_participation(spec: object) -> Participation:
 def layer_participation(layers: Any, num_layers: int, **options: Any) -> list[Participation]:
     """One rule per layer n = 1..N (the children drawn are layer n-1's nodes: devices for n = 1) from config
     values; every option one value or a list of N; each layer takes the options its rule has."""
-    from .compressors import _per_layer
+    from ..compressors import _per_layer
 
     names = _per_layer(layers, "participation.layers", num_layers)
     per = {k: _per_layer(v, f"participation.{k}", num_layers) for k, v in options.items()}
@@ -261,7 +278,7 @@ def layer_participation(layers: Any, num_layers: int, **options: Any) -> list[Pa
             raise ValueError(f"participation.layers[{n}] = {name!r} is not a participation rule; allowed: "
                              f"{sorted(PARTICIPATIONS)}")
         cls = PARTICIPATIONS[key]
-        out.append(make_participation({"name": key, **{k: v[n] for k, v in per.items() if k in _OPTIONS[cls]}}))
+        out.append(make_participation({"name": key, **{k: v[n] for k, v in per.items() if k in cls.config_options}}))
     return out
 
 

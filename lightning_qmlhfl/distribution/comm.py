@@ -9,7 +9,7 @@
 trimmed: one small exchange of the row counts, then the payload), and returns the per-rank tensors in rank order.
 Every communicator counts, per kind of collective, the calls and the bytes this rank contributes (``stats``; the
 padded payload; ``"sizes"`` for the row counts), for the scale-out benchmark and its formula
-(:meth:`lightning_qmlhfl.shard.Shard.exchange_bytes`).
+(:meth:`lightning_qmlhfl.distribution.shard.Shard.exchange_bytes`).
 """
 
 from __future__ import annotations

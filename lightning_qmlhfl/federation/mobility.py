@@ -103,6 +103,9 @@ class EdgeFailures:
         sched = f", schedule=<{len(self.schedule)} boundaries>" if self.schedule else ""
         return f"EdgeFailures(p={self.p}, mode={self.mode!r}{sched})"
 
+    def to_config(self) -> dict[str, Any]:
+        return {"p": self.p, "mode": self.mode, "schedule": {str(k): list(v) for k, v in self.schedule.items()}}
+
 
 class Mobility:
     """Base of the mobility models: ``move(boundary, parents, num_edges, generator) -> new parents``."""
@@ -141,6 +144,17 @@ class Mobility:
     def _options(self) -> list[str]:
         return []
 
+    config_name = "static"  # the ``model`` of make_mobility
+
+    def _model_config(self) -> dict[str, Any]:
+        """The model's own options as plain data (the base's are added by :meth:`to_config`)."""
+        return {}
+
+    def to_config(self) -> dict[str, Any]:
+        """Plain data that :func:`make_mobility` rebuilds this model from (what checkpoints store)."""
+        return {"model": self.config_name, **self._model_config(), "every": self.every, "mid_period": self.mid_period,
+                "failures": None if self.failures is None else self.failures.to_config()}
+
 
 class Static(Mobility):
     """No device ever moves (edge-server failures may still be given)."""
@@ -167,8 +181,13 @@ class RandomReassociation(Mobility):
         movers = torch.rand(parents.shape, generator=g, dtype=torch.float64) < self.p
         return torch.where(movers, _other_parent(parents, num_edges, g), parents)
 
+    config_name = "random"
+
     def _options(self) -> list[str]:
         return [str(self.p)]
+
+    def _model_config(self) -> dict[str, Any]:
+        return {"p": self.p}
 
 
 class Markov(Mobility):
@@ -207,8 +226,13 @@ class Markov(Mobility):
         u = torch.rand(parents.shape, generator=g, dtype=torch.float64)
         return torch.searchsorted(self._cum[parents], u[:, None], right=True).squeeze(1).clamp(max=num_edges - 1)
 
+    config_name = "markov"
+
     def _options(self) -> list[str]:
         return [f"<{self.transition.shape[0]}x{self.transition.shape[0]}>"]
+
+    def _model_config(self) -> dict[str, Any]:
+        return {"transition": self.transition.tolist()}
 
 
 class Schedule(Mobility):
@@ -251,6 +275,11 @@ class Schedule(Mobility):
     def move(self, boundary: int, parents: Tensor, num_edges: int, g: torch.Generator) -> Tensor:
         new = self.table.get(boundary)
         return parents if new is None else new.clone()
+
+    config_name = "schedule"
+
+    def _model_config(self) -> dict[str, Any]:
+        return {"parents": {str(t): v.tolist() if isinstance(v, Tensor) else list(v) for t, v in self.table.items()}}
 
     def _options(self) -> list[str]:
         return [f"<{len(self.table)} boundaries>"]
