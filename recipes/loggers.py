@@ -17,7 +17,7 @@ from typing import Any, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from recipes.options import ConfigError, check_choice
-from recipes.report import key_under
+from recipes.runs import key_under
 
 __all__ = ["WANDB_ID_FILE", "finish_loggers", "make_logger", "wandb_group_and_name", "wandb_logger"]
 

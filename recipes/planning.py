@@ -39,7 +39,7 @@ from omegaconf import DictConfig  # noqa: E402
 from lightning_qmlhfl.theory.planner import Plan, evaluate_taus, plan_taus  # noqa: E402
 from recipes.components import build_model  # noqa: E402
 from recipes.config import compose  # noqa: E402
-from recipes.report import interpolate_common  # noqa: E402
+from recipes.curves import interpolate_common  # noqa: E402
 from recipes.simulation import build_compressors, build_hierarchy, build_latency  # noqa: E402
 from recipes.train import run  # noqa: E402
 

@@ -22,14 +22,13 @@ by a running run (:func:`recipes.rundir.in_use`) are never resumed by ``ckpt_pat
 from __future__ import annotations
 
 import csv
-import os
 import re
 import sys
 import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from recipes.report import flatten_config, key_under
+from recipes.runs import flatten_config, key_under
 
 __all__ = ["CONFIG_FILE", "RESUME_IGNORED", "resume_ignored", "checkpoint_epoch", "config_diff", "continue_csv_logger", "continue_logger",
            "find_last_checkpoint", "read_csv_rows", "resolve_ckpt_path", "resume_argv", "write_run_config"]
