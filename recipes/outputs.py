@@ -46,12 +46,9 @@ class RunOutputs(Callback):
         self.summary: dict[str, Any] | None = None
 
     @staticmethod
-    def of(callbacks: Any) -> "RunOutputs":
-        """The one :class:`RunOutputs` among ``callbacks`` (a list, or a Trainer)."""
-        for cb in getattr(callbacks, "callbacks", callbacks):
-            if isinstance(cb, RunOutputs):
-                return cb
-        raise LookupError("no RunOutputs callback (callbacks.outputs)")
+    def of(callbacks: Any) -> "RunOutputs | None":
+        """The :class:`RunOutputs` among ``callbacks`` (a list, or a Trainer), if there is one."""
+        return next((cb for cb in getattr(callbacks, "callbacks", callbacks) if isinstance(cb, RunOutputs)), None)
 
     def on_fit_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if trainer.is_global_zero:

@@ -47,13 +47,16 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None, overrides: Se
     with RunDirectory(cfg, run_dir, config) as rd:
         torch.manual_seed(int_option(cfg.seed, "seed", 0, allow_none=False))
         if os.environ.get("QMLHFL_THREADS"):
-            torch.set_num_threads(int(os.environ["QMLHFL_THREADS"]))
+            torch.set_num_threads(int_option(_int_or_text(os.environ["QMLHFL_THREADS"]), "$QMLHFL_THREADS", 1,
+                                             allow_none=False))
         datamodule, model = build_datamodule(cfg), build_model(cfg)
         sim = build_simulation(cfg, model, datamodule, sweep)
         cfg = complete(cfg, rd.path, model, datamodule)
         callbacks = build_callbacks(cfg)
-        RunOutputs.of(callbacks).context = {"config": config, "participation": sim.participation,
-                                            "mobility": sim.mobility, "labels": labels(cfg)}
+        outputs = RunOutputs.of(callbacks)
+        if outputs is not None:
+            outputs.context = {"config": config, "participation": sim.participation, "mobility": sim.mobility,
+                               "labels": labels(cfg)}
         logger = make_logger(cfg, rd.path, rd.checkpoint is not None, overrides, sweep)
         trainer = instantiate_node(cfg.trainer, "trainer", strategy=sim.strategy, callbacks=callbacks, logger=logger,
                                    max_epochs=sim.rounds, log_every_n_steps=max(1, math.prod(sim.strategy.taus)))
@@ -63,11 +66,10 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None, overrides: Se
         if testing is not None:
             testing.test_module(trainer, model, datamodule)
         finish_loggers(trainer)
-        if not trainer.is_global_zero:  # the other ranks of a multi-process run: rank 0 evaluates and writes
-            return {}
-        summary = RunOutputs.of(trainer).summary or {}
-        print(format_summary(summary))
-        return summary
+        if not trainer.is_global_zero or outputs is None or outputs.summary is None:
+            return {}  # the other ranks of a multi-process run (rank 0 evaluates and writes), or no outputs
+        print(format_summary(outputs.summary))
+        return outputs.summary
 
 
 def complete(cfg: DictConfig, run_dir: Path, model: Any, datamodule: Any) -> DictConfig:
@@ -96,6 +98,10 @@ def complete(cfg: DictConfig, run_dir: Path, model: Any, datamodule: Any) -> Dic
                 if v is not None and str(v.get("_target_", "")).endswith("ModelCheckpoint"):
                     out.callbacks[k] = None
     return out
+
+
+def _int_or_text(text: str) -> int | str:
+    return int(text) if text.strip().isdigit() else text
 
 
 def labels(cfg: DictConfig) -> dict[str, str]:
