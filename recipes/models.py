@@ -124,7 +124,7 @@ class ImageClassifier(L.LightningModule):
         logits = self(x)
         loss = F.cross_entropy(logits, y)
         acc(logits, y)
-        # sync_dist: under trainer.strategy=qmlhfl_ddp every rank validates its part of the set (a no-op in one process)
+        # sync_dist: under strategy=qmlhfl_ddp every rank validates its part of the set (a no-op in one process)
         self.log(f"{stage}_loss", loss, on_epoch=True, prog_bar=stage == "val", sync_dist=True)
         self.log(f"{stage}_acc", acc, on_epoch=True, prog_bar=stage == "val")
         return loss
