@@ -31,7 +31,7 @@
 #   engine           bench/engine.py --device cuda: vmap and loop against the naive per-client loop, LeNet x 1000
 #                    first; MLP x 100 / 1000, LeNet x 100, the CIFAR CNN x 64; JSON lines in engine.jsonl
 #   main_job         python -m recipes.mnist trainer.accelerator=gpu (the README's main job), timed
-#   cifar_job        python -m recipes.cifar trainer.accelerator=gpu trainer.rounds=3, timed
+#   cifar_job        python -m recipes.cifar trainer.accelerator=gpu rounds=3, timed
 # DIR/steps.tsv: step, exit code (124: timed out; "skipped": no time left), seconds, timeout, log, command (written
 # as each step ends). DIR/wall_times.txt: the two jobs' wall times. DIR/<step>.log: each step's output.
 # Exit status: 0 if every step (or check) succeeded, 1 otherwise, 2 for a bad option.
@@ -156,8 +156,8 @@ fi
 # (in this order: when the budget runs out, the configurations at the end are the ones left out)
 # @BUDGET@: the step's timeout minus 25 s, so that the engine stops starting configurations and prints its table
 ENGINE_ARGS="--device cuda --in-process --rounds 1 --configs $ENGINE_CONFIGS --jsonl $Q_OUT/engine.jsonl --budget-s @BUDGET@"
-MNIST_ARGS="trainer.accelerator=gpu trainer.progress_bar=false hydra.run.dir=$Q_OUT/main_job"
-CIFAR_ARGS="trainer.accelerator=gpu trainer.rounds=3 trainer.progress_bar=false hydra.run.dir=$Q_OUT/cifar_job $CIFAR_DATA"
+MNIST_ARGS="trainer.accelerator=gpu trainer.enable_progress_bar=false hydra.run.dir=$Q_OUT/main_job"
+CIFAR_ARGS="trainer.accelerator=gpu rounds=3 trainer.enable_progress_bar=false hydra.run.dir=$Q_OUT/cifar_job $CIFAR_DATA"
 
 NAMES=()
 TIMEOUTS=()

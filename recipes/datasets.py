@@ -4,7 +4,7 @@ The two datasets are read straight from their official on-disk formats (no torch
 
 * MNIST: ``root/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz``, gzip-compressed IDX files.
 * CIFAR-10: ``root/cifar-10-batches-py/{data_batch_1..5,test_batch}``, the "python version" pickles.
-  They are unpickled with :class:`RestrictedUnpickler`, which admits only the numpy globals the format
+  They are unpickled with :class:`~recipes.integrity.RestrictedUnpickler`, which admits only the numpy globals the format
   needs, so a tampered file cannot run code.
 
 Every file is checked against a list of accepted md5s (the official release and the lossless local
@@ -12,7 +12,7 @@ rebuild described in ``/work/shared/data/README.md``). A file's digest is comput
 and cached, keyed by path, size and modification time.
 
 Loaders return ``uint8`` images ``[n, C, H, W]`` and ``int64`` labels ``[n]``. Normalisation and
-augmentation (:func:`normalize`, :func:`random_crop_flip`) then run on whole batches on whatever device
+augmentation (:func:`normalize`, :func:`random_crop_flip`, in :mod:`recipes.transforms`) then run on whole batches on whatever device
 the tensors live on, in the style of airbench: the data sits on the device and mini-batches are gathered
 by indexing, with no DataLoader and no per-sample Python.
 
@@ -28,12 +28,9 @@ leaves a file that looks complete, and concurrent runs downloading the same file
 
 from __future__ import annotations
 
-import codecs
 import gzip
-import hashlib
 import io
 import os
-import pickle
 import shutil
 import struct
 import tarfile
@@ -47,9 +44,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import Tensor
-import torch.nn.functional as F
 
 from recipes.files import temp_file_beside
+from recipes.integrity import _HINT, _MD5_CACHE, DATA_ENV_VAR, DatasetError, RestrictedUnpickler  # noqa: F401
+from recipes.integrity import md5_of_file, verify_md5  # noqa: F401 (part of this module's API)
+from recipes.transforms import crop_flip, normalize, random_crop_flip  # noqa: F401 (part of this module's API)
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -85,8 +84,6 @@ CIFAR10_STD: tuple[float, ...] = (0.2470, 0.2435, 0.2616)
 
 DATASET_NAMES: tuple[str, ...] = ("mnist", "cifar10")
 
-DATA_ENV_VAR = "QMLHFL_DATA"
-_HINT = f"set {DATA_ENV_VAR} or data_dir=... to a directory holding the dataset, or pass dataset.download=true"
 MIRROR_ENV_VARS: dict[str, str] = {"mnist": "QMLHFL_MNIST_MIRROR", "cifar10": "QMLHFL_CIFAR10_MIRROR"}
 
 MNIST_SUBDIR = Path("MNIST") / "raw"
@@ -125,70 +122,6 @@ CIFAR10_ARCHIVE_MD5: tuple[str, ...] = ("c58f30108f718f92721af3b95e74349a",)
 
 _IDX_IMAGES_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
 _IDX_LABELS_MAGIC = 0x00000801  # unsigned byte, 1 dimension
-
-
-class DatasetError(RuntimeError):
-    """A dataset file is missing, corrupt, unsafe or cannot be obtained; the message says what to do."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Checksums
-# ----------------------------------------------------------------------------------------------
-
-# (absolute path, size in bytes, mtime in ns) -> md5 hex digest. Filled once per file per process.
-_MD5_CACHE: dict[tuple[str, int, int], str] = {}
-
-
-def _cache_key(path: Path) -> tuple[str, int, int]:
-    st = path.stat()
-    return (str(path.resolve()), st.st_size, st.st_mtime_ns)
-
-
-def md5_of_file(path: str | os.PathLike[str], data: bytes | None = None) -> str:
-    """Hex md5 of the file at ``path``, cached per process (keyed by path, size and mtime).
-
-    ``data``, if given, must be the file's full contents already read by the caller; it is hashed
-    instead of re-reading the file.
-    """
-    path = Path(path)
-    key = _cache_key(path)
-    digest = _MD5_CACHE.get(key)
-    if digest is None:
-        if data is None:
-            h = hashlib.md5()
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-            digest = h.hexdigest()
-        else:
-            digest = hashlib.md5(data).hexdigest()
-        _MD5_CACHE[key] = digest
-    return digest
-
-
-def verify_md5(
-    path: str | os.PathLike[str],
-    accepted: Sequence[str],
-    data: bytes | None = None,
-    *,
-    name: str | os.PathLike[str] | None = None,
-    remedy: str | None = None,
-) -> None:
-    """Raise :class:`DatasetError` unless the md5 of ``path`` is one of ``accepted``.
-
-    ``name`` is the file named in the message (default ``path``); ``remedy`` replaces the default advice.
-    """
-    digest = md5_of_file(path, data)
-    if digest not in accepted:
-        if remedy is None:
-            remedy = (
-                f"the file is corrupt, truncated or a different version: replace it ({_HINT}), "
-                f"or load with verify=False if you modified it on purpose"
-            )
-        raise DatasetError(
-            f"{name if name is not None else path}: md5 mismatch: got {digest}, "
-            f"accepted {', '.join(accepted)}; {remedy}."
-        )
 
 
 def _read_file(path: Path, what: str) -> bytes:
@@ -268,58 +201,8 @@ def load_mnist(root: str | os.PathLike[str], train: bool, verify: bool = True) -
 
 
 # ----------------------------------------------------------------------------------------------
-# CIFAR-10 (python pickles)
+# CIFAR-10 (python pickles, read with recipes.integrity.RestrictedUnpickler)
 # ----------------------------------------------------------------------------------------------
-
-
-def _numpy_reconstruct() -> Any:
-    core = getattr(np, "_core", None)  # numpy >= 2; avoids the deprecated numpy.core shim
-    if core is not None:
-        return core.multiarray._reconstruct
-    return np.core.multiarray._reconstruct  # pragma: no cover - numpy 1.x
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only the globals a CIFAR-10 python batch needs.
-
-    The official batches reference exactly ``numpy.core.multiarray._reconstruct``, ``numpy.ndarray`` and
-    ``numpy.dtype`` (the ``data`` field is a numpy array; everything else is dicts, lists, bytes and
-    ints, which need no globals). ``numpy._core.multiarray._reconstruct`` (numpy >= 2 pickles) is also
-    admitted, and so is ``_codecs.encode``, which Python 3 uses for ``bytes`` in protocol <= 2 pickles
-    (a batch re-saved with ``pickle.dump(..., protocol=2)``); it only turns a str into bytes. Any other
-    global raises :class:`DatasetError` *before* it is imported or called.
-    """
-
-    ALLOWED: frozenset[tuple[str, str]] = frozenset(
-        {
-            ("numpy.core.multiarray", "_reconstruct"),
-            ("numpy._core.multiarray", "_reconstruct"),
-            ("numpy", "ndarray"),
-            ("numpy", "dtype"),
-            ("_codecs", "encode"),
-        }
-    )
-
-    def __init__(self, file: io.BufferedIOBase | io.BytesIO, source: str | os.PathLike[str] = "<pickle>") -> None:
-        super().__init__(file, encoding="bytes")
-        self.source = str(source)
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in self.ALLOWED:
-            allowed = ", ".join(sorted(f"{m}.{n}" for m, n in self.ALLOWED))
-            raise DatasetError(
-                f"{self.source}: pickle references the global {module}.{name}, which a CIFAR-10 batch never "
-                f"needs; refusing to load it (a tampered pickle can run code). Allowed globals: {allowed}. "
-                f"Replace the file with the official release ({_HINT})."
-            )
-        if name == "_reconstruct":
-            return _numpy_reconstruct()
-        if name == "encode":
-            return codecs.encode
-        return np.ndarray if name == "ndarray" else np.dtype
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise DatasetError(f"{self.source}: pickle uses persistent id {pid!r}, which CIFAR-10 batches never do.")
 
 
 def _get(d: dict[Any, Any], key: str) -> Any:
@@ -649,123 +532,3 @@ def get_dataset(
     test_x, test_y = loader(root, train=False, verify=verify)
     mean, std = dataset_stats(key)
     return DatasetSplits(key, train_x, train_y, test_x, test_y, mean, std)
-
-
-# ----------------------------------------------------------------------------------------------
-# Batched on-device preprocessing
-# ----------------------------------------------------------------------------------------------
-
-
-def normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """Scale ``uint8`` pixels to [0, 1] and standardise each channel: ``(x / 255 - mean) / std``.
-
-    Args:
-        x: ``uint8`` ``[..., C, H, W]`` on any device.
-        mean, std: ``C`` per-channel values in [0, 1] pixel units (e.g. :data:`CIFAR10_MEAN`).
-
-    Returns:
-        ``float32`` tensor of the same shape and device.
-    """
-    if x.dtype != torch.uint8:
-        raise TypeError(f"normalize expects uint8 pixels (0..255), got dtype {x.dtype}")
-    if x.dim() < 3:
-        raise ValueError(f"normalize expects [..., C, H, W], got shape {tuple(x.shape)}")
-    c = x.shape[-3]
-    if len(mean) != c or len(std) != c:
-        raise ValueError(f"mean/std have {len(mean)}/{len(std)} entries but the images have {c} channels")
-    if any(s <= 0 for s in std):
-        raise ValueError(f"std must be positive, got {tuple(std)}")
-    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(c, 1, 1)
-    inv = 1.0 / torch.tensor(std, dtype=torch.float32, device=x.device).view(c, 1, 1)
-    return (x.to(torch.float32).mul_(1.0 / 255.0).sub_(m)).mul_(inv)
-
-
-PaddingMode = Literal["zeros", "reflect"]
-
-
-def crop_flip(
-    x: Tensor,
-    offsets_y: Tensor,
-    offsets_x: Tensor,
-    flips: Tensor,
-    padding: int = 4,
-    padding_mode: PaddingMode = "reflect",
-) -> Tensor:
-    """Crop each image of a batch at a given offset from its padded version and flip the chosen ones.
-
-    Output ``[b, :, i, j] = padded[b, :, offsets_y[b] + i, offsets_x[b] + j']`` with
-    ``j' = W - 1 - j`` where ``flips[b]`` else ``j``; ``padded`` is ``x`` padded by ``padding`` pixels
-    on every side (``"zeros"``: zero fill, i.e. the mean pixel after :func:`normalize`; ``"reflect"``:
-    mirror without repeating the edge). One gather, no loop over samples.
-
-    Args:
-        x: float ``[B, C, H, W]``.
-        offsets_y, offsets_x: integer ``[B]`` in ``0 .. 2 * padding`` (``padding`` = no shift).
-        flips: bool ``[B]``, True = mirror horizontally.
-        padding: pixels of padding per side, ``0 <= padding`` (``< H, W`` for reflect).
-        padding_mode: ``"zeros"`` or ``"reflect"``.
-
-    Returns:
-        Tensor like ``x``.
-    """
-    if x.dim() != 4:
-        raise ValueError(f"crop_flip expects [B, C, H, W], got shape {tuple(x.shape)}")
-    if padding_mode not in ("zeros", "reflect"):
-        raise ValueError(f"padding_mode must be 'zeros' or 'reflect', got {padding_mode!r}")
-    if padding < 0:
-        raise ValueError(f"padding must be >= 0, got {padding}")
-    b, c, h, w = x.shape
-    if padding_mode == "reflect" and padding >= min(h, w):
-        raise ValueError(f"reflect padding {padding} must be smaller than the image size {h}x{w}")
-    for t, what in ((offsets_y, "offsets_y"), (offsets_x, "offsets_x"), (flips, "flips")):
-        if t.shape != (b,):
-            raise ValueError(f"{what} must have shape ({b},), got {tuple(t.shape)}")
-    if padding:
-        mode = "constant" if padding_mode == "zeros" else "reflect"
-        xp = F.pad(x, (padding, padding, padding, padding), mode=mode)
-    else:
-        xp = x
-    hp, wp = h + 2 * padding, w + 2 * padding
-    dev = x.device
-    ar_h = torch.arange(h, device=dev)
-    ar_w = torch.arange(w, device=dev)
-    rows = offsets_y.to(dev, torch.long).view(b, 1) + ar_h  # [B, H]
-    col_in = torch.where(flips.to(dev, torch.bool).view(b, 1), (w - 1) - ar_w, ar_w)  # [B, W]
-    cols = offsets_x.to(dev, torch.long).view(b, 1) + col_in  # [B, W]
-    flat_idx = (rows.view(b, h, 1) * wp + cols.view(b, 1, w)).view(b, 1, h * w).expand(b, c, h * w)
-    return xp.reshape(b, c, hp * wp).gather(2, flat_idx).view(b, c, h, w)
-
-
-def random_crop_flip(
-    x: Tensor,
-    padding: int = 4,
-    generator: torch.Generator | None = None,
-    padding_mode: PaddingMode = "reflect",
-) -> Tensor:
-    """Random-crop-with-padding and random horizontal flip (p = 0.5), independently per image.
-
-    The standard CIFAR augmentation (crop ``H x W`` from the image padded by ``padding`` on each side),
-    vectorised over the batch. Default padding is ``"reflect"`` (airbench's choice: after normalisation a
-    constant fill would be an arbitrary colour); ``"zeros"`` pads with 0, the mean pixel.
-
-    Args:
-        x: float ``[B, C, H, W]`` or ``[..., B, C, H, W]`` (e.g. ``[D, B, C, H, W]`` with a leading device
-            dimension; all leading dims are flattened, augmented independently and restored).
-        padding: pixels per side; offsets are drawn uniformly from ``0 .. 2 * padding``.
-        generator: optional ``torch.Generator`` for reproducible draws; the offsets and flips are drawn
-            on the generator's device and moved to ``x.device``. Without one, drawn on ``x.device``.
-        padding_mode: ``"zeros"`` or ``"reflect"``.
-
-    Returns:
-        Tensor with the shape, dtype and device of ``x``.
-    """
-    if x.dim() < 4:
-        raise ValueError(f"random_crop_flip expects [..., B, C, H, W], got shape {tuple(x.shape)}")
-    lead = x.shape[:-3]
-    flat = x.reshape(-1, *x.shape[-3:])
-    n = flat.shape[0]
-    draw_device = generator.device if generator is not None else x.device
-    offsets = torch.randint(0, 2 * padding + 1, (2, n), generator=generator, device=draw_device)
-    flips = torch.rand(n, generator=generator, device=draw_device) < 0.5
-    out = crop_flip(flat, offsets[0], offsets[1], flips, padding=padding, padding_mode=padding_mode)
-    return out.view(*lead, *x.shape[-3:])

@@ -81,6 +81,9 @@ class ImageClassifier(L.LightningModule):
         num_classes: int = 10,
     ) -> None:
         super().__init__()
+        for key, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{key} must be a number, got {value!r}")
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         if not 0 <= momentum < 1:
@@ -121,13 +124,20 @@ class ImageClassifier(L.LightningModule):
         logits = self(x)
         loss = F.cross_entropy(logits, y)
         acc(logits, y)
-        # sync_dist: under trainer.strategy=qmlhfl_ddp every rank validates its part of the set (a no-op in one process)
+        # sync_dist: under strategy=qmlhfl_ddp every rank validates its part of the set (a no-op in one process)
         self.log(f"{stage}_loss", loss, on_epoch=True, prog_bar=stage == "val", sync_dist=True)
         self.log(f"{stage}_acc", acc, on_epoch=True, prog_bar=stage == "val")
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self._eval_step(batch, "val", self.val_acc)
+
+    def per_sample_metrics(self, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
+        """Per-sample cross-entropy and correctness (``{"loss": [B], "acc": [B]}``): the recipes' test curve and
+        per-device evaluation (:mod:`recipes.evaluation`)."""
+        from recipes.evaluation import classification_metrics
+
+        return classification_metrics(self(batch[0]), batch[1])
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self._eval_step(batch, "test", self.test_acc)

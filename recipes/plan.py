@@ -21,7 +21,7 @@ from lightning_qmlhfl.simulation.stacked import upload_dims
 from lightning_qmlhfl.theory.latency import LatencyModel, measure_compute_time, upload_bits
 from lightning_qmlhfl.theory.planner import Plan, plan_taus
 from lightning_qmlhfl.theory import lr_condition_terms, quantizer_variances, term_provenance
-from recipes.building import build_compressors
+from recipes.simulation import build_compressors
 
 
 def _per_layer(value: Any, N: int, what: str) -> list[Any]:

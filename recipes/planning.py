@@ -10,8 +10,8 @@ constant L assumed for Eq. 15, the learning rate mu we would like to train with)
    feasible (at least one global round fits the deadline) and differ from the plan; each is scored the same way
    (:func:`lightning_qmlhfl.theory.planner.evaluate_taus`) and trained with its own admissible mu(tau), so the
    comparison is about tau, not about who got the better learning rate;
-3. trains every tau for every seed in ``planning.seeds`` with ``recipes.common.run``: exactly
-   T = floor(T_d / T_glob(tau)) global rounds (``trainer.deadline``), so every run stops at the same simulated
+3. trains every tau for every seed in ``planning.seeds`` with ``recipes.train.run``: exactly
+   T = floor(T_d / T_glob(tau)) global rounds (``deadline``), so every run stops at the same simulated
    deadline, and reads the cloud model's test accuracy at the deadline;
 4. writes ``results.md`` (table, mean +- std over seeds), ``results.json``, ``accuracy_at_deadline.png`` and
    ``accuracy_vs_sim_time.png`` into ``planning.out`` (default ``docs/planning``), the per-run directories under
@@ -34,24 +34,22 @@ from typing import Any
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
 import numpy as np  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from recipes.building import build_model_from_cfg  # noqa: E402
 from lightning_qmlhfl.theory.planner import Plan, evaluate_taus, plan_taus  # noqa: E402
-from recipes.common import build_compressors, build_hierarchy, build_latency, run  # noqa: E402
-from recipes.report import interpolate_common  # noqa: E402
-
-CONF = Path(__file__).resolve().parent / "conf"
+from recipes.components import build_model  # noqa: E402
+from recipes.config import compose  # noqa: E402
+from recipes.curves import interpolate_common  # noqa: E402
+from recipes.simulation import build_compressors, build_hierarchy, build_latency  # noqa: E402
+from recipes.train import run  # noqa: E402
 
 
 def compose_cfg(overrides: list[str]) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="mnist", overrides=["+experiment=planning", *overrides])
+    return compose("mnist", ["+experiment=planning", *overrides])
 
 
 def count_params(cfg: DictConfig) -> int:
-    return sum(p.numel() for p in build_model_from_cfg(cfg).parameters())
+    return sum(p.numel() for p in build_model(cfg).parameters())
 
 
 def candidates(cfg: DictConfig) -> tuple[Plan, list[Plan], dict[str, Any]]:
@@ -62,7 +60,7 @@ def candidates(cfg: DictConfig) -> tuple[Plan, list[Plan], dict[str, Any]]:
     d = count_params(cfg)
     latency = build_latency(cfg, h.num_layers)
     common = dict(L=float(p.L), mu=float(p.mu), safety=float(p.safety))
-    deadline = float(cfg.trainer.deadline)
+    deadline = float(cfg.deadline)
     plan = plan_taus(h, qs, d, latency, deadline, tau_max=int(p.tau_max), **common).require_feasible()
     rng = np.random.default_rng(int(p.get("random_seed", 2026)))
     chosen: list[Plan] = []

@@ -1,6 +1,6 @@
 """Compare finished runs: ``python -m recipes.report RUN_DIR... [--out DIR] [--group-by KEY ...]``.
 
-Every ``RUN_DIR`` is either a run directory written by :mod:`recipes.common` (it holds ``summary.json`` and
+Every ``RUN_DIR`` is either a run directory written by :mod:`recipes.train` (it holds ``summary.json`` and
 ``history.json``) or a directory above such runs, e.g. a Hydra multirun directory
 ``multirun/depth/2026-11-30_10-00-00/`` with numbered job subdirectories: it is searched recursively and every
 directory holding a ``summary.json`` is one run.
@@ -36,7 +36,6 @@ import os
 import re
 import textwrap
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,160 +64,13 @@ __all__ = [
     "main",
 ]
 
-SUMMARY = "summary.json"
-HISTORY = "history.json"
-X_AXES: tuple[str, ...] = ("round", "sim_time", "bits")
-BANDS: tuple[str, ...] = ("std", "minmax")
+from recipes.curves import (BANDS, X_AXES, Curve, record_x, aggregate_curve, align_rounds, interpolate_common,
+                            run_curve)
+from recipes.runs import Run, is_number, collect_runs, flatten_config, key_under, load_run
+
 _BITS_PER_MB = 8e6
 _REL_TOL = 1e-9  # tolerance of the budget comparison, so a run whose final time equals T counts as having reached T
 _TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}|\d{2}[-_:]\d{2}[-_:]\d{2}")
-_REQUIRED_NUMBERS = ("rounds", "bits_total", "baseline_bits_total", "sim_time_s", "wall_time_s")
-_OPTIONAL_ACCURACIES = ("final_test_acc", "best_test_acc")
-
-
-# ====================================================================================================== loading
-@dataclass
-class Run:
-    """One finished run: its directory, ``summary.json``, ``history.json`` and flattened config."""
-
-    path: Path
-    summary: dict[str, Any]
-    history: list[dict[str, Any]]
-    flat_config: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def seed(self) -> Any:
-        """The run's seed (``summary["seed"]``, else ``config["seed"]``, else None)."""
-        if "seed" in self.summary:
-            return self.summary["seed"]
-        return self.summary["config"].get("seed")
-
-    @property
-    def final_sim_time(self) -> float:
-        """Simulated seconds at the end of the run (``summary["sim_time_s"]``)."""
-        return float(self.summary["sim_time_s"])
-
-
-def flatten_config(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Dotted leaf keys of a nested dict: ``{"a": {"b": 1}, "c": [1, 2]}`` -> ``{"a.b": 1, "c": [1, 2]}``.
-
-    Lists (and empty dicts) are leaves.
-    """
-    out: dict[str, Any] = {}
-    for key, value in cfg.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            out.update(flatten_config(value, dotted + "."))
-        else:
-            out[dotted] = value
-    return out
-
-
-def key_under(key: str, prefixes: Sequence[str]) -> bool:
-    """Whether the dotted config ``key`` is one of ``prefixes`` or lies below one (``"logger"`` covers
-    ``"logger.mode"``, not ``"loggers"``)."""
-    return any(key == p or key.startswith(p + ".") for p in prefixes)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ValueError(f"cannot read {path}: {e}") from e
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"malformed JSON in {path}: {e}") from e
-
-
-def _validate_summary(summary: Any, path: Path) -> dict[str, Any]:
-    if not isinstance(summary, dict):
-        raise ValueError(f"malformed {path}: expected a JSON object, got {type(summary).__name__}")
-    if not isinstance(summary.get("config"), dict):
-        raise ValueError(f"malformed {path}: 'config' must be an object (the resolved run config), "
-                         f"got {summary.get('config')!r}")
-    for key in _REQUIRED_NUMBERS:
-        if key not in summary:
-            raise ValueError(f"malformed {path}: missing key {key!r}")
-        if not _is_number(summary[key]):
-            raise ValueError(f"malformed {path}: {key!r} must be a number, got {summary[key]!r}")
-    for key in _OPTIONAL_ACCURACIES:
-        if key not in summary:
-            raise ValueError(f"malformed {path}: missing key {key!r}")
-        if summary[key] is not None and not _is_number(summary[key]):
-            raise ValueError(f"malformed {path}: {key!r} must be a number or null, got {summary[key]!r}")
-    return summary
-
-
-def _validate_history(history: Any, path: Path) -> list[dict[str, Any]]:
-    if not isinstance(history, list):
-        raise ValueError(f"malformed {path}: expected a JSON list of per-round records, got {type(history).__name__}")
-    for i, rec in enumerate(history):
-        if not isinstance(rec, dict):
-            raise ValueError(f"malformed {path}: record {i} must be an object, got {rec!r}")
-        if not _is_number(rec.get("round")):
-            raise ValueError(f"malformed {path}: record {i} has no numeric 'round' (got {rec.get('round')!r})")
-        for key in ("test_acc", "sim_time", "bits_total"):
-            if key in rec and rec[key] is not None and not _is_number(rec[key]):
-                raise ValueError(f"malformed {path}: record {i} has {key!r} = {rec[key]!r}, expected a number")
-    return history
-
-
-def load_run(run_dir: str | os.PathLike) -> Run:
-    """Read and validate ``summary.json`` and ``history.json`` of one run directory.
-
-    Raises:
-        ValueError: a file is missing or malformed; the message names the file.
-    """
-    run_dir = Path(run_dir)
-    summary_path, history_path = run_dir / SUMMARY, run_dir / HISTORY
-    if not summary_path.is_file():
-        raise ValueError(f"no {SUMMARY} in run directory {run_dir}")
-    if not history_path.is_file():
-        raise ValueError(f"run directory {run_dir} has a {SUMMARY} but no {HISTORY} ({history_path})")
-    summary = _validate_summary(_read_json(summary_path), summary_path)
-    history = _validate_history(_read_json(history_path), history_path)
-    return Run(path=run_dir, summary=summary, history=history, flat_config=flatten_config(summary["config"]))
-
-
-def collect_runs(paths: Iterable[str | os.PathLike]) -> list[Run]:
-    """Every run below ``paths``: each path is a run directory or a directory searched recursively for them.
-
-    Runs are returned sorted by path (numbers in names numerically: job ``2/`` before ``10/``), each once.
-
-    Raises:
-        ValueError: a path does not exist, a path holds no run, or a run's files are malformed.
-    """
-    found: dict[Path, Path] = {}
-    paths = list(paths)
-    if not paths:
-        raise ValueError("no run directories given")
-    for p in paths:
-        root = Path(p)
-        if not root.exists():
-            raise ValueError(f"run directory {root} does not exist")
-        if not root.is_dir():
-            raise ValueError(f"{root} is not a directory (give run directories or their parents)")
-        hits: list[Path] = []
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames.sort()
-            if SUMMARY in filenames:
-                hits.append(Path(dirpath))
-        if not hits:
-            raise ValueError(f"no {SUMMARY} found in {root} or any directory below it")
-        for h in hits:
-            found.setdefault(h.resolve(), h)
-    return [load_run(found[key]) for key in sorted(found, key=_natural_key)]
-
-
-def _natural_key(path: Path) -> tuple:
-    """Sort key of a path with numbers compared numerically, so Hydra job ``2/`` comes before ``10/``."""
-    return tuple(tuple((0, int(c), "") if c.isdigit() else (1, 0, c) for c in re.split(r"(\d+)", part) if c)
-                 for part in path.parts)
 
 
 # ===================================================================================================== grouping
@@ -238,7 +90,7 @@ def _sort_key(value: Any) -> tuple:
         return (0,)
     if isinstance(value, bool):
         return (1, float(value))
-    if _is_number(value):
+    if is_number(value):
         return (1, float(value))
     if isinstance(value, str):
         return (2, value)
@@ -324,17 +176,6 @@ def mean_std(values: Iterable[float | None]) -> tuple[float | None, float | None
     return mean, std, len(vals)
 
 
-def _record_x(rec: Mapping[str, Any], x: str) -> float | None:
-    """The x value of a history record (bits in MB); a round-0 record without it sits at 0."""
-    if x == "round":
-        return float(rec["round"])
-    key = "sim_time" if x == "sim_time" else "bits_total"
-    value = rec.get(key)
-    if value is None:
-        return 0.0 if rec["round"] == 0 else None
-    return float(value) / _BITS_PER_MB if x == "bits" else float(value)
-
-
 def accuracy_at_sim_time(run: Run, budget: float) -> float | None:
     """Test accuracy of the last evaluated record of ``run`` with ``sim_time <= budget`` (None if none)."""
     limit = budget + _REL_TOL * max(1.0, abs(budget))
@@ -343,7 +184,7 @@ def accuracy_at_sim_time(run: Run, budget: float) -> float | None:
     for rec in run.history:
         if rec.get("test_acc") is None:
             continue
-        t = _record_x(rec, "sim_time")
+        t = record_x(rec, "sim_time")
         if t is not None and t <= limit and t >= best_t:
             best_t, acc = t, float(rec["test_acc"])
     return acc
@@ -396,93 +237,6 @@ def summarize(groups: Mapping[str, Sequence[Run]], budget: float | None = None) 
             "wall_time_s_mean": float(np.mean([x["wall_time_s"] for x in s])),
         })
     return rows
-
-
-# ====================================================================================================== curves
-@dataclass
-class Curve:
-    """The mean accuracy curve (fractions) of one setting over its seeds, with its band ``lo``..``hi``."""
-
-    x: np.ndarray
-    mean: np.ndarray
-    lo: np.ndarray
-    hi: np.ndarray
-    n: int
-
-
-def run_curve(run: Run, x: str) -> tuple[np.ndarray, np.ndarray]:
-    """Evaluated points of one run: x (round, simulated s, or cumulative MB sent) and test accuracy, sorted by x.
-
-    Records without ``test_acc`` (or without the x value) are skipped; of several records at the same x the last
-    one is kept, so x is strictly increasing.
-    """
-    if x not in X_AXES:
-        raise ValueError(f"x axis must be one of {X_AXES}, got {x!r}")
-    points: dict[float, float] = {}
-    for rec in run.history:
-        if rec.get("test_acc") is None:
-            continue
-        xv = _record_x(rec, x)
-        if xv is not None:
-            points[xv] = float(rec["test_acc"])
-    xs = np.array(sorted(points), dtype=float)
-    return xs, np.array([points[v] for v in xs], dtype=float)
-
-
-def interpolate_common(curves: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray] | None:
-    """Put curves with different x grids onto one grid with linear interpolation (``np.interp``).
-
-    The grid is the union of all curves' x values inside ``[max of the starts, min of the ends]``, the range every
-    curve covers, so no curve is extrapolated. Returns ``(grid, ys)`` with ``ys[i]`` curve i on the grid, or None if
-    some curve is empty or the ranges do not overlap.
-    """
-    if not curves or any(len(xs) == 0 for xs, _ in curves):
-        return None
-    lo = max(float(xs[0]) for xs, _ in curves)
-    hi = min(float(xs[-1]) for xs, _ in curves)
-    if lo > hi:
-        return None
-    knots = np.concatenate([np.asarray(xs, dtype=float) for xs, _ in curves] + [np.array([lo, hi])])
-    grid = np.unique(knots[(knots >= lo) & (knots <= hi)])
-    ys = np.stack([np.interp(grid, xs, y) for xs, y in curves])
-    return grid, ys
-
-
-def align_rounds(curves: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray] | None:
-    """Keep the rounds every curve evaluated: ``(rounds, ys)``, or None if there are none in common."""
-    if not curves:
-        return None
-    common = set(curves[0][0].tolist())
-    for xs, _ in curves[1:]:
-        common &= set(xs.tolist())
-    if not common:
-        return None
-    grid = np.array(sorted(common), dtype=float)
-    ys = np.stack([y[np.searchsorted(xs, grid)] for xs, y in curves])
-    return grid, ys
-
-
-def aggregate_curve(runs: Sequence[Run], x: str, band: str = "std") -> Curve | None:
-    """Mean over seeds of the runs' accuracy curves against ``x``, with a ± 1 sample std or min-max band.
-
-    None if the seeds share no evaluated round (``x="round"``) or no x range (``sim_time``, ``bits``).
-    """
-    if band not in BANDS:
-        raise ValueError(f"band must be one of {BANDS}, got {band!r}")
-    curves = [run_curve(r, x) for r in runs]
-    aligned = align_rounds(curves) if x == "round" else interpolate_common(curves)
-    if aligned is None:
-        return None
-    grid, ys = aligned
-    mean = ys.mean(axis=0)
-    if band == "minmax":
-        lo, hi = ys.min(axis=0), ys.max(axis=0)
-    elif len(ys) >= 2:
-        std = ys.std(axis=0, ddof=1)
-        lo, hi = mean - std, mean + std
-    else:
-        lo, hi = mean.copy(), mean.copy()
-    return Curve(x=grid, mean=mean, lo=lo, hi=hi, n=len(ys))
 
 
 _X_LABEL = {"round": "global round", "sim_time": "simulated time [s]", "bits": "cumulative bits sent [MB]"}

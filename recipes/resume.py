@@ -14,33 +14,46 @@ parent of ``hydra.run.dir``, i.e. ``outputs/NAME/``, and of ``hydra.sweep.dir``,
 different logger or data directory are allowed). An explicit ``ckpt_path=PATH`` is taken as given; differences
 from that run's configuration are printed as a warning.
 
-Checkpoints are written atomically (:class:`AtomicCheckpointIO`: a temporary file in the same directory, fsync,
-rename), so a run killed while saving leaves the previous complete ``last.ckpt``.
+Checkpoints are written atomically (:class:`recipes.checkpoint_io.AtomicCheckpointIO`: a temporary file in the same
+directory, fsync, rename), so a run killed while saving leaves the previous complete ``last.ckpt``. Directories held
+by a running run (:func:`recipes.rundir.in_use`) are never resumed by ``ckpt_path=last``.
 """
 
 from __future__ import annotations
 
 import csv
-import os
 import re
 import sys
 import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from recipes.report import flatten_config, key_under
+from recipes.runs import flatten_config, key_under
 
-__all__ = ["CONFIG_FILE", "RESUME_IGNORED", "AtomicCheckpointIO", "config_diff", "continue_csv_logger",
+__all__ = ["CONFIG_FILE", "RESUME_IGNORED", "resume_ignored", "checkpoint_epoch", "config_diff", "continue_csv_logger", "continue_logger",
            "find_last_checkpoint", "read_csv_rows", "resolve_ckpt_path", "resume_argv", "write_run_config"]
 
 CONFIG_FILE = "config.yaml"
 """The resolved configuration of a run, written into its directory when it starts (used by ``ckpt_path=last``)."""
 
-RESUME_IGNORED: tuple[str, ...] = ("ckpt_path", "data_dir", "trainer.progress_bar", "trainer.rounds",
-                                   "trainer.max_steps", "trainer.deadline", "logger", "hydra", "dataset.download",
-                                   "dataset.mirror", "eval.every", "eval.test_every", "eval.personalized",
-                                   "eval.personal_steps", "eval.batch_size", "trainer.callbacks")
-"""Config keys (and key prefixes) that may differ between a run and its resumption."""
+RESUME_IGNORED: tuple[str, ...] = ("ckpt_path", "data_dir", "trainer.enable_progress_bar", "rounds", "trainer.max_steps",
+                                   "deadline", "logger", "hydra", "paths", "dataset.download", "dataset.mirror",
+                                   "eval.every", "eval.test_every", "eval.metrics", "eval.personalized",
+                                   "eval.personal_steps", "eval.batch_size", "trainer.callbacks",
+                                   # their names before the recipes' redesign (configs of older runs)
+                                   "trainer.progress_bar", "trainer.rounds", "trainer.deadline")
+"""Config keys (and key prefixes) that may differ between a run and its resumption. A key whose value is an
+interpolation of another (``strategy.seed: ${seed}``) follows that key (:func:`resume_ignored`)."""
+
+
+def resume_ignored(cfg: Any) -> tuple[str, ...]:
+    """:data:`RESUME_IGNORED` and every key of ``cfg`` (a DictConfig) whose value is an interpolation: such a key
+    differs exactly when the key it copies does, which is compared (or ignored) itself."""
+    from omegaconf import OmegaConf
+
+    raw = flatten_config(OmegaConf.to_container(cfg, resolve=False))
+    copies = tuple(k for k, v in raw.items() if isinstance(v, str) and re.fullmatch(r"\$\{[^}]*\}", v.strip()))
+    return RESUME_IGNORED + copies
 
 
 def config_diff(old: Mapping[str, Any], new: Mapping[str, Any], ignore: Sequence[str] = RESUME_IGNORED
@@ -61,9 +74,11 @@ def write_run_config(run_dir: Path, config: Mapping[str, Any], overwrite: bool =
     """Write the resolved ``config`` to ``run_dir/config.yaml`` (kept as it is when resuming: ``overwrite=False``)."""
     from omegaconf import OmegaConf
 
+    from recipes.files import write_text_atomic
+
     path = Path(run_dir) / CONFIG_FILE
     if overwrite or not path.exists():
-        OmegaConf.save(OmegaConf.create(dict(config)), path)
+        write_text_atomic(path, OmegaConf.to_yaml(OmegaConf.create(dict(config))))
     return path
 
 
@@ -79,9 +94,10 @@ def _read_run_config(run_dir: Path) -> dict[str, Any] | None:
         return None
 
 
-def find_last_checkpoint(roots: Sequence[Path], config: Mapping[str, Any]) -> Path:
+def find_last_checkpoint(roots: Sequence[Path], config: Mapping[str, Any], ignore: Sequence[str] = RESUME_IGNORED
+                         ) -> Path:
     """The newest ``last.ckpt`` below ``roots`` (one or two directory levels) of a run whose ``config.yaml``
-    matches ``config`` up to :data:`RESUME_IGNORED`.
+    matches ``config`` up to :data:`RESUME_IGNORED` and whose directory no running run holds.
 
     Raises:
         FileNotFoundError: no checkpoint, or none of a matching run; the message names the searched directories
@@ -103,31 +119,39 @@ def find_last_checkpoint(roots: Sequence[Path], config: Mapping[str, Any]) -> Pa
     if not found:
         raise FileNotFoundError(f"ckpt_path=last: no last.ckpt below {where} (runs of name "
                                 f"{config.get('name')!r}); give ckpt_path=PATH to a checkpoint")
+    from recipes.rundir import in_use
+
     found.sort(key=lambda p: p.stat().st_mtime, reverse=True)
     mismatches = []
     for p in found:
+        holder = in_use(p.parent)
+        if holder is not None:
+            mismatches.append(f"{p} (in use by a running run: {holder})")
+            continue
         old = _read_run_config(p.parent)
         if old is None:
             mismatches.append(f"{p} (no {CONFIG_FILE})")
             continue
-        diff = config_diff(old, config)
+        diff = config_diff(old, config, ignore)
         if not diff:
             return p
         mismatches.append(f"{p} ({'; '.join(diff[:4])}{'; ...' if len(diff) > 4 else ''})")
     shown = "\n  ".join(mismatches[:5])
     raise FileNotFoundError(
         f"ckpt_path=last: none of the {len(found)} last.ckpt below {where} is of a run with this configuration "
+        f"that no running run holds "
         f"(keys that may differ: {', '.join(RESUME_IGNORED)}); newest candidates and what differs:\n  {shown}\n"
         f"Repeat the run's overrides, or give ckpt_path=PATH")
 
 
-def resolve_ckpt_path(value: Any, config: Mapping[str, Any], roots: Sequence[Path]) -> Path | None:
+def resolve_ckpt_path(value: Any, config: Mapping[str, Any], roots: Sequence[Path],
+                      ignore: Sequence[str] = RESUME_IGNORED) -> Path | None:
     """``ckpt_path`` as an absolute path: None for null / empty, :func:`find_last_checkpoint` for ``last``, else the
     given file, which must exist."""
     if value is None or str(value).strip().lower() in ("", "null", "none"):
         return None
     if str(value).strip() == "last":
-        return find_last_checkpoint(roots, config)
+        return find_last_checkpoint(roots, config, ignore)
     path = Path(str(value)).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path={value}: no such checkpoint file (give a path to a .ckpt file, e.g. "
@@ -135,49 +159,14 @@ def resolve_ckpt_path(value: Any, config: Mapping[str, Any], roots: Sequence[Pat
     return path.resolve()
 
 
-def warn_config_changes(ckpt: Path, config: Mapping[str, Any]) -> list[str]:
+def warn_config_changes(ckpt: Path, config: Mapping[str, Any], ignore: Sequence[str] = RESUME_IGNORED) -> list[str]:
     """Warn (and return) the differences between the resumed run's ``config.yaml`` and ``config``."""
     old = _read_run_config(ckpt.parent)
-    diff = [] if old is None else config_diff(old, config)
+    diff = [] if old is None else config_diff(old, config, ignore)
     if diff:
         warnings.warn(f"resuming {ckpt} with a configuration that differs from the run's {CONFIG_FILE} in: "
                       f"{'; '.join(diff)}; the continuation is not the run it was", UserWarning, stacklevel=2)
     return diff
-
-
-def _atomic_checkpoint_io_class() -> type:
-    from lightning.pytorch.plugins.io import TorchCheckpointIO
-
-    class _AtomicCheckpointIO(TorchCheckpointIO):
-        """Lightning's TorchCheckpointIO, but every checkpoint is written to a temporary file in its directory,
-        flushed to disk and renamed into place: a crash while saving never leaves a truncated checkpoint."""
-
-        def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-            import torch
-
-            from recipes.files import temp_file_beside
-
-            if storage_options is not None:
-                raise TypeError("AtomicCheckpointIO takes no storage_options")
-            path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = temp_file_beside(path, suffix=".tmp")
-            try:
-                with open(tmp, "wb") as f:
-                    torch.save(checkpoint, f)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-
-    return _AtomicCheckpointIO
-
-
-def AtomicCheckpointIO() -> Any:  # noqa: N802 - a factory, so that importing this module does not import Lightning
-    """A Lightning CheckpointIO plugin that writes checkpoints atomically (``Trainer(plugins=[...])``)."""
-    return _atomic_checkpoint_io_class()()
 
 
 def read_csv_rows(path: Path, last_epoch: int) -> list[tuple[int, dict[str, float]]]:
@@ -207,6 +196,22 @@ def read_csv_rows(path: Path, last_epoch: int) -> list[tuple[int, dict[str, floa
     return rows
 
 
+def checkpoint_epoch(path: Path) -> int:
+    """The (0-based) epoch a Lightning checkpoint was written in, read without loading its tensors."""
+    import torch
+
+    ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return int(ck.get("epoch", -1))
+
+
+def continue_logger(logger: Any, checkpoint: Path | None) -> None:
+    """For a resumed run with a CSVLogger: put back the rows of the rounds the checkpoint covers (see the module
+    docstring); other loggers continue by themselves (W&B under its run id)."""
+    if checkpoint is None or type(logger).__name__ != "CSVLogger":
+        return
+    continue_csv_logger(logger, read_csv_rows(Path(logger.log_dir) / "metrics.csv", checkpoint_epoch(checkpoint)))
+
+
 def continue_csv_logger(logger: Any, rows: Sequence[tuple[int, dict[str, float]]]) -> None:
     """Put the kept rows of the resumed run back into a (new) CSVLogger before it logs anything: Lightning's CSV
     writer empties an existing ``metrics.csv`` when it starts."""
@@ -224,7 +229,7 @@ def _quote(value: str) -> str:
 _CKPT_ARG = re.compile(r"^\+{0,2}ckpt_path=(.*)$")
 
 
-def resume_argv(argv: Sequence[str], config_dir: str | Path, config_name: str) -> list[str]:
+def resume_argv(argv: Sequence[str], config_dir: str | Path | None, config_name: str) -> list[str]:
     """Rewrite a recipe's command line for ``ckpt_path=...`` (before Hydra parses it): resolve the checkpoint
     (``last`` included), continue in its directory (``hydra.run.dir``), keep Hydra's records of this session apart
     (``hydra.output_subdir=.hydra/resume-K``). Without ``ckpt_path`` (or with ``ckpt_path=null``) ``argv`` is
@@ -245,16 +250,16 @@ def resume_argv(argv: Sequence[str], config_dir: str | Path, config_name: str) -
         raise SystemExit(f"ckpt_path={value} cannot be combined with --multirun: every job of a sweep has its own "
                          f"checkpoint; resume a job with its own command, e.g. python -m recipes.{config_name} "
                          f"<the job's overrides> ckpt_path=last")
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    from recipes.config import compose
+
     others = [a for a in argv if a not in hits and not a.startswith("-")]
-    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=others, return_hydra_config=True)
-        run_dir, sweep_dir = Path(str(cfg.hydra.run.dir)), Path(str(cfg.hydra.sweep.dir))
-        job = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
-               for k in cfg if k != "hydra"}
-    ckpt = resolve_ckpt_path(value, job, [run_dir.parent, sweep_dir.parent])
+    cfg = compose(config_name, others, return_hydra_config=True)
+    run_dir, sweep_dir = Path(str(cfg.hydra.run.dir)), Path(str(cfg.hydra.sweep.dir))
+    job = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+           for k in cfg if k != "hydra"}
+    ckpt = resolve_ckpt_path(value, job, [run_dir.parent, sweep_dir.parent], resume_ignored(cfg))
     assert ckpt is not None
     target = ckpt.parent
     k = 1 + sum(1 for _ in (target / ".hydra").glob("resume-*")) if (target / ".hydra").is_dir() else 1

@@ -176,18 +176,14 @@ def test_the_recipe_on_two_processes_writes_what_one_process_writes(tmp_path, da
 
 
 def test_the_recipe_refuses_ddp_where_it_cannot_run():
-    from omegaconf import OmegaConf
+    from recipes.simulation import check_strategy
 
-    from recipes.common import check_strategy
-
-    tr = OmegaConf.create({"strategy": "qmlhfl", "devices": 2})
-    with pytest.raises(ValueError, match="trainer.devices=2 needs trainer.strategy=qmlhfl_ddp"):
-        check_strategy(tr, None, 0.0)
-    with pytest.raises(ValueError, match="trainer.strategy must be one of"):
-        check_strategy(OmegaConf.create({"strategy": "ddp"}), None, 0.0)
-    ddp = OmegaConf.create({"strategy": "qmlhfl_ddp", "devices": 2})
+    with pytest.raises(ValueError, match="trainer.devices=2 needs strategy=qmlhfl_ddp"):
+        check_strategy("qmlhfl", 2, None, 0.0)
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        check_strategy("ddp", 1, None, 0.0)
     with pytest.raises(ValueError, match="Hydra multirun"):
-        check_strategy(ddp, "mnist/2026", 0.0)
+        check_strategy("qmlhfl_ddp", 2, "mnist/2026", 0.0)
     with pytest.raises(ValueError, match="per-device evaluation"):
-        check_strategy(ddp, None, 0.1)
-    assert check_strategy(ddp, None, 0.0) == ("qmlhfl_ddp", 2)
+        check_strategy("qmlhfl_ddp", 2, None, 0.1)
+    assert check_strategy("qmlhfl_ddp", 2, None, 0.0) == ("qmlhfl_ddp", 2)

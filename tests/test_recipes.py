@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from helpers.offline import data_env, offline_mirrors  # noqa: F401 (fixtures)
 import yaml
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from recipes.common import build_hierarchy, build_latency, build_compressors, rounds_for
+from recipes.config import compose
+from recipes.simulation import build_hierarchy, build_latency, build_compressors, rounds_for
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "recipes" / "conf"  # shipped inside the package (package data)
@@ -24,8 +24,7 @@ GROUPS = ["dataset", "model", "hierarchy", "quantizer", "partition", "trainer", 
 
 
 def _compose(config: str, overrides: list[str], hydra_cfg: bool = False):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name=config, overrides=overrides, return_hydra_config=hydra_cfg)
+    return compose(config, overrides, return_hydra_config=hydra_cfg)
 
 
 def _options(group: str) -> list[str]:
@@ -87,7 +86,7 @@ def test_experiment_presets_compose_with_every_sweep_point(config, preset):
         assert levels == {"[4, 8]", "[8, 8]", "[8, 4]", "None"}
         assert cfg.hierarchy.branching and len(cfg.hierarchy.branching) == 2
     if preset == "planning":
-        assert cfg.trainer.deadline > 0 and cfg.planning.random_taus >= 5 and len(cfg.planning.seeds) >= 3
+        assert cfg.deadline > 0 and cfg.planning.random_taus >= 5 and len(cfg.planning.seeds) >= 3
 
 
 def _split_values(s: str) -> list[str]:
@@ -125,7 +124,7 @@ def test_deadline_sets_the_number_of_rounds():
     qs = build_compressors(cfg, h.num_layers)
     lat = build_latency(cfg, h.num_layers)
     t_glob = lat.round_time_for([5, 4, 2], qs, 21840).total
-    assert rounds_for(cfg, lat, qs, 21840) == math.floor(cfg.trainer.deadline / t_glob)
+    assert rounds_for(cfg, lat, qs, 21840) == math.floor(cfg.deadline / t_glob)
     short = _compose("mnist", ["+experiment=planning", "trainer.deadline=0.01"])
     with pytest.raises(ValueError, match="shorter than one global round"):
         rounds_for(short, lat, qs, 21840)
@@ -191,7 +190,7 @@ def test_cifar_recipe_end_to_end_with_wandb_offline(tmp_path, data_env):
 
 
 def test_wandb_runs_are_grouped_by_sweep_and_named_from_their_overrides(tmp_path, monkeypatch):
-    from recipes.common import _make_logger, wandb_group_and_name
+    from recipes.loggers import make_logger as _make_logger, wandb_group_and_name
 
     cfg = _compose("mnist", ["logger=wandb"])
     overrides = ["hierarchy=two_layer", "seed=1", "logger=wandb", "logger.mode=online", "trainer.progress_bar=false",
@@ -283,7 +282,7 @@ def test_deadline_rounds_and_the_logged_time_count_the_same_bits_for_batchnorm_m
 
 def test_server_optim_group_from_the_command_line():
     from lightning_qmlhfl import Average, FedAdam, FedAvgM
-    from recipes.building import build_server_optimizers
+    from recipes.simulation import build_server_optimizers
 
     cfg = _compose("mnist", ["server_optim.layers=[fedavgm,average,fedadam]", "server_optim.lr=[1.0,null,0.02]"])
     assert build_server_optimizers(cfg, 3) == [FedAvgM(1.0, 0.9), Average(), FedAdam(0.02)]
@@ -292,7 +291,7 @@ def test_server_optim_group_from_the_command_line():
 
 def test_participation_availability_and_stragglers_from_the_command_line():
     from lightning_qmlhfl.federation.participation import Fraction, Full, UniformK
-    from recipes.building import build_availability, build_participation
+    from recipes.simulation import build_availability, build_participation
 
     cfg = _compose("mnist", ["participation.layers=[uniformk,full,full]", "participation.k=2",
                              "participation.over_select=0.5", "availability.unavailable=0.2",
@@ -312,7 +311,7 @@ def test_participation_availability_and_stragglers_from_the_command_line():
 
 def test_mobility_group_from_the_command_line():
     from lightning_qmlhfl.federation.mobility import Markov, RandomReassociation, Static
-    from recipes.building import build_mobility
+    from recipes.simulation import build_mobility
 
     h = build_hierarchy(_compose("mnist", []))
     m = build_mobility(_compose("mnist", ["mobility.model=random", "mobility.p=0.2", "mobility.failures.p=0.1",

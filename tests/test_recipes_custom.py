@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 from helpers.offline import data_env, offline_mirrors  # noqa: F401 (fixtures)
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from lightning_qmlhfl import QSGD, ScaledSign, TopK
-from recipes.building import (PRESET_KEYS, build_compressors, build_hierarchy, build_model_from_cfg,
-                              build_partitioner, instantiate_node, model_label)
-from recipes.entry import CONF_DIR
+from recipes.components import PRESET_KEYS, build_partitioner, instantiate_node, model_label
+from recipes.components import build_model as build_model_from_cfg
+from recipes.config import compose
+from recipes.simulation import build_compressors, build_hierarchy
 
 ROOT = Path(__file__).resolve().parents[1]
 USER = "helpers.user_modules"
@@ -27,8 +27,7 @@ SMALL = ["trainer.progress_bar=false", "logger=none", "trainer.rounds=2", f"data
 
 
 def _compose(overrides: list[str], config: str = "mnist"):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name=config, overrides=overrides)
+    return compose(config, overrides)
 
 
 def test_built_in_model_names_keep_working():
@@ -113,7 +112,7 @@ def test_user_module_composes_with_every_hierarchy_compressor_and_partition():
 def test_user_module_and_datamodule_train_through_the_recipe(tmp_path):
     """Own module + datamodule, a 4-layer tree, one compressor per layer (a user's on layer 4), shards, per-device
     evaluation with personalisation, fraction participation, an extra callback."""
-    from recipes.common import run
+    from recipes.train import run
 
     cfg = _compose([*SMALL, f"model._target_={USER}.TinyNet", "+model.hidden=16", "hierarchy=four_layer",
                     "hierarchy.branching=[2,1,2,2]", "hierarchy.taus=[2,1,1,1]", "partition=shards",
@@ -130,7 +129,7 @@ def test_user_module_and_datamodule_train_through_the_recipe(tmp_path):
 
 
 def test_dict_batches_use_the_modules_per_sample_metrics(tmp_path):
-    from recipes.common import run
+    from recipes.train import run
 
     cfg = _compose([*SMALL, f"model._target_={USER}.DictBatchNet", "+datamodule.dict_batches=true",
                     "partition=iid", "hierarchy.branching=[2,2,2]", "hierarchy.taus=[1,1,1]", "eval.local_fraction=0.1",

@@ -9,12 +9,11 @@ import math
 import pytest
 from helpers.offline import data_env, offline_mirrors  # noqa: F401 (fixtures)
 import torch
-from hydra import compose, initialize_config_dir
 
 from lightning_qmlhfl import Hierarchy
 from lightning_qmlhfl.data import IID, Dirichlet, EmptyPartitionError
-from recipes.entry import CONF_DIR
-from recipes.evaluation import HoldoutPartitioner, device_summary
+from recipes.config import compose
+from recipes.local_eval import HoldoutPartitioner, device_summary
 from recipes.options import check_fraction
 from recipes.splits import stratified_split
 
@@ -23,8 +22,7 @@ TINY = ["dataset.train_subset=1500", "dataset.test_subset=300", "hierarchy.branc
 
 
 def _compose(overrides: list[str], config: str = "mnist"):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name=config, overrides=overrides)
+    return compose(config, overrides)
 
 
 def test_stratified_split_is_exact_stratified_seeded_and_disjoint():
@@ -103,7 +101,7 @@ def test_device_summary():
 def test_selection_on_validation_early_stopping_and_per_device_evaluation(tmp_path):
     """One run: validation split, best-on-validation model tested at the end, early stopping, LR plateau, the
     per-device evaluation (cloud and personalised) every 2 rounds and at the last round, the plots."""
-    from recipes.common import run
+    from recipes.train import run
 
     cfg = _compose([*TINY, "trainer.rounds=6", "trainer.early_stopping.patience=1", "trainer.lr_plateau.patience=0",
                     "eval.local_fraction=0.2", "eval.every=2", "eval.personalized=true", "eval.test_every=2",
@@ -115,7 +113,7 @@ def test_selection_on_validation_early_stopping_and_per_device_evaluation(tmp_pa
     best = max(h, key=lambda r: (r["val_acc"], -r["round"]))  # the first round with the best validation accuracy
     assert s["best_round"] == best["round"] and s["best_monitor_value"] == best["val_acc"]
     # the best checkpoint's cloud model, evaluated on the test set, is best_test_acc
-    from recipes.building import build_model_from_cfg
+    from recipes.components import build_model as build_model_from_cfg
     from recipes.datamodules import ImageDataModule
     from recipes.evaluation import evaluate_loader
 
@@ -146,7 +144,7 @@ def test_selection_on_validation_early_stopping_and_per_device_evaluation(tmp_pa
 def test_evaluation_never_changes_the_simulation(tmp_path):
     """Per-device evaluation (with personalisation) and the test curve use no random numbers of the simulation:
     the same run without them trains bit for bit the same (the held-out parts are carved out either way)."""
-    from recipes.common import run
+    from recipes.train import run
 
     base = [*TINY, "trainer.rounds=2", "eval.local_fraction=0.2", "trainer.checkpoint=false"]
     a = run(_compose([*base, "eval.personalized=true"]), tmp_path / "a")
@@ -174,7 +172,7 @@ def test_evaluation_never_changes_the_simulation(tmp_path):
 ])
 @pytest.mark.usefixtures("data_env")
 def test_bad_evaluation_options_are_named(tmp_path, overrides, error, match):
-    from recipes.common import run
+    from recipes.train import run
 
     with pytest.raises(error, match=match):
         run(_compose([*TINY, "trainer.rounds=1", *overrides]), tmp_path)
@@ -182,7 +180,7 @@ def test_bad_evaluation_options_are_named(tmp_path, overrides, error, match):
 
 @pytest.mark.usefixtures("data_env")
 def test_a_monitor_the_model_does_not_log_is_named(tmp_path):
-    from recipes.common import run
+    from recipes.train import run
 
     with pytest.raises(ValueError, match=r"trainer.monitor='val_f1' is not logged .*\['val_acc', 'val_loss'\]"):
         run(_compose([*TINY, "trainer.rounds=1", "trainer.monitor=val_f1"]), tmp_path)
@@ -190,7 +188,7 @@ def test_a_monitor_the_model_does_not_log_is_named(tmp_path):
 
 def test_main_job_defaults_hold_out_a_validation_split_and_experiments_do_not():
     cfg = _compose([])
-    assert cfg.dataset.val_fraction == 0.1 and cfg.trainer.monitor == "val_acc" and cfg.dataset.download is True
+    assert cfg.dataset.val_fraction == 0.1 and cfg.monitor == "val_acc" and cfg.dataset.download is True
     assert cfg.eval.local_fraction == 0.0 and cfg.eval.test_every == 1
     for preset in ("depth", "compressors", "server_optim", "participation", "stragglers", "mobility", "planning"):
         assert _compose([f"+experiment={preset}"]).dataset.val_fraction == 0.0  # as measured in docs/

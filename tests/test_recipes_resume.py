@@ -14,11 +14,10 @@ from pathlib import Path
 import pytest
 from helpers.offline import data_env, offline_mirrors  # noqa: F401 (fixtures)
 import torch
-from hydra import compose, initialize_config_dir
 
-from recipes.entry import CONF_DIR
-from recipes.resume import (AtomicCheckpointIO, config_diff, find_last_checkpoint, read_csv_rows, resume_argv,
-                            write_run_config)
+from recipes.checkpoint_io import AtomicCheckpointIO
+from recipes.config import CONF_DIR, compose
+from recipes.resume import config_diff, find_last_checkpoint, read_csv_rows, resume_argv, write_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
@@ -32,8 +31,7 @@ STEPS_PER_ROUND, ROUNDS = 4, 4
 
 
 def _compose(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="mnist", overrides=overrides)
+    return compose("mnist", overrides)
 
 
 def _csv(path: Path) -> list[dict[str, str]]:
@@ -43,7 +41,7 @@ def _csv(path: Path) -> list[dict[str, str]]:
 
 @pytest.mark.usefixtures("data_env")
 def test_sigkill_at_a_random_step_then_resume_continues_bit_for_bit(tmp_path, monkeypatch):
-    from recipes.common import run
+    from recipes.train import run
 
     monkeypatch.setenv("QMLHFL_THREADS", "2")
     kill = random.Random().randint(STEPS_PER_ROUND + 1, STEPS_PER_ROUND * ROUNDS - 1)

@@ -116,3 +116,73 @@ class FirstHalfIID(Partitioner):
 def coarse_qsgd(levels: int = 2) -> QSGD:
     """A user compressor factory (any callable returning a Compressor)."""
     return QSGD(levels, bucket_size=None)
+
+
+class AutoEncoder(L.LightningModule):
+    """Not a classifier: an MLP autoencoder on flattened images. ``forward`` takes ``[B, features]`` (a batch of
+    images ``[B, 1, 28, 28]`` fed to it directly fails in its first Linear); the loss is the reconstruction error,
+    logged as ``train_loss``, ``val_loss`` and ``test_loss`` (no accuracy anywhere)."""
+
+    def __init__(self, features: int = 784, code: int = 16, lr: float = 0.05) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(features, 64), nn.ReLU(), nn.Linear(64, code))
+        self.decoder = nn.Sequential(nn.Linear(code, 64), nn.ReLU(), nn.Linear(64, features))
+        self.lr = lr
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(x))
+
+    def reconstruction_error(self, batch) -> torch.Tensor:
+        x = batch[0].flatten(1)
+        return F.mse_loss(self(x), x)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.reconstruction_error(batch)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self.reconstruction_error(batch))
+
+    def test_step(self, batch, batch_idx):
+        self.log("test_loss", self.reconstruction_error(batch))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class AutoEncoderWithoutTest(AutoEncoder):
+    """The autoencoder without a ``test_step``: nothing to test it with."""
+
+    test_step = L.LightningModule.test_step
+
+
+class LossOnlyNet(TinyNet):
+    """A classifier whose validation logs only ``val_loss`` (no accuracy) and that has no ``test_step``."""
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+
+class SilentNet(TinyNet):
+    """A classifier that logs nothing in validation."""
+
+    def validation_step(self, batch, batch_idx):
+        self(batch[0])
+
+
+class NaNAt(TinyNet):
+    """TinyNet whose loss turns NaN at local step ``nan_step`` (1-based): the strategy stops with
+    NonFiniteUpdateError at the next aggregation."""
+
+    def __init__(self, nan_step: int = 3, features: int = 8, hidden: int = 32, classes: int = 4,
+                 lr: float = 0.1) -> None:
+        super().__init__(features, hidden, classes, lr)
+        self.nan_step = nan_step
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if self.trainer.global_step + 1 == self.nan_step:
+            loss = loss * float("nan")
+        return loss

@@ -1,0 +1,15 @@
+"""The recipes give exactly the numbers they gave before their redesign: small command lines exercising every
+feature (tests/helpers/recipe_golden.py), rerun and compared with tests/golden/recipes/ number for number."""
+
+from __future__ import annotations
+
+import pytest
+from helpers.offline import data_env, offline_mirrors  # noqa: F401 (fixtures)
+from helpers.recipe_golden import RUNS, differences, load_golden, run_golden
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+@pytest.mark.usefixtures("data_env")
+def test_recipe_run_gives_the_golden_numbers(name, tmp_path):
+    diff = differences(load_golden(name), run_golden(name, tmp_path))
+    assert not diff, f"{name}: {len(diff)} differences, first: " + "; ".join(diff[:10])
