@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from recipes.files import temp_file_beside
 
 __all__ = ["AtomicCheckpointIO"]
+
+_LOW_SPACE = 16 << 20  # bytes free below which a failed write is taken for a full disk
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -32,6 +36,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except RuntimeError as e:
+            Path(tmp).unlink(missing_ok=True)
+            # torch's zip writer reports a full disk as "unexpected pos ..." without the OS error: name it
+            if shutil.disk_usage(path.parent).free < _LOW_SPACE:
+                raise OSError(errno.ENOSPC, f"no space left on device: could not write checkpoint {path}") from e
+            raise
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

@@ -16,7 +16,9 @@ from that run's configuration are printed as a warning.
 
 Checkpoints are written atomically (:class:`recipes.checkpoint_io.AtomicCheckpointIO`: a temporary file in the same
 directory, fsync, rename), so a run killed while saving leaves the previous complete ``last.ckpt``. Directories held
-by a running run (:func:`recipes.rundir.in_use`) are never resumed by ``ckpt_path=last``.
+by a running run (:func:`recipes.rundir.in_use`) are never resumed by ``ckpt_path=last``. A ``last.ckpt`` that is
+corrupt or incomplete (unreadable, or its tensors do not match the checksum written with it) is passed over for
+the newest intact checkpoint in its directory (``best.ckpt``, ...), with a warning that names both.
 """
 
 from __future__ import annotations
@@ -134,7 +136,11 @@ def find_last_checkpoint(roots: Sequence[Path], config: Mapping[str, Any], ignor
             continue
         diff = config_diff(old, config, ignore)
         if not diff:
-            return p
+            good = _intact_checkpoint(p)
+            if good is not None:
+                return good
+            mismatches.append(f"{p} (corrupt or incomplete, and no intact checkpoint beside it)")
+            continue
         mismatches.append(f"{p} ({'; '.join(diff[:4])}{'; ...' if len(diff) > 4 else ''})")
     shown = "\n  ".join(mismatches[:5])
     raise FileNotFoundError(
@@ -142,6 +148,43 @@ def find_last_checkpoint(roots: Sequence[Path], config: Mapping[str, Any], ignor
         f"that no running run holds "
         f"(keys that may differ: {', '.join(RESUME_IGNORED)}); newest candidates and what differs:\n  {shown}\n"
         f"Repeat the run's overrides, or give ckpt_path=PATH")
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint file ``path`` cannot be resumed from (unreadable, or its tensors do not match the
+    checksum written with it), or None when it is intact."""
+    import torch
+
+    from lightning_qmlhfl import CorruptCheckpointError
+    from lightning_qmlhfl.strategy.integrity import read_error, verify_checksum
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 (any failure to read is the answer)
+        return read_error(path, e).reason
+    try:
+        if not isinstance(ckpt, dict):
+            return f"it holds a {type(ckpt).__name__}, not a checkpoint"
+        verify_checksum(ckpt, path)
+    except CorruptCheckpointError as e:
+        return e.reason
+    return None
+
+
+def _intact_checkpoint(last: Path) -> Path | None:
+    """``last`` when it is intact; else the newest intact checkpoint in its directory (with a warning that names
+    both), else None."""
+    problem = checkpoint_problem(last)
+    if problem is None:
+        return last
+    others = sorted((p for p in last.parent.glob("*.ckpt") if p.resolve() != last.resolve() and p.is_file()),
+                    key=lambda p: p.stat().st_mtime, reverse=True)
+    for other in others:
+        if checkpoint_problem(other) is None:
+            warnings.warn(f"ckpt_path=last: checkpoint {last} is corrupt or incomplete ({problem}); resuming from "
+                          f"the previous good checkpoint {other.resolve()} instead", stacklevel=2)
+            return other.resolve()
+    return None
 
 
 def resolve_ckpt_path(value: Any, config: Mapping[str, Any], roots: Sequence[Path],

@@ -97,7 +97,7 @@ def test_resume_argv_points_hydra_at_the_checkpoints_run_directory(tmp_path):
     for d, c in ((old, job), (other, {**job, "seed": 7}), (newest_other, {**job, "seed": 8})):
         d.mkdir(parents=True)
         write_run_config(d, c)
-        (d / "last.ckpt").write_bytes(b"x")
+        torch.save({"state_dict": {"w": torch.ones(2)}}, d / "last.ckpt")  # (an intact checkpoint)
     os.utime(old / "last.ckpt", (1, 1))  # the oldest, but the only run with this config
     (old / ".hydra").mkdir()
     (old / ".hydra" / "resume-1").mkdir()
@@ -118,6 +118,50 @@ def test_resume_argv_points_hydra_at_the_checkpoints_run_directory(tmp_path):
         resume_argv(["-m", "seed=0,1", "ckpt_path=last"], CONF_DIR, "mnist")
     with pytest.raises(FileNotFoundError, match="no last.ckpt below"):
         find_last_checkpoint([tmp_path / "empty"], job)
+
+
+def test_ckpt_path_last_passes_over_a_corrupt_checkpoint_for_the_previous_good_one(tmp_path):
+    from lightning_qmlhfl.strategy.integrity import CHECKSUM_KEY, payload_checksum
+
+    config = {"name": "mnist", "seed": 0}
+    run = tmp_path / "outputs" / "a"
+    run.mkdir(parents=True)
+    write_run_config(run, config)
+    good = {"state_dict": {"w": torch.arange(4.0)}}
+    good[CHECKSUM_KEY] = payload_checksum(good)
+    torch.save(good, run / "best.ckpt")
+    os.utime(run / "best.ckpt", (1, 1))
+    flipped = {"state_dict": {"w": torch.arange(4.0) + 1}, CHECKSUM_KEY: good[CHECKSUM_KEY]}  # tensors changed
+    torch.save(flipped, run / "last.ckpt")
+    with pytest.warns(UserWarning, match=r"checkpoint .*last\.ckpt is corrupt or incomplete \(its tensors do not "
+                                         r"match the checksum.*resuming from the previous good checkpoint "
+                                         r".*best\.ckpt instead"):
+        assert find_last_checkpoint([tmp_path / "outputs"], config) == run / "best.ckpt"
+    (run / "best.ckpt").write_bytes(b"")  # nothing intact left in that run
+    with pytest.raises(FileNotFoundError, match=r"last\.ckpt \(corrupt or incomplete, and no intact checkpoint"):
+        find_last_checkpoint([tmp_path / "outputs"], config)
+
+
+def test_a_full_disk_while_writing_a_checkpoint_is_named(tmp_path, monkeypatch):
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    io = AtomicCheckpointIO()
+
+    def full(obj, f):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4096 vs 3998")
+
+    monkeypatch.setattr(torch, "save", full)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(1 << 30, 1 << 30, 0))
+    with pytest.raises(OSError) as info:
+        io.save_checkpoint({"round": 2}, tmp_path / "last.ckpt")
+    assert info.value.errno == errno.ENOSPC and "no space left on device" in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(1 << 40, 0, 1 << 40))  # room left: not a full disk
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        io.save_checkpoint({"round": 2}, tmp_path / "last.ckpt")
 
 
 def test_config_diff_ignores_what_may_change_on_resume():

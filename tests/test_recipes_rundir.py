@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from recipes.config import compose
@@ -110,7 +111,7 @@ def test_a_directory_in_use_is_refused_and_passed_over_by_ckpt_path_last(tmp_pat
     with pytest.raises(FileNotFoundError, match=f"(?s)that no running run holds.*in use by a running run: pid {pid}"):
         find_last_checkpoint([outputs], config)
     (outputs / "b").mkdir()  # a free run of the same config: taken instead, although older
-    (outputs / "b" / "last.ckpt").write_bytes(b"x")
+    torch.save({"state_dict": {"w": torch.ones(2)}}, outputs / "b" / "last.ckpt")  # (an intact checkpoint)
     write_run_config(outputs / "b", config)
     os.utime(outputs / "b" / "last.ckpt", (1, 1))
     assert find_last_checkpoint([outputs], config) == outputs / "b" / "last.ckpt"
