@@ -262,7 +262,7 @@ def test_config_values_and_aliases():
     layers = layer_compressors(["topk", "qsgd", "sign"], 3, ratio=0.01, levels=[None, 8, None], bucket_size=512,
                                error_feedback=["ef", None, "ef21"])
     assert layers == [TopK(ratio=0.01, error_feedback="ef"), QSGD(8, 512), ScaledSign(512, "ef21")]
-    assert layer_compressors("qsgd", 2, levels=[4, None]) == [QSGD(4, bucket_size=None), Identity()]
+    assert layer_compressors("qsgd", 2, levels=[4, None]) == [QSGD(4), Identity()]
 
 
 @pytest.mark.parametrize("build, match", [

@@ -85,7 +85,7 @@ def test_qsgd_bad_bucket(bucket):
 def test_make_quantizer_specs():
     assert make_quantizer(None) == NoQuantization()
     assert make_quantizer("none") == NoQuantization()
-    assert make_quantizer(8) == QSGD(8, bucket_size=None)
+    assert make_quantizer(8) == QSGD(8)
     assert make_quantizer({"levels": 4, "bucket_size": 16}) == QSGD(4, 16)
     with pytest.raises(ValueError, match="cannot build a compressor"):
         make_quantizer(2.5)

@@ -688,7 +688,7 @@ def test_triton_declares_what_it_implements():
                                 memory=memory.clone(), layout="atomic")
     with pytest.raises(ValueError, match=r"layout='atomic' .* with rows"):
         aggregate_layer_triton_(parent.clone(), child, pidx, weights, QSGD(4, bucket_size=None), seeds, rows=rows, layout="atomic")
-    with pytest.raises(ValueError, match=r"QSGD\(4, error_feedback='ef'\) needs its memory \[7, 70\], got None"):
+    with pytest.raises(ValueError, match=r"QSGD\(4, bucket_size=None, error_feedback='ef'\) needs its memory \[7, 70\], got None"):
         aggregate_layer_triton_(parent.clone(), child, pidx, weights, QSGD(4, bucket_size=None, error_feedback="ef"), seeds)
     with pytest.raises(ValueError, match=r"memory must be a float32 tensor of shape \[7, 70\]"):
         aggregate_layer_triton_(parent.clone(), child, pidx, weights, ScaledSign(error_feedback="ef21"), seeds,

@@ -41,7 +41,7 @@ def _cli(tmp_path: Path, *overrides: str, full_error: bool = False, base: tuple[
     (["deadline=soon"], "error: deadline must be a finite number > 0, got 'soon'"),
     (["monitor_mode=up"], "error: monitor_mode must be auto, max or min, got 'up'"),
     (["eval.test_every=-1"], "error: eval.test_every must be an integer >= 0, got -1"),
-    (["partition.alpha=abc"], "error: partition.alpha='abc': Dirichlet alpha must be a number > 0, got 'abc'"),
+    (["partition.alpha=abc"], "error: partition.alpha='abc': Dirichlet alpha must be a finite number > 0 (large values approach an IID split; use IID() for one), got 'abc'"),
     (["compressor.layers=topk", "compressor.ratio=abc"], "error: compressor.ratio='abc': TopK ratio must be"),
     (["trainer.devices=2"], "error: trainer.devices=2 needs strategy=qmlhfl_ddp"),
     (["+model.hiden=7"], "error: model._target_=helpers.user_modules.TinyNet does not take hiden (model.hiden=7)"),

@@ -137,7 +137,7 @@ def test_registered_by_name_with_documented_defaults():
     assert isinstance(s, QMLHFLStrategy)
     assert s.hierarchy.nodes_per_layer == (100, 20, 4, 1)
     assert s.taus == (5, 2, 2)
-    assert list(s.quantizers) == [QSGD(8, bucket_size=None)] * 3
+    assert list(s.quantizers) == [QSGD(8)] * 3
     assert isinstance(s.partitioner, Dirichlet) and s.partitioner.alpha == 0.5
 
 
