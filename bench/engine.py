@@ -100,7 +100,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
-from lightning_qmlhfl import Hierarchy
+from lightning_qmlhfl import QSGD, Hierarchy
 from lightning_qmlhfl.simulation.engine import QMLHFLEngine, gather_batch
 from lightning_qmlhfl.federation.participation import Fraction, Full
 
@@ -537,7 +537,7 @@ def run_one(name: str, warm: int | None, rounds: int | None, threads: int, devic
             X, Y, part = X.to(device), Y.to(device), part.to(device)
         fraction = PARTICIPATION.get(name)
         participation = None if fraction is None else [Fraction(fraction)] + [Full()] * (len(TAUS) - 1)
-        engine = QMLHFLEngine(model_fn().to(device), ce_loss, h, TAUS, [LEVELS] * len(TAUS), optimizer="sgd",
+        engine = QMLHFLEngine(model_fn().to(device), ce_loss, h, TAUS, [QSGD(LEVELS, bucket_size=None)] * len(TAUS), optimizer="sgd",
                               optimizer_kwargs={"lr": LR}, executor=executor, seed=0, participation=participation)
         per_dev = part.shape[1]
         g = torch.Generator(device=device).manual_seed(1)

@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from engine import BATCH, INPUTS, LEVELS, LR, MODELS, TAUS, ce_loss, make_data  # noqa: E402  (bench/engine.py)
 
-from lightning_qmlhfl import Hierarchy  # noqa: E402
+from lightning_qmlhfl import QSGD, Hierarchy  # noqa: E402
 from lightning_qmlhfl.simulation.engine import QMLHFLEngine, gather_batch  # noqa: E402
 
 
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     pool, shape = INPUTS[args.model]
     X, Y, part = make_data(h.num_devices, pool=pool, shape=shape)
     torch.manual_seed(0)
-    engine = QMLHFLEngine(MODELS[args.model](), ce_loss, h, TAUS, [LEVELS] * len(TAUS), optimizer="sgd",
+    engine = QMLHFLEngine(MODELS[args.model](), ce_loss, h, TAUS, [QSGD(LEVELS, bucket_size=None)] * len(TAUS), optimizer="sgd",
                           optimizer_kwargs={"lr": LR}, executor=args.executor, seed=0)
     g = torch.Generator().manual_seed(1)
     per_dev = part.shape[1]
