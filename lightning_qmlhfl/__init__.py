@@ -15,6 +15,7 @@ from .federation.availability import Availability, AvailabilityTrace
 from .hierarchy import Hierarchy
 from .federation.mobility import EdgeFailures, Markov, Mobility, RandomReassociation, Schedule, Static
 from .federation.participation import Bernoulli, Fraction, Full, Participation, UniformK
+from .optimizers.local_solvers import ADMM, FedProx, LocalSGD, LocalSolver, Scaffold
 from .optimizers.server import Average, FedAdagrad, FedAdam, FedAvgM, FedYogi, ServerOptimizer
 from .theory.latency import LatencyModel
 from .config import LayerConfig, SimulationConfig
@@ -30,7 +31,7 @@ __all__ = ["Hierarchy", "Compressor", "QSGD", "TopK", "RandomK", "ScaledSign", "
            "Shards", "ServerOptimizer", "Average", "FedAvgM", "FedAdam", "FedYogi", "FedAdagrad", "Participation",
            "Full", "Fraction", "UniformK", "Bernoulli", "Availability", "AvailabilityTrace", "LatencyModel",
            "Mobility", "Static", "RandomReassociation", "Markov", "Schedule", "EdgeFailures", "SimulationConfig",
-           "LayerConfig", "QMLHFLEngine", "QMLHFLStrategy", "QMLHFLDDPStrategy", "CorruptCheckpointError"]
+           "LayerConfig", "LocalSolver", "LocalSGD", "FedProx", "Scaffold", "ADMM", "QMLHFLEngine", "QMLHFLStrategy", "QMLHFLDDPStrategy", "CorruptCheckpointError"]
 
 if _installed("pytorch_lightning"):
     from . import pytorch_lightning as _pytorch_lightning  # noqa: F401  (registers "qmlhfl" there too)

@@ -17,7 +17,8 @@ Every option, its default and what it means:
   (:mod:`lightning_qmlhfl.optimizers.server`; default Average, the paper's Eq. 4/6), ``participation``
   (:mod:`lightning_qmlhfl.federation.participation`: which children of every node of layer n take part in each of
   its periods; default Full), ``clip_norm`` (each sender's model difference clipped to this L2 norm before
-  compression; default None, no clipping).
+  compression; default None, no clipping), ``local_solver`` (:mod:`lightning_qmlhfl.optimizers.local_solvers`:
+  FedProx, SCAFFOLD or ADMM between layer n-1 and layer n; default LocalSGD, the paper's).
 - ``seed``: keys every random draw of the run (partition, sampling, dropout, augmentation, compression, who takes
   part); default 0.
 - ``executor``: "auto" (the documented rule of :func:`~lightning_qmlhfl.simulation.executors.choose_executor`),
@@ -49,12 +50,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from . import checks
-from .compressors import QSGD, Compressor, make_compressor
+from .compressors import QSGD, Compressor, make_compressor, upload_bits
 from .data.partition import Dirichlet, Partitioner, make_partitioner
 from .federation.availability import Availability
 from .federation.mobility import Mobility, Static, make_mobility
 from .federation.participation import Full, Participation, make_participation
 from .hierarchy import Hierarchy
+from .optimizers.local_solvers import LocalSGD, LocalSolver, make_local_solver
 from .optimizers.server import Average, ServerOptimizer, make_server_optimizer
 from .theory.latency import LatencyModel
 
@@ -77,6 +79,7 @@ class LayerConfig:
     server_optimizer: ServerOptimizer = field(default_factory=Average)
     participation: Participation = field(default_factory=Full)
     clip_norm: float | None = None
+    local_solver: LocalSolver = field(default_factory=LocalSGD)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tau", checks.integer(self.tau, "tau", 1))
@@ -85,6 +88,7 @@ class LayerConfig:
         checks.instance(self.participation, "participation", Participation)
         object.__setattr__(self, "clip_norm", checks.real(self.clip_norm, "clip_norm", 0.0, low_open=True,
                                                           allow_none=True))
+        checks.instance(self.local_solver, "local_solver", LocalSolver)
 
     def identity(self) -> dict[str, Any]:
         out = {"tau": self.tau, "compressor": self.compressor.to_config(),
@@ -92,7 +96,13 @@ class LayerConfig:
                "participation": self.participation.to_config()}
         if self.clip_norm is not None:  # (absent when off: checkpoints of runs without it keep their identity)
             out["clip_norm"] = self.clip_norm
+        if self.local_solver != LocalSGD():  # (absent when it is the default, as clip_norm)
+            out["local_solver"] = self.local_solver.to_config()
         return out
+
+    def upload_bits(self, num_params: int, num_buffer_elems: int = 0) -> int:
+        """Bits of one upload into this layer (:func:`lightning_qmlhfl.compressors.upload_bits`)."""
+        return upload_bits(self.compressor, num_params, num_buffer_elems, local_solver=self.local_solver)
 
 
 def _per_layer(value: Any, what: str, num_layers: int, hint: str = "") -> list[Any]:
@@ -183,12 +193,13 @@ class SimulationConfig:
     @classmethod
     def build(cls, hierarchy: Hierarchy | None = None, taus: Sequence[int] | None = None,
               compressors: Any = None, server_optimizers: Any = None, participation: Any = None,
-              clip_norms: Any = None, partition: Any = None, mobility: Any = None, quantizers: Any = None,
+              clip_norms: Any = None, local_solvers: Any = None, partition: Any = None, mobility: Any = None, quantizers: Any = None,
               default_compressor: Any = None, **options: Any) -> "SimulationConfig":
         """A config from the strategies' keyword arguments: per-layer options (``taus``, ``compressors`` or its
         earlier name ``quantizers``, ``server_optimizers``, ``participation``) as a list of N or, except taus, one
         value for every layer, and ``clip_norms`` (:class:`~lightning_qmlhfl.simulation.stages.ClipUpdates`: the
-        norm each sender's upload into layer n is clipped to, None for no clipping); config values accepted (an
+        norm each sender's upload into layer n is clipped to, None for no clipping), ``local_solvers``
+        (:mod:`~lightning_qmlhfl.optimizers.local_solvers`, one or a list of N); config values accepted (an
         int s = QSGD(s), names, dicts); ``None`` takes the
         default (``default_compressor`` replaces QSGD(8) as the compressors' default: the engine's is 32-bit
         uploads). ``options``: the other fields of the class."""
@@ -211,7 +222,10 @@ class SimulationConfig:
             participation, "participation", N, " (layer 1 draws devices, layer n draws layer n-1's nodes) or one "
                                                "for all")]
         clips = _per_layer(clip_norms, "clip_norms", N)
-        layers = tuple(LayerConfig(t, c, s, p, k) for t, c, s, p, k in zip(taus, comps, servers, parts, clips))
+        solvers = [make_local_solver(x) for x in _per_layer(
+            local_solvers, "local_solvers", N, " (layer 1 = between the devices and their edge servers)")]
+        layers = tuple(LayerConfig(t, c, s, p, k, x)
+                       for t, c, s, p, k, x in zip(taus, comps, servers, parts, clips, solvers))
         extra: dict[str, Any] = {}
         if partition is not None:
             extra["partition"] = make_partitioner(partition)
@@ -221,7 +235,7 @@ class SimulationConfig:
         if unknown:
             raise TypeError(f"unknown simulation options {unknown}; the options are "
                             f"{sorted(f.name for f in dataclasses.fields(cls) if f.name != 'layers')} and the "
-                            f"per-layer taus, compressors, server_optimizers, participation")
+                            f"per-layer taus, compressors, server_optimizers, participation, clip_norms, local_solvers")
         return cls(hierarchy=h, layers=layers, **extra, **options)
 
     def replace(self, **changes: Any) -> "SimulationConfig":
@@ -248,6 +262,10 @@ class SimulationConfig:
     @property
     def participation(self) -> tuple[Participation, ...]:
         return tuple(layer.participation for layer in self.layers)
+
+    @property
+    def local_solvers(self) -> tuple[LocalSolver, ...]:
+        return tuple(layer.local_solver for layer in self.layers)
 
     # ------------------------------------------------------------------ what a checkpoint records
     def identity(self) -> dict[str, Any]:

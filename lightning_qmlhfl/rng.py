@@ -39,6 +39,7 @@ class Stream:
     DROPOUT = 7
     MOBILITY = 8
     DEVICE_RNG = 9
+    SOLVER = 10  # the draws that compress a local solver's extra uploads (SCAFFOLD's variate deltas)
 
 
 def row_seeds(seed: int, round_idx: int, layer: int, event: int, num_rows: int) -> Tensor:

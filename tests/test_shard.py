@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import copy
 import threading
-
 import pytest
 import torch
 
-from lightning_qmlhfl import QSGD, FedAdam, Hierarchy, Identity, ScaledSign, TopK
 from lightning_qmlhfl.distribution.comm import thread_group
+from lightning_qmlhfl import QSGD, FedAdam, Hierarchy, Identity, ScaledSign, TopK
 from lightning_qmlhfl.simulation.engine import NonFiniteUpdateError, QMLHFLEngine
 from lightning_qmlhfl.federation.mobility import RandomReassociation
 from lightning_qmlhfl.federation.participation import Fraction, Full
 from lightning_qmlhfl.distribution.shard import Shard, choose_cut
 
+from helpers.ranks import run_ranks
 from test_engine import MLP, SmallCNN, ce_loss, make_batches
 
 IRREGULAR = Hierarchy.from_parents([[0, 0, 0, 1, 1, 2, 2, 2, 3, 4, 4], [0, 0, 1, 1, 1], [0, 0]])
@@ -38,29 +38,19 @@ def run_single(h, taus, qs, template, batches, **kw):
 
 def run_sharded(h, taus, qs, template, batches, world, cut=None, exchange="gather", fail=None, **kw):
     """Every rank in a thread; each feeds its own devices' rows of the batches."""
-    comms = thread_group(world, timeout=30)
-    engines, errors = [None] * world, [None] * world
 
-    def work(r):
-        try:
-            shard = Shard.build(h, world, r, cut, exchange)
-            e = QMLHFLEngine(copy.deepcopy(template), ce_loss, h, taus, qs, shard=shard, comm=comms[r], **_kw(**kw))
-            rows = shard.rows(0)
-            for t, (x, y) in enumerate(batches):
-                if fail is not None and fail(r, t):
-                    x = x.clone()
-                    x[:] = float("nan")
-                e.local_step((x[rows], y[rows]))
-            engines[r] = e
-        except BaseException as err:  # noqa: BLE001 - reported to the test
-            errors[r] = err
+    def work(r, comm):
+        shard = Shard.build(h, world, r, cut, exchange)
+        e = QMLHFLEngine(copy.deepcopy(template), ce_loss, h, taus, qs, shard=shard, comm=comm, **_kw(**kw))
+        rows = shard.rows(0)
+        for t, (x, y) in enumerate(batches):
+            if fail is not None and fail(r, t):
+                x = x.clone()
+                x[:] = float("nan")
+            e.local_step((x[rows], y[rows]))
+        return e
 
-    threads = [threading.Thread(target=work, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return engines, errors
+    return run_ranks(world, work)
 
 
 def assert_same(one, shards):

@@ -281,15 +281,21 @@ class Compressor(ABC):
         return hash(repr(self))
 
 
-def upload_bits(compressor: Compressor, num_params: int, num_buffer_elems: int = 0) -> int:
+def upload_bits(compressor: Compressor, num_params: int, num_buffer_elems: int = 0, local_solver: Any = None) -> int:
     """Bits of one upload: the compressed parameter difference (``compressor.bits(num_params)``) plus the float
-    buffers (BatchNorm statistics), which always travel as 32-bit floats. The one function the engine, the latency
-    model, the planner and the recipes count uploads with."""
+    buffers (BatchNorm statistics), which always travel as 32-bit floats, plus what the layer's local solver sends
+    beside them (SCAFFOLD's variate deltas: compressed alike, or 32-bit floats;
+    :meth:`~lightning_qmlhfl.optimizers.local_solvers.LocalSolver.upload_values_factor`). The one function the
+    engine, the latency model, the planner and the recipes count uploads with."""
     if isinstance(num_params, bool) or not isinstance(num_params, numbers.Integral) or num_params < 0:
         raise ValueError(f"num_params must be an integer >= 0, got {num_params!r}")
     if isinstance(num_buffer_elems, bool) or not isinstance(num_buffer_elems, numbers.Integral) or num_buffer_elems < 0:
         raise ValueError(f"num_buffer_elems must be an integer >= 0, got {num_buffer_elems!r}")
-    return int(compressor.bits(int(num_params))) + 32 * int(num_buffer_elems)
+    bits = int(compressor.bits(int(num_params))) + 32 * int(num_buffer_elems)
+    if local_solver is not None:
+        bits += local_solver.upload_values_factor(True) * int(compressor.bits(int(num_params)))
+        bits += local_solver.upload_values_factor(False) * 32 * int(num_params)
+    return bits
 
 
 def _log2_ceil(n: int) -> int:

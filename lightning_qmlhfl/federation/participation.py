@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..options import Family, from_spec, per_layer
+
 __all__ = ["Participation", "Full", "Fraction", "UniformK", "Bernoulli", "WEIGHTINGS", "make_participation",
            "rank_within_parent",
            "layer_participation", "validate_participation", "participation_weights"]
@@ -240,46 +242,19 @@ def participation_weights(policy: Participation, base: Tensor, pi: Tensor, uploa
 PARTICIPATIONS = {"full": Full, "fraction": Fraction, "uniformk": UniformK, "bernoulli": Bernoulli}
 
 
+PARTICIPATION_FAMILY = Family(Participation, PARTICIPATIONS, "full", "participation", "a participation rule")
+
+
 def make_participation(spec: object) -> Participation:
     """From a config value: an instance, ``None`` (Full), a name, or a dict with ``name`` and options (``None``
-    options take the defaults)."""
-    if isinstance(spec, Participation):
-        return spec
-    if spec is None:
-        return Full()
-    if isinstance(spec, str):
-        spec = {"name": spec}
-    if isinstance(spec, dict) or hasattr(spec, "items"):
-        d = dict(spec)
-        name = str(d.pop("name", "full")).lower()
-        if name not in PARTICIPATIONS:
-            raise ValueError(f"unknown participation {name!r}; allowed: {sorted(PARTICIPATIONS)}")
-        cls = PARTICIPATIONS[name]
-        d = {k: v for k, v in d.items() if v is not None}
-        unknown = sorted(set(d) - set(cls.config_options))
-        if unknown:
-            raise ValueError(f"{cls.__name__} takes the options {list(cls.config_options)}, got also {unknown}")
-        return cls(**d)
-    raise ValueError(f"cannot build a participation rule from {spec!r}; use a name ({sorted(PARTICIPATIONS)}), a "
-                     f"dict with a name and options, or a Participation")
+    options take the defaults; :func:`lightning_qmlhfl.options.from_spec`)."""
+    return from_spec(spec, PARTICIPATION_FAMILY)
 
 
 def layer_participation(layers: Any, num_layers: int, **options: Any) -> list[Participation]:
     """One rule per layer n = 1..N (the children drawn are layer n-1's nodes: devices for n = 1) from config
     values; every option one value or a list of N; each layer takes the options its rule has."""
-    from ..compressors import _per_layer
-
-    names = _per_layer(layers, "participation.layers", num_layers)
-    per = {k: _per_layer(v, f"participation.{k}", num_layers) for k, v in options.items()}
-    out = []
-    for n, name in enumerate(names):
-        key = "full" if name is None else str(name).lower()
-        if key not in PARTICIPATIONS:
-            raise ValueError(f"participation.layers[{n}] = {name!r} is not a participation rule; allowed: "
-                             f"{sorted(PARTICIPATIONS)}")
-        cls = PARTICIPATIONS[key]
-        out.append(make_participation({"name": key, **{k: v[n] for k, v in per.items() if k in cls.config_options}}))
-    return out
+    return per_layer(layers, num_layers, PARTICIPATION_FAMILY, "participation", **options)
 
 
 def validate_participation(spec: Any, num_layers: int) -> tuple[Participation, ...]:

@@ -10,7 +10,7 @@ Optimisers that couple coordinates (LBFGS, Adafactor-like factorised ones, anyth
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -132,6 +132,9 @@ class DeviceOptimizer:
         self.optimizer = self.cls(spec)
         # how many steps each device has taken (they differ under partial participation)
         self.device_steps = torch.zeros(params.shape[0], dtype=torch.int64)
+        # a term added to the gradients after unscaling, before clipping (a local solver's correction):
+        # f(grads per column, rows or None for all, their parameters [rows, P]); None: nothing added
+        self.grad_hook: Callable[[list[Tensor | None], Tensor | None, Tensor], None] | None = None
 
     @property
     def lr(self) -> float:
@@ -199,6 +202,8 @@ class DeviceOptimizer:
             col.grad = torch.zeros_like(col) if g is None else g.to(col.dtype)
         if scaler is not None:
             scaler.unscale_(self.optimizer)
+        if self.grad_hook is not None:
+            self.grad_hook([c.grad for c in self.columns], None, self.params)
         if self.clip is not None:
             self._clip_([c.grad for c in self.columns])
         if scaler is not None:
@@ -233,6 +238,8 @@ class DeviceOptimizer:
         parts = self._parts(grads, rows.numel())
         parts = [torch.zeros(p.shape, dtype=p.dtype, device=p.device) if g is None else g.to(p.dtype)
                  for g, p in zip(parts, self.layout.views(params_c).values() if self.layout else [params_c])]
+        if self.grad_hook is not None:
+            self.grad_hook(parts, rows, params_c)
         if self.clip is not None:
             self._clip_(parts)
         rows_cpu = rows.cpu()

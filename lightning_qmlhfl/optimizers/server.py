@@ -41,6 +41,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from ..options import Family, from_spec, per_layer
+
 __all__ = ["ServerOptimizer", "Average", "FedAvgM", "FedAdam", "FedYogi", "FedAdagrad", "make_server_optimizer",
            "layer_server_optimizers", "validate_server_optimizers", "adaptive_update_"]
 
@@ -234,53 +236,27 @@ SERVER_OPTIMIZERS = {"average": Average, "fedavgm": FedAvgM, "fedadam": FedAdam,
                      "fedadagrad": FedAdagrad}
 
 
+SERVER_FAMILY = Family(ServerOptimizer, SERVER_OPTIMIZERS, "average", "server optimizer", "a server optimizer",
+                       convert=lambda d: {**d, "betas": tuple(d["betas"])} if "betas" in d else d)
+
+
 def make_server_optimizer(spec: object) -> ServerOptimizer:
     """From a config value: an instance, ``None`` (Average), a name, or a dict with ``name`` and options
-    (``None`` options take the optimizer's defaults)."""
-    if isinstance(spec, ServerOptimizer):
-        return spec
-    if spec is None:
-        return Average()
-    if isinstance(spec, str):
-        spec = {"name": spec}
-    if isinstance(spec, dict) or hasattr(spec, "items"):
-        d = dict(spec)
-        name = str(d.pop("name", "average")).lower()
-        if name not in SERVER_OPTIMIZERS:
-            raise ValueError(f"unknown server optimizer {name!r}; allowed: {sorted(SERVER_OPTIMIZERS)}")
-        cls = SERVER_OPTIMIZERS[name]
-        d = {k: v for k, v in d.items() if v is not None}
-        unknown = sorted(set(d) - set(cls.config_options))
-        if unknown:
-            raise ValueError(f"{cls.__name__} takes the options {list(cls.config_options)}, got also {unknown}")
-        if "betas" in d:
-            d["betas"] = tuple(d["betas"])
-        return cls(**d)
-    raise ValueError(f"cannot build a server optimizer from {spec!r}; use a name ({sorted(SERVER_OPTIMIZERS)}), "
-                     f"a dict with a name and options, or a ServerOptimizer")
+    (``None`` options take the optimizer's defaults; :func:`lightning_qmlhfl.options.from_spec`)."""
+    return from_spec(spec, SERVER_FAMILY)
 
 
 def layer_server_optimizers(layers: Any, num_layers: int, **options: Any) -> list[ServerOptimizer]:
     """One server optimizer per layer n = 1..N from config values: ``layers`` one name or a list of N; every
     option (``lr``, ``momentum``, ``betas``, ``tau``, ``bias_correction``) one value or a list of N; ``None``
     options take the optimizer's defaults; each layer takes the options its optimizer has."""
-    from ..compressors import _per_layer
 
-    names = _per_layer(layers, "server_optim.layers", num_layers)
-    per = {}
-    for k, v in options.items():
+    def split(k: str, v: Any) -> list[Any] | None:
         # betas is itself a pair: one pair for every layer, or a list of N pairs
         one_pair = k == "betas" and v is not None and len(v) == 2 and not hasattr(v[0], "__len__")
-        per[k] = [v] * num_layers if v is None or one_pair else _per_layer(v, f"server_optim.{k}", num_layers)
-    out = []
-    for n, name in enumerate(names):
-        key = "average" if name is None else str(name).lower()
-        if key not in SERVER_OPTIMIZERS:
-            raise ValueError(f"server_optim.layers[{n}] = {name!r} is not a server optimizer; allowed: "
-                             f"{sorted(SERVER_OPTIMIZERS)}")
-        cls = SERVER_OPTIMIZERS[key]
-        out.append(make_server_optimizer({"name": key, **{k: v[n] for k, v in per.items() if k in cls.config_options}}))
-    return out
+        return [v] * num_layers if v is None or one_pair else None
+
+    return per_layer(layers, num_layers, SERVER_FAMILY, "server_optim", split=split, **options)
 
 
 def validate_server_optimizers(spec: Any, num_layers: int) -> tuple[ServerOptimizer, ...]:

@@ -15,6 +15,7 @@ loads and shards it.
 from __future__ import annotations
 
 import math
+from functools import partial
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
 from .. import checks
-from ..compressors import Compressor, Identity, upload_bits
+from ..compressors import Compressor, Identity
 from ..config import SimulationConfig
 from ..federation.availability import Availability
 from ..federation.clock import SimulatedClock
@@ -40,6 +41,7 @@ from .cpu_alloc import retain_large_allocations
 from .executors import LossFn, make_executor
 from .guard import NonFiniteGuard, NonFiniteUpdateError
 from .layers import BitCounter, build_layer
+from .solver_stages import LocalSolvers
 from .stacked import ParamOrder, StackedState
 from .stages import AggregationContext, ChangeTree, ClipUpdates, CompressAndSum, ServerStep
 from .checkpointing import EngineCheckpointing
@@ -195,13 +197,17 @@ class QMLHFLEngine(EngineCheckpointing):
         self.guard = NonFiniteGuard(self.rows, comm, lambda: (self.round, self.step_in_round))
         self.bits = BitCounter(self)
         self.change_tree = None if mobility.is_static else ChangeTree(mobility)
+        self.solvers = LocalSolvers(list(config.local_solvers))
         self.layers = [build_layer(n, config.layers[n - 1], self.state.num_buffer_elems > 0, self.change_tree,
-                                   config.compression_warning)
+                                   config.compression_warning, self.solvers)
                        for n in range(1, self.N + 1)]
         self.registry = StateRegistry()
         self._register_state()
         for layer in self.layers:
             layer.bind(self)
+        self.solvers.bind(self)
+        if self.solvers.corrects_gradients:  # the solvers correct every device's gradient
+            self.optimizer.grad_hook = partial(self.solvers.correct_gradients, self)
         # --- the schedule
         self._period = [math.prod(self.taus[:n]) for n in range(1, self.N + 1)]
         self.steps_per_round = self._period[-1]
@@ -332,7 +338,7 @@ class QMLHFLEngine(EngineCheckpointing):
     def upload_bits(self, n: int) -> int:
         """Bits of one upload into layer n (:func:`lightning_qmlhfl.compressors.upload_bits`: the parameters
         compressed by C_n, float buffers at 32 bits)."""
-        return upload_bits(self.compressors[n - 1], self.state.num_params, self.state.num_buffer_elems)
+        return self.config.layers[n - 1].upload_bits(self.state.num_params, self.state.num_buffer_elems)
 
     def upload_baseline_bits(self, n: int) -> int:
         return 32 * (self.state.num_params + self.state.num_buffer_elems)
@@ -415,6 +421,8 @@ class QMLHFLEngine(EngineCheckpointing):
                 self.state.params[0][rows] = p_c
                 if self.state.num_buffer_elems:
                     self.state.buffers[0][rows] = b_c
+        if self.solvers.any_active:
+            self.solvers.after_step(self.optimizer.lr, devices)
         self.population.after_step()
         self.step_in_round += 1
         self.total_steps += 1
@@ -434,6 +442,7 @@ class QMLHFLEngine(EngineCheckpointing):
             self.events_in_round = [0] * self.N
             self.last_round_stats = self.round_stats()
             self.population.reset_stats()
+            self.solvers.reset_round()
             if self.change_tree is not None:
                 self.change_tree.moves = self.change_tree.failures = 0
             for layer in self.layers:
@@ -451,6 +460,7 @@ class QMLHFLEngine(EngineCheckpointing):
         ctx = self.layers[n - 1].aggregate(self, ctx)
         self.events_in_round[n - 1] += 1
         self.aggregation_counts[n - 1] += 1
+        self.solvers.after_aggregate(n)
         self.bits.on_aggregate(self, ctx)
 
     def round_stats(self) -> dict[str, float]:
@@ -473,6 +483,7 @@ class QMLHFLEngine(EngineCheckpointing):
             clip = layer.stage(ClipUpdates)
             if clip is not None:
                 out[f"clipped_layer{layer.layer}"] = clip.round_clipped
+        out.update(self.solvers.round_stats())
         return out
 
     def run_round(self, next_batch: Callable[[], Any]) -> list[StepResult]:

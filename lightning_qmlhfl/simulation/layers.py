@@ -2,7 +2,7 @@
 the layer's :class:`~lightning_qmlhfl.config.LayerConfig`, and the observers that follow every aggregation.
 
 Observers watch events without changing the aggregation: :class:`BitCounter` counts the bits of every upload
-(:func:`lightning_qmlhfl.compressors.upload_bits`, the one function the engine, the latency model and the planner
+(:meth:`~lightning_qmlhfl.config.LayerConfig.upload_bits`, through the one function the engine, the latency model and the planner
 count with) against the 32-bit baseline; the simulated clock advances with the population inside
 :class:`~lightning_qmlhfl.simulation.stages.SelectUploads`; the non-finite guard is
 :class:`~lightning_qmlhfl.simulation.guard.NonFiniteGuard`.
@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..compressors import upload_bits
 from .stages import (AggregationContext, AverageBuffers, ChangeTree, CheckBuffers, ClipUpdates, CompressAndSum,
                      MeasureCompression, Resync, SelectUploads, ServerStep, Stage)
 
 if TYPE_CHECKING:
     from ..config import LayerConfig
+    from .solver_stages import LocalSolvers
     from .engine import QMLHFLEngine
 
 __all__ = ["AggregationLayer", "build_layer", "BitCounter"]
@@ -48,12 +48,19 @@ class AggregationLayer:
 
 
 def build_layer(layer: int, config: "LayerConfig", has_buffers: bool, change_tree: ChangeTree | None,
-                compression_warning: float | None = None) -> AggregationLayer:
+                compression_warning: float | None = None, solvers: "LocalSolvers | None" = None) -> AggregationLayer:
     """The chain of layer n (:mod:`.stages` lists the order); the Average server optimizer is fused into the
     compression kernel (it adds the aggregate into the parents), any other one is its own stage, which receives
-    the pseudo-gradients from the kernel."""
+    the pseudo-gradients from the kernel. ``solvers``: the local solvers' stages
+    (:mod:`~lightning_qmlhfl.simulation.solver_stages`): layer n's at its uploads."""
     compress = CompressAndSum(config.compressor)
     stages: list[Stage] = [SelectUploads()]
+    upload = None if solvers is None else solvers.upload_stage(layer)
+    if upload is not None:
+        stages.append(upload)
+    consensus = None if solvers is None else solvers.consensus_stage(layer)
+    if consensus is not None:
+        stages.append(consensus.snapshot())
     if config.clip_norm is not None:
         stages.append(ClipUpdates(config.clip_norm))
     if has_buffers:
@@ -67,6 +74,8 @@ def build_layer(layer: int, config: "LayerConfig", has_buffers: bool, change_tre
         compress.delta_to = server  # the kernel writes the pseudo-gradients into the server stage's buffer
     if has_buffers:
         stages.append(AverageBuffers())
+    if consensus is not None:
+        stages.append(consensus)
     if change_tree is not None:
         stages.append(change_tree)
     stages.append(Resync())
@@ -79,8 +88,7 @@ class BitCounter:
 
     def __init__(self, sim: "QMLHFLEngine") -> None:
         N = sim.N
-        self.bits = [upload_bits(sim.config.compressors[n], sim.num_params, sim.state.num_buffer_elems)
-                     for n in range(N)]
+        self.bits = [sim.upload_bits(n) for n in range(1, N + 1)]
         self.baseline = [32 * (sim.num_params + sim.state.num_buffer_elems)] * N
         self.bits_sent = [0] * N  # cumulative, per layer n (index n-1)
         self.baseline_bits = [0] * N

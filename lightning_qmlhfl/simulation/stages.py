@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 __all__ = ["AggregationContext", "Stage", "SelectUploads", "ClipUpdates", "CheckBuffers", "MeasureCompression",
            "CompressionWarning", "CompressAndSum",
-           "ServerStep", "AverageBuffers", "ChangeTree", "Resync"]
+           "ServerStep", "AverageBuffers", "ChangeTree", "Resync", "sum_into_parents"]
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,29 @@ class AggregationContext:
     def sent(self, num_senders: int) -> int:
         """How many uploads this aggregation received, over every rank."""
         return num_senders if self.uploads_global is None else int(self.uploads_global.numel())
+
+
+def sum_into_parents(sim: "QMLHFLEngine", ctx: AggregationContext, parent: Tensor, child: Tensor, weights: Tensor,
+                     compressor: Compressor, seeds: Tensor, *, memory: Tensor | None = None,
+                     out: Tensor | None = None, backend: str | None = None, what: str = "parameters",
+                     check: bool = True) -> Tensor:
+    """parent[p] += sum over the uploading children c of p of weights[c] * C(child[c] - parent[p]) (or into
+    ``out``) for one aggregation of layer n = ``ctx.layer``: one fused kernel, across the ranks at a multi-process
+    run's cut layer. A non-finite upload stops the run (``what`` names it; ``check=False``: checked by an earlier
+    stage, and in one process not again). Returns the uploads' norms."""
+    n = ctx.layer
+    idx = sim.parent_index[n - 1]
+    backend = sim.backend if backend is None else backend
+    if sim.at_cut(n):
+        return aggregate_across_ranks(
+            parent, child, idx, weights, compressor, seeds, backend, memory, ctx.uploads, ctx.uploads_global,
+            sim.hierarchy.parent_index(n - 1), sim.shard.exchange, sim.comm,
+            lambda norms: sim.guard.check_norms(n, norms, ctx.uploads, what), out)
+    norms = aggregate_layer_(parent, child, idx, weights, compressor, seeds, backend, memory=memory,
+                             rows=ctx.uploads, out=out)
+    if check:
+        sim.guard.check_norms(n, norms, ctx.uploads, what)
+    return norms
 
 
 class Stage:
@@ -260,19 +283,9 @@ class CompressAndSum(Stage):
 
     @torch.no_grad()
     def apply(self, sim: "QMLHFLEngine", ctx: AggregationContext) -> AggregationContext:
-        n = ctx.layer
-        params = sim.state.params
-        idx = sim.parent_index[n - 1]
         out = None if self.delta_to is None else self.delta_to.delta
-        if sim.at_cut(n):
-            norms = aggregate_across_ranks(
-                params[n], params[n - 1], idx, ctx.weights, self.compressor, ctx.seeds, sim.backend, self.memory,
-                ctx.uploads, ctx.uploads_global, sim.hierarchy.parent_index(n - 1), sim.shard.exchange, sim.comm,
-                lambda norms: sim.guard.check_norms(n, norms, ctx.uploads), out)
-        else:
-            norms = aggregate_layer_(params[n], params[n - 1], idx, ctx.weights, self.compressor, ctx.seeds,
-                                     sim.backend, memory=self.memory, rows=ctx.uploads, out=out)
-            sim.guard.check_norms(n, norms, ctx.uploads)
+        norms = sum_into_parents(sim, ctx, sim.state.params[ctx.layer], sim.state.params[ctx.layer - 1],
+                                 ctx.weights, self.compressor, ctx.seeds, memory=self.memory, out=out)
         return ctx.replace(norms=norms)
 
     def __repr__(self) -> str:
@@ -315,17 +328,9 @@ class AverageBuffers(Stage):
 
     @torch.no_grad()
     def apply(self, sim: "QMLHFLEngine", ctx: AggregationContext) -> AggregationContext:
-        n = ctx.layer
         buffers = sim.state.buffers
-        idx = sim.parent_index[n - 1]
-        if sim.at_cut(n):
-            aggregate_across_ranks(buffers[n], buffers[n - 1], idx, ctx.mean_weights, Identity(), ctx.seeds, "torch",
-                                   None, ctx.uploads, ctx.uploads_global, sim.hierarchy.parent_index(n - 1),
-                                   sim.shard.exchange, sim.comm,
-                                   lambda norms: sim.guard.check_norms(n, norms, ctx.uploads, "buffers"), None)
-        else:
-            aggregate_layer_(buffers[n], buffers[n - 1], idx, ctx.mean_weights, Identity(), ctx.seeds, "torch",
-                             rows=ctx.uploads)
+        sum_into_parents(sim, ctx, buffers[ctx.layer], buffers[ctx.layer - 1], ctx.mean_weights, Identity(),
+                         ctx.seeds, backend="torch", what="buffers", check=False)
         return ctx
 
 

@@ -182,7 +182,7 @@ class QMLHFLCore:
 
             check_learning_rate(self.engine.optimizer.lr, cfg.smoothness, cfg.taus, list(cfg.compressors),
                                 cfg.hierarchy, d=self.engine.num_params, strict=cfg.strict_lr,
-                                server_optimizers=cfg.server_optimizers)
+                                server_optimizers=cfg.server_optimizers, local_solvers=cfg.local_solvers)
 
     @staticmethod
     def _optimizer_spec(module: torch.nn.Module, optimizer: torch.optim.Optimizer
@@ -360,7 +360,8 @@ class QMLHFLCore:
             rec[f"participants_layer{n}"] = stats[f"participants_layer{n}"]
             rec[f"drops_layer{n}"] = stats[f"drops_layer{n}"]
         for key in ("moves", "edge_failures", "edge_devices_min", "edge_devices_max",
-                    *(f"clipped_layer{n}" for n in range(1, e.N + 1))):
+                    *(f"clipped_layer{n}" for n in range(1, e.N + 1)),
+                    *(f"drift_layer{n}" for n in range(1, e.N + 1))):
             if key in stats:
                 rec[key] = stats[key]
         if not e.mobility.is_static:  # the current device count of every edge server (not logged as a metric)

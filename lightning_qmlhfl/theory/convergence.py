@@ -66,6 +66,7 @@ from ..compressors import Compressor, make_compressor
 __all__ = [
     "LearningRateWarning",
     "TheoryWarning",
+    "warn_local_solvers",
     "check_taus",
     "q_bound",
     "quantizer_variances",
@@ -86,6 +87,17 @@ QSpec = Union[float, int, Compressor, str, None, Mapping]
 
 class LearningRateWarning(UserWarning):
     """The learning rate violates the condition of Theorem 1 (Eq. 15) for the given tau, quantizers and tree."""
+
+
+def warn_local_solvers(local_solvers: Sequence[object] | None) -> None:
+    """A :class:`TheoryWarning` when any layer runs a local solver other than local SGD (FedProx, SCAFFOLD, ADMM):
+    Eq. 15 and the planner's rate are the paper's, for local SGD."""
+    others = [f"layer {n}: {s!r}" for n, s in enumerate(local_solvers or [], start=1)
+              if not getattr(s, "is_plain", True)]
+    if others:
+        warnings.warn(f"local solvers {others}: the paper's theory (Eq. 15, the planner's rate) is for local SGD with "
+                      f"unbiased compressors; it is applied here as if every layer ran local SGD (the bits of their "
+                      f"uploads are counted as sent)", TheoryWarning, stacklevel=3)
 
 
 class TheoryWarning(UserWarning):
@@ -332,12 +344,15 @@ def check_learning_rate(
     d: int | None = None,
     strict: bool = False,
     server_optimizers: Sequence[object] | None = None,
+    local_solvers: Sequence[object] | None = None,
 ) -> float:
     """Check mu against Eq. 15. Returns the condition's value; when it is <= 0, warns with
     :class:`LearningRateWarning` (or raises ``ValueError`` when ``strict``) naming the admissible bound.
 
     The theory covers plain averaging at every layer (``Average()``): with ``server_optimizers`` holding any other
-    rule a :class:`TheoryWarning` says that the condition does not describe that run."""
+    rule, or ``local_solvers`` other than local SGD, a :class:`TheoryWarning` says that the condition does not
+    describe that run."""
+    warn_local_solvers(local_solvers)
     others = [repr(o) for o in (server_optimizers or []) if not getattr(o, "is_average", True)]
     if others:
         warnings.warn(

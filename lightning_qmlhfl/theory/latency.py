@@ -72,15 +72,25 @@ def default_latency(num_layers: int) -> "LatencyModel":
     return LatencyModel(compute_time=1e-3, uplink_rates=default_uplink_rates(num_layers))
 
 
-def upload_bits(quantizers: Sequence[Any], d: int, buffer_elems: int = 0) -> list[int]:
+def upload_bits(quantizers: Sequence[Any], d: int, buffer_elems: int = 0,
+                local_solvers: Sequence[Any] | None = None) -> list[int]:
     """Bits of one upload on each layer's links, n = 1..N, by :func:`lightning_qmlhfl.compressors.upload_bits`
     (the engine's count): the d parameters compressed by the layer's compressor plus ``buffer_elems`` float
-    buffer entries (BatchNorm statistics) at 32 bits."""
+    buffer entries (BatchNorm statistics) at 32 bits, plus what each layer's local solver sends beside them
+    (``local_solvers``: one per layer, config values accepted; SCAFFOLD's variate deltas)."""
     if isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1:
         raise ValueError(f"d (the number of model parameters) must be an integer >= 1, got {d!r}")
     if isinstance(quantizers, (str, bytes)) or not isinstance(quantizers, Sequence):
         raise ValueError(f"quantizers must be a list with one entry per layer, got {quantizers!r}")
-    return [_upload_bits(make_compressor(q), int(d), buffer_elems) for q in quantizers]
+    if local_solvers is None:
+        return [_upload_bits(make_compressor(q), int(d), buffer_elems) for q in quantizers]
+    from ..optimizers.local_solvers import make_local_solver
+
+    if isinstance(local_solvers, (str, bytes)) or not isinstance(local_solvers, Sequence) \
+            or len(local_solvers) != len(quantizers):
+        raise ValueError(f"local_solvers must list one solver per layer ({len(quantizers)}), got {local_solvers!r}")
+    return [_upload_bits(make_compressor(q), int(d), buffer_elems, local_solver=make_local_solver(s))
+            for q, s in zip(quantizers, local_solvers)]
 
 
 def downlink_bits(d: int) -> int:

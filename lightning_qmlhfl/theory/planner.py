@@ -52,7 +52,8 @@ import numpy as np
 from ..hierarchy import Hierarchy, aggregations_per_round
 from .latency import LatencyModel, RoundTime, downlink_bits, upload_bits
 from ..compressors import QSGD, make_compressor
-from .convergence import aggregation_ratios, check_taus, lr_condition_bracket_grid, quantizer_variances
+from .convergence import (aggregation_ratios, check_taus, lr_condition_bracket_grid, quantizer_variances,
+                          warn_local_solvers)
 from .tau_search import TIE, TauSearch
 
 __all__ = ["Plan", "InfeasiblePlanError", "plan_taus", "evaluate_taus"]
@@ -146,6 +147,7 @@ class _Problem(TauSearch):
         adapt_mu: bool,
         tau_max: int,
         buffer_elems: int = 0,
+        local_solvers: Sequence[Any] | None = None,
     ) -> None:
         if not isinstance(hierarchy, Hierarchy):
             hierarchy = Hierarchy.balanced(hierarchy)
@@ -177,7 +179,8 @@ class _Problem(TauSearch):
         self.qs = quantizer_variances(self.quantizers, self.d)
         self.rhos = aggregation_ratios(hierarchy, N)
         self.buffer_elems = int(buffer_elems)
-        self.bits = upload_bits(self.quantizers, self.d, self.buffer_elems)
+        self.local_solvers = None if local_solvers is None else list(local_solvers)
+        self.bits = upload_bits(self.quantizers, self.d, self.buffer_elems, self.local_solvers)
         down = downlink_bits(self.d + self.buffer_elems)
         self.down_bits = down if latency.slowest_downlink_rates is not None else None
         self.link = latency.link_times(self.bits, self.down_bits)
@@ -340,7 +343,7 @@ class _Problem(TauSearch):
         for b in range(15, 0, -1):  # QSGD with s = 2^b - 1 levels sends 1 + b bits per entry (+32 per bucket)
             s = 2**b - 1
             qz = [QSGD(s, q.bucket_size) for q in self.quantizers]
-            bits = upload_bits(qz, self.d, self.buffer_elems)
+            bits = upload_bits(qz, self.d, self.buffer_elems, self.local_solvers)
             if any(nb > ob for nb, ob in zip(bits, self.bits)):
                 continue  # never suggest more bits than now on any layer
             rt = self.latency.round_time(ones, bits, self.down_bits, self.hierarchy)
@@ -351,8 +354,8 @@ class _Problem(TauSearch):
                     f"(the learning-rate condition then tightens: q_n grows)."
                 )
         qz = [QSGD(1, q.bucket_size) for q in self.quantizers]
-        rt = self.latency.round_time(ones, upload_bits(qz, self.d, self.buffer_elems), self.down_bits,
-                                     self.hierarchy)
+        rt = self.latency.round_time(ones, upload_bits(qz, self.d, self.buffer_elems, self.local_solvers),
+                                     self.down_bits, self.hierarchy)
         return (
             f"* Coarser quantization alone cannot do it: even s = 1 (2 bits per entry) on every uplink gives "
             f"T_glob = {rt.total:.6g} s > {T_d:g} s."
@@ -385,6 +388,7 @@ def plan_taus(
     buffer_elems: int = 0,
     participation: Sequence[Any] | None = None,
     availability: Any = None,
+    local_solvers: Sequence[Any] | None = None,
 ) -> Plan:
     """Integer tau_n >= 1 maximising mu * floor(T_d / T_glob(tau)) * prod tau under Eq. 15 (module docstring).
 
@@ -395,8 +399,8 @@ def plan_taus(
     method: "exact", "heuristic" or "auto"; exact_limit: the largest box the exact search enumerates;
     buffer_elems: float buffer entries (BatchNorm statistics) that travel with every upload at 32 bits.
     The theory behind the rate (Eq. 15) covers unbiased compressors without error feedback and plain averaging
-    (``Average()``) only; other configurations get a TheoryWarning and are planned with the same formulas.
-    T_glob follows the tree when the latency model is heterogeneous (the engine's clock with everyone taking
+    (``Average()``) and local SGD only; other configurations get a TheoryWarning and are planned with the same
+    formulas (``local_solvers``: one per layer; their extra uploads, SCAFFOLD's variates, are in the bits). T_glob follows the tree when the latency model is heterogeneous (the engine's clock with everyone taking
     part). With ``participation`` (one rule per layer) / ``availability`` the plan still uses that time, an upper
     bound of every round's time under any selection (a subset's slowest sender is never slower, drops only
     shorten a period), and reports the expected round time under them (Monte Carlo with the engine's clock).
@@ -407,7 +411,13 @@ def plan_taus(
         raise ValueError(f"method must be 'auto', 'exact' or 'heuristic', got {method!r}")
     if isinstance(exact_limit, bool) or not isinstance(exact_limit, numbers.Integral) or exact_limit < 1:
         raise ValueError(f"exact_limit must be an integer >= 1, got {exact_limit!r}")
-    prob = _Problem(hierarchy, quantizers, d, latency, deadline, L, mu, safety, adapt_mu, tau_max, buffer_elems)
+    if local_solvers is not None:
+        from ..optimizers.local_solvers import make_local_solver
+
+        local_solvers = [make_local_solver(x) for x in local_solvers]
+        warn_local_solvers(local_solvers)
+    prob = _Problem(hierarchy, quantizers, d, latency, deadline, L, mu, safety, adapt_mu, tau_max, buffer_elems,
+                    local_solvers)
     caps = prob.caps()
     if min(caps) == 0:  # (1, ..., 1) is infeasible, hence every tau is (module docstring)
         return prob.infeasible("exact" if method == "auto" else method)
