@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
+from lightning_qmlhfl.optimizers.local_solvers import LocalSGD
 from lightning_qmlhfl.simulation.engine import NonFiniteUpdateError
 from recipes.files import write_json_atomic
 from recipes.local_eval import device_summary
@@ -120,6 +121,8 @@ def summarise(trainer: L.Trainer, recorder: RunRecorder, testing: TestEvaluation
         "taus": list(strategy.taus),
         "compressors": [repr(q) for q in strategy.compressors],
         "server_optimizers": [repr(o) for o in strategy.server_optimizers],
+        **({} if all(x == LocalSGD() for x in strategy.config.local_solvers)  # (absent: summaries of earlier runs)
+           else {"local_solvers": [repr(x) for x in strategy.config.local_solvers]}),
         "participation": [repr(p) for p in context.get("participation") or []],
         "mobility": repr(context.get("mobility")),
         "partition": repr(strategy.partitioner),

@@ -21,7 +21,7 @@ from lightning_qmlhfl.simulation.stacked import upload_dims
 from lightning_qmlhfl.theory.latency import LatencyModel, measure_compute_time, upload_bits
 from lightning_qmlhfl.theory.planner import Plan, plan_taus
 from lightning_qmlhfl.theory import lr_condition_terms, quantizer_variances, term_provenance
-from recipes.simulation import build_compressors
+from recipes.simulation import build_compressors, build_local_solvers
 
 
 def _per_layer(value: Any, N: int, what: str) -> list[Any]:
@@ -66,6 +66,7 @@ def run(cfg: DictConfig) -> Plan:
         else [float(r) for r in _per_layer(cfg.downlink_rates, N, "downlink_rates")],
     )
     mu = None if cfg.mu is None else float(cfg.mu)
+    solvers = build_local_solvers(cfg, N)
     plan = plan_taus(
         hierarchy,
         quantizers,
@@ -80,9 +81,10 @@ def run(cfg: DictConfig) -> Plan:
         method=str(cfg.method),
         exact_limit=int(cfg.exact_limit),
         buffer_elems=buffers,
+        local_solvers=solvers,
     )
     qs = quantizer_variances(quantizers, d)
-    bits = upload_bits(quantizers, d, buffers)
+    bits = upload_bits(quantizers, d, buffers, solvers)
     print(f"hierarchy           : N = {N} layers, nodes per layer {list(hierarchy.nodes_per_layer)}")
     for n, (qz, q, b) in enumerate(zip(quantizers, qs, bits), start=1):
         print(f"  layer {n} uplink     : {qz!r}, q_{n} = {q:.4g}, {b} bits per upload (32-bit: {32 * d})")

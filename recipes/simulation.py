@@ -3,8 +3,8 @@
 
 The ``strategy`` node (``strategy=qmlhfl`` or ``qmlhfl_ddp``) carries the strategy's own options; the objects it
 simulates are derived from their groups here and given to it: the tree and taus (``hierarchy``), one compressor,
-server optimizer and participation rule per layer (``compressor``, ``server_optim``, ``participation``: one value
-broadcast to N layers, or a list of N), availability, mobility, the simulated clock (``latency``), the partitioner
+server optimizer, participation rule and local solver per layer (``compressor``, ``server_optim``,
+``participation``, ``local_solver``: one value broadcast to N layers, or a list of N), availability, mobility, the simulated clock (``latency``), the partitioner
 (``partition``, wrapped for ``eval.local_fraction``) and the number of global rounds (``rounds``, or from
 ``deadline``). Every value is checked where it is read (:mod:`recipes.options`).
 """
@@ -24,6 +24,7 @@ from lightning_qmlhfl.compressors import Compressor, layer_compressors, layer_qu
 from lightning_qmlhfl.hierarchy import Hierarchy
 from lightning_qmlhfl.federation.mobility import Mobility, make_mobility
 from lightning_qmlhfl.federation.participation import Participation, layer_participation
+from lightning_qmlhfl.optimizers.local_solvers import LocalSolver, layer_local_solvers
 from lightning_qmlhfl.optimizers.server import ServerOptimizer, layer_server_optimizers
 from lightning_qmlhfl.theory.latency import LatencyModel, default_uplink_rates, downlink_bits, upload_bits
 from recipes.config import key_name
@@ -31,7 +32,7 @@ from recipes.options import (ConfigError, check_choice, check_fraction, check_nu
                              number_list, optional_number)
 
 __all__ = ["STRATEGIES", "Simulation", "build_availability", "build_compressors", "build_hierarchy", "build_latency",
-           "build_mobility", "build_participation", "build_server_optimizers", "build_simulation", "check_strategy",
+           "build_mobility", "build_participation", "build_server_optimizers", "build_local_solvers", "build_simulation", "check_strategy",
            "rounds_for"]
 
 STRATEGIES = ("qmlhfl", "qmlhfl_ddp")  # one process, or one simulation over trainer.devices ranks
@@ -124,6 +125,25 @@ def build_participation(cfg: DictConfig, num_layers: int) -> list[Participation]
     return _library("participation", lambda: layer_participation(layers, num_layers, **opts), opts)
 
 
+AT = ("all", "devices")
+
+
+def build_local_solvers(cfg: DictConfig, num_layers: int) -> list[LocalSolver]:
+    """One local solver per layer from the ``local_solver`` group (local SGD everywhere without it). A single name
+    in ``layers`` applies to every layer (``at: all``) or to the device layer only (``at: devices``)."""
+    c: Any = cfg.get("local_solver")
+    if c is None:
+        return layer_local_solvers("fedavg", num_layers)
+    opts = OmegaConf.to_container(c, resolve=True)
+    layers = opts.pop("layers", "fedavg")
+    at = opts.pop("at", "all")
+    if at not in AT:
+        raise ConfigError(f"local_solver.at={at!r}: must be 'all' or 'devices'")
+    if at == "devices" and isinstance(layers, str):
+        layers = [layers] + ["fedavg"] * (num_layers - 1)
+    return _library("local_solver", lambda: layer_local_solvers(layers, num_layers, **opts), opts)
+
+
 def build_availability(cfg: DictConfig) -> Availability | None:
     """The ``availability`` group: per-period probabilities of being unavailable and of dropping out, or a trace
     file of availability windows (None when every device is always there)."""
@@ -192,15 +212,16 @@ def build_latency(cfg: DictConfig, num_layers: int, hierarchy: Any = None) -> La
     return LatencyModel(compute_time=compute, uplink_rates=_uplink_rates(cfg, num_layers), **extra)
 
 
-def rounds_for(cfg: DictConfig, latency: LatencyModel, quantizers: list[Compressor], d: int, buffers: int = 0) -> int:
+def rounds_for(cfg: DictConfig, latency: LatencyModel, quantizers: list[Compressor], d: int, buffers: int = 0,
+               local_solvers: list[LocalSolver] | None = None) -> int:
     """``rounds``, or with ``deadline`` = T_d (simulated seconds) T = floor(T_d / T_glob(tau)), with the engine's
-    bits per upload (d parameters and ``buffers`` float buffer entries)."""
+    bits per upload (d parameters and ``buffers`` float buffer entries, the local solvers' extra uploads)."""
     deadline = optional_number(cfg.get("deadline"), key_name("deadline"), minimum=0, exclusive=True)
     if deadline is None:
         return int_option(cfg.get("rounds"), key_name("rounds"), 1, allow_none=False)  # type: ignore[return-value]
     hierarchy = build_hierarchy(cfg)
     taus = check_taus(cfg, hierarchy.num_layers)
-    t_glob = latency.round_time(taus, upload_bits(quantizers, d, buffers),
+    t_glob = latency.round_time(taus, upload_bits(quantizers, d, buffers, local_solvers),
                                 downlink_bits(d + buffers) if latency.slowest_downlink_rates else None,
                                 hierarchy=hierarchy).total
     rounds = math.floor(deadline / t_glob + 1e-9)
@@ -255,7 +276,8 @@ def build_simulation(cfg: DictConfig, model: Any, datamodule: Any, sweep: str | 
     taus = check_taus(cfg, N)
     compressors = build_compressors(cfg, N)
     latency = build_latency(cfg, N, hierarchy)
-    rounds = rounds_for(cfg, latency, compressors, *upload_dims(model))
+    local_solvers = build_local_solvers(cfg, N)
+    rounds = rounds_for(cfg, latency, compressors, *upload_dims(model), local_solvers=local_solvers)
     partitioner = build_partitioner(cfg)
     local_fraction = check_fraction((cfg.get("eval") or {}).get("local_fraction", 0.0) or 0.0, "eval.local_fraction")
     holdout = HoldoutPartitioner(partitioner, local_fraction) if local_fraction > 0 else None
@@ -263,6 +285,7 @@ def build_simulation(cfg: DictConfig, model: Any, datamodule: Any, sweep: str | 
     participation, mobility = build_participation(cfg, N), build_mobility(cfg, hierarchy)
     objects: dict[str, Any] = dict(
         hierarchy=hierarchy, taus=taus, compressors=compressors, server_optimizers=build_server_optimizers(cfg, N),
+        local_solvers=local_solvers,
         participation=participation, availability=build_availability(cfg), mobility=mobility,
         partition=holdout or partitioner, global_rounds=rounds, latency=latency,
         train_transform=getattr(datamodule, "train_transform", None))

@@ -43,7 +43,8 @@ def _instantiate_all(cfg, tmp_path: Path) -> dict:
     """Every _target_ node of a composed config, instantiated; the strategy is given its objects as the recipe gives
     them, the Trainer its strategy."""
     from recipes.simulation import (build_availability, build_compressors, build_hierarchy, build_latency,
-                                    build_mobility, build_participation, build_server_optimizers)
+                                    build_local_solvers, build_mobility, build_participation,
+                                    build_server_optimizers)
 
     cfg = cfg.copy()
     OmegaConf.update(cfg, "paths.output_dir", str(tmp_path), force_add=True)
@@ -60,6 +61,7 @@ def _instantiate_all(cfg, tmp_path: Path) -> dict:
     n = h.num_layers
     objects = dict(hierarchy=h, taus=list(cfg.hierarchy.taus), compressors=build_compressors(cfg, n),
                    server_optimizers=build_server_optimizers(cfg, n), participation=build_participation(cfg, n),
+                   local_solvers=build_local_solvers(cfg, n),
                    availability=build_availability(cfg), partition=built["partition"],
                    latency=build_latency(cfg, n, h), global_rounds=1)
     if "qmlhfl_ddp" not in str(cfg.strategy._target_).lower():
@@ -72,7 +74,7 @@ def _instantiate_all(cfg, tmp_path: Path) -> dict:
 
 @pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("group,option", [(g, o) for g in (*TARGET_GROUPS, "callbacks", "eval", "hierarchy",
-                                                               "quantizer", "compressor")
+                                                               "quantizer", "compressor", "local_solver")
                                           for o in _options(g)])
 def test_every_preset_composes_and_instantiates(config, group, option, tmp_path):
     if group == "callbacks" and option != "default":
@@ -172,3 +174,32 @@ def test_a_users_own_preset_with_old_keys_is_migrated(tmp_path):
     with pytest.warns(FutureWarning, match="trainer.rounds=4"):
         migrate_config(cfg)
     assert cfg.rounds == 4 and cfg.trainer.enable_progress_bar is False and "rounds" not in cfg.trainer
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ([], ["LocalSGD(drift=False)"] * 3),
+    (["local_solver.drift=true"], ["LocalSGD(drift=True)"] * 3),
+    (["local_solver=fedprox", "local_solver.mu=0.1"], ["FedProx(mu=0.1)", "LocalSGD(drift=False)",
+                                                       "LocalSGD(drift=False)"]),
+    (["local_solver=fedprox", "local_solver.at=all", "local_solver.mu=[0.1,0.01,0.0]"],
+     ["FedProx(mu=0.1)", "FedProx(mu=0.01)", "FedProx(mu=0.0)"]),
+    (["local_solver=scaffold", "local_solver.at=all", "local_solver.variates=full"], ["Scaffold(variates='full')"] * 3),
+    (["local_solver=admm", "local_solver.layers=[admm,fedavg,admm]", "local_solver.rho=0.5"],
+     ["ADMM(rho=0.5)", "LocalSGD(drift=False)", "ADMM(rho=0.5)"]),
+])
+def test_the_local_solver_group(overrides, expected):
+    from recipes.simulation import build_local_solvers
+
+    assert [repr(x) for x in build_local_solvers(compose("mnist", overrides), 3)] == expected
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["local_solver=fedprox", "local_solver.at=edges"], "local_solver.at='edges': must be 'all' or 'devices'"),
+    (["local_solver=fedprox", "local_solver.mu=-1"], "local_solver.mu=-1: FedProx mu must be a finite number >= 0"),
+    (["local_solver=admm", "local_solver.layers=[admm,feddyn,admm]"], "local_solver.layers\\[1\\] = 'feddyn' is not a local solver"),
+])
+def test_local_solver_mistakes_are_one_line(overrides, match):
+    from recipes.simulation import build_local_solvers
+
+    with pytest.raises(ValueError, match=match):
+        build_local_solvers(compose("mnist", overrides), 3)
