@@ -7,7 +7,7 @@ class has.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 __all__ = ["Family", "from_spec", "per_layer"]
 

@@ -268,7 +268,8 @@ def test_scaffold_doubles_the_bits_or_adds_32_bit_variates():
 
 
 def test_compressed_variates_use_the_layer_compressor_and_their_own_draws():
-    """With QSGD on the uploads, the parents' variates move by a sum of quantized deltas: on the QSGD grid."""
+    """With QSGD on the uploads, the parents' variates move by a sum of quantized deltas, which differs from the
+    sum of the 32-bit deltas of variates="full"."""
     engine, _, _, _ = run_engine([Scaffold("compressed"), None, None], [Full()] * 3,
                                  compressors=[QSGD(2, bucket_size=None), Identity(), Identity()], rounds=1,
                                  steps=2)

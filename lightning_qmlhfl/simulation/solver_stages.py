@@ -26,7 +26,7 @@ own rows) and touched only for the rows that take part.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
