@@ -18,6 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from recipes.config import CONF_DIR
+from recipes.flavor import LIGHTNING, counterpart, current_package, module_package, retarget
 from recipes.options import ConfigError
 
 __all__ = ["LABELLED", "PRESET_KEYS", "build_callbacks", "build_datamodule", "build_model", "build_partitioner",
@@ -85,7 +86,7 @@ def instantiate_node(node: Any, what: str, defaults: dict[str, Any] | None = Non
     if group in LABELLED:
         spec.pop("name", None)
     try:
-        obj = get_object(str(target))
+        obj = counterpart(get_object(str(target)))
     except Exception as e:  # ImportError, AttributeError, hydra's InstantiationException
         raise ConfigError(f"{what}._target_={target!r} cannot be imported ({type(e).__name__}: {e}); give an "
                           f"importable dotted path, e.g. my_package.MyModule (on sys.path or installed)") from e
@@ -93,6 +94,9 @@ def instantiate_node(node: Any, what: str, defaults: dict[str, Any] | None = Non
         spec.setdefault(k, v)
     if str(target) not in preset_targets(group):
         _drop_inherited(spec, obj, what, str(target))
+    if current_package() != LIGHTNING:  # the classes of the run's Lightning package (recipes.flavor)
+        spec = retarget({"_target_": str(target), **spec})
+        target = spec.pop("_target_")
     try:
         if not kwargs:
             return instantiate({"_target_": target, **spec}, _convert_="all")
@@ -164,9 +168,7 @@ def model_label(cfg: Any) -> str:
 
 def build_model(cfg: DictConfig) -> Any:
     """The LightningModule of ``cfg.model`` (its ``_target_``; a node with only ``name``, from before the targets,
-    builds the registered model of that name)."""
-    import lightning as L
-
+    builds the registered model of that name), of the run's Lightning package (:mod:`recipes.flavor`)."""
     from recipes.models import build_model as registered
 
     m = cfg.model
@@ -176,23 +178,29 @@ def build_model(cfg: DictConfig) -> Any:
         warnings.warn(f"model.name={m.get('name')!r} without model._target_: use model={m.get('name')} (a preset with "
                       f"its _target_)", FutureWarning, stacklevel=2)
         module = registered(str(m.name), **{k: v for k, v in _container(m).items() if k not in ("name", "_target_")})
-    if not isinstance(module, L.LightningModule):
+    package = module_package(module)
+    if package is None:
         raise TypeError(f"model._target_={m.get('_target_')!r} built a {type(module).__name__}, not a "
                         f"LightningModule")
+    if package != current_package():
+        raise ConfigError(f"model._target_={m.get('_target_')!r} is a function that built a {package} module: name "
+                          f"the module's class as model._target_ (its package decides the Trainer's)")
     return module
 
 
 def build_datamodule(cfg: DictConfig) -> Any:
     """``datamodule._target_`` (a user's LightningDataModule, with the node's other keys as arguments), else the
-    ``dataset`` node (the built-in :class:`~recipes.datamodules.ImageDataModule`)."""
-    import lightning as L
+    ``dataset`` node (the built-in :class:`~recipes.datamodules.ImageDataModule`), of the run's Lightning
+    package."""
+    import importlib
 
+    base = importlib.import_module(current_package()).LightningDataModule
     user = cfg.get("datamodule")
     if user is not None and user.get("_target_"):
         dm = instantiate_node(user, "datamodule")
-        if not isinstance(dm, L.LightningDataModule):
+        if not isinstance(dm, base):
             raise TypeError(f"datamodule._target_={user._target_!r} built a {type(dm).__name__}, not a "
-                            f"LightningDataModule")
+                            f"LightningDataModule of {current_package()} (the model's package)")
         return dm
     return instantiate_node(cfg.dataset, "dataset")
 
@@ -214,15 +222,17 @@ def build_partitioner(cfg: DictConfig) -> Any:
 
 def build_callbacks(cfg: DictConfig) -> list[Any]:
     """The Trainer's callbacks: every node of ``cfg.callbacks`` in order (a null node is left out), then the user's
-    ``trainer.callbacks`` list."""
-    from lightning.pytorch.callbacks import Callback
+    ``trainer.callbacks`` list, as callbacks of the run's Lightning package."""
+    import importlib
 
+    Callback = importlib.import_module(f"{current_package()}.callbacks").Callback
     out = []
     nodes = [(f"callbacks.{k}", v) for k, v in (cfg.get("callbacks") or {}).items() if v is not None]
     nodes += [(f"trainer.callbacks[{i}]", v) for i, v in enumerate(cfg.trainer.get("callbacks") or [])]
     for what, node in nodes:
         cb = instantiate_node(node, what)
         if not isinstance(cb, Callback):
-            raise TypeError(f"{what} built a {type(cb).__name__}, not a Lightning Callback")
+            raise TypeError(f"{what} built a {type(cb).__name__}, not a Callback of {current_package()} (the model's "
+                            f"Lightning package)")
         out.append(cb)
     return out

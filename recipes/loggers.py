@@ -56,6 +56,9 @@ def wandb_logger(save_dir: str, name: str = "wandb", project: str = "lightning-q
     the W&B run ``run_id`` when it exists (``resume="allow"``)."""
     from lightning.pytorch.loggers import WandbLogger
 
+    from recipes.flavor import counterpart
+
+    WandbLogger = counterpart(WandbLogger)  # noqa: N806 (pytorch_lightning's for a pytorch_lightning model)
     mode = os.environ.get("WANDB_MODE") or mode
     check_choice(mode, "logger.mode", ("online", "offline", "disabled"))
     return WandbLogger(project=project, entity=entity, save_dir=str(save_dir), mode=mode, tags=list(tags or []),

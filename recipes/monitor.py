@@ -14,9 +14,8 @@ import logging
 import warnings
 from typing import Any
 
-from lightning.pytorch.utilities.model_helpers import is_overridden
-
 from recipes.config import key_name
+from recipes.flavor import counterpart, is_overridden
 from recipes.options import ConfigError
 from recipes.recorder import monitor_mode
 
@@ -40,7 +39,7 @@ def validation_metrics(module: Any, datamodule: Any) -> list[str] | None:
     try:
         with isolate_rng(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            probe = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+            probe = counterpart(L.Trainer)(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                               enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1,
                               num_sanity_val_steps=0)
             probe.validate(copy.deepcopy(module), datamodule=datamodule, verbose=False)

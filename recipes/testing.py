@@ -22,9 +22,9 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from recipes.evaluation import TestLoader, classifier_problem, evaluate_loader
+from recipes.flavor import is_overridden
 from recipes.options import ConfigError, check_choice
 from recipes.recorder import RoundEvaluation, RunRecorder
 

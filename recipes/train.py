@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
 from recipes.components import build_callbacks, build_datamodule, build_model, instantiate_node, model_label  # noqa
 from recipes.config import key_name, migrate_config  # noqa: E402
+from recipes.flavor import package_of_target, use_package  # noqa: E402
 from recipes.loggers import finish_loggers, make_logger  # noqa: E402
 from recipes.monitor import choose_monitor, validation_metrics  # noqa: E402
 from recipes.options import ConfigError, int_option  # noqa: E402
@@ -44,7 +45,8 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None, overrides: Se
     cfg = migrate_config(cfg)
     config = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(config, dict)
-    with RunDirectory(cfg, run_dir, config) as rd:
+    package = package_of_target(cfg.model.get("_target_"))  # pytorch_lightning for its modules (recipes.flavor)
+    with RunDirectory(cfg, run_dir, config) as rd, use_package(package):
         torch.manual_seed(int_option(cfg.seed, "seed", 0, allow_none=False))
         if os.environ.get("QMLHFL_THREADS"):
             torch.set_num_threads(int_option(_int_or_text(os.environ["QMLHFL_THREADS"]), "$QMLHFL_THREADS", 1,
