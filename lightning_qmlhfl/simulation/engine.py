@@ -45,6 +45,7 @@ from .solver_stages import LocalSolvers
 from .stacked import ParamOrder, StackedState
 from .stages import AggregationContext, ChangeTree, ClipUpdates, CompressAndSum, ServerStep
 from .checkpointing import EngineCheckpointing
+from .rows import RowIndexing
 from .state import StateRegistry
 
 __all__ = ["QMLHFLEngine", "NonFiniteUpdateError", "StepResult", "gather_batch"]
@@ -67,7 +68,7 @@ class StepResult:
     devices: Tensor | None = None  # the devices that trained (indices; None = all): losses/aux are theirs
 
 
-class QMLHFLEngine(EngineCheckpointing):
+class QMLHFLEngine(EngineCheckpointing, RowIndexing):
     """Simulates QMLHFL for one model template on stacked state.
 
     Args:
@@ -259,43 +260,6 @@ class QMLHFLEngine(EngineCheckpointing):
     @property
     def device_rng(self) -> str:
         return self.config.device_rng
-
-    # ------------------------------------------------------------------ rows: all of them, or a rank's share
-    def local_index(self, m: int) -> Tensor | None:
-        """int64 [nodes of layer m]: this engine's row of every global row of layer m (-1 where another rank
-        holds it), or None when this engine holds every row."""
-        return self._local[m]
-
-    def _localise(self, n: int, global_rows: Tensor) -> Tensor:
-        """Global row indices of layer n as this engine's rows (identity without a shard)."""
-        return global_rows if self._local[n] is None else self._local[n][global_rows]
-
-    def local_rows(self, m: int, global_rows: Tensor | None) -> Tensor | None:
-        """The subset of ``global_rows`` (layer m) this engine holds, as local indices (None: all)."""
-        if global_rows is None or self._local[m] is None:
-            return global_rows
-        loc = self._local[m][global_rows.cpu()]
-        return loc[loc >= 0]
-
-    def at_cut(self, n: int) -> bool:
-        """Whether the aggregation into layer n gathers uploads from every rank (the layer above the cut)."""
-        return self.shard is not None and n == self.shard.cut + 1
-
-    @property
-    def device_ids(self) -> Tensor:
-        """int64 [rows of layer 0]: the global index of every device row this engine holds."""
-        return self.rows[0]
-
-    # ------------------------------------------------------------------ the tree
-    def refresh_tree(self) -> None:
-        """Parent indices, weights |C(c)| / |C(p)| and resync maps of the current tree (this engine's rows)."""
-        t = self.tree
-        self.parent_index = [self._localise(n, t.parent_index(n - 1)[self.rows[n - 1]]).to(self.device)
-                             for n in range(1, self.N + 1)]
-        self.weights = [t.aggregation_weights(n, self._device_mass).to(device=self.device, dtype=self.work_dtype)
-                        for n in range(1, self.N + 1)]
-        self.ancestors = [[self._localise(n, t.ancestor_index(m, n)[self.rows[m]]).to(self.device)
-                           for m in range(n)] for n in range(1, self.N + 1)]
 
     # ------------------------------------------------------------------ properties
     @property
