@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -42,8 +43,8 @@ class DeviceSampler:
     def _reshuffle(self, i: int) -> None:
         n = int(self.sizes[i])
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
-        self.perm[i, :n] = self.table[i, order]
-        self.pos[i] = 0
+        self.perm.numpy()[i, :n] = self.table.numpy()[i, order.numpy()]  # numpy views: the same storage
+        self.pos.numpy()[i] = 0
 
     def next_indices(self, rows: Tensor | None = None) -> Tensor:
         """LongTensor [N_tot, batch_size] of dataset indices, or [len(rows), batch_size] for the devices ``rows``
@@ -60,24 +61,29 @@ class DeviceSampler:
             self.pos += torch.where(crossing, 0, B)
         else:
             self.pos[r] = pos + torch.where(crossing, 0, B)
-        devices = list(range(len(self.sizes))) if r is None else r.tolist()
-        for j in crossing.nonzero().flatten().tolist():  # devices running out of data this step
-            i = devices[j]
-            row, need = [], B
+        devices = np.arange(len(self.sizes)) if r is None else r.numpy()
+        # devices running out of data this step, then those that finished exactly at a batch boundary: small
+        # per-device work, on numpy views of the same storage (a tensor op per device costs several times more);
+        # the reshuffles draw from the one generator in the same order as ever
+        perm, pos_np, sizes_np, epochs, out_np = (self.perm.numpy(), self.pos.numpy(), self.sizes.numpy(),
+                                                  self.epochs.numpy(), out.numpy())
+        for j in np.flatnonzero(crossing.numpy()):
+            i = int(devices[j])
+            n, need, parts = int(sizes_np[i]), B, []
             while need:
-                n, p = int(self.sizes[i]), int(self.pos[i])
+                p = int(pos_np[i])
                 take = min(need, n - p)
-                row.append(self.perm[i, p : p + take].clone())  # clone: a reshuffle rewrites perm in place
-                self.pos[i] += take
+                parts.append(perm[i, p:p + take].copy())  # copy: a reshuffle rewrites perm in place
+                pos_np[i] += take
                 need -= take
-                if int(self.pos[i]) == n:
-                    self.epochs[i] += 1
+                if pos_np[i] == n:
+                    epochs[i] += 1
                     self._reshuffle(i)
-            out[j] = torch.cat(row)
-        done = (self.pos == self.sizes) if r is None else (self.pos[r] == self.sizes[r])
-        for j in done.nonzero().flatten().tolist():  # finished exactly at a batch boundary
-            i = devices[j]
-            self.epochs[i] += 1
+            out_np[j] = np.concatenate(parts)
+        done = (pos_np == sizes_np) if r is None else (pos_np[devices] == sizes_np[devices])
+        for j in np.flatnonzero(done):
+            i = int(devices[j])
+            epochs[i] += 1
             self._reshuffle(i)
         return out
 

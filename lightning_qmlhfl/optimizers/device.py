@@ -243,19 +243,20 @@ class DeviceOptimizer:
         if self.clip is not None:
             self._clip_(parts)
         rows_cpu = rows.cpu()
-        counts = self.device_steps[rows_cpu]
+        counts = self._step_groups(self.device_steps[rows_cpu])
         for c in torch.unique(counts).tolist():
             sel = torch.nonzero(counts == c).flatten()
+            whole = sel.numel() == rows.numel()  # one group (the usual case): step params_c in place, no copies
             sel_dev = sel.to(params_c.device)
             g_rows = rows[sel_dev]
-            block = params_c.index_select(0, sel_dev)
+            block = params_c if whole else params_c.index_select(0, sel_dev)
             views = list(self.layout.views(block).values()) if self.layout else [block]
             by_col = dict(zip(map(id, self.columns), views))
             spec = [{**{k: v for k, v in grp.items() if k != "params"},
                      "params": [by_col[id(col)] for col in grp["params"]]} for grp in self.optimizer.param_groups]
             temp = self.cls(spec)
             for col, view, g in zip(self.columns, views, parts):
-                view.grad = g.index_select(0, sel_dev)
+                view.grad = g if whole else g.index_select(0, sel_dev)
                 st = self.optimizer.state.get(col)
                 if st and c > 0:
                     temp.state[view] = {k: (v.index_select(0, g_rows) if isinstance(v, Tensor) and v.dim() >= 1
@@ -275,8 +276,19 @@ class DeviceOptimizer:
                         main[k] = v.clone()
                     elif k not in main:
                         main[k] = v
-            params_c[sel_dev] = block
+            if not whole:
+                params_c[sel_dev] = block
         self.device_steps[rows_cpu] += 1
+
+    def _step_groups(self, counts: Tensor) -> Tensor:
+        """The key by which :meth:`step_rows` groups devices: their step counts where the optimizer's state keeps
+        a ``step`` (Adam, Adagrad, ...), else only whether they have stepped before (SGD's momentum buffer starts
+        differently), else nothing (no per-row state: one group). Grouping never changes a number (the updates are
+        elementwise); fewer groups copy less."""
+        states = [st for st in self.optimizer.state.values() if st]
+        if any("step" in st for st in states):
+            return counts
+        return counts.clamp(max=1) if states else torch.zeros_like(counts)
 
     def state_dict(self) -> dict[str, Any]:
         """The optimizer state (copies: training on does not change it) and every device's step count."""
