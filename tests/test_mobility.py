@@ -46,9 +46,11 @@ def test_a_move_at_a_cloud_boundary_changes_no_model_row():
         moving.local_step(b)
         static.local_step(b)
     assert moving.last_round_stats["moves"] > 0
-    for n in range(4):
-        assert torch.equal(moving.state.params[n], static.state.params[n])  # every row is the cloud model
-        assert torch.equal(moving.state.params[n], moving.cloud_params().expand_as(moving.state.params[n]))
+    for n in range(4):  # (the devices' rows as the engines present them: device_params)
+        mine, theirs = (moving.device_params(), static.device_params()) if n == 0 else (moving.state.params[n],
+                                                                                        static.state.params[n])
+        assert torch.equal(mine, theirs)  # every row is the cloud model
+        assert torch.equal(mine, moving.cloud_params().expand_as(mine))
     assert not torch.equal(moving.tree.parent_index(0), static.tree.parent_index(0))
 
 
@@ -83,7 +85,7 @@ def test_permuting_device_rows_together_with_the_tree_leaves_the_results_unchang
     a = _run(_engine(Schedule(schedule), [Identity()] * 3, template), batches=batches)
     b = _run(_engine(Schedule([None if s is None else torch.tensor(s)[perm].tolist() for s in schedule]),
                      [Identity()] * 3, template, h=h_perm), batches=[(x[perm], y[perm]) for x, y in batches])
-    torch.testing.assert_close(b.state.params[0][inv], a.state.params[0], atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(b.device_params()[inv], a.device_params(), atol=1e-12, rtol=1e-12)
     for n in range(1, 4):
         torch.testing.assert_close(b.state.params[n], a.state.params[n], atol=1e-12, rtol=1e-12)
 
@@ -136,7 +138,8 @@ def test_a_scheduled_sequence_of_trees_against_the_per_node_loop():
         ref.global_round(batches[r * 4:(r + 1) * 4])
     for n in range(4):
         theirs = torch.stack([ref._flat(node.state) for node in ref.layers[n]]) if n else ref.device_matrix()
-        torch.testing.assert_close(engine.state.params[n], theirs, atol=2e-5, rtol=2e-5)
+        mine = engine.state.params[n] if n else engine.device_params()
+        torch.testing.assert_close(mine, theirs, atol=2e-5, rtol=2e-5)
     assert engine.tree.parent_index(0).tolist() == schedule[2]
 
 
@@ -174,7 +177,7 @@ def test_mobility_state_is_checkpointed():
     resumed.load_state_dict(half.state_dict())
     for b in batches[6:]:
         resumed.local_step(b)
-    assert torch.equal(resumed.state.params[0], full.state.params[0])
+    assert torch.equal(resumed.device_params(), full.device_params())
     assert torch.equal(resumed.tree.parent_index(0), full.tree.parent_index(0))
 
 

@@ -71,6 +71,7 @@ class EngineCheckpointing:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue bit-for-bit (tensors and plain python only), in the checkpoint format of
         :mod:`.state`."""
+        self.flush_devices()
         return {"format_version": FORMAT_VERSION, "config": self.config.identity(),
                 "param_layout": self._param_layout(), "state": self.registry.state_dict()}
 

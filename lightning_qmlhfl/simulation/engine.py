@@ -220,7 +220,7 @@ class QMLHFLEngine(EngineCheckpointing, RowIndexing):
         self._grads: Tensor | list[Tensor | None] | None = None  # accumulated gradients of the current step
         self._step_losses: list[Tensor] = []
         self._step_aux: list[dict[str, Tensor]] = []
-        self._compact: tuple[Tensor, Tensor, Tensor] | None = None  # (rows, params, buffers) of a partial step
+        self._compact: tuple[Tensor, Tensor, Tensor] | None = None  # (rows, params, buffers) of a partial period
         self.last_round_stats: dict[str, float] = {}
 
     # ------------------------------------------------------------------ the options (one source: the config)
@@ -343,10 +343,12 @@ class QMLHFLEngine(EngineCheckpointing, RowIndexing):
             self.executor.row_seeds = [mix(self.seed, Stream.DEVICE_RNG, int(i), self.total_steps, micro)
                                        for i in ids.tolist()]
         if active is None:
+            if self._rows_from_parents() and not self._step_losses:
+                self._materialise_devices()
             grads, losses, aux = self.executor(s.params[0], s.buffers[0], batch, loss_scale)
         else:
             if self._compact is None:
-                self._compact = (active, s.params[0].index_select(0, active), s.buffers[0].index_select(0, active))
+                self._compact = self._gather_devices(active)
             rows, p_c, b_c = self._compact
             batch = tree_map(lambda t: t.index_select(0, rows) if isinstance(t, Tensor)
                              and t.shape[:1] == (s.params[0].shape[0],) and rows.numel() != t.shape[0] else t, batch)
@@ -377,14 +379,12 @@ class QMLHFLEngine(EngineCheckpointing, RowIndexing):
         if self._compact is None:
             self.optimizer.step(grads, scaler=scaler)
         else:
-            rows, p_c, b_c = self._compact
-            self._compact = None
+            rows, p_c, _ = self._compact
             devices = rows
             if rows.numel():
                 self.optimizer.step_rows(rows, p_c, grads, scaler)
-                self.state.params[0][rows] = p_c
-                if self.state.num_buffer_elems:
-                    self.state.buffers[0][rows] = b_c
+            if (self.step_in_round + 1) % self._period[0] == 0:  # the period ends: its uploads are read next
+                self.flush_devices()
         if self.solvers.any_active:
             self.solvers.after_step(self.optimizer.lr, devices)
         self.population.after_step()

@@ -413,13 +413,17 @@ class ChangeTree(Stage):
 class Resync(Stage):
     """Eq. 5: everything below layer n continues from its layer-n ancestor's new model (parameters and float
     buffers), by ``index_select`` into the rows directly (a gather-then-copy would allocate a temporary as large as
-    the whole device stack at every aggregation)."""
+    the whole device stack at every aggregation). With partial participation the device layer is left alone: the
+    devices of the next layer-1 period read their parents' rows when they start (the engine's
+    ``lazy_devices``), so a round costs in proportion to the devices that take part."""
 
     @torch.no_grad()
     def apply(self, sim: "QMLHFLEngine", ctx: AggregationContext) -> AggregationContext:
         s = sim.state
         n = ctx.layer
         for m, anc in enumerate(sim.ancestors[n - 1]):
+            if m == 0 and sim.lazy_devices:  # the next period's devices start from their parents' rows
+                continue
             torch.index_select(s.params[n], 0, anc, out=s.params[m])
             if s.num_buffer_elems:
                 torch.index_select(s.buffers[n], 0, anc, out=s.buffers[m])

@@ -86,10 +86,10 @@ def snapshot(engine: Any) -> dict[str, Any]:
     the current tree, the counters and the bits."""
     out: dict[str, Any] = {}
     s = engine.state
-    for m in range(engine.N + 1):
-        out[f"params/{m}"] = s.params[m].clone()
+    for m in range(engine.N + 1):  # the devices' rows as the engine presents them (lazy with partial participation)
+        out[f"params/{m}"] = engine.device_params() if m == 0 else s.params[m].clone()
         if s.num_buffer_elems:
-            out[f"buffers/{m}"] = s.buffers[m].clone()
+            out[f"buffers/{m}"] = engine.device_buffers() if m == 0 else s.buffers[m].clone()
     for n, mem in enumerate(engine.memory, start=1):
         if mem is not None:
             out[f"memory/{n}"] = mem.clone()
