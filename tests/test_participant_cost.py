@@ -56,7 +56,9 @@ def test_a_checkpoint_in_the_middle_of_a_period_resumes_bit_for_bit():
     for b in batches[:4]:  # step 4: inside the second layer-1 period (tau_1 = 3)
         first.local_step(b)
     assert first.step_in_round % 3 != 0
+    shown = first.device_params()  # from the compact stack
     sd = first.state_dict()
+    assert torch.equal(first.device_params(), shown)  # the same, from the rows written back
     resumed = _engine(template, momentum=0.9)
     resumed.load_state_dict(sd)
     for b in batches[4:]:

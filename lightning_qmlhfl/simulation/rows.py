@@ -90,9 +90,9 @@ class RowIndexing:
                 rows, compact = self._compact[0], self._compact[1 + which]
                 out[rows] = compact
             else:
-                active = self.upcoming_devices()
+                active = self.local_rows(0, self.population.active)  # the period's draw (read, not drawn)
                 out = stack[0].clone() if active is None else out.index_copy_(
-                    0, active, stack[0].index_select(0, active))
+                    0, active.to(out.device), stack[0].index_select(0, active.to(out.device)))
         return out
 
     def _gather_devices(self, active: Tensor) -> tuple[Tensor, Tensor, Tensor]:
