@@ -18,7 +18,11 @@ Every option, its default and what it means:
   (:mod:`lightning_qmlhfl.federation.participation`: which children of every node of layer n take part in each of
   its periods; default Full), ``clip_norm`` (each sender's model difference clipped to this L2 norm before
   compression; default None, no clipping), ``local_solver`` (:mod:`lightning_qmlhfl.optimizers.local_solvers`:
-  FedProx, SCAFFOLD or ADMM between layer n-1 and layer n; default LocalSGD, the paper's).
+  FedProx, SCAFFOLD or ADMM between layer n-1 and layer n; default LocalSGD, the paper's), ``privacy``
+  (:mod:`lightning_qmlhfl.privacy`: Gaussian DP on the uploads into layer n, noise added by each sender or by the
+  aggregating node; default NoPrivacy), ``robust`` (:mod:`lightning_qmlhfl.robust`: the aggregator of layer n's
+  nodes over their children's uploads; default Mean, the weighted sum of Eq. 4), ``attack`` (Byzantine senders
+  into layer n; default NoAttack).
 - ``seed``: keys every random draw of the run (partition, sampling, dropout, augmentation, compression, who takes
   part); default 0.
 - ``executor``: "auto" (the documented rule of :func:`~lightning_qmlhfl.simulation.executors.choose_executor`),
@@ -39,7 +43,8 @@ Every option, its default and what it means:
   learning-rate condition, Eq. 15, at setup), ``strict_lr`` (make that check an error) and ``compression_warning``
   (warn when a layer's uploads lose more than this ratio ||C(x) - x||^2 / ||x||^2 to compression on average over
   their first aggregations, :class:`~lightning_qmlhfl.simulation.stages.MeasureCompression`; None: do not
-  measure).
+  measure), ``dp_delta`` (the delta of the reported (epsilon, delta) guarantee when a layer adds
+  privacy; default 1e-5).
 """
 
 from __future__ import annotations
@@ -58,6 +63,8 @@ from .federation.participation import Full, Participation, make_participation
 from .hierarchy import Hierarchy
 from .optimizers.local_solvers import LocalSGD, LocalSolver, make_local_solver
 from .optimizers.server import Average, ServerOptimizer, make_server_optimizer
+from .privacy import NoPrivacy, Privacy, make_privacy
+from .robust import Attack, LabelFlip, Mean, NoAttack, RobustAggregator, make_attack, make_robust_aggregator
 from .theory.latency import LatencyModel
 
 __all__ = ["LayerConfig", "SimulationConfig", "EXECUTORS", "BACKENDS", "PARAM_ORDERS", "DEVICE_RNGS", "WEIGHTINGS"]
@@ -80,6 +87,9 @@ class LayerConfig:
     participation: Participation = field(default_factory=Full)
     clip_norm: float | None = None
     local_solver: LocalSolver = field(default_factory=LocalSGD)
+    privacy: Privacy = field(default_factory=NoPrivacy)
+    robust: RobustAggregator = field(default_factory=Mean)
+    attack: Attack = field(default_factory=NoAttack)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tau", checks.integer(self.tau, "tau", 1))
@@ -89,6 +99,9 @@ class LayerConfig:
         object.__setattr__(self, "clip_norm", checks.real(self.clip_norm, "clip_norm", 0.0, low_open=True,
                                                           allow_none=True))
         checks.instance(self.local_solver, "local_solver", LocalSolver)
+        checks.instance(self.privacy, "privacy", Privacy)
+        checks.instance(self.robust, "robust", RobustAggregator)
+        checks.instance(self.attack, "attack", Attack)
 
     def identity(self) -> dict[str, Any]:
         out = {"tau": self.tau, "compressor": self.compressor.to_config(),
@@ -98,6 +111,10 @@ class LayerConfig:
             out["clip_norm"] = self.clip_norm
         if self.local_solver != LocalSGD():  # (absent when it is the default, as clip_norm)
             out["local_solver"] = self.local_solver.to_config()
+        for key, value, default in (("privacy", self.privacy, NoPrivacy()), ("robust", self.robust, Mean()),
+                                    ("attack", self.attack, NoAttack())):
+            if value != default:  # (absent when off, as clip_norm)
+                out[key] = value.to_config()
         return out
 
     def upload_bits(self, num_params: int, num_buffer_elems: int = 0) -> int:
@@ -146,6 +163,7 @@ class SimulationConfig:
     smoothness: float | None = None
     strict_lr: bool = False
     compression_warning: float | None = 5.0
+    dp_delta: float = 1e-5
 
     def __post_init__(self) -> None:
         checks.instance(self.hierarchy, "hierarchy", Hierarchy)
@@ -157,6 +175,10 @@ class SimulationConfig:
         for n, layer in enumerate(layers, start=1):
             checks.instance(layer, f"layers[{n - 1}]", LayerConfig)
             layer.participation.check_tree(self.hierarchy.parent_index(n - 1), self.hierarchy.nodes_per_layer[n], n)
+            if isinstance(layer.attack, LabelFlip) and n != 1:
+                raise ValueError(f"attack {layer.attack!r} at layer {n}: label flipping corrupts devices' data, so it "
+                                 f"acts at layer 1 only (at a higher layer use a model attack: sign_flip, gaussian, "
+                                 f"alie)")
         set_ = object.__setattr__
         set_(self, "layers", layers)
         set_(self, "seed", checks.integer(self.seed, "seed"))
@@ -188,12 +210,14 @@ class SimulationConfig:
         set_(self, "strict_lr", bool(self.strict_lr))
         set_(self, "compression_warning", checks.real(self.compression_warning, "compression_warning", 0.0,
                                                       allow_none=True))
+        set_(self, "dp_delta", checks.real(self.dp_delta, "dp_delta", 0.0, 1.0, low_open=True, high_open=True))
 
     # ------------------------------------------------------------------ the keyword API
     @classmethod
     def build(cls, hierarchy: Hierarchy | None = None, taus: Sequence[int] | None = None,
               compressors: Any = None, server_optimizers: Any = None, participation: Any = None,
               clip_norms: Any = None, local_solvers: Any = None, partition: Any = None, mobility: Any = None, quantizers: Any = None,
+              privacy: Any = None, robust: Any = None, attacks: Any = None,
               default_compressor: Any = None, **options: Any) -> "SimulationConfig":
         """A config from the strategies' keyword arguments: per-layer options (``taus``, ``compressors`` or its
         earlier name ``quantizers``, ``server_optimizers``, ``participation``) as a list of N or, except taus, one
@@ -224,8 +248,12 @@ class SimulationConfig:
         clips = _per_layer(clip_norms, "clip_norms", N)
         solvers = [make_local_solver(x) for x in _per_layer(
             local_solvers, "local_solvers", N, " (layer 1 = between the devices and their edge servers)")]
-        layers = tuple(LayerConfig(t, c, s, p, k, x)
-                       for t, c, s, p, k, x in zip(taus, comps, servers, parts, clips, solvers))
+        privs = [make_privacy(x) for x in _per_layer(privacy, "privacy", N)]
+        robusts = [make_robust_aggregator(x) for x in _per_layer(robust, "robust", N)]
+        atts = [make_attack(x) for x in _per_layer(attacks, "attacks", N)]
+        layers = tuple(LayerConfig(t, c, s, p, k, x, dp, r, a)
+                       for t, c, s, p, k, x, dp, r, a in zip(taus, comps, servers, parts, clips, solvers, privs,
+                                                             robusts, atts))
         extra: dict[str, Any] = {}
         if partition is not None:
             extra["partition"] = make_partitioner(partition)
@@ -235,7 +263,8 @@ class SimulationConfig:
         if unknown:
             raise TypeError(f"unknown simulation options {unknown}; the options are "
                             f"{sorted(f.name for f in dataclasses.fields(cls) if f.name != 'layers')} and the "
-                            f"per-layer taus, compressors, server_optimizers, participation, clip_norms, local_solvers")
+                            f"per-layer taus, compressors, server_optimizers, participation, clip_norms, local_solvers, "
+                            f"privacy, robust, attacks")
         return cls(hierarchy=h, layers=layers, **extra, **options)
 
     def replace(self, **changes: Any) -> "SimulationConfig":
@@ -266,6 +295,23 @@ class SimulationConfig:
     @property
     def local_solvers(self) -> tuple[LocalSolver, ...]:
         return tuple(layer.local_solver for layer in self.layers)
+
+    @property
+    def privacy(self) -> tuple[Privacy, ...]:
+        return tuple(layer.privacy for layer in self.layers)
+
+    @property
+    def robust(self) -> tuple[RobustAggregator, ...]:
+        return tuple(layer.robust for layer in self.layers)
+
+    @property
+    def attacks(self) -> tuple[Attack, ...]:
+        return tuple(layer.attack for layer in self.layers)
+
+    @property
+    def uses_trust_stages(self) -> bool:
+        """Whether any layer adds privacy, robust aggregation or an attack (:mod:`~lightning_qmlhfl.simulation.trust_stages`)."""
+        return any(not (l.privacy.is_off and l.robust.is_mean and l.attack.is_none) for l in self.layers)
 
     # ------------------------------------------------------------------ what a checkpoint records
     def identity(self) -> dict[str, Any]:

@@ -9,7 +9,28 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
-__all__ = ["Family", "from_spec", "per_layer"]
+__all__ = ["Family", "ConfigOption", "from_spec", "per_layer"]
+
+
+class ConfigOption:
+    """An option object that is its config: ``to_config()`` is ``{"name": config_name, <option>: value}`` (what
+    :func:`from_spec` rebuilds it from and checkpoints store), and equality, hash and repr follow it."""
+
+    config_name = ""
+    config_options: tuple[str, ...] = ()
+
+    def to_config(self) -> dict[str, Any]:
+        return {"name": self.config_name, **{k: getattr(self, k) for k in self.config_options}}
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.to_config() == self.to_config()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, tuple(sorted(self.to_config().items(), key=lambda kv: kv[0]))))
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.config_options)
+        return f"{type(self).__name__}({opts})"
 
 
 class Family:

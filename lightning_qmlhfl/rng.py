@@ -40,6 +40,8 @@ class Stream:
     MOBILITY = 8
     DEVICE_RNG = 9
     SOLVER = 10  # the draws that compress a local solver's extra uploads (SCAFFOLD's variate deltas)
+    PRIVACY = 11  # the Gaussian noise of differential privacy (and the noised counts of adaptive clipping)
+    ATTACK = 12  # the draws of Byzantine senders' messages
 
 
 def row_seeds(seed: int, round_idx: int, layer: int, event: int, num_rows: int) -> Tensor:

@@ -29,6 +29,21 @@ from recipes.testing import TestEvaluation
 __all__ = ["RunOutputs", "format_summary"]
 
 
+def _trust_summary(config: Any, engine: Any) -> dict[str, Any]:
+    """Privacy, robust aggregation and attacks of the run (absent when off: summaries of earlier runs), with the
+    final (epsilon, delta) guarantee."""
+    out: dict[str, Any] = {}
+    for key, values, off in (("privacy", config.privacy, lambda x: x.is_off), ("robust", config.robust,
+                                                                                lambda x: x.is_mean),
+                             ("attacks", config.attacks, lambda x: x.is_none)):
+        if not all(off(x) for x in values):
+            out[key] = [repr(x) for x in values]
+    if "privacy" in out:
+        stats = {} if engine is None else engine.privacy_stats()  # (inf, no noise: null)
+        out.update({"dp_delta": config.dp_delta, **{k: None if v == float("inf") else v for k, v in stats.items()}})
+    return out
+
+
 class RunOutputs(Callback):
     """Writes ``summary.json``, ``history.json`` and the plots into ``dirpath`` (see the module docstring).
 
@@ -123,6 +138,7 @@ def summarise(trainer: L.Trainer, recorder: RunRecorder, testing: TestEvaluation
         "server_optimizers": [repr(o) for o in strategy.server_optimizers],
         **({} if all(x == LocalSGD() for x in strategy.config.local_solvers)  # (absent: summaries of earlier runs)
            else {"local_solvers": [repr(x) for x in strategy.config.local_solvers]}),
+        **_trust_summary(strategy.config, e),
         "participation": [repr(p) for p in context.get("participation") or []],
         "mobility": repr(context.get("mobility")),
         "partition": repr(strategy.partitioner),

@@ -4,7 +4,8 @@
 The ``strategy`` node (``strategy=qmlhfl`` or ``qmlhfl_ddp``) carries the strategy's own options; the objects it
 simulates are derived from their groups here and given to it: the tree and taus (``hierarchy``), one compressor,
 server optimizer, participation rule and local solver per layer (``compressor``, ``server_optim``,
-``participation``, ``local_solver``: one value broadcast to N layers, or a list of N), availability, mobility, the simulated clock (``latency``), the partitioner
+``participation``, ``local_solver``: one value broadcast to N layers, or a list of N), privacy, robust aggregation
+and attacks (``privacy``, ``robust``, ``attack``: :mod:`recipes.trust`), availability, mobility, the simulated clock (``latency``), the partitioner
 (``partition``, wrapped for ``eval.local_fraction``) and the number of global rounds (``rounds``, or from
 ``deadline``). Every value is checked where it is read (:mod:`recipes.options`).
 """
@@ -283,9 +284,16 @@ def build_simulation(cfg: DictConfig, model: Any, datamodule: Any, sweep: str | 
     holdout = HoldoutPartitioner(partitioner, local_fraction) if local_fraction > 0 else None
     name, _ = check_strategy(strategy_name(cfg), cfg.trainer.get("devices", 1), sweep, local_fraction)
     participation, mobility = build_participation(cfg, N), build_mobility(cfg, hierarchy)
+    from recipes.trust import build_attacks, build_privacy, build_robust, dp_delta
+
+    trust: dict[str, Any] = dict(
+        privacy=build_privacy(cfg, N, taus, participation, hierarchy, rounds),
+        robust=build_robust(cfg, N), attacks=build_attacks(cfg, N))
+    if dp_delta(cfg) is not None:
+        trust["dp_delta"] = dp_delta(cfg)
     objects: dict[str, Any] = dict(
         hierarchy=hierarchy, taus=taus, compressors=compressors, server_optimizers=build_server_optimizers(cfg, N),
-        local_solvers=local_solvers,
+        local_solvers=local_solvers, **trust,
         participation=participation, availability=build_availability(cfg), mobility=mobility,
         partition=holdout or partitioner, global_rounds=rounds, latency=latency,
         train_transform=getattr(datamodule, "train_transform", None))

@@ -39,6 +39,15 @@ def _plain_instantiate(node, group: str, tmp_path: Path, **objects):
     return instantiate(spec, _convert_="all")
 
 
+def _trust(cfg, h) -> dict:
+    from recipes.simulation import build_participation
+    from recipes.trust import build_attacks, build_privacy, build_robust
+
+    n = h.num_layers
+    return dict(privacy=build_privacy(cfg, n, list(cfg.hierarchy.taus), build_participation(cfg, n), h, 1),
+                robust=build_robust(cfg, n), attacks=build_attacks(cfg, n))
+
+
 def _instantiate_all(cfg, tmp_path: Path) -> dict:
     """Every _target_ node of a composed config, instantiated; the strategy is given its objects as the recipe gives
     them, the Trainer its strategy."""
@@ -61,7 +70,7 @@ def _instantiate_all(cfg, tmp_path: Path) -> dict:
     n = h.num_layers
     objects = dict(hierarchy=h, taus=list(cfg.hierarchy.taus), compressors=build_compressors(cfg, n),
                    server_optimizers=build_server_optimizers(cfg, n), participation=build_participation(cfg, n),
-                   local_solvers=build_local_solvers(cfg, n),
+                   local_solvers=build_local_solvers(cfg, n), **_trust(cfg, h),
                    availability=build_availability(cfg), partition=built["partition"],
                    latency=build_latency(cfg, n, h), global_rounds=1)
     if "qmlhfl_ddp" not in str(cfg.strategy._target_).lower():
@@ -74,7 +83,8 @@ def _instantiate_all(cfg, tmp_path: Path) -> dict:
 
 @pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("group,option", [(g, o) for g in (*TARGET_GROUPS, "callbacks", "eval", "hierarchy",
-                                                               "quantizer", "compressor", "local_solver")
+                                                               "quantizer", "compressor", "local_solver",
+                                                               "privacy", "robust", "attack")
                                           for o in _options(g)])
 def test_every_preset_composes_and_instantiates(config, group, option, tmp_path):
     if group == "callbacks" and option != "default":

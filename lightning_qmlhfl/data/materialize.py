@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.data import DataLoader, default_collate
 
-__all__ = ["materialize_dataset", "extract_labels", "num_samples", "DatasetTooLargeError", "available_memory_bytes"]
+__all__ = ["materialize_dataset", "extract_labels", "map_labels", "num_samples", "DatasetTooLargeError", "available_memory_bytes"]
 
 _LABEL_KEYS = ("label", "labels", "y", "target", "targets")
 
@@ -154,6 +154,25 @@ def extract_labels(data: Any, label_key: str | int | None = None, label_fn: Call
             f"(need an integer tensor of shape ({n},)). {hint}"
         )
     return y.long()
+
+
+def map_labels(batch: Any, fn: Callable[[Tensor], Tensor], label_key: str | int | None = None) -> Any:
+    """``batch`` with its labels (found as :func:`extract_labels` finds them, without ``label_fn``) replaced by
+    ``fn(labels)``; the other leaves are the same objects. Raises ValueError when the batch has no labels there."""
+    if isinstance(batch, dict):
+        keys = [label_key] if label_key is not None else [k for k in _LABEL_KEYS if k in batch]
+        if not keys or keys[0] not in batch:
+            raise ValueError(f"cannot find the labels in dict batches with keys {sorted(batch)} (looked for "
+                             f"{list(_LABEL_KEYS) if label_key is None else label_key!r}); pass label_key=...")
+        return {**batch, keys[0]: fn(batch[keys[0]])}
+    if isinstance(batch, (list, tuple)):
+        idx = 1 if label_key is None else int(label_key)
+        if len(batch) <= idx:
+            raise ValueError(f"batches have {len(batch)} element(s); labels expected at position {idx}")
+        out = list(batch)
+        out[idx] = fn(batch[idx])
+        return type(batch)(out) if isinstance(batch, tuple) else out
+    raise ValueError("batches are single tensors, without labels to flip")
 
 
 def num_samples(data: Any) -> int:

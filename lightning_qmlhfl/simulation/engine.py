@@ -40,10 +40,10 @@ from ..theory.latency import LatencyModel, default_latency, downlink_bits
 from .cpu_alloc import retain_large_allocations
 from .executors import LossFn, make_executor
 from .guard import NonFiniteGuard, NonFiniteUpdateError
-from .layers import BitCounter, build_layer
+from .layers import BitCounter, PrivacyLedger, build_layer
 from .solver_stages import LocalSolvers
 from .stacked import ParamOrder, StackedState
-from .stages import AggregationContext, ChangeTree, ClipUpdates, CompressAndSum, ServerStep
+from .stages import AggregationContext, ChangeTree, CompressAndSum, ServerStep
 from .checkpointing import EngineCheckpointing
 from .rows import RowIndexing
 from .state import StateRegistry
@@ -157,6 +157,10 @@ class QMLHFLEngine(EngineCheckpointing, RowIndexing):
             if not config.mobility.is_static:
                 raise ValueError("mobility with a multi-process run is not supported: a device moving to an edge "
                                  "server of another rank would have to move its rows between processes")
+            if config.uses_trust_stages:
+                raise ValueError("privacy, robust aggregation and attacks run in one process: a multi-process run "
+                                 "with them is not supported (use strategy=qmlhfl; the stacked rows make one "
+                                 "process fast)")
         self.rows = [torch.arange(hierarchy.nodes_per_layer[m]) if shard is None else shard.rows(m)
                      for m in range(self.N + 1)]
         self._local = [None if shard is None else shard.local_index(m) for m in range(self.N + 1)]
@@ -197,6 +201,7 @@ class QMLHFLEngine(EngineCheckpointing, RowIndexing):
         # --- the aggregation layers, their observers and the declared state
         self.guard = NonFiniteGuard(self.rows, comm, lambda: (self.round, self.step_in_round))
         self.bits = BitCounter(self)
+        self.privacy = PrivacyLedger(config) if any(not p.is_off for p in config.privacy) else None
         self.change_tree = None if mobility.is_static else ChangeTree(mobility)
         self.solvers = LocalSolvers(list(config.local_solvers))
         self.layers = [build_layer(n, config.layers[n - 1], self.state.num_buffer_elems > 0, self.change_tree,
@@ -410,9 +415,8 @@ class QMLHFLEngine(EngineCheckpointing, RowIndexing):
             if self.change_tree is not None:
                 self.change_tree.moves = self.change_tree.failures = 0
             for layer in self.layers:
-                clip = layer.stage(ClipUpdates)
-                if clip is not None:
-                    clip.round_clipped = 0
+                for stage in layer.stages:
+                    stage.reset_round()
         return StepResult(losses=losses, aux=aux, aggregated=done, round_completed=completed, devices=devices)
 
     @torch.no_grad()
@@ -444,11 +448,16 @@ class QMLHFLEngine(EngineCheckpointing, RowIndexing):
             counts = self.tree.device_counts(1)
             out["edge_devices_min"], out["edge_devices_max"] = int(counts.min()), int(counts.max())
         for layer in self.layers:
-            clip = layer.stage(ClipUpdates)
-            if clip is not None:
-                out[f"clipped_layer{layer.layer}"] = clip.round_clipped
+            for stage in layer.stages:
+                out.update(stage.round_stats())
         out.update(self.solvers.round_stats())
+        out.update(self.privacy_stats())
         return out
+
+    def privacy_stats(self) -> dict[str, float]:
+        """epsilon after the completed rounds (:class:`~lightning_qmlhfl.simulation.layers.PrivacyLedger`; empty
+        without differential privacy)."""
+        return {} if self.privacy is None else self.privacy.stats(self.round)
 
     def run_round(self, next_batch: Callable[[], Any]) -> list[StepResult]:
         """Run local steps until the current global round completes; ``next_batch()`` supplies each step's batch."""

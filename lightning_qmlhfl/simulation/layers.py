@@ -14,13 +14,15 @@ from typing import TYPE_CHECKING, Any
 
 from .stages import (AggregationContext, AverageBuffers, ChangeTree, CheckBuffers, ClipUpdates, CompressAndSum,
                      MeasureCompression, Resync, SelectUploads, ServerStep, Stage)
+from .trust_stages import (AddAggregate, AttackUploads, CentralNoise, CompressUploads, ReceiverClip, SenderNoise,
+                           SumMessages)
 
 if TYPE_CHECKING:
-    from ..config import LayerConfig
+    from ..config import LayerConfig, SimulationConfig
     from .solver_stages import LocalSolvers
     from .engine import QMLHFLEngine
 
-__all__ = ["AggregationLayer", "build_layer", "BitCounter"]
+__all__ = ["AggregationLayer", "build_layer", "BitCounter", "PrivacyLedger"]
 
 
 class AggregationLayer:
@@ -53,7 +55,9 @@ def build_layer(layer: int, config: "LayerConfig", has_buffers: bool, change_tre
     compression kernel (it adds the aggregate into the parents), any other one is its own stage, which receives
     the pseudo-gradients from the kernel. ``solvers``: the local solvers' stages
     (:mod:`~lightning_qmlhfl.simulation.solver_stages`): layer n's at its uploads."""
-    compress = CompressAndSum(config.compressor)
+    privacy, robust, attack = config.privacy, config.robust, config.attack
+    materialised = not robust.is_mean or (not privacy.is_off and privacy.where == "central")
+    compress: Stage = CompressUploads(config.compressor) if materialised else CompressAndSum(config.compressor)
     stages: list[Stage] = [SelectUploads()]
     upload = None if solvers is None else solvers.upload_stage(layer)
     if upload is not None:
@@ -63,15 +67,29 @@ def build_layer(layer: int, config: "LayerConfig", has_buffers: bool, change_tre
         stages.append(consensus.snapshot())
     if config.clip_norm is not None:
         stages.append(ClipUpdates(config.clip_norm))
+    if not privacy.is_off and privacy.where == "local":
+        stages.append(SenderNoise(privacy))
+    if not attack.is_none:
+        stages.append(AttackUploads(attack))
     if has_buffers:
         stages.append(CheckBuffers())
     if compression_warning is not None and not config.compressor.is_identity:
         stages.append(MeasureCompression(config.compressor, compression_warning, compress=compress))
     stages.append(compress)
+    total: Stage = compress
+    if materialised:  # the messages, clipped by the receiver, summed (robustly), noised
+        if not privacy.is_off and privacy.where == "central":
+            stages.append(ReceiverClip(privacy))
+        total = SumMessages(robust)
+        stages.append(total)
+        if not privacy.is_off and privacy.where == "central":
+            stages.append(CentralNoise(privacy))
     if not config.server_optimizer.is_average:
         server = ServerStep(config.server_optimizer)
         stages.append(server)
-        compress.delta_to = server  # the kernel writes the pseudo-gradients into the server stage's buffer
+        total.delta_to = server  # the sum is written into the server stage's buffer (the pseudo-gradients)
+    elif materialised:
+        stages.append(AddAggregate())
     if has_buffers:
         stages.append(AverageBuffers())
     if consensus is not None:
@@ -104,3 +122,24 @@ class BitCounter:
         self.bits_sent[n - 1] += bits
         self.baseline_bits[n - 1] += base
         self.round_bits[n - 1] += bits
+
+
+class PrivacyLedger:
+    """The device-level (epsilon, delta) guarantee of the run's differential privacy after every completed round
+    (observer): one noise point per layer that adds noise (:func:`lightning_qmlhfl.privacy.noise_points`),
+    accounted by :class:`~lightning_qmlhfl.privacy.PrivacyAccountant` (Google's dp-accounting); ``epsilon`` is the
+    guarantee against the outside world (the smallest of the points'), ``epsilon_layer{n}`` each point's."""
+
+    def __init__(self, config: "SimulationConfig") -> None:
+        from ..privacy import PrivacyAccountant, noise_points
+
+        self.points = noise_points(config.hierarchy, list(config.taus), list(config.privacy),
+                                   list(config.participation))
+        self.accountant = PrivacyAccountant(self.points)
+        self.delta = config.dp_delta
+
+    def stats(self, rounds: int) -> dict[str, float]:
+        eps = self.accountant.epsilons(rounds, self.delta)
+        out = {"epsilon": min(eps)}
+        out.update({f"epsilon_layer{p.layer}": e for p, e in zip(self.points, eps)})
+        return out

@@ -58,7 +58,9 @@ class AggregationContext:
     weights of an exact weighted mean, for the float buffers: ``weights`` renormalised over each parent's uploads
     when the participation weighting is unbiased, else ``weights`` itself), ``received`` (bool per
     parent row: got at least one upload; None: all), ``norms`` (float32 [uploads, buckets] of the compressed
-    uploads)."""
+    uploads); on the materialised path (:mod:`.trust_stages`) also ``messages`` (every sender's compressed upload,
+    [senders, P]), ``clip_norms`` (float64 per parent row: the norms its received messages were clipped to) and
+    ``aggregate`` (the parents' aggregates, [parents, P])."""
 
     layer: int
     round: int
@@ -71,6 +73,9 @@ class AggregationContext:
     mean_weights: Tensor | None = None
     received: Tensor | None = None
     norms: Tensor | None = None
+    messages: Tensor | None = None
+    clip_norms: Tensor | None = None
+    aggregate: Tensor | None = None
 
     def replace(self, **changes: Any) -> "AggregationContext":
         return dataclasses.replace(self, **changes)
@@ -113,6 +118,13 @@ class Stage:
 
     def apply(self, sim: "QMLHFLEngine", ctx: AggregationContext) -> AggregationContext:
         raise NotImplementedError
+
+    def round_stats(self) -> dict[str, float]:
+        """What this stage counted in the current (or just completed) round, for the round's statistics."""
+        return {}
+
+    def reset_round(self) -> None:
+        """Start counting a new round."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -159,6 +171,12 @@ class ClipUpdates(Stage):
 
     def __init__(self, max_norm: float) -> None:
         self.max_norm = float(max_norm)
+        self.round_clipped = 0
+
+    def round_stats(self) -> dict[str, float]:
+        return {f"clipped_layer{self.layer}": self.round_clipped}
+
+    def reset_round(self) -> None:
         self.round_clipped = 0
 
     def bind(self, sim: "QMLHFLEngine", layer: int) -> None:

@@ -20,9 +20,10 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sequ
 
 from .. import checks
 from ..config import SimulationConfig
-from ..data.materialize import extract_labels, materialize_dataset, num_samples
+from ..data.materialize import extract_labels, map_labels, materialize_dataset, num_samples
 from ..data.sampler import DeviceSampler
 from ..rng import Stream, mix
+from ..robust import LabelFlip
 from ..simulation.engine import NonFiniteUpdateError, QMLHFLEngine, gather_batch
 from .device_logging import LOG_KEY, OUT_KEY, DeviceLogCapture
 
@@ -78,6 +79,7 @@ class QMLHFLCore:
         self._rng_state: Tensor | None = None
         self._cuda_rng_state: Tensor | None = None
         self._aug_generator: torch.Generator | None = None
+        self._flipped: Tensor | None = None
         self._batch_idx = 0
         self._accumulate = 1
         self._group_sizes: list[int] = []
@@ -169,6 +171,11 @@ class QMLHFLCore:
                                    device=device, param_groups=groups, grad_clip=self._clip, shard=self.shard,
                                    comm=self.comm)
         self._aug_generator = torch.Generator(device=device).manual_seed(mix(self.config.seed, Stream.AUGMENT))
+        attack = self.config.layers[0].attack
+        self._flipped = None  # bool per device: trains on flipped labels (a label-flipping attack at layer 1)
+        if isinstance(attack, LabelFlip) and attack.fraction > 0:
+            self._flipped = attack.byzantine(self.config.hierarchy.num_devices, self.config.seed, 1)
+            map_labels(tree_map(lambda t: t[:1], data), lambda y: y, self.config.label_key)  # labels found?
         with torch.random.fork_rng(devices=self._cuda_devices()):
             torch.manual_seed(mix(self.config.seed, Stream.TORCH_RNG))
             self._rng_state = torch.get_rng_state()
@@ -237,7 +244,18 @@ class QMLHFLCore:
                 batch = tree_map(lambda *xs: torch.cat(xs), *parts) if parts else batch
             else:
                 batch = self.train_transform(batch, self._aug_generator)
+        if self._flipped is not None:  # label-flipping Byzantine devices train on flipped labels
+            batch = self._flip_labels(batch, self._flipped.to(self._device)[devices.to(self._device)])
         return batch
+
+    def _flip_labels(self, batch: Any, rows: Tensor) -> Any:
+        attack = self.config.layers[0].attack
+
+        def flip(y: Tensor) -> Tensor:
+            mask = rows.view(-1, *([1] * (y.dim() - 1)))
+            return torch.where(mask, attack.flip(y), y)
+
+        return map_labels(batch, flip, self.config.label_key)
 
     def _global_values(self, values: Tensor) -> Tensor:
         """Per-device values of this rank's training devices -> those of every rank's, in device order (the
@@ -359,9 +377,10 @@ class QMLHFLCore:
             rec[f"time_layer{n}"] = stats[f"time_layer{n}"]
             rec[f"participants_layer{n}"] = stats[f"participants_layer{n}"]
             rec[f"drops_layer{n}"] = stats[f"drops_layer{n}"]
-        for key in ("moves", "edge_failures", "edge_devices_min", "edge_devices_max",
-                    *(f"clipped_layer{n}" for n in range(1, e.N + 1)),
-                    *(f"drift_layer{n}" for n in range(1, e.N + 1))):
+        per_layer = ("clipped", "drift", "clip_fraction", "clip_norm", "noise_std", "epsilon", "attacked",
+                     "attack_fraction", "rejected")
+        for key in ("moves", "edge_failures", "edge_devices_min", "edge_devices_max", "epsilon",
+                    *(f"{k}_layer{n}" for k in per_layer for n in range(1, e.N + 1))):
             if key in stats:
                 rec[key] = stats[key]
         if not e.mobility.is_static:  # the current device count of every edge server (not logged as a metric)
