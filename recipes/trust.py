@@ -9,7 +9,7 @@ Each group names where it acts in words that fit the hierarchy, or per layer wit
   with ``privacy.where`` one value or a list). ``target_epsilon`` (with ``delta``) calibrates the noise multiplier
   for the run's rounds instead of ``noise_multiplier``.
 - ``robust.at``: ``edge`` (layer 1, over every edge server's devices), ``cloud`` (layer N), ``both`` (1 and N),
-  ``all``, or ``layers`` (``robust.layers`` a list of N names).
+  ``all``, ``none`` (the weighted mean everywhere: the baseline of a sweep over placements), or ``layers`` (``robust.layers`` a list of N names).
 - ``attack.at``: ``devices`` (Byzantine devices: layer 1) or ``edge`` (compromised edge servers corrupt their
   aggregate: layer 2).
 """
@@ -28,7 +28,7 @@ from recipes.options import ConfigError, check_choice
 __all__ = ["build_privacy", "build_robust", "build_attacks", "dp_delta"]
 
 TRUST = ("none", "devices", "edge", "cloud", "layers")
-ROBUST_AT = ("edge", "cloud", "both", "all", "layers")
+ROBUST_AT = ("none", "edge", "cloud", "both", "all", "layers")
 ATTACK_AT = ("devices", "edge")
 
 
@@ -94,7 +94,8 @@ def build_robust(cfg: DictConfig, num_layers: int) -> list[RobustAggregator]:
     if at != "layers":
         if not isinstance(names, str):
             raise ConfigError(f"robust.layers={names!r} with robust.at={at!r}: give one name (or robust.at=layers)")
-        on = {"edge": {1}, "cloud": {num_layers}, "both": {1, num_layers}, "all": set(range(1, num_layers + 1))}[at]
+        on = {"none": set(), "edge": {1}, "cloud": {num_layers}, "both": {1, num_layers},
+              "all": set(range(1, num_layers + 1))}[at]
         names = [names if n in on else "mean" for n in range(1, num_layers + 1)]
     return _wrap("robust", lambda: layer_robust_aggregators(names, num_layers, **opts))
 

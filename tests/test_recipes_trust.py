@@ -49,6 +49,7 @@ def test_target_epsilon_calibrates_the_multiplier_for_the_runs_rounds():
 @pytest.mark.parametrize("overrides, expected", [
     ([], ["Mean()"] * 3),
     (["robust=median"], ["CoordinateMedian()", "Mean()", "Mean()"]),
+    (["robust=median", "robust.at=none"], ["Mean()"] * 3),
     (["robust=trimmed_mean", "robust.at=both"], ["TrimmedMean(beta=0.2)", "Mean()", "TrimmedMean(beta=0.2)"]),
     (["robust=krum", "robust.at=cloud", "robust.f=0"], ["Mean()", "Mean()", "Krum(f=0, m=1)"]),
 ])
@@ -58,8 +59,8 @@ def test_the_robust_group(overrides, expected):
 
 @pytest.mark.parametrize("overrides, expected", [
     ([], ["NoAttack()"] * 3),
-    (["attack=sign_flip", "attack.fraction=0.1"], ["SignFlip(fraction=0.1, scale=1.0)", "NoAttack()", "NoAttack()"]),
-    (["attack=edge"], ["NoAttack()", "SignFlip(fraction=0.25, scale=1.0)", "NoAttack()"]),
+    (["attack=sign_flip", "attack.fraction=0.1"], ["SignFlip(fraction=0.1, scale=4.0)", "NoAttack()", "NoAttack()"]),
+    (["attack=edge"], ["NoAttack()", "SignFlip(fraction=0.25, scale=4.0)", "NoAttack()"]),
     (["attack=label_flip"], ["LabelFlip(fraction=0.2, num_classes=10)", "NoAttack()", "NoAttack()"]),
 ])
 def test_the_attack_group(overrides, expected):
