@@ -24,6 +24,7 @@ from lightning_qmlhfl.federation.participation import Participation
 from lightning_qmlhfl.privacy import Privacy, calibrate_noise_multiplier, layer_privacy, noise_points
 from lightning_qmlhfl.robust import Attack, RobustAggregator, layer_attacks, layer_robust_aggregators
 from recipes.options import ConfigError, check_choice
+from recipes.simulation import _library
 
 __all__ = ["build_privacy", "build_robust", "build_attacks", "dp_delta"]
 
@@ -35,12 +36,6 @@ ATTACK_AT = ("devices", "edge")
 def _opts(cfg: DictConfig, group: str) -> dict[str, Any] | None:
     c: Any = cfg.get(group)
     return None if c is None else OmegaConf.to_container(c, resolve=True)
-
-
-def _wrap(group: str, build: Any) -> Any:
-    from recipes.simulation import _library
-
-    return _library(group, build)
 
 
 def dp_delta(cfg: DictConfig) -> float | None:
@@ -74,14 +69,14 @@ def build_privacy(cfg: DictConfig, num_layers: int, taus: list[int], participati
         if delta is None:
             raise ConfigError("privacy.target_epsilon needs privacy.delta")
         opts["noise_multiplier"] = 1.0
-        probe = _wrap("privacy", lambda: layer_privacy(names, num_layers, **opts))
+        probe = _library("privacy", lambda: layer_privacy(names, num_layers, **opts), opts)
         points = noise_points(hierarchy, taus, probe, participation)
         if len(points) != 1:
             raise ConfigError(f"privacy.target_epsilon calibrates one noise point; these options add noise at "
                               f"{len(points)} layers: give privacy.noise_multiplier instead")
-        z = _wrap("privacy", lambda: calibrate_noise_multiplier(points[0], float(target), float(delta), rounds))
+        z = _library("privacy", lambda: calibrate_noise_multiplier(points[0], float(target), float(delta), rounds))
         opts["noise_multiplier"] = z
-    return _wrap("privacy", lambda: layer_privacy(names, num_layers, **opts))
+    return _library("privacy", lambda: layer_privacy(names, num_layers, **opts), opts)
 
 
 def build_robust(cfg: DictConfig, num_layers: int) -> list[RobustAggregator]:
@@ -97,7 +92,7 @@ def build_robust(cfg: DictConfig, num_layers: int) -> list[RobustAggregator]:
         on = {"none": set(), "edge": {1}, "cloud": {num_layers}, "both": {1, num_layers},
               "all": set(range(1, num_layers + 1))}[at]
         names = [names if n in on else "mean" for n in range(1, num_layers + 1)]
-    return _wrap("robust", lambda: layer_robust_aggregators(names, num_layers, **opts))
+    return _library("robust", lambda: layer_robust_aggregators(names, num_layers, **opts), opts)
 
 
 def build_attacks(cfg: DictConfig, num_layers: int) -> list[Attack]:
@@ -111,4 +106,4 @@ def build_attacks(cfg: DictConfig, num_layers: int) -> list[Attack]:
     if layer > num_layers:
         raise ConfigError(f"attack.at=edge needs a hierarchy of at least 2 layers (this one has {num_layers})")
     names = [name if n == layer else "none" for n in range(1, num_layers + 1)]
-    return _wrap("attack", lambda: layer_attacks(names, num_layers, **opts))
+    return _library("attack", lambda: layer_attacks(names, num_layers, **opts), opts)

@@ -58,12 +58,16 @@ def numba_backend() -> ModuleType:
     before the first aggregation; numba's kernels then use at most that many threads."""
     global _NUMBA_CPU
     if _NUMBA_CPU is None:
-        if "numba" not in sys.modules:
-            os.environ.setdefault("NUMBA_NUM_THREADS", str(max(1, torch.get_num_threads())))
-        from . import numba_cpu
-
-        _NUMBA_CPU = numba_cpu
+        _NUMBA_CPU = numba_module("numba_cpu")
     return _NUMBA_CPU
+
+
+def numba_module(name: str) -> ModuleType:
+    """This package's numba module ``name`` (``numba_cpu``, ``robust_numba``), imported with numba's thread pool
+    sized as :func:`numba_backend` says."""
+    if "numba" not in sys.modules:
+        os.environ.setdefault("NUMBA_NUM_THREADS", str(max(1, torch.get_num_threads())))
+    return importlib.import_module(f"{__name__}.{name}")
 
 
 Backend = Literal["auto", "torch", "numba", "triton"]

@@ -53,20 +53,13 @@ ROBUST_BACKENDS = ("auto", "torch", "numba", "triton")
 TRITON_MAX_ROWS = 1024
 """The largest segment the Triton kernel sorts in one tile (rows per segment); larger ones use another backend."""
 _TILE_ELEMENTS = 1 << 22  # elements of the torch reference's padded [S, K, columns] tile per column chunk
-_NUMBA: ModuleType | None = None
 
 
 def _numba() -> ModuleType:
-    """:mod:`.robust_numba`, imported on first use. As :func:`lightning_qmlhfl.kernels.numba_backend`: unless numba
-    was imported before or ``NUMBA_NUM_THREADS`` is set, numba's pool gets torch's intra-op thread count."""
-    global _NUMBA
-    if _NUMBA is None:
-        if "numba" not in sys.modules:
-            os.environ.setdefault("NUMBA_NUM_THREADS", str(max(1, torch.get_num_threads())))
-        from . import robust_numba
+    """:mod:`.robust_numba`, imported on first use (:func:`lightning_qmlhfl.kernels.numba_module`)."""
+    from . import numba_module
 
-        _NUMBA = robust_numba
-    return _NUMBA
+    return numba_module("robust_numba")
 
 
 def check_segments(x: object, segment: object, num_segments: object, who: str) -> tuple[Tensor, Tensor, int]:

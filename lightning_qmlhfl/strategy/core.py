@@ -174,7 +174,7 @@ class QMLHFLCore:
         attack = self.config.layers[0].attack
         self._flipped = None  # bool per device: trains on flipped labels (a label-flipping attack at layer 1)
         if isinstance(attack, LabelFlip) and attack.fraction > 0:
-            self._flipped = attack.byzantine(self.config.hierarchy.num_devices, self.config.seed, 1)
+            self._flipped = attack.byzantine(self.config.hierarchy.num_devices, self.config.seed, 1).to(device)
             map_labels(tree_map(lambda t: t[:1], data), lambda y: y, self.config.label_key)  # labels found?
         with torch.random.fork_rng(devices=self._cuda_devices()):
             torch.manual_seed(mix(self.config.seed, Stream.TORCH_RNG))
@@ -245,7 +245,7 @@ class QMLHFLCore:
             else:
                 batch = self.train_transform(batch, self._aug_generator)
         if self._flipped is not None:  # label-flipping Byzantine devices train on flipped labels
-            batch = self._flip_labels(batch, self._flipped.to(self._device)[devices.to(self._device)])
+            batch = self._flip_labels(batch, self._flipped[devices.to(self._device)])
         return batch
 
     def _flip_labels(self, batch: Any, rows: Tensor) -> Any:
