@@ -4,6 +4,11 @@ Prints the chosen tau, the predicted number of global iterations, how one global
 computation and each layer's links, the learning rate to use and its admissible bound (Eq. 15), and the terms of
 Eq. 15 at the chosen tau. When no tau meets the deadline it prints what would (longer deadline, coarser
 quantization, faster links) and exits with status 2.
+
+Energy (docs/algorithm.md#energy): with ``energy.enabled=true`` (or any ``energy.*`` value, or an ``energy_budget``)
+the plan also counts joules: ``energy.step_joules`` per local step, ``energy.transmit_power`` per layer's senders,
+and ``energy_budget`` (joules for the whole system) bounds the global iterations beside the deadline;
+``deadline=null`` plans under the energy budget alone.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_qmlhfl.hierarchy import Hierarchy
 from lightning_qmlhfl.simulation.stacked import upload_dims
+from lightning_qmlhfl.theory.energy import EnergyModel, default_energy
 from lightning_qmlhfl.theory.latency import LatencyModel, measure_compute_time, upload_bits
 from lightning_qmlhfl.theory.planner import Plan, plan_taus
 from lightning_qmlhfl.theory import lr_condition_terms, quantizer_variances, term_provenance
@@ -46,6 +52,30 @@ def measure(cfg: DictConfig) -> tuple[float, torch.nn.Module]:
     return seconds, model
 
 
+# ---------------------------------------------------------------------- energy (docs/algorithm.md#energy)
+def build_energy(cfg: DictConfig, N: int, compute_time: float) -> EnergyModel | None:
+    """The energy model of ``cfg.energy`` (None when it is off and no ``energy_budget`` is given); null values take
+    :func:`~lightning_qmlhfl.theory.energy.default_energy`'s cited defaults and assumption."""
+    e = cfg.get("energy") or {}
+    step, power = e.get("step_joules"), e.get("transmit_power")
+    if not (e.get("enabled") or step is not None or power is not None or cfg.get("energy_budget") is not None):
+        return None
+    default = default_energy(N, compute_time)
+    return EnergyModel(step_joules=default.step_joules if step is None else float(step),
+                       transmit_power=list(default.transmit_power) if power is None
+                       else [float(p) for p in _per_layer(power, N, "energy.transmit_power")])
+
+
+def print_energy(energy: EnergyModel | None, budget: float | None) -> None:
+    """The energy inputs of the report (the plan's summary prints E_glob and its split)."""
+    if energy is None:
+        return
+    powers = ", ".join(f"layer {n}: {p:g} W" for n, p in enumerate(energy.transmit_power, start=1))
+    total = "none" if budget is None else f"{budget:g} J"
+    print(f"energy              : {energy.step_joules:g} J per local step; transmit power {powers}; budget {total}")
+
+
+# ---------------------------------------------------------------------- the plan
 def run(cfg: DictConfig) -> Plan:
     """Build everything from the config, plan, print the report; returns the :class:`Plan`."""
     hierarchy = Hierarchy.balanced([int(b) for b in cfg.hierarchy.branching])
@@ -67,12 +97,14 @@ def run(cfg: DictConfig) -> Plan:
     )
     mu = None if cfg.mu is None else float(cfg.mu)
     solvers = build_local_solvers(cfg, N)
+    energy = build_energy(cfg, N, float(compute_time))
+    budget = None if cfg.get("energy_budget") is None else float(cfg.energy_budget)
     plan = plan_taus(
         hierarchy,
         quantizers,
         d,
         latency,
-        deadline=float(cfg.deadline),
+        deadline=None if cfg.deadline is None else float(cfg.deadline),
         L=float(cfg.L),
         mu=mu,
         safety=float(cfg.safety),
@@ -82,13 +114,17 @@ def run(cfg: DictConfig) -> Plan:
         exact_limit=int(cfg.exact_limit),
         buffer_elems=buffers,
         local_solvers=solvers,
+        energy=energy,
+        energy_budget=budget,
     )
     qs = quantizer_variances(quantizers, d)
     bits = upload_bits(quantizers, d, buffers, solvers)
     print(f"hierarchy           : N = {N} layers, nodes per layer {list(hierarchy.nodes_per_layer)}")
     for n, (qz, q, b) in enumerate(zip(quantizers, qs, bits), start=1):
         print(f"  layer {n} uplink     : {qz!r}, q_{n} = {q:.4g}, {b} bits per upload (32-bit: {32 * d})")
-    print(f"deadline            : {float(cfg.deadline):g} s;  L = {float(cfg.L):g};  mu = {cfg.mu}")
+    print(f"deadline            : {'none' if cfg.deadline is None else f'{float(cfg.deadline):g} s'};  "
+          f"L = {float(cfg.L):g};  mu = {cfg.mu}")
+    print_energy(energy, budget)
     print(plan.summary())
     if plan.feasible:
         assert plan.taus is not None

@@ -21,6 +21,11 @@ communication follows its critical path (the slowest sender at every aggregation
 
 :func:`tree_round_times` is the same recursion for everyone-takes-part periods, vectorised over many tau at once
 (the planner's grid).
+
+With an energy model on the latency model (``LatencyModel(energy=...)``, docs/algorithm.md#energy) the clock also
+counts joules: every device's energy per local step it trains, and ``P_c bits_n / r_c`` for every upload delivered
+(a lost upload, late, over-selected or dropped out, is not charged). ``round_energy`` accumulates the current round,
+``last_round_energy`` is the last completed round's, ``energy`` the total of the completed rounds.
 """
 
 from __future__ import annotations
@@ -60,6 +65,12 @@ class SimulatedClock:
             raise ValueError("the latency model has downlink rates: give downlink_bits (32 d per download)")
         self.down = [0.0 if down is None else float(downlink_bits[n - 1]) / down[n - 1] for n in range(1, N + 1)]
         self.deadlines = [latency.deadline(n) for n in range(1, N + 1)]
+        self.energy_model = getattr(latency, "energy", None)
+        if self.energy_model is not None:
+            self.step_joules = self.energy_model.device_step_joules(hierarchy.num_devices)
+            self.upload_joules = [self.energy_model.sender_powers(n, hierarchy.nodes_per_layer[n - 1]) * self.up[n - 1]
+                                  for n in range(1, N + 1)]
+        self.energy = self.round_energy = self.last_round_energy = 0.0
         self._version = -1
         self._refresh()
         self.now = 0.0  # absolute simulated time at the start of the current round
@@ -97,6 +108,8 @@ class SimulatedClock:
         else:
             self.busy[0][active] += self.compute[active]
             self.split[0][active, 0] += self.compute[active]
+        if self.energy_model is not None:
+            self.round_energy += float(self.step_joules.sum() if active is None else self.step_joules[active].sum())
 
     def ready(self, n: int) -> Tensor:
         """float64 [M_{n-1}]: when each sender's upload into layer n would be complete, in its period's time."""
@@ -128,6 +141,8 @@ class SimulatedClock:
         split[ok] = self.split[n - 1][crit[ok]]
         base = torch.where(ok, self.busy[n - 1][crit.clamp(min=0)], torch.zeros_like(T))
         split[:, n] += T - base  # the critical child's upload, waiting, and the download: layer n's links
+        if self.energy_model is not None:
+            self.round_energy += float(self.upload_joules[n - 1][uploads].sum())
         if n < self.N:
             self.busy[n] += T
             self.split[n] += split
@@ -135,6 +150,9 @@ class SimulatedClock:
             self.last_round_time = float(T[0])
             self.last_split = split[0]
             self.now += self.last_round_time
+            if self.energy_model is not None:
+                self.last_round_energy, self.round_energy = self.round_energy, 0.0
+                self.energy += self.last_round_energy
         self.busy[n - 1].zero_()
         self.split[n - 1].zero_()
         return T
@@ -142,7 +160,9 @@ class SimulatedClock:
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
         return {"now": self.now, "busy": [b.clone() for b in self.busy], "split": [s.clone() for s in self.split],
-                "last_round_time": self.last_round_time, "last_split": self.last_split.clone()}
+                "last_round_time": self.last_round_time, "last_split": self.last_split.clone(),
+                **({} if self.energy_model is None else {"energy": [self.energy, self.round_energy,
+                                                                    self.last_round_energy]})}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.now = float(sd["now"])
@@ -150,6 +170,8 @@ class SimulatedClock:
         self.split = [s.clone() for s in sd["split"]]
         self.last_round_time = float(sd["last_round_time"])
         self.last_split = sd["last_split"].clone()
+        if "energy" in sd:
+            self.energy, self.round_energy, self.last_round_energy = (float(x) for x in sd["energy"])
 
 
 def tree_round_times(hierarchy: Hierarchy, tau_grid: np.ndarray, compute: Tensor, up: Sequence[Tensor],

@@ -442,6 +442,8 @@ class QMLHFLEngine(EngineCheckpointing, RowIndexing):
             out[f"time_layer{n}"] = float(clock.last_split[n])
             out[f"participants_layer{n}"] = pop.uploads[n - 1]
             out[f"drops_layer{n}"] = pop.dropped[n - 1]
+        if clock.energy_model is not None:  # joules (docs/algorithm.md#energy): total so far, the last round's
+            out["energy"], out["round_energy"] = clock.energy, clock.last_round_energy
         ct = self.change_tree
         out["moves"], out["edge_failures"] = (0, 0) if ct is None else (ct.moves, ct.failures)
         if self.N > 1:

@@ -140,6 +140,8 @@ class LatencyModel:
     straggler: ``"wait"`` (default: an aggregation waits for its slowest included sender, deadlines ignored) or
         ``"drop"`` (senders whose upload would complete after the layer's deadline are dropped, their work lost,
         and the aggregation happens at the deadline).
+    energy: optional :class:`~lightning_qmlhfl.theory.energy.EnergyModel` (joules per step, transmit powers): the
+        engine's clock then also counts energy (docs/algorithm.md#energy); it changes no time.
 
     With per-device compute times or per-sender rates, :meth:`round_time` with a ``hierarchy`` follows the tree
     (each node waits for its own slowest child, subtrees run in parallel; the engine's clock,
@@ -153,6 +155,7 @@ class LatencyModel:
     compute_times_per_device: torch.Tensor | Sequence[float] | None = None
     deadlines: Sequence[float | None] | None = None
     straggler: str = "wait"
+    energy: Any = None
 
     def __post_init__(self) -> None:
         if self.compute_times_per_device is not None:
@@ -183,6 +186,11 @@ class LatencyModel:
                 )
             down = tuple(_slowest_rate(r, f"downlink_rates[{i}] (layer {i + 1})") for i, r in enumerate(dr))
         object.__setattr__(self, "_down", down)
+        if self.energy is not None:
+            from .energy import EnergyModel
+
+            if not isinstance(self.energy, EnergyModel) or self.energy.num_layers != len(up):
+                raise ValueError(f"energy must be None or an EnergyModel for {len(up)} layers, got {self.energy!r}")
         if self.straggler not in ("wait", "drop"):
             raise ValueError(f"straggler must be 'wait' or 'drop', got {self.straggler!r}")
         if self.deadlines is not None:

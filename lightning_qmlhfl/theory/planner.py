@@ -7,6 +7,8 @@ Problem. Over integer ``tau in [1, tau_max]^N`` maximise the rate proxy of Remar
 
 subject to T(tau) >= 1 (at least one global iteration fits the deadline T_d) and the learning-rate condition of
 Theorem 1 (Eq. 15, :mod:`lightning_qmlhfl.theory`) holding at mu(tau). ``T_glob`` is :class:`LatencyModel`'s.
+With an energy budget E_b (:mod:`.energy`, docs/algorithm.md#energy), ``T(tau) = floor(min(T_d / T_glob(tau),
+E_b / E_glob(tau)))``; either budget may be left out (not both).
 
 How mu enters (**ours**). With ``mu`` = the learning rate you intend to train with:
 
@@ -24,7 +26,8 @@ Only the product L * mu matters. Ties (objective within a relative 1e-12) go to 
 lexicographically smaller tau. ``T`` is computed as floor(T_d / T_glob + 1e-9) so that float rounding of an exact
 fit does not lose a round.
 
-Search. Both T_glob and the bracket of Eq. 15 are non-decreasing in every tau_n, so the feasible set is a down-set:
+Search. T_glob, E_glob (a polynomial in tau with non-negative coefficients) and the bracket of Eq. 15 are all
+non-decreasing in every tau_n, so the feasible set is a down-set:
 if tau = (1, ..., 1) is infeasible nothing is, and every feasible tau_n is at most the largest value feasible with
 all other counts at 1 (the per-layer caps).
 
@@ -50,7 +53,9 @@ from typing import Any, Literal, Sequence
 import numpy as np
 
 from ..hierarchy import Hierarchy, aggregations_per_round
-from .latency import LatencyModel, RoundTime, downlink_bits, upload_bits
+from .latency import LatencyModel, RoundTime, _positive, downlink_bits, upload_bits
+from .energy import (EnergyModel, RoundEnergy, energy_grid, energy_summary, explain_energy, planner_energy,
+                     rounds_within)
 from ..compressors import QSGD, make_compressor
 from .convergence import (aggregation_ratios, check_taus, lr_condition_bracket_grid, quantizer_variances,
                           warn_local_solvers)
@@ -64,7 +69,7 @@ _ROUND_SLACK = 1e-9
 
 
 class InfeasiblePlanError(ValueError):
-    """No tau meets the deadline (and the learning-rate condition); the message says what would."""
+    """No tau meets the deadline / energy budget (and the learning-rate condition); the message says what would."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,8 @@ class Plan:
     lr_condition: 1 - L^2 mu^2 * bracket at (mu, taus), > 0. round_time: T_glob(taus) split by compute and layer.
     feasible: whether any tau meets the constraints. method: "exact" or "heuristic". evaluated: tau values scored.
     message: for an infeasible problem, why and what would help (longer deadline, coarser quantization, faster links).
+    deadline / energy_budget: the budgets (None: not given). round_energy: E_glob(taus) split by compute and layer
+    (with an energy model); :attr:`energy`: rounds x E_glob, the joules the plan spends.
     """
 
     taus: tuple[int, ...] | None
@@ -87,10 +94,17 @@ class Plan:
     round_time: RoundTime | None
     feasible: bool
     method: str
-    deadline: float
+    deadline: float | None
     evaluated: int
     message: str = ""
     expected_round_time: float | None = None  # under partial participation / availability (Monte Carlo), if given
+    energy_budget: float | None = None
+    round_energy: RoundEnergy | None = None
+
+    @property
+    def energy(self) -> float | None:
+        """Joules of the planned T global iterations (None without an energy model)."""
+        return None if self.round_energy is None else self.rounds * self.round_energy.total
 
     def require_feasible(self) -> "Plan":
         """Return self, or raise :class:`InfeasiblePlanError` with :attr:`message`."""
@@ -108,8 +122,8 @@ class Plan:
         lines = [
             f"chosen tau          : {list(self.taus)}  (prod = {math.prod(self.taus)} local steps per global iteration;"
             f" {self.method} search over {self.evaluated} candidates)",
-            f"global iterations T : {self.rounds}  (T_glob = {rt.total:.6g} s, {used:.6g} s of the "
-            f"{self.deadline:g} s deadline)",
+            f"global iterations T : {self.rounds}  (T_glob = {rt.total:.6g} s, {used:.6g} s "
+            + ("without a deadline)" if self.deadline is None else f"of the {self.deadline:g} s deadline)"),
             "time per global iteration:",
         ]
         frac = rt.fractions()
@@ -128,6 +142,8 @@ class Plan:
         if self.expected_round_time is not None:
             lines.append(f"expected T_glob under the given participation: {self.expected_round_time:.6g} s (the plan "
                          f"uses the everyone-takes-part time above, an upper bound of every round's time)")
+        if self.round_energy is not None:
+            lines += energy_summary(self.rounds, self.round_energy, self.energy_budget, self.taus)
         return "\n".join(lines)
 
 
@@ -140,7 +156,7 @@ class _Problem(TauSearch):
         quantizers: Sequence[Any],
         d: int,
         latency: LatencyModel,
-        deadline: float,
+        deadline: float | None,
         L: float,
         mu: float | None,
         safety: float,
@@ -148,6 +164,8 @@ class _Problem(TauSearch):
         tau_max: int,
         buffer_elems: int = 0,
         local_solvers: Sequence[Any] | None = None,
+        energy: EnergyModel | None = None,
+        energy_budget: float | None = None,
     ) -> None:
         if not isinstance(hierarchy, Hierarchy):
             hierarchy = Hierarchy.balanced(hierarchy)
@@ -165,7 +183,7 @@ class _Problem(TauSearch):
         if latency.num_layers != N:
             raise ValueError(f"the latency model describes {latency.num_layers} layers but the hierarchy has N = {N}")
         self.latency = latency
-        self.deadline = _positive(deadline, "deadline (seconds)")
+        self.deadline = None if deadline is None else _positive(deadline, "deadline (seconds)")
         self.L = _positive(L, "L (the smoothness constant)")
         self.mu = None if mu is None else _positive(mu, "mu (the learning rate)")
         s = _positive(safety, "safety")
@@ -184,6 +202,8 @@ class _Problem(TauSearch):
         down = downlink_bits(self.d + self.buffer_elems)
         self.down_bits = down if latency.slowest_downlink_rates is not None else None
         self.link = latency.link_times(self.bits, self.down_bits)
+        self.energy, self.energy_budget, self.energy_totals = planner_energy(
+            energy, energy_budget, self.deadline, hierarchy, latency, self.bits)
         self.evaluated = 0
 
     # ------------------------------------------------------------------ scoring
@@ -206,7 +226,8 @@ class _Problem(TauSearch):
                 mu = np.full(grid.shape[0], self.mu)
                 lr_ok = admissible
         t_glob = self.latency.round_time_grid(grid, self.link, self.hierarchy, self.bits, self.down_bits)
-        rounds = np.floor(self.deadline / t_glob + _ROUND_SLACK)
+        e_glob = None if self.energy is None else energy_grid(grid, *self.energy_totals)
+        rounds = rounds_within(self.deadline, t_glob, self.energy_budget, e_glob, _ROUND_SLACK)
         feasible = lr_ok & (rounds >= 1)
         prod = np.prod(grid.astype(np.float64), axis=1)
         objective = np.where(feasible, mu * rounds * prod, -np.inf)
@@ -216,6 +237,7 @@ class _Problem(TauSearch):
             "mu_max": mu_max,
             "rounds": rounds,
             "t_glob": t_glob,
+            "e_glob": e_glob,
             "feasible": feasible,
             "bracket": bracket,
         }
@@ -263,6 +285,8 @@ class _Problem(TauSearch):
             method=method,
             deadline=self.deadline,
             evaluated=self.evaluated,
+            energy_budget=self.energy_budget,
+            round_energy=self._round_energy(taus),
         )
 
     def infeasible(self, method: str) -> Plan:
@@ -279,15 +303,24 @@ class _Problem(TauSearch):
             deadline=self.deadline,
             evaluated=self.evaluated,
             message=self.explain_infeasible(),
+            energy_budget=self.energy_budget,
         )
+
+    def _round_energy(self, taus: Sequence[int]) -> RoundEnergy | None:
+        return None if self.energy is None else self.energy.round_energy(taus, self.hierarchy, self.latency,
+                                                                           self.bits)
 
     def explain_infeasible(self) -> str:
         """Why tau = (1, ..., 1), the cheapest tau, fails, and what numbers would make it work."""
         ones = [1] * self.N
         rt = self.latency.round_time(ones, self.bits, self.down_bits, self.hierarchy)
-        T_d = self.deadline
-        lines = [f"no tau meets the constraints with deadline T_d = {T_d:g} s."]
-        if rt.total > T_d * (1 + _ROUND_SLACK):
+        T_d, E_b = self.deadline, self.energy_budget
+        budgets = ([] if T_d is None else [f"deadline T_d = {T_d:g} s"]) + ([] if E_b is None else
+                                                                            [f"energy budget E_b = {E_b:g} J"])
+        lines = [f"no tau meets the constraints with {' and '.join(budgets)}."]
+        re = self._round_energy(ones)
+        over_energy = E_b is not None and re.total > E_b * (1 + _ROUND_SLACK)
+        if T_d is not None and rt.total > T_d * (1 + _ROUND_SLACK):
             parts = [f"compute {rt.compute:.6g} s"] + [
                 f"layer {n} links {c:.6g} s" for n, c in enumerate(rt.per_layer_comm, start=1)
             ]
@@ -324,12 +357,13 @@ class _Problem(TauSearch):
                     r = self.latency.slowest_uplink_rates[k]
                     lines.append(f"  Or only layer {k + 1}'s links {f1:.4g}x faster ({r:.4g} -> {r * f1:.4g} bits/s).")
                 lines.append(self._coarser_quantization_hint(ones, T_d))
-        else:
+        elif not over_energy:
             # Only the learning-rate condition (adapt_mu=False) can make tau = (1..1) infeasible here.
             ev = self.evaluate(np.ones((1, self.N), dtype=np.int64))
             mu_max = float(ev["mu_max"][0])
             lines.append(
-                f"tau = {ones} fits the deadline ({rt.total:.6g} s per global iteration) but the learning rate "
+                f"tau = {ones} fits the {'budgets' if E_b else 'deadline'} ({rt.total:.6g} s per global iteration) "
+                f"but the learning rate "
                 f"mu = {self.mu:g} violates Eq. 15 even there (admissible: mu < {mu_max:.6g}, from the quantization "
                 f"terms q_n = {[round(q, 6) for q in self.qs]})."
             )
@@ -337,6 +371,8 @@ class _Problem(TauSearch):
                 f"* Use mu < {mu_max:.6g}, finer quantization (more levels or smaller buckets), or adapt_mu=True "
                 f"(the planner then lowers mu to {self.safety:g} x mu_max)."
             )
+        if over_energy:  # alone or beside the deadline
+            lines += explain_energy(ones, re, E_b)
         return "\n".join(lines)
 
     def _coarser_quantization_hint(self, ones: list[int], T_d: float) -> str:
@@ -362,21 +398,12 @@ class _Problem(TauSearch):
         )
 
 
-def _positive(value: object, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{what} must be a positive finite number, got {value!r}")
-    v = float(value)
-    if not (v > 0 and math.isfinite(v)):
-        raise ValueError(f"{what} must be a positive finite number, got {value!r}")
-    return v
-
-
 def plan_taus(
     hierarchy: Hierarchy | Sequence[int],
     quantizers: Sequence[Any],
     d: int,
     latency: LatencyModel,
-    deadline: float,
+    deadline: float | None,
     L: float,
     mu: float | None = None,
     *,
@@ -389,6 +416,8 @@ def plan_taus(
     participation: Sequence[Any] | None = None,
     availability: Any = None,
     local_solvers: Sequence[Any] | None = None,
+    energy: EnergyModel | None = None,
+    energy_budget: float | None = None,
 ) -> Plan:
     """Integer tau_n >= 1 maximising mu * floor(T_d / T_glob(tau)) * prod tau under Eq. 15 (module docstring).
 
@@ -404,6 +433,8 @@ def plan_taus(
     part). With ``participation`` (one rule per layer) / ``availability`` the plan still uses that time, an upper
     bound of every round's time under any selection (a subset's slowest sender is never slower, drops only
     shorten a period), and reports the expected round time under them (Monte Carlo with the engine's clock).
+    energy: an :class:`~.energy.EnergyModel` (default ``latency.energy``; the plan then reports E_glob and its
+    total); energy_budget: E_b in joules for the whole system; with it ``deadline`` may be None.
     Returns a :class:`Plan`; when nothing is feasible, ``plan.feasible`` is False and ``plan.message`` says what
     would help (``plan.require_feasible()`` raises :class:`InfeasiblePlanError` with it).
     """
@@ -417,7 +448,7 @@ def plan_taus(
         local_solvers = [make_local_solver(x) for x in local_solvers]
         warn_local_solvers(local_solvers)
     prob = _Problem(hierarchy, quantizers, d, latency, deadline, L, mu, safety, adapt_mu, tau_max, buffer_elems,
-                    local_solvers)
+                    local_solvers, energy, energy_budget)
     caps = prob.caps()
     if min(caps) == 0:  # (1, ..., 1) is infeasible, hence every tau is (module docstring)
         return prob.infeasible("exact" if method == "auto" else method)
@@ -451,27 +482,34 @@ def evaluate_taus(
     quantizers: Sequence[Any],
     d: int,
     latency: LatencyModel,
-    deadline: float,
+    deadline: float | None,
     L: float,
     mu: float | None = None,
     *,
     safety: float = 0.5,
     adapt_mu: bool = True,
     buffer_elems: int = 0,
+    energy: EnergyModel | None = None,
+    energy_budget: float | None = None,
 ) -> Plan:
     """Score one given tau the way :func:`plan_taus` does (e.g. a random feasible tau for comparison).
 
-    Returns a Plan with ``method="given"``; ``feasible`` is False (with the reason) when tau misses the deadline or,
-    with ``adapt_mu=False``, violates Eq. 15.
+    Returns a Plan with ``method="given"``; ``feasible`` is False (with the reason) when tau misses the deadline or
+    the energy budget or, with ``adapt_mu=False``, violates Eq. 15.
     """
-    prob = _Problem(hierarchy, quantizers, d, latency, deadline, L, mu, safety, adapt_mu, 1, buffer_elems)
+    prob = _Problem(hierarchy, quantizers, d, latency, deadline, L, mu, safety, adapt_mu, 1, buffer_elems, None,
+                    energy, energy_budget)
     t = check_taus(taus, prob.N)
     ev = prob.evaluate(np.asarray([t], dtype=np.int64))
     if not ev["feasible"][0]:
+        T_d, E_b, slack = prob.deadline, prob.energy_budget, 1 + _ROUND_SLACK
         why = (
             f"tau = {list(t)} is infeasible: T_glob = {ev['t_glob'][0]:.6g} s"
-            + (f" > deadline {prob.deadline:g} s" if ev["rounds"][0] < 1 else "")
+            + (f" > deadline {T_d:g} s" if T_d is not None and ev["t_glob"][0] > T_d * slack else "")
+            + (f"; E_glob = {ev['e_glob'][0]:.6g} J > energy budget {E_b:g} J" if E_b and ev["e_glob"][0] > E_b * slack
+               else "")
             + ("" if ev["rounds"][0] < 1 else f"; mu = {mu:g} violates Eq. 15 (mu_max = {ev['mu_max'][0]:.6g})")
         )
-        return Plan(None, 0, 0.0, None, None, None, None, False, "given", prob.deadline, 1, why)
+        return Plan(None, 0, 0.0, None, None, None, None, False, "given", prob.deadline, 1, why,
+                    energy_budget=prob.energy_budget)
     return prob.plan_for(list(t), "given")
