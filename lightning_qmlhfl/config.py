@@ -44,7 +44,9 @@ Every option, its default and what it means:
   (warn when a layer's uploads lose more than this ratio ||C(x) - x||^2 / ||x||^2 to compression on average over
   their first aggregations, :class:`~lightning_qmlhfl.simulation.stages.MeasureCompression`; None: do not
   measure), ``dp_delta`` (the delta of the reported (epsilon, delta) guarantee when a layer adds
-  privacy; default 1e-5).
+  privacy; default 1e-5), ``theory`` (:class:`~lightning_qmlhfl.theory.measured.MeasureConstants`: measure the
+  constants of Theorem 1 during training, log them as ``theory/*``, check Eq. 15 with them and optionally adapt
+  the step size, docs/algorithm.md#measured-constants; default None, nothing measured).
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ from .optimizers.server import Average, ServerOptimizer, make_server_optimizer
 from .privacy import NoPrivacy, Privacy, make_privacy
 from .robust import Attack, LabelFlip, Mean, NoAttack, RobustAggregator, make_attack, make_robust_aggregator
 from .theory.latency import LatencyModel
+from .theory.measured import MeasureConstants, make_measure_constants
 
 __all__ = ["LayerConfig", "SimulationConfig", "EXECUTORS", "BACKENDS", "PARAM_ORDERS", "DEVICE_RNGS", "WEIGHTINGS"]
 
@@ -164,6 +167,7 @@ class SimulationConfig:
     strict_lr: bool = False
     compression_warning: float | None = 5.0
     dp_delta: float = 1e-5
+    theory: MeasureConstants | None = None
 
     def __post_init__(self) -> None:
         checks.instance(self.hierarchy, "hierarchy", Hierarchy)
@@ -211,6 +215,7 @@ class SimulationConfig:
         set_(self, "compression_warning", checks.real(self.compression_warning, "compression_warning", 0.0,
                                                       allow_none=True))
         set_(self, "dp_delta", checks.real(self.dp_delta, "dp_delta", 0.0, 1.0, low_open=True, high_open=True))
+        set_(self, "theory", make_measure_constants(self.theory))
 
     # ------------------------------------------------------------------ the keyword API
     @classmethod

@@ -42,6 +42,7 @@ class Stream:
     SOLVER = 10  # the draws that compress a local solver's extra uploads (SCAFFOLD's variate deltas)
     PRIVACY = 11  # the Gaussian noise of differential privacy (and the noised counts of adaptive clipping)
     ATTACK = 12  # the draws of Byzantine senders' messages
+    THEORY = 13  # the devices sampled to measure the constants of Theorem 1
 
 
 def row_seeds(seed: int, round_idx: int, layer: int, event: int, num_rows: int) -> Tensor:

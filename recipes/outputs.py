@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_qmlhfl.optimizers.local_solvers import LocalSGD
 from lightning_qmlhfl.simulation.engine import NonFiniteUpdateError
+from lightning_qmlhfl.theory.measured import summarize
 from recipes.files import write_json_atomic
 from recipes.local_eval import device_summary
 from recipes.plots import plot_device_accuracy, plot_history
@@ -27,6 +28,16 @@ from recipes.recorder import RunRecorder
 from recipes.testing import TestEvaluation
 
 __all__ = ["RunOutputs", "format_summary"]
+
+
+def _theory_summary(config: Any, engine: Any, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The constants the run measured (``theory=measure``; docs/algorithm.md#measured-constants), for
+    ``python -m recipes.plan calibrate_from=RUN_DIR``; absent when they were not measured."""
+    if config.theory is None or engine is None:
+        return {}
+    measured = summarize([{k[len("theory/"):]: v for k, v in r.items() if k.startswith("theory/")} for r in records],
+                         [c.variance_bound(engine.num_params) for c in config.compressors])
+    return {} if measured is None else {"theory": measured.to_dict()}
 
 
 def _trust_summary(config: Any, engine: Any) -> dict[str, Any]:
@@ -139,6 +150,7 @@ def summarise(trainer: L.Trainer, recorder: RunRecorder, testing: TestEvaluation
         **({} if all(x == LocalSGD() for x in strategy.config.local_solvers)  # (absent: summaries of earlier runs)
            else {"local_solvers": [repr(x) for x in strategy.config.local_solvers]}),
         **_trust_summary(strategy.config, e),
+        **_theory_summary(strategy.config, e, records),
         "participation": [repr(p) for p in context.get("participation") or []],
         "mobility": repr(context.get("mobility")),
         "partition": repr(strategy.partitioner),

@@ -9,6 +9,10 @@ Energy (docs/algorithm.md#energy): with ``energy.enabled=true`` (or any ``energy
 the plan also counts joules: ``energy.step_joules`` per local step, ``energy.transmit_power`` per layer's senders,
 and ``energy_budget`` (joules for the whole system) bounds the global iterations beside the deadline;
 ``deadline=null`` plans under the energy budget alone.
+
+Measured constants (docs/algorithm.md#measured-constants): ``calibrate_from=RUN_DIR`` takes L and the q_n of Eq. 15
+from a pilot run made with ``theory=measure`` (its ``summary.json``) instead of ``L`` and the compressors' bounds,
+and the report gives the headroom mu*/mu of the chosen learning rate, and of ``mu`` as given, at the chosen tau.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from lightning_qmlhfl.simulation.stacked import upload_dims
 from lightning_qmlhfl.theory.energy import EnergyModel, default_energy
 from lightning_qmlhfl.theory.latency import LatencyModel, measure_compute_time, upload_bits
 from lightning_qmlhfl.theory.planner import Plan, plan_taus
-from lightning_qmlhfl.theory import lr_condition_terms, quantizer_variances, term_provenance
+from lightning_qmlhfl.theory import lr_condition_terms, lr_headroom, quantizer_variances, term_provenance
+from lightning_qmlhfl.theory.measured import MeasuredConstants
 from recipes.simulation import build_compressors, build_local_solvers
 
 
@@ -75,6 +80,25 @@ def print_energy(energy: EnergyModel | None, budget: float | None) -> None:
     print(f"energy              : {energy.step_joules:g} J per local step; transmit power {powers}; budget {total}")
 
 
+# ---------------------------------------------------------------------- measured constants
+def calibration(cfg: DictConfig, N: int) -> tuple[float, list[float] | None]:
+    """(L, measured q_n or None) from ``calibrate_from`` (a pilot run's directory), else (``L``, None)."""
+    run_dir = cfg.get("calibrate_from")
+    if run_dir is None:
+        return float(cfg.L), None
+    m = MeasuredConstants.from_run(str(run_dir))
+    if len(m.q_bound) != N:
+        raise ValueError(f"calibrate_from={run_dir!r}: the pilot run has {len(m.q_bound)} layers, this plan N = {N}; "
+                         f"calibrate from a run of the same hierarchy depth")
+    if not math.isfinite(m.L) or m.L <= 0:
+        raise ValueError(f"calibrate_from={run_dir!r}: the pilot measured no smoothness (L = {m.L})")
+    qs = m.qs()
+    print(f"calibrated from     : {run_dir} ({m.rounds} measured rounds): L = {m.L:.4g} (largest; median of the "
+          f"rounds' largest {m.L_median:.4g}), q_n measured {[round(q, 4) for q in qs]} against the bounds "
+          f"{[round(q, 4) for q in m.q_bound]}, sigma^2 = {m.sigma2:.4g}, heterogeneity = {m.heterogeneity:.4g}")
+    return m.L, qs
+
+
 # ---------------------------------------------------------------------- the plan
 def run(cfg: DictConfig) -> Plan:
     """Build everything from the config, plan, print the report; returns the :class:`Plan`."""
@@ -96,6 +120,7 @@ def run(cfg: DictConfig) -> Plan:
         else [float(r) for r in _per_layer(cfg.downlink_rates, N, "downlink_rates")],
     )
     mu = None if cfg.mu is None else float(cfg.mu)
+    L, measured_qs = calibration(cfg, N)
     solvers = build_local_solvers(cfg, N)
     energy = build_energy(cfg, N, float(compute_time))
     budget = None if cfg.get("energy_budget") is None else float(cfg.energy_budget)
@@ -105,7 +130,7 @@ def run(cfg: DictConfig) -> Plan:
         d,
         latency,
         deadline=None if cfg.deadline is None else float(cfg.deadline),
-        L=float(cfg.L),
+        L=L,
         mu=mu,
         safety=float(cfg.safety),
         adapt_mu=bool(cfg.adapt_mu),
@@ -116,14 +141,15 @@ def run(cfg: DictConfig) -> Plan:
         local_solvers=solvers,
         energy=energy,
         energy_budget=budget,
+        qs=measured_qs,
     )
-    qs = quantizer_variances(quantizers, d)
+    qs = quantizer_variances(quantizers, d) if measured_qs is None else measured_qs
     bits = upload_bits(quantizers, d, buffers, solvers)
     print(f"hierarchy           : N = {N} layers, nodes per layer {list(hierarchy.nodes_per_layer)}")
     for n, (qz, q, b) in enumerate(zip(quantizers, qs, bits), start=1):
         print(f"  layer {n} uplink     : {qz!r}, q_{n} = {q:.4g}, {b} bits per upload (32-bit: {32 * d})")
     print(f"deadline            : {'none' if cfg.deadline is None else f'{float(cfg.deadline):g} s'};  "
-          f"L = {float(cfg.L):g};  mu = {cfg.mu}")
+          f"L = {L:g};  mu = {cfg.mu}")
     print_energy(energy, budget)
     print(plan.summary())
     if plan.feasible:
@@ -132,6 +158,11 @@ def run(cfg: DictConfig) -> Plan:
         source = term_provenance(N)
         shown = ", ".join(f"{k} = {v:.4g} ({source[k]})" for k, v in terms.items())
         print(f"Eq. 15 bracket      : {math.fsum(terms.values()):.6g} = {shown}")
+    if plan.feasible and measured_qs is not None:  # (only when calibrated: the default report stays as it was)
+        assert plan.taus is not None
+        chosen = [("chosen mu", plan.mu)] + ([] if mu is None or mu == plan.mu else [("given mu", mu)])
+        print("headroom mu*/mu     : " + ";  ".join(f"{what} {m:g}: {lr_headroom(m, L, plan.taus, qs, hierarchy):.4g}"
+                                                   for what, m in chosen if m))
     return plan
 
 

@@ -28,12 +28,13 @@ from lightning_qmlhfl.federation.participation import Participation, layer_parti
 from lightning_qmlhfl.optimizers.local_solvers import LocalSolver, layer_local_solvers
 from lightning_qmlhfl.optimizers.server import ServerOptimizer, layer_server_optimizers
 from lightning_qmlhfl.theory.latency import LatencyModel, default_uplink_rates, downlink_bits, upload_bits
+from lightning_qmlhfl.theory.measured import MeasureConstants, make_measure_constants
 from recipes.config import key_name
 from recipes.options import (ConfigError, check_choice, check_fraction, check_number, int_list, int_option,
                              number_list, optional_number)
 
 __all__ = ["STRATEGIES", "Simulation", "build_availability", "build_compressors", "build_hierarchy", "build_latency",
-           "build_mobility", "build_participation", "build_server_optimizers", "build_local_solvers", "build_simulation", "check_strategy",
+           "build_mobility", "build_participation", "build_server_optimizers", "build_local_solvers", "build_simulation", "build_theory", "check_strategy",
            "rounds_for"]
 
 STRATEGIES = ("qmlhfl", "qmlhfl_ddp")  # one process, or one simulation over trainer.devices ranks
@@ -143,6 +144,15 @@ def build_local_solvers(cfg: DictConfig, num_layers: int) -> list[LocalSolver]:
     if at == "devices" and isinstance(layers, str):
         layers = [layers] + ["fedavg"] * (num_layers - 1)
     return _library("local_solver", lambda: layer_local_solvers(layers, num_layers, **opts), opts)
+
+
+def build_theory(cfg: DictConfig) -> MeasureConstants | None:
+    """The measurement of Theorem 1's constants from the ``theory`` group (none without it)."""
+    c: Any = cfg.get("theory")
+    if c is None:
+        return None
+    opts = _plain(c)
+    return _library("theory", lambda: make_measure_constants(opts), opts)
 
 
 def build_availability(cfg: DictConfig) -> Availability | None:
@@ -295,7 +305,7 @@ def build_simulation(cfg: DictConfig, model: Any, datamodule: Any, sweep: str | 
         hierarchy=hierarchy, taus=taus, compressors=compressors, server_optimizers=build_server_optimizers(cfg, N),
         local_solvers=local_solvers, **trust,
         participation=participation, availability=build_availability(cfg), mobility=mobility,
-        partition=holdout or partitioner, global_rounds=rounds, latency=latency,
+        partition=holdout or partitioner, global_rounds=rounds, latency=latency, theory=build_theory(cfg),
         train_transform=getattr(datamodule, "train_transform", None))
     accelerator = str(cfg.trainer.get("accelerator", "auto"))
     if "device" in cfg.strategy and cfg.strategy.device is None and accelerator in ("cpu", "gpu", "cuda"):

@@ -47,6 +47,7 @@ from .stages import AggregationContext, ChangeTree, CompressAndSum, ServerStep
 from .checkpointing import EngineCheckpointing
 from .rows import RowIndexing
 from .state import StateRegistry
+from .theory_probe import ConstantsProbe
 
 __all__ = ["QMLHFLEngine", "NonFiniteUpdateError", "StepResult", "gather_batch"]
 
@@ -205,10 +206,13 @@ class QMLHFLEngine(EngineCheckpointing, RowIndexing):
         self.change_tree = None if mobility.is_static else ChangeTree(mobility)
         self.solvers = LocalSolvers(list(config.local_solvers))
         self.layers = [build_layer(n, config.layers[n - 1], self.state.num_buffer_elems > 0, self.change_tree,
-                                   config.compression_warning, self.solvers)
+                                   config.compression_warning, self.solvers, config.theory)
                        for n in range(1, self.N + 1)]
         self.registry = StateRegistry()
         self._register_state()
+        self.probe = None if config.theory is None else ConstantsProbe(config.theory)  # docs: measured-constants
+        if self.probe is not None:
+            self.probe.bind(self)
         for layer in self.layers:
             layer.bind(self)
         self.solvers.bind(self)
@@ -342,6 +346,8 @@ class QMLHFLEngine(EngineCheckpointing, RowIndexing):
         training devices."""
         s = self.state
         active = self.upcoming_devices()
+        if self.probe is not None and self.probe.due(self):
+            self.probe.measure(self, batch, active)
         if self.device_rng == "stream":  # every device's forward draws from its own (seed, device, step) stream
             ids = self.rows[0] if active is None else self.rows[0][active.cpu()]
             micro = len(self._step_losses)
@@ -381,6 +387,7 @@ class QMLHFLEngine(EngineCheckpointing, RowIndexing):
         aux = self._step_aux[-1]
         self._step_losses, self._step_aux = [], []
         devices = None
+        capped = None if self.probe is None else self.probe.cap_lr(self)  # the adaptive step size (theory.adapt_lr)
         if self._compact is None:
             self.optimizer.step(grads, scaler=scaler)
         else:
@@ -392,6 +399,8 @@ class QMLHFLEngine(EngineCheckpointing, RowIndexing):
                 self.flush_devices()
         if self.solvers.any_active:
             self.solvers.after_step(self.optimizer.lr, devices)
+        if capped is not None:
+            self.probe.restore_lr(self, capped)
         self.population.after_step()
         self.step_in_round += 1
         self.total_steps += 1
@@ -417,6 +426,8 @@ class QMLHFLEngine(EngineCheckpointing, RowIndexing):
             for layer in self.layers:
                 for stage in layer.stages:
                     stage.reset_round()
+            if self.probe is not None:
+                self.probe.reset_round()
         return StepResult(losses=losses, aux=aux, aggregated=done, round_completed=completed, devices=devices)
 
     @torch.no_grad()
@@ -454,6 +465,8 @@ class QMLHFLEngine(EngineCheckpointing, RowIndexing):
                 out.update(stage.round_stats())
         out.update(self.solvers.round_stats())
         out.update(self.privacy_stats())
+        if self.probe is not None:
+            out.update(self.probe.round_stats())
         return out
 
     def privacy_stats(self) -> dict[str, float]:

@@ -19,6 +19,7 @@ from .trust_stages import (AddAggregate, AttackUploads, CentralNoise, CompressUp
 
 if TYPE_CHECKING:
     from ..config import LayerConfig, SimulationConfig
+    from ..theory.measured import MeasureConstants
     from .solver_stages import LocalSolvers
     from .engine import QMLHFLEngine
 
@@ -50,11 +51,13 @@ class AggregationLayer:
 
 
 def build_layer(layer: int, config: "LayerConfig", has_buffers: bool, change_tree: ChangeTree | None,
-                compression_warning: float | None = None, solvers: "LocalSolvers | None" = None) -> AggregationLayer:
+                compression_warning: float | None = None, solvers: "LocalSolvers | None" = None,
+                theory: "MeasureConstants | None" = None) -> AggregationLayer:
     """The chain of layer n (:mod:`.stages` lists the order); the Average server optimizer is fused into the
     compression kernel (it adds the aggregate into the parents), any other one is its own stage, which receives
     the pseudo-gradients from the kernel. ``solvers``: the local solvers' stages
-    (:mod:`~lightning_qmlhfl.simulation.solver_stages`): layer n's at its uploads."""
+    (:mod:`~lightning_qmlhfl.simulation.solver_stages`): layer n's at its uploads. ``theory``: the measured
+    constants are on, so the compression error is measured every ``theory.every`` rounds (the identity's too)."""
     privacy, robust, attack = config.privacy, config.robust, config.attack
     materialised = not robust.is_mean or (not privacy.is_off and privacy.where == "central")
     compress: Stage = CompressUploads(config.compressor) if materialised else CompressAndSum(config.compressor)
@@ -73,8 +76,11 @@ def build_layer(layer: int, config: "LayerConfig", has_buffers: bool, change_tre
         stages.append(AttackUploads(attack))
     if has_buffers:
         stages.append(CheckBuffers())
-    if compression_warning is not None and not config.compressor.is_identity:
-        stages.append(MeasureCompression(config.compressor, compression_warning, compress=compress))
+    warn = None if config.compressor.is_identity else compression_warning
+    if warn is not None or theory is not None:
+        stages.append(MeasureCompression(config.compressor, warn, compress=compress,
+                                         every=None if theory is None else theory.every,
+                                         rows=2 if theory is None else theory.rows))
     stages.append(compress)
     total: Stage = compress
     if materialised:  # the messages, clipped by the receiver, summed (robustly), noised

@@ -26,6 +26,7 @@ A new capability is a new stage (with its declared state) placed in this chain, 
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -226,20 +227,44 @@ class CompressionWarning(UserWarning):
 
 class MeasureCompression(Stage):
     """The realised relative compression error ||C(x) - x||^2 / ||x||^2 of layer n's uploads (x the compressor's
-    input, error-feedback memory included), measured on the first two uploading rows of each of the layer's first
-    ``samples`` aggregations with the uploads' own draws, so it is exactly what the kernel sends. Measured here with
-    the torch reference rather than returned by the fused kernels: a handful of rows, a handful of times, costs
-    little and leaves the three kernel backends as they are; it changes no number of the run.
+    input, error-feedback memory included), measured on the first uploading rows with the uploads' own draws, so it
+    is exactly what the kernel sends. Measured here with the torch reference rather than returned by the fused
+    kernels: a handful of rows, a handful of times, costs little and leaves the three kernel backends as they are;
+    it changes no number of the run.
 
-    When the mean exceeds ``warn_above``, one :class:`CompressionWarning` names the layer, the value and the fix
-    (typically QSGD with one norm per whole upload of a large model: its error grows with sqrt(d)). ``mean``:
-    the measured mean (None before the first measurement)."""
+    Two uses. The warning (``warn_above`` not None): the first two uploading rows of the layer's first ``samples``
+    aggregations; when their mean exceeds ``warn_above``, one :class:`CompressionWarning` names the layer, the value
+    and the fix (typically QSGD with one norm per whole upload of a large model: its error grows with sqrt(d)).
+    ``mean``: that mean (None before the first measurement). The measured constants (``every`` not None,
+    ``SimulationConfig.theory``): the first ``rows`` uploading rows of the layer's first aggregation of every
+    ``every``-th round; ``last_error`` and ``last_norm`` (the uploads' mean L2 norm) hold the latest, and the round's
+    statistics report them as ``theory/compression_error_layer{n}``, ``theory/upload_norm_layer{n}`` with the
+    compressor's bound ``theory/q_bound_layer{n}``."""
 
-    def __init__(self, compressor: Compressor, warn_above: float, samples: int = 4,
-                 compress: "CompressAndSum | None" = None) -> None:
-        self.compressor, self.warn_above, self.samples = compressor, float(warn_above), int(samples)
+    def __init__(self, compressor: Compressor, warn_above: float | None, samples: int = 4,
+                 compress: "CompressAndSum | None" = None, every: int | None = None, rows: int = 2) -> None:
+        self.compressor, self.samples = compressor, int(samples)
+        self.warn_above = None if warn_above is None else float(warn_above)
         self.compress = compress  # the stage whose error-feedback memory is part of the input
         self.measured, self.total, self.rows = 0, 0.0, 0
+        self.every, self.sample_rows = every, max(2, int(rows))
+        self.latest = torch.full((2,), math.nan, dtype=torch.float64)  # (error, norm) last measured; NaN: none yet
+        self._round: dict[str, float] = {}
+
+    def bind(self, sim: "QMLHFLEngine", layer: int) -> None:
+        super().bind(sim, layer)
+        if self.every is not None:  # the latest values feed Eq. 15's check (theory_probe): they resume with the run
+            sim.registry.register(f"theory/compression/{layer}", lambda: self.latest, self.latest.copy_)
+
+    @property
+    def last_error(self) -> float | None:
+        v = float(self.latest[0])
+        return None if math.isnan(v) else v
+
+    @property
+    def last_norm(self) -> float | None:
+        v = float(self.latest[1])
+        return None if math.isnan(v) else v
 
     @property
     def mean(self) -> float | None:
@@ -247,11 +272,14 @@ class MeasureCompression(Stage):
 
     @torch.no_grad()
     def apply(self, sim: "QMLHFLEngine", ctx: AggregationContext) -> AggregationContext:
-        if self.measured >= self.samples:
+        first = self.warn_above is not None and self.measured < self.samples
+        periodic = self.every is not None and ctx.event == 0 and ctx.round % self.every == 0
+        if not (first or periodic):
             return ctx
         n = ctx.layer
         child, parent = sim.state.params[n - 1], sim.state.params[n]
-        rows = ctx.uploads[:2] if ctx.uploads is not None else torch.arange(min(2, child.shape[0]),
+        k = self.sample_rows if periodic else 2
+        rows = ctx.uploads[:k] if ctx.uploads is not None else torch.arange(min(k, child.shape[0]),
                                                                             device=child.device)
         if rows.numel() == 0:
             return ctx
@@ -265,6 +293,16 @@ class MeasureCompression(Stage):
         energy = x.double().pow(2).sum(1)
         err = (self.compressor(x, uniforms=uniforms).double() - x.double()).pow(2).sum(1)
         keep = energy > 0
+        if periodic:
+            if bool(keep.any()):
+                self.latest[0] = float((err[keep] / energy[keep]).mean())
+            self.latest[1] = float(energy.sqrt().mean())
+            self._round = {f"theory/compression_error_layer{n}": math.nan if self.last_error is None
+                           else self.last_error, f"theory/upload_norm_layer{n}": self.last_norm,
+                           f"theory/q_bound_layer{n}": float(self.compressor.variance_bound(sim.num_params))}
+        if not first:
+            return ctx
+        err, energy, keep = err[:2], energy[:2], keep[:2]
         self.total += float((err[keep] / energy[keep]).sum())
         self.rows += int(keep.sum())
         self.measured += 1
@@ -277,8 +315,14 @@ class MeasureCompression(Stage):
                 CompressionWarning, stacklevel=2)
         return ctx
 
+    def round_stats(self) -> dict[str, float]:
+        return dict(self._round)
+
+    def reset_round(self) -> None:
+        self._round = {}
+
     def __repr__(self) -> str:
-        return f"MeasureCompression({self.warn_above:g})"
+        return "MeasureCompression()" if self.warn_above is None else f"MeasureCompression({self.warn_above:g})"
 
 
 class CompressAndSum(Stage):

@@ -379,17 +379,18 @@ class QMLHFLCore:
             rec[f"drops_layer{n}"] = stats[f"drops_layer{n}"]
         per_layer = ("clipped", "drift", "clip_fraction", "clip_norm", "noise_std", "epsilon", "attacked",
                      "attack_fraction", "rejected")
-        for key in ("moves", "edge_failures", "edge_devices_min", "edge_devices_max", "epsilon",
-                    *(f"{k}_layer{n}" for k in per_layer for n in range(1, e.N + 1))):
+        for key in ("moves", "edge_failures", "edge_devices_min", "edge_devices_max", "epsilon", "energy",
+                    "round_energy", *(f"{k}_layer{n}" for k in per_layer for n in range(1, e.N + 1))):
             if key in stats:
                 rec[key] = stats[key]
+        rec.update((k, v) for k, v in stats.items() if k.startswith("theory/"))  # measured constants, as named
         if not e.mobility.is_static:  # the current device count of every edge server (not logged as a metric)
             rec["edge_devices"] = e.tree.device_counts(1).tolist()
         self.history.append(rec)
         for k, v in rec.items():
             if isinstance(v, list):
                 continue
-            module.log(f"fl/{k}", float(v), on_step=False, on_epoch=True, batch_size=1,
+            module.log(k if k.startswith("theory/") else f"fl/{k}", float(v), on_step=False, on_epoch=True, batch_size=1,
                        prog_bar=k in ("round", "train_loss"))
         self._round_loss_sum, self._round_loss_steps = 0.0, 0
 

@@ -1,5 +1,6 @@
 """The paper's theory as tools: the learning-rate condition (:mod:`.convergence`, Theorem 1 / Eq. 15), the
-latency model of one global round (:mod:`.latency`) and the deadline-aware tau planner (:mod:`.planner`).
+latency model of one global round (:mod:`.latency`), the deadline-aware tau planner (:mod:`.planner`), the energy
+model (:mod:`.energy`) and the constants measured on a run (:mod:`.measured`).
 
 The convergence API is re-exported here (``from lightning_qmlhfl.theory import check_learning_rate``).
 """

@@ -72,6 +72,7 @@ __all__ = [
     "quantizer_variances",
     "aggregation_ratios",
     "lr_condition_terms",
+    "lr_headroom",
     "term_provenance",
     "lr_condition_bracket",
     "lr_condition_bracket_grid",
@@ -333,6 +334,22 @@ def max_learning_rate(
     if b <= 0.0:
         return math.inf
     return 1.0 / (L * math.sqrt(b))
+
+
+def lr_headroom(
+    mu: float,
+    L: float,
+    taus: Sequence[int],
+    qs: Sequence[QSpec],
+    hierarchy: Hierarchy | Sequence[int] | None = None,
+    d: int | None = None,
+) -> float:
+    """mu* / mu: how far the learning rate ``mu`` is below the largest one Eq. 15 admits (> 1: the condition holds
+    with room to spare; < 1: it fails, and mu must shrink by this factor). With measured constants
+    (:class:`~lightning_qmlhfl.theory.measured.MeasuredConstants`: its ``L`` and ``qs()``) this is the headroom a
+    pilot run reports (docs/algorithm.md#measured-constants)."""
+    mu = _check_positive(mu, "mu (the learning rate)")
+    return max_learning_rate(L, taus, qs, hierarchy, d) / mu
 
 
 def check_learning_rate(

@@ -166,6 +166,7 @@ class _Problem(TauSearch):
         local_solvers: Sequence[Any] | None = None,
         energy: EnergyModel | None = None,
         energy_budget: float | None = None,
+        qs: Sequence[float] | None = None,
     ) -> None:
         if not isinstance(hierarchy, Hierarchy):
             hierarchy = Hierarchy.balanced(hierarchy)
@@ -194,7 +195,10 @@ class _Problem(TauSearch):
         if isinstance(tau_max, bool) or not isinstance(tau_max, numbers.Integral) or tau_max < 1:
             raise ValueError(f"tau_max must be an integer >= 1, got {tau_max!r}")
         self.tau_max = int(tau_max)
-        self.qs = quantizer_variances(self.quantizers, self.d)
+        if qs is not None and (isinstance(qs, (str, bytes)) or not isinstance(qs, Sequence) or len(qs) != N):
+            raise ValueError(f"qs (measured q_n) must list one number >= 0 per layer (N = {N}), got {qs!r}")
+        # Eq. 15's q_n: the compressors' bounds, or measured values (docs/algorithm.md#measured-constants)
+        self.qs = quantizer_variances(self.quantizers, self.d) if qs is None else quantizer_variances([float(q) for q in qs])
         self.rhos = aggregation_ratios(hierarchy, N)
         self.buffer_elems = int(buffer_elems)
         self.local_solvers = None if local_solvers is None else list(local_solvers)
@@ -418,6 +422,7 @@ def plan_taus(
     local_solvers: Sequence[Any] | None = None,
     energy: EnergyModel | None = None,
     energy_budget: float | None = None,
+    qs: Sequence[float] | None = None,
 ) -> Plan:
     """Integer tau_n >= 1 maximising mu * floor(T_d / T_glob(tau)) * prod tau under Eq. 15 (module docstring).
 
@@ -434,8 +439,9 @@ def plan_taus(
     bound of every round's time under any selection (a subset's slowest sender is never slower, drops only
     shorten a period), and reports the expected round time under them (Monte Carlo with the engine's clock).
     energy: an :class:`~.energy.EnergyModel` (default ``latency.energy``; the plan then reports E_glob and its
-    total); energy_budget: E_b in joules for the whole system; with it ``deadline`` may be None.
-    Returns a :class:`Plan`; when nothing is feasible, ``plan.feasible`` is False and ``plan.message`` says what
+    total); energy_budget: E_b in joules for the whole system; with it ``deadline`` may be None; qs: the q_n of
+    Eq. 15 per layer when measured (:class:`~.measured.MeasuredConstants`), instead of the compressors' bounds
+    (the compressors still give the bits). Returns a :class:`Plan`; when nothing is feasible, ``plan.feasible`` is False and ``plan.message`` says what
     would help (``plan.require_feasible()`` raises :class:`InfeasiblePlanError` with it).
     """
     if method not in ("auto", "exact", "heuristic"):
@@ -448,7 +454,7 @@ def plan_taus(
         local_solvers = [make_local_solver(x) for x in local_solvers]
         warn_local_solvers(local_solvers)
     prob = _Problem(hierarchy, quantizers, d, latency, deadline, L, mu, safety, adapt_mu, tau_max, buffer_elems,
-                    local_solvers, energy, energy_budget)
+                    local_solvers, energy, energy_budget, qs)
     caps = prob.caps()
     if min(caps) == 0:  # (1, ..., 1) is infeasible, hence every tau is (module docstring)
         return prob.infeasible("exact" if method == "auto" else method)
@@ -491,6 +497,7 @@ def evaluate_taus(
     buffer_elems: int = 0,
     energy: EnergyModel | None = None,
     energy_budget: float | None = None,
+    qs: Sequence[float] | None = None,
 ) -> Plan:
     """Score one given tau the way :func:`plan_taus` does (e.g. a random feasible tau for comparison).
 
@@ -498,7 +505,7 @@ def evaluate_taus(
     the energy budget or, with ``adapt_mu=False``, violates Eq. 15.
     """
     prob = _Problem(hierarchy, quantizers, d, latency, deadline, L, mu, safety, adapt_mu, 1, buffer_elems, None,
-                    energy, energy_budget)
+                    energy, energy_budget, qs)
     t = check_taus(taus, prob.N)
     ev = prob.evaluate(np.asarray([t], dtype=np.int64))
     if not ev["feasible"][0]:
