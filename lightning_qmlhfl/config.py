@@ -46,7 +46,9 @@ Every option, its default and what it means:
   measure), ``dp_delta`` (the delta of the reported (epsilon, delta) guarantee when a layer adds
   privacy; default 1e-5), ``theory`` (:class:`~lightning_qmlhfl.theory.measured.MeasureConstants`: measure the
   constants of Theorem 1 during training, log them as ``theory/*``, check Eq. 15 with them and optionally adapt
-  the step size, docs/algorithm.md#measured-constants; default None, nothing measured).
+  the step size, docs/algorithm.md#measured-constants; default None, nothing measured), ``tau_schedule``
+  (:mod:`lightning_qmlhfl.theory.schedules`: adapt one layer's tau between global rounds, the loss-ratio rule of
+  Hier-Local-QSGD or Eq. 15 at the measured constants; default None, the paper's fixed tau).
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ from .privacy import NoPrivacy, Privacy, make_privacy
 from .robust import Attack, LabelFlip, Mean, NoAttack, RobustAggregator, make_attack, make_robust_aggregator
 from .theory.latency import LatencyModel
 from .theory.measured import MeasureConstants, make_measure_constants
+from .theory.schedules import TauSchedule, make_tau_schedule
 
 __all__ = ["LayerConfig", "SimulationConfig", "EXECUTORS", "BACKENDS", "PARAM_ORDERS", "DEVICE_RNGS", "WEIGHTINGS"]
 
@@ -168,6 +171,7 @@ class SimulationConfig:
     compression_warning: float | None = 5.0
     dp_delta: float = 1e-5
     theory: MeasureConstants | None = None
+    tau_schedule: TauSchedule | None = None
 
     def __post_init__(self) -> None:
         checks.instance(self.hierarchy, "hierarchy", Hierarchy)
@@ -216,6 +220,15 @@ class SimulationConfig:
                                                       allow_none=True))
         set_(self, "dp_delta", checks.real(self.dp_delta, "dp_delta", 0.0, 1.0, low_open=True, high_open=True))
         set_(self, "theory", make_measure_constants(self.theory))
+        set_(self, "tau_schedule", make_tau_schedule(self.tau_schedule))
+        if self.tau_schedule is not None:
+            self.tau_schedule.check(N)
+            if self.tau_schedule.needs_measurements and self.theory is None:
+                raise ValueError(f"tau_schedule {self.tau_schedule!r} sets tau from the measured constants: add "
+                                 f"theory=measure (SimulationConfig(theory='measure'))")
+            if any(not p.is_off for p in self.privacy):
+                raise ValueError(f"tau_schedule {self.tau_schedule!r} with differential privacy: the accountant needs "
+                                 f"the schedule of releases in advance, so tau must stay fixed (tau_schedule=None)")
 
     # ------------------------------------------------------------------ the keyword API
     @classmethod

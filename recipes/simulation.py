@@ -29,12 +29,13 @@ from lightning_qmlhfl.optimizers.local_solvers import LocalSolver, layer_local_s
 from lightning_qmlhfl.optimizers.server import ServerOptimizer, layer_server_optimizers
 from lightning_qmlhfl.theory.latency import LatencyModel, default_uplink_rates, downlink_bits, upload_bits
 from lightning_qmlhfl.theory.measured import MeasureConstants, make_measure_constants
+from lightning_qmlhfl.theory.schedules import TauSchedule, make_tau_schedule
 from recipes.config import key_name
 from recipes.options import (ConfigError, check_choice, check_fraction, check_number, int_list, int_option,
                              number_list, optional_number)
 
 __all__ = ["STRATEGIES", "Simulation", "build_availability", "build_compressors", "build_hierarchy", "build_latency",
-           "build_mobility", "build_participation", "build_server_optimizers", "build_local_solvers", "build_simulation", "build_theory", "check_strategy",
+           "build_mobility", "build_participation", "build_server_optimizers", "build_local_solvers", "build_simulation", "build_theory", "build_tau_schedule", "check_strategy",
            "rounds_for"]
 
 STRATEGIES = ("qmlhfl", "qmlhfl_ddp")  # one process, or one simulation over trainer.devices ranks
@@ -153,6 +154,15 @@ def build_theory(cfg: DictConfig) -> MeasureConstants | None:
         return None
     opts = _plain(c)
     return _library("theory", lambda: make_measure_constants(opts), opts)
+
+
+def build_tau_schedule(cfg: DictConfig) -> TauSchedule | None:
+    """The adaptive tau of the ``tau_schedule`` group (the paper's fixed tau without it)."""
+    c: Any = cfg.get("tau_schedule")
+    if c is None:
+        return None
+    opts = _plain(c)
+    return _library("tau_schedule", lambda: make_tau_schedule(opts), opts)
 
 
 def build_availability(cfg: DictConfig) -> Availability | None:
@@ -306,6 +316,7 @@ def build_simulation(cfg: DictConfig, model: Any, datamodule: Any, sweep: str | 
         local_solvers=local_solvers, **trust,
         participation=participation, availability=build_availability(cfg), mobility=mobility,
         partition=holdout or partitioner, global_rounds=rounds, latency=latency, theory=build_theory(cfg),
+        tau_schedule=build_tau_schedule(cfg),
         train_transform=getattr(datamodule, "train_transform", None))
     accelerator = str(cfg.trainer.get("accelerator", "auto"))
     if "device" in cfg.strategy and cfg.strategy.device is None and accelerator in ("cpu", "gpu", "cuda"):

@@ -13,9 +13,9 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["ELEMENTWISE_OPTIMIZERS", "DeviceOptimizer", "check_optimizer_class"]
+__all__ = ["ELEMENTWISE_OPTIMIZERS", "DeviceOptimizer", "check_optimizer_class", "trainable_parameters"]
 
 ELEMENTWISE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD,
@@ -306,3 +306,19 @@ class DeviceOptimizer:
             self.device_steps.copy_(steps)
         elif steps is not None:  # one count for every device (checkpoints from before per-device counts)
             self.device_steps.fill_(int(steps))
+
+
+def trainable_parameters(module: nn.Module, param_groups: Sequence[dict[str, Any]] | None
+               ) -> tuple[set[str], list[dict[str, Any]] | None]:
+    """The trained parameters' names and the optimizer's groups restricted to them (parameters in no group and
+    those with ``requires_grad=False`` are frozen)."""
+    requires = {n for n, p in module.named_parameters() if p.requires_grad}
+    if param_groups is None:
+        return requires, None
+    named = {n for g in param_groups for n in g["params"]}
+    unknown = sorted(named - {n for n, _ in module.named_parameters()})
+    if unknown:
+        raise ValueError(f"param_groups name parameters the module does not have: {unknown}")
+    trainable = named & requires
+    groups = [{**g, "params": [n for n in g["params"] if n in trainable]} for g in param_groups]
+    return trainable, [g for g in groups if g["params"]]

@@ -33,7 +33,7 @@ from ..federation.participation import Participation
 from ..federation.population import Population
 from ..hierarchy import Hierarchy, TreeState
 from ..kernels import Backend
-from ..optimizers.device import DeviceOptimizer
+from ..optimizers.device import DeviceOptimizer, trainable_parameters
 from ..optimizers.server import ServerOptimizer
 from ..rng import Stream, mix
 from ..theory.latency import LatencyModel, default_latency, downlink_bits
@@ -46,7 +46,9 @@ from .stacked import ParamOrder, StackedState
 from .stages import AggregationContext, ChangeTree, CompressAndSum, ServerStep
 from .checkpointing import EngineCheckpointing
 from .rows import RowIndexing
+from .statistics import RoundStatistics
 from .state import StateRegistry
+from .tau_schedule import TauScheduler
 from .theory_probe import ConstantsProbe
 
 __all__ = ["QMLHFLEngine", "NonFiniteUpdateError", "StepResult", "gather_batch"]
@@ -69,7 +71,7 @@ class StepResult:
     devices: Tensor | None = None  # the devices that trained (indices; None = all): losses/aux are theirs
 
 
-class QMLHFLEngine(EngineCheckpointing, RowIndexing):
+class QMLHFLEngine(EngineCheckpointing, RowIndexing, RoundStatistics):
     """Simulates QMLHFL for one model template on stacked state.
 
     Args:
@@ -158,6 +160,9 @@ class QMLHFLEngine(EngineCheckpointing, RowIndexing):
             if not config.mobility.is_static:
                 raise ValueError("mobility with a multi-process run is not supported: a device moving to an edge "
                                  "server of another rank would have to move its rows between processes")
+            if config.tau_schedule is not None:
+                raise ValueError(f"tau_schedule={config.tau_schedule!r} runs in one process: each rank would adapt tau to its "
+                                 f"own devices' loss (use strategy=qmlhfl)")
             if config.uses_trust_stages:
                 raise ValueError("privacy, robust aggregation and attacks run in one process: a multi-process run "
                                  "with them is not supported (use strategy=qmlhfl; the stacked rows make one "
@@ -166,7 +171,7 @@ class QMLHFLEngine(EngineCheckpointing, RowIndexing):
                      for m in range(self.N + 1)]
         self._local = [None if shard is None else shard.local_index(m) for m in range(self.N + 1)]
         # --- the stacked models, the executor, every device's optimizer
-        trainable, groups = _trainable(module, param_groups)
+        trainable, groups = trainable_parameters(module, param_groups)
         self.state = StackedState(module, hierarchy, device, config.param_order, trainable,
                                   rows_per_layer=[int(r.numel()) for r in self.rows])
         for c in config.compressors:
@@ -187,6 +192,7 @@ class QMLHFLEngine(EngineCheckpointing, RowIndexing):
         self.weights: list[Tensor] = []
         self.ancestors: list[list[Tensor]] = []
         self.refresh_tree()
+        self._taus = config.taus  # the current tau (an adaptive schedule changes them between rounds)
         self.latency = config.latency if config.latency is not None else default_latency(self.N)
         down = None
         if self.latency.slowest_downlink_rates is not None:
@@ -213,6 +219,9 @@ class QMLHFLEngine(EngineCheckpointing, RowIndexing):
         self.probe = None if config.theory is None else ConstantsProbe(config.theory)  # docs: measured-constants
         if self.probe is not None:
             self.probe.bind(self)
+        self.tau_schedule = None if config.tau_schedule is None else TauScheduler(config.tau_schedule, config.taus)
+        if self.tau_schedule is not None:
+            self.tau_schedule.bind(self)
         for layer in self.layers:
             layer.bind(self)
         self.solvers.bind(self)
@@ -235,7 +244,16 @@ class QMLHFLEngine(EngineCheckpointing, RowIndexing):
     # ------------------------------------------------------------------ the options (one source: the config)
     @property
     def taus(self) -> tuple[int, ...]:
-        return self.config.taus
+        return self._taus
+
+    def set_taus(self, taus: Sequence[int]) -> None:
+        """New intra-layer counts from the next global round on (an adaptive schedule: schedules.py)."""
+        if self.step_in_round:
+            raise RuntimeError(f"set_taus inside a global round (local step {self.step_in_round}): only between rounds")
+        self._taus = tuple(int(t) for t in taus)
+        self._period = [math.prod(self._taus[:n]) for n in range(1, self.N + 1)]
+        self.steps_per_round = self._period[-1]
+        self.population.period = list(self._period)
 
     @property
     def compressors(self) -> tuple[Compressor, ...]:
@@ -397,6 +415,8 @@ class QMLHFLEngine(EngineCheckpointing, RowIndexing):
                 self.optimizer.step_rows(rows, p_c, grads, scaler)
             if (self.step_in_round + 1) % self._period[0] == 0:  # the period ends: its uploads are read next
                 self.flush_devices()
+        if self.tau_schedule is not None:
+            self.tau_schedule.on_step(losses)
         if self.solvers.any_active:
             self.solvers.after_step(self.optimizer.lr, devices)
         if capped is not None:
@@ -419,6 +439,8 @@ class QMLHFLEngine(EngineCheckpointing, RowIndexing):
             self.step_in_round = 0
             self.events_in_round = [0] * self.N
             self.last_round_stats = self.round_stats()
+            if self.tau_schedule is not None:
+                self.last_round_stats.update(self.tau_schedule.on_round_end(self))
             self.population.reset_stats()
             self.solvers.reset_round()
             if self.change_tree is not None:
@@ -441,38 +463,6 @@ class QMLHFLEngine(EngineCheckpointing, RowIndexing):
         self.aggregation_counts[n - 1] += 1
         self.solvers.after_aggregate(n)
         self.bits.on_aggregate(self, ctx)
-
-    def round_stats(self) -> dict[str, float]:
-        """The current (or just completed) round: uploads and lost uploads per layer, the clock's split of the
-        round time (computation, each layer's links), the simulated time, and what stages count (moves and edge
-        failures with mobility, clipped uploads with clipping)."""
-        pop, clock = self.population, self.clock
-        out: dict[str, float] = {"sim_time": clock.now, "round_time": clock.last_round_time,
-                                 "time_compute": float(clock.last_split[0])}
-        for n in range(1, self.N + 1):
-            out[f"time_layer{n}"] = float(clock.last_split[n])
-            out[f"participants_layer{n}"] = pop.uploads[n - 1]
-            out[f"drops_layer{n}"] = pop.dropped[n - 1]
-        if clock.energy_model is not None:  # joules (docs/algorithm.md#energy): total so far, the last round's
-            out["energy"], out["round_energy"] = clock.energy, clock.last_round_energy
-        ct = self.change_tree
-        out["moves"], out["edge_failures"] = (0, 0) if ct is None else (ct.moves, ct.failures)
-        if self.N > 1:
-            counts = self.tree.device_counts(1)
-            out["edge_devices_min"], out["edge_devices_max"] = int(counts.min()), int(counts.max())
-        for layer in self.layers:
-            for stage in layer.stages:
-                out.update(stage.round_stats())
-        out.update(self.solvers.round_stats())
-        out.update(self.privacy_stats())
-        if self.probe is not None:
-            out.update(self.probe.round_stats())
-        return out
-
-    def privacy_stats(self) -> dict[str, float]:
-        """epsilon after the completed rounds (:class:`~lightning_qmlhfl.simulation.layers.PrivacyLedger`; empty
-        without differential privacy)."""
-        return {} if self.privacy is None else self.privacy.stats(self.round)
 
     def run_round(self, next_batch: Callable[[], Any]) -> list[StepResult]:
         """Run local steps until the current global round completes; ``next_batch()`` supplies each step's batch."""
@@ -498,18 +488,3 @@ class QMLHFLEngine(EngineCheckpointing, RowIndexing):
     def set_lr(self, lr: float) -> None:
         self.optimizer.set_lr(lr)
 
-
-def _trainable(module: nn.Module, param_groups: Sequence[dict[str, Any]] | None
-               ) -> tuple[set[str], list[dict[str, Any]] | None]:
-    """The trained parameters' names and the optimizer's groups restricted to them (parameters in no group and
-    those with ``requires_grad=False`` are frozen)."""
-    requires = {n for n, p in module.named_parameters() if p.requires_grad}
-    if param_groups is None:
-        return requires, None
-    named = {n for g in param_groups for n in g["params"]}
-    unknown = sorted(named - {n for n, _ in module.named_parameters()})
-    if unknown:
-        raise ValueError(f"param_groups name parameters the module does not have: {unknown}")
-    trainable = named & requires
-    groups = [{**g, "params": [n for n in g["params"] if n in trainable]} for g in param_groups]
-    return trainable, [g for g in groups if g["params"]]

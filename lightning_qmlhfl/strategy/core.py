@@ -52,7 +52,11 @@ class RoundBatches:
         self.core, self.accumulate = core, accumulate
 
     def __len__(self) -> int:
-        return self.core.engine.steps_per_round * self.accumulate
+        # Lightning reads the length once per fit; under an adaptive tau a round may grow, so this is the longest
+        # round the schedule allows, and the iterator ends the epoch where the round ends
+        e = self.core.engine
+        steps = e.steps_per_round if e.tau_schedule is None else e.tau_schedule.max_steps_per_round()
+        return steps * self.accumulate
 
     def __iter__(self):
         e = self.core.engine
@@ -378,7 +382,7 @@ class QMLHFLCore:
             rec[f"participants_layer{n}"] = stats[f"participants_layer{n}"]
             rec[f"drops_layer{n}"] = stats[f"drops_layer{n}"]
         per_layer = ("clipped", "drift", "clip_fraction", "clip_norm", "noise_std", "epsilon", "attacked",
-                     "attack_fraction", "rejected")
+                     "attack_fraction", "rejected", "tau", "tau_next", "tau_wanted")
         for key in ("moves", "edge_failures", "edge_devices_min", "edge_devices_max", "epsilon", "energy",
                     "round_energy", *(f"{k}_layer{n}" for k in per_layer for n in range(1, e.N + 1))):
             if key in stats:
