@@ -147,22 +147,23 @@ def build_local_solvers(cfg: DictConfig, num_layers: int) -> list[LocalSolver]:
     return _library("local_solver", lambda: layer_local_solvers(layers, num_layers, **opts), opts)
 
 
-def build_theory(cfg: DictConfig) -> MeasureConstants | None:
-    """The measurement of Theorem 1's constants from the ``theory`` group (none without it)."""
-    c: Any = cfg.get("theory")
+def _option_group(cfg: DictConfig, group: str, make: Callable[[Any], Any]) -> Any:
+    """``make(options)`` of a group whose node is one option object's config (None without the group)."""
+    c: Any = cfg.get(group)
     if c is None:
         return None
     opts = _plain(c)
-    return _library("theory", lambda: make_measure_constants(opts), opts)
+    return _library(group, lambda: make(opts), opts)
+
+
+def build_theory(cfg: DictConfig) -> MeasureConstants | None:
+    """The measurement of Theorem 1's constants from the ``theory`` group (none without it)."""
+    return _option_group(cfg, "theory", make_measure_constants)
 
 
 def build_tau_schedule(cfg: DictConfig) -> TauSchedule | None:
     """The adaptive tau of the ``tau_schedule`` group (the paper's fixed tau without it)."""
-    c: Any = cfg.get("tau_schedule")
-    if c is None:
-        return None
-    opts = _plain(c)
-    return _library("tau_schedule", lambda: make_tau_schedule(opts), opts)
+    return _option_group(cfg, "tau_schedule", make_tau_schedule)
 
 
 def build_availability(cfg: DictConfig) -> Availability | None:
