@@ -13,6 +13,7 @@ from lightning_qmlhfl import QSGD, FedAdam, Hierarchy, Identity, ScaledSign, Top
 from lightning_qmlhfl.simulation.engine import NonFiniteUpdateError, QMLHFLEngine
 from lightning_qmlhfl.federation.mobility import RandomReassociation
 from lightning_qmlhfl.federation.participation import Fraction, Full
+from lightning_qmlhfl.config import SimulationConfig
 from lightning_qmlhfl.distribution.shard import Shard, choose_cut
 
 from helpers.ranks import run_ranks
@@ -182,6 +183,12 @@ def test_placement():
     with pytest.raises(ValueError, match="mobility with a multi-process run is not supported"):
         QMLHFLEngine(MLP(), ce_loss, h, [1, 1, 1], None, shard=Shard.build(h, 2, 0), comm=thread_group(2)[0],
                      mobility=RandomReassociation(0.1))
+    one_process = SimulationConfig.build(h, [1, 1, 1], theory="measure")
+    with pytest.raises(ValueError, match="theory=measure runs in one process"):
+        QMLHFLEngine(MLP(), ce_loss, shard=Shard.build(h, 2, 0), comm=thread_group(2)[0], config=one_process)
+    with pytest.raises(ValueError, match="tau_schedule=.* runs in one process"):
+        QMLHFLEngine(MLP(), ce_loss, shard=Shard.build(h, 2, 0), comm=thread_group(2)[0],
+                     config=SimulationConfig.build(h, [1, 1, 1], tau_schedule="loss_ratio"))
 
 
 @pytest.mark.parametrize("exchange", ["gather", "all_reduce"])

@@ -160,6 +160,9 @@ class QMLHFLEngine(EngineCheckpointing, RowIndexing, RoundStatistics):
             if not config.mobility.is_static:
                 raise ValueError("mobility with a multi-process run is not supported: a device moving to an edge "
                                  "server of another rank would have to move its rows between processes")
+            if config.theory is not None:
+                raise ValueError("theory=measure runs in one process: the probe's samples and the adaptive step size "
+                                 "would differ between ranks (use strategy=qmlhfl)")
             if config.tau_schedule is not None:
                 raise ValueError(f"tau_schedule={config.tau_schedule!r} runs in one process: each rank would adapt tau to its "
                                  f"own devices' loss (use strategy=qmlhfl)")

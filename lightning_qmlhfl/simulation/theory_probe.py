@@ -11,8 +11,8 @@ and upload norms per layer come from each layer's
 
 With these it checks Eq. 15 at the current learning rate (``theory/eq15``, ``theory/lr_headroom`` = mu*/lr, one
 :class:`~lightning_qmlhfl.theory.LearningRateWarning` when it fails) and, with ``adapt_lr``, caps every local step's
-learning rate at ``adapt_lr * mu*`` (the cap is checkpointed state, ``theory/probe``). Under a multi-process run each
-rank measures its own devices.
+learning rate at ``adapt_lr * mu*`` (the cap is checkpointed state, ``theory/probe``). One process only (the engine
+refuses a sharded run with it).
 """
 
 from __future__ import annotations
