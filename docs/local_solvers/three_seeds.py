@@ -1,0 +1,66 @@
+"""The three-seed table of docs/local_solvers/README.md (Dirichlet alpha 0.5): seed 0 from report.json (its run
+directories were not kept), seeds 1 and 2 from runs/alpha0.5_seed{1,2}/ (summary.json, history.json, overrides).
+
+    python docs/local_solvers/three_seeds.py
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import statistics as st
+
+import yaml
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BRANCHING = {"two_layer": "[8, 8]", "three_layer": "[4, 4, 4]", "four_layer": "[2, 2, 4, 4]"}
+ORDER = ["fedavg/all", "fedprox/devices", "fedprox/all", "scaffold/devices", "scaffold/all", "admm/devices", "admm/all"]
+
+
+def main() -> None:
+    cells: dict[tuple[str, str], dict[str, list]] = {}
+
+    def add(branching: str, solver: str, at: str, final, best, stopped: bool) -> None:
+        c = cells.setdefault((branching, f"{solver}/{at}"), {"final": [], "best": [], "stopped": 0})
+        c["final"].append(final)
+        c["best"].append(best)
+        c["stopped"] += int(stopped)
+
+    for s in json.load(open(os.path.join(HERE, "report.json")))["settings"]:
+        opts = dict(re.findall(r"([\w.]+)=(\[[^\]]*\]|[^,]+)", s["setting"]))
+        if opts["partition.alpha"] != "0.5":
+            continue
+        final, best = s["final_test_acc_pct"]["values"][0], s["best_test_acc_pct"]["values"][0]
+        add(opts["hierarchy.branching"], opts["local_solver.layers"], opts["local_solver.at"], final, best,
+            final is None)
+    for d in sorted(glob.glob(os.path.join(HERE, "runs", "alpha0.5_seed*", "*", "[0-9]*"))):
+        summary = json.load(open(f"{d}/summary.json"))
+        o = dict(x.split("=", 1) for x in yaml.safe_load(open(f"{d}/overrides.yaml")) if "=" in x)
+        final = summary.get("final_test_acc")
+        history = json.load(open(f"{d}/history.json"))
+        best = max((r["test_acc"] for r in history if "test_acc" in r), default=None)
+        add(BRANCHING[o["hierarchy"]], o["local_solver"], o["local_solver.at"],
+            None if final is None else 100 * final, None if best is None else 100 * best,
+            bool(summary.get("stop_reason")))
+
+    def fmt(vals: list) -> str:
+        v = [x for x in vals if x is not None]
+        if not v:
+            return "n/a"
+        s = f"{st.mean(v):.2f}" + (f" ± {st.stdev(v):.2f}" if len(v) > 1 else "")
+        return s + (f" (n={len(v)})" if len(v) != 3 else "")
+
+    print("| tree | solver / layers | final acc % | best acc % over rounds | runs stopped on NaN |")
+    print("|---|---|---:|---:|---:|")
+    for branching in BRANCHING.values():
+        for key in ORDER:
+            c = cells.get((branching, key))
+            if c is None:
+                continue
+            print(f"| {branching} | {key} | {fmt(c['final'])} | {fmt(c['best'])} | {c['stopped']} of {len(c['final'])} |")
+
+
+if __name__ == "__main__":
+    main()
