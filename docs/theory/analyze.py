@@ -8,6 +8,10 @@ mu* = 1 / (L sqrt(bracket)) is evaluated three ways: with the measured L (the la
 the smallest step size, mean over seeds) and the measured q_n, with the measured L and the compressors' bounds q_n,
 and with the assumed L = 0.2 of the earlier planning experiment and the bounds.
 
+Experiment 3, equal energy (runs/energy/<depth>/<job>): every round costs E_glob joules (the energy model's cited
+defaults at the run's latency model, computed here with the planner's ``evaluate_taus``); the accuracy when the
+budget of 10 kJ is spent, and the joules spent when the cloud model first reached 90 % / 95 %.
+
 Experiment 3 (runs/depth/<variant>/<job>): final accuracy, and the simulated time at which the cloud model first
 reached 85 % / 90 % / 95 % test accuracy (history.json's per-round test accuracy against sim_time), and the accuracy of
 the last round that ended within the simulated-time budget (``deadline``), mean over seeds.
@@ -138,6 +142,45 @@ def plot_divergence(div: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+ENERGY_BUDGET = 10_000.0  # joules for the whole system: the equal-energy variant of experiment 3
+
+
+def round_energy(taus: list, uplink_rates: list) -> float:
+    """E_glob of one global round under the energy model's cited defaults (docs/algorithm.md#energy): 5 W x 5 ms
+    per local step, 0.2 W on the devices' links and 6.3 W above, at the run's latency model."""
+    import warnings
+
+    from lightning_qmlhfl.compressors import QSGD
+    from lightning_qmlhfl.theory.energy import default_energy
+    from lightning_qmlhfl.theory.latency import LatencyModel
+    from lightning_qmlhfl.theory.planner import evaluate_taus
+
+    N = len(taus)
+    h = Hierarchy.balanced(BRANCHING[{2: "two_layer", 3: "three_layer", 4: "four_layer"}[N]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = evaluate_taus(taus, h, [QSGD(8)] * N, 159010, LatencyModel(compute_time=0.005, uplink_rates=uplink_rates),
+                             None, 1.0, 0.05, energy=default_energy(N, 0.005), energy_budget=ENERGY_BUDGET)
+    return plan.round_energy.total
+
+
+def energy() -> dict:
+    out: dict = {}
+    for group, s, h, o in _runs("energy/*"):
+        rates = [float(x) for x in o["hierarchy.uplink_rates"].strip("[]").split(",")]
+        e = round_energy(s["taus"], rates)
+        curve = [(r["round"] * e, r["test_acc"]) for r in h if "test_acc" in r]
+
+        def first(target: float) -> float | None:
+            return next((j for j, a in curve if a >= target), None)
+
+        within = [a for j, a in curve if j <= ENERGY_BUDGET * (1 + 1e-9)]
+        out.setdefault(group, []).append({"seed": int(o["seed"]), "taus": s["taus"], "rounds": s["rounds"],
+                                          "round_energy": e, "acc_budget": within[-1] if within else None,
+                                          "e90": first(0.90), "e95": first(0.95), "sim_time": s["sim_time_s"]})
+    return out
+
+
 def _fmt(v, pct=False):
     if v is None:
         return "n/a"
@@ -147,8 +190,9 @@ def _fmt(v, pct=False):
 
 
 def main() -> None:
-    div, dep = divergence(), depth()
-    json.dump({"divergence": div, "depth": dep}, open(os.path.join(HERE, "results.json"), "w"), indent=1)
+    div, dep, en = divergence(), depth(), energy()
+    json.dump({"divergence": div, "depth": dep, "energy": en}, open(os.path.join(HERE, "results.json"), "w"),
+              indent=1)
     if div:
         plot_divergence(div, os.path.join(HERE, "divergence.png"))
     lrs = sorted({lr for r in div.values() for lr in r["lr"]})
@@ -178,6 +222,20 @@ def main() -> None:
         print(f"| {g} | {rs[0]['taus']} | {rs[0]['lr']:g} | {rs[0]['rounds']} | {m('local_steps')} | "
               f"{m('sim_time')} | {m('acc_budget', True)} | {m('t85')} | {m('t90')} | {m('t95')} |")
 
+    print()
+    print(f"| depth, taus | E_glob (J per round) | rounds in {ENERGY_BUDGET:.0f} J | sim s | acc % at the budget | "
+          f"J to 90 % | J to 95 % |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for g, rs in sorted(en.items()):
+        accs = [r["acc_budget"] for r in rs if r["acc_budget"] is not None]
+        acc = f"{100 * st.mean(accs):.2f} ± {100 * st.stdev(accs):.2f}" if len(accs) > 1 else "n/a"
+
+        def e(key):
+            vals = [r[key] for r in rs if r[key] is not None]
+            return "n/a" if not vals else f"{st.mean(vals):.0f}" + (
+                f" ({len(rs) - len(vals)} of {len(rs)} never)" if len(vals) < len(rs) else "")
+        print(f"| {len(rs[0]['taus'])}: {rs[0]['taus']} | {rs[0]['round_energy']:.1f} | {rs[0]['rounds']} | "
+              f"{st.mean(r['sim_time'] for r in rs):.0f} | {acc} | {e('e90')} | {e('e95')} |")
 
 if __name__ == "__main__":
     main()
