@@ -177,7 +177,8 @@ def energy() -> dict:
         within = [a for j, a in curve if j <= ENERGY_BUDGET * (1 + 1e-9)]
         out.setdefault(group, []).append({"seed": int(o["seed"]), "taus": s["taus"], "rounds": s["rounds"],
                                           "round_energy": e, "acc_budget": within[-1] if within else None,
-                                          "e90": first(0.90), "e95": first(0.95), "sim_time": s["sim_time_s"]})
+                                          "e90": first(0.90), "e95": first(0.95), "sim_time": s["sim_time_s"],
+                                          "lr": float(o.get("model.lr", "nan"))})
     return out
 
 
@@ -223,9 +224,9 @@ def main() -> None:
               f"{m('sim_time')} | {m('acc_budget', True)} | {m('t85')} | {m('t90')} | {m('t95')} |")
 
     print()
-    print(f"| depth, taus | E_glob (J per round) | rounds in {ENERGY_BUDGET:.0f} J | sim s | acc % at the budget | "
+    print(f"| variant | taus | lr | E_glob (J per round) | rounds in {ENERGY_BUDGET:.0f} J | sim s | acc % at the budget | "
           f"J to 90 % | J to 95 % |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for g, rs in sorted(en.items()):
         accs = [r["acc_budget"] for r in rs if r["acc_budget"] is not None]
         acc = f"{100 * st.mean(accs):.2f} ± {100 * st.stdev(accs):.2f}" if len(accs) > 1 else "n/a"
@@ -234,7 +235,7 @@ def main() -> None:
             vals = [r[key] for r in rs if r[key] is not None]
             return "n/a" if not vals else f"{st.mean(vals):.0f}" + (
                 f" ({len(rs) - len(vals)} of {len(rs)} never)" if len(vals) < len(rs) else "")
-        print(f"| {len(rs[0]['taus'])}: {rs[0]['taus']} | {rs[0]['round_energy']:.1f} | {rs[0]['rounds']} | "
+        print(f"| {g} | {rs[0]['taus']} | {rs[0]['lr']:g} | {rs[0]['round_energy']:.1f} | {rs[0]['rounds']} | "
               f"{st.mean(r['sim_time'] for r in rs):.0f} | {acc} | {e('e90')} | {e('e95')} |")
 
 if __name__ == "__main__":
