@@ -1,7 +1,8 @@
-"""The three-seed table of docs/local_solvers/README.md (Dirichlet alpha 0.5): seed 0 from report.json (its run
-directories were not kept), seeds 1 and 2 from runs/alpha0.5_seed{1,2}/ (summary.json, history.json, overrides).
+"""The three-seed tables of docs/local_solvers/README.md: seed 0 from report.json (its run directories were not
+kept), seeds 1 and 2 from runs/alpha{ALPHA}_seed{1,2}/ (summary.json, history.json, overrides).
 
-    python docs/local_solvers/three_seeds.py
+    python docs/local_solvers/three_seeds.py            # alpha 0.5
+    python docs/local_solvers/three_seeds.py 0.1
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import os
 import re
 import statistics as st
+import sys
 
 import yaml
 
@@ -19,10 +21,14 @@ BRANCHING = {"two_layer": "[8, 8]", "three_layer": "[4, 4, 4]", "four_layer": "[
 ORDER = ["fedavg/all", "fedprox/devices", "fedprox/all", "scaffold/devices", "scaffold/all", "admm/devices", "admm/all"]
 
 
-def main() -> None:
+def main(alpha: str) -> None:
     cells: dict[tuple[str, str], dict[str, list]] = {}
+    seen: set[tuple[str, str, int]] = set()
 
-    def add(branching: str, solver: str, at: str, final, best, stopped: bool) -> None:
+    def add(branching: str, solver: str, at: str, final, best, stopped: bool, seed: int) -> None:
+        if (branching, f"{solver}/{at}", seed) in seen:  # a job run again by hand after a skipped multirun job
+            return
+        seen.add((branching, f"{solver}/{at}", seed))
         c = cells.setdefault((branching, f"{solver}/{at}"), {"final": [], "best": [], "stopped": 0})
         c["final"].append(final)
         c["best"].append(best)
@@ -30,12 +36,12 @@ def main() -> None:
 
     for s in json.load(open(os.path.join(HERE, "report.json")))["settings"]:
         opts = dict(re.findall(r"([\w.]+)=(\[[^\]]*\]|[^,]+)", s["setting"]))
-        if opts["partition.alpha"] != "0.5":
+        if opts["partition.alpha"] != alpha:
             continue
         final, best = s["final_test_acc_pct"]["values"][0], s["best_test_acc_pct"]["values"][0]
         add(opts["hierarchy.branching"], opts["local_solver.layers"], opts["local_solver.at"], final, best,
-            final is None)
-    for d in sorted(glob.glob(os.path.join(HERE, "runs", "alpha0.5_seed*", "*", "[0-9]*"))):
+            final is None, 0)
+    for d in sorted(glob.glob(os.path.join(HERE, "runs", f"alpha{alpha}_seed*", "*", "[0-9]*"))):
         summary = json.load(open(f"{d}/summary.json"))
         o = dict(x.split("=", 1) for x in yaml.safe_load(open(f"{d}/overrides.yaml")) if "=" in x)
         final = summary.get("final_test_acc")
@@ -43,7 +49,7 @@ def main() -> None:
         best = max((r["test_acc"] for r in history if "test_acc" in r), default=None)
         add(BRANCHING[o["hierarchy"]], o["local_solver"], o["local_solver.at"],
             None if final is None else 100 * final, None if best is None else 100 * best,
-            bool(summary.get("stop_reason")))
+            bool(summary.get("stop_reason")), int(o["seed"]))
 
     def fmt(vals: list) -> str:
         v = [x for x in vals if x is not None]
@@ -63,4 +69,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1] if len(sys.argv) > 1 else "0.5")
