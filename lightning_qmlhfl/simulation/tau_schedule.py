@@ -27,7 +27,8 @@ class TauScheduler:
         self.taus = torch.tensor(taus, dtype=torch.int64)
         self.initial = tuple(taus)
         self.start = torch.full((2,), math.nan, dtype=torch.float64)
-        self._loss, self._steps = 0.0, 0
+        self._loss: Tensor | float = 0.0
+        self._steps = 0
 
     def bind(self, sim: "QMLHFLEngine") -> None:
         def load(state: dict[str, Tensor]) -> None:
@@ -38,14 +39,15 @@ class TauScheduler:
         sim.registry.register("tau_schedule", lambda: {"taus": self.taus, "start": self.start}, load, sharded=False)
 
     def on_step(self, losses: Tensor) -> None:
-        if losses.numel():
-            self._loss += float(losses.float().mean())
+        if losses.numel():  # summed on the losses' device: no host sync in the per-step loop (read at round end)
+            mean = losses.detach().float().mean()
+            self._loss = mean if self._steps == 0 else self._loss + mean
             self._steps += 1
 
     def on_round_end(self, sim: "QMLHFLEngine") -> dict[str, float]:
         """Called when a global round completes (``sim.round`` already counts it); returns what it decided:
         ``tau_next_layer{n}`` and, when the rule ran, ``tau_wanted_layer{n}`` (before the bounds)."""
-        loss = self._loss / self._steps if self._steps else math.nan
+        loss = float(self._loss) / self._steps if self._steps else math.nan
         self._loss, self._steps = 0.0, 0
         lr = sim.optimizer.lr
         if math.isnan(float(self.start[0])):

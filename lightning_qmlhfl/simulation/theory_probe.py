@@ -136,7 +136,8 @@ class ConstantsProbe:
     def _check(self, sim: "QMLHFLEngine", L: float) -> None:
         if not math.isfinite(L) or L <= 0:
             return
-        bracket = lr_condition_bracket(list(sim.taus), self.qs(sim), sim.hierarchy)
+        qs = self.qs(sim)
+        bracket = lr_condition_bracket(list(sim.taus), qs, sim.hierarchy)
         mu_star = math.inf if bracket <= 0 else 1.0 / (L * math.sqrt(bracket))
         base = sim.optimizer.lr
         if self.options.adapt_lr is not None:
@@ -149,7 +150,7 @@ class ConstantsProbe:
             self.state[2] = 1.0
             warnings.warn(
                 f"round {sim.round}: with the measured constants (L = {L:.4g} along the path, q = "
-                f"{[round(q, 4) for q in self.qs(sim)]}) the learning rate {lr:g} violates Eq. 15 "
+                f"{[round(q, 4) for q in qs]}) the learning rate {lr:g} violates Eq. 15 "
                 f"(1 - L^2 mu^2 * {bracket:.6g} = {value:.4g} <= 0); admissible: mu < {mu_star:.4g} "
                 f"(theory.adapt_lr caps the step size there)", LearningRateWarning, stacklevel=2)
 
