@@ -142,7 +142,9 @@ RECIPE = ["model=mlp", "hierarchy.branching=[2,2,2]", "hierarchy.taus=[2,2,1]", 
 
 def test_the_recipe_on_two_processes_writes_what_one_process_writes(tmp_path, data_root):
     """``python -m recipes.mnist trainer.strategy=qmlhfl_ddp trainer.devices=2``: rank 0 writes the run's files,
-    equal to the single-process run's (validation loss to float tolerance: the mean of the ranks' means)."""
+    equal to the single-process run's (validation loss to float tolerance: the mean of the ranks' means). SCAFFOLD at
+    every layer: its variates are sharded with their rows, and the drift logged per layer is the mean over every
+    rank's uploads (float tolerance: the ranks' partial sums are added)."""
     env = dict(os.environ, QMLHFL_DATA=str(data_root.resolve()), WANDB_MODE="disabled", MASTER_ADDR="127.0.0.1",
                MASTER_PORT="29621", PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
     env.pop("LOCAL_RANK", None)
@@ -150,7 +152,7 @@ def test_the_recipe_on_two_processes_writes_what_one_process_writes(tmp_path, da
     for name, extra in (("ddp", ["trainer.strategy=qmlhfl_ddp", "trainer.devices=2"]), ("single", [])):
         log = open(tmp_path / f"{name}.log", "w")
         procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "recipes.mnist", *RECIPE, *extra, f"hydra.run.dir={tmp_path / name}"],
+            [sys.executable, "-m", "recipes.mnist", *RECIPE, *extra, "local_solver=scaffold", "local_solver.at=all", f"hydra.run.dir={tmp_path / name}"],
             cwd=tmp_path, env=dict(env, OMP_NUM_THREADS="1"), stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True)
     codes = _wait(procs)
@@ -163,9 +165,12 @@ def test_the_recipe_on_two_processes_writes_what_one_process_writes(tmp_path, da
     assert len(ddp) == len(one) == 2
     for a, b in zip(ddp, one):
         assert a.keys() == b.keys()
+        assert {"drift_layer1", "drift_layer2", "drift_layer3"} <= a.keys()
         for k in a:
             if k == "val_loss":
                 assert a[k] == pytest.approx(b[k], rel=1e-6)
+            elif k.startswith("drift_"):
+                assert a[k] == pytest.approx(b[k], rel=1e-12), k
             elif "wall" not in k:
                 assert a[k] == b[k], k
     s_ddp = json.loads((tmp_path / "ddp" / "summary.json").read_text())

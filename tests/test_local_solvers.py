@@ -405,7 +405,7 @@ def test_theory_tools_warn_and_count_the_variates():
     assert layer_bits([QSGD(4)], 1000, local_solvers=[Scaffold("full")]) == [QSGD(4).bits(1000) + 32 * 1000]
 
 
-def _sharded(solvers, world, cut):
+def _sharded(solvers, world, cut, clip_norm=None):
     from helpers.ranks import run_ranks
     from lightning_qmlhfl.distribution.shard import Shard
 
@@ -413,7 +413,7 @@ def _sharded(solvers, world, cut):
     template = Net().double()
     config = SimulationConfig.build(TREE, TAUS, [QSGD(4, bucket_size=None), QSGD(8), Identity()],
                                     participation=[Bernoulli(0.7), Full(), Full()], local_solvers=solvers,
-                                    executor="loop", seed=3, param_order="module")
+                                    executor="loop", seed=3, param_order="module", clip_norms=clip_norm)
     data = [tuple(t.double() if t.is_floating_point() else t for t in b) for b in batches(6, 8)]
     one = QMLHFLEngine(copy.deepcopy(template), loss_fn, optimizer="sgd", optimizer_kwargs={"lr": LR}, config=config)
     for b in data:
@@ -448,6 +448,23 @@ def test_sharded_ranks_equal_one_process(cut):
                 if key in whole:
                     assert torch.equal(mine[key], whole[key][e.shard.rows(m)]), key
         assert e.bits_sent == one.bits_sent
+
+
+@pytest.mark.parametrize("cut", [0, 1])
+def test_sharded_ranks_log_the_drift_of_every_sender(cut):
+    """The drift each rank logs is the mean over all the layer's uploads, as in one process (each rank measures its
+    own senders below the cut; the sums are added over the ranks), with ClipUpdates' count alike."""
+    solvers = [FedProx(0.2), Scaffold(), LocalSGD(drift=True)]
+    one, shards = _sharded(solvers, 2, cut, clip_norm=[0.05, None, None])
+    want = one.last_round_stats
+    assert one.round == 2 and {f"drift_layer{n}" for n in (1, 2, 3)} <= set(want)
+    assert 0 < want["clipped_layer1"] < 6 * 2  # some of the round's uploads clipped, not all
+    for e in shards:
+        got = e.last_round_stats
+        for n in (1, 2, 3):
+            assert got[f"drift_layer{n}"] == pytest.approx(want[f"drift_layer{n}"], rel=1e-12), (n, got)
+        assert got["clipped_layer1"] == want["clipped_layer1"] and isinstance(got["clipped_layer1"], int)
+        assert got["participants_layer1"] == want["participants_layer1"]
 
 
 def test_a_moving_device_keeps_its_own_state():

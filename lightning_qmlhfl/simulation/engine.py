@@ -445,7 +445,6 @@ class QMLHFLEngine(EngineCheckpointing, RowIndexing, RoundStatistics):
             if self.tau_schedule is not None:
                 self.last_round_stats.update(self.tau_schedule.on_round_end(self))
             self.population.reset_stats()
-            self.solvers.reset_round()
             if self.change_tree is not None:
                 self.change_tree.moves = self.change_tree.failures = 0
             for layer in self.layers:

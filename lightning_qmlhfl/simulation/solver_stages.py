@@ -170,18 +170,35 @@ class _LayerSolver:
         w = sim.weights[n - 1]
         return w if sim.shard is None else w[sim.rows[n - 1].to(w.device)]
 
-    def round_drift(self) -> float | None:
-        return self.drift_sum / self.drift_count if self.drift_count else None
 
 
 class SolverUpload(Stage):
-    """Layer n's solver at its aggregation (module docstring, 2.), right after the uploads are selected."""
+    """Layer n's solver at its aggregation (module docstring, 2.), right after the uploads are selected. Round
+    statistic: the drift, mean ||y_c - a_c|| over the round's uploads (``drift_layer{n}``; NaN in a round without
+    uploads), summed over the ranks in a multi-process run."""
+
+    summed = ("drift_sum", "drift_count")
 
     def __init__(self, owner: "LocalSolvers", solver: _LayerSolver) -> None:
         self.owner, self.solver = owner, solver
 
     def apply(self, sim: "QMLHFLEngine", ctx: AggregationContext) -> AggregationContext:
         return self.solver.upload(sim, ctx, self.owner.period_lr(ctx.layer))
+
+    @property
+    def drift_sum(self) -> float:
+        return self.solver.drift_sum
+
+    @property
+    def drift_count(self) -> int:
+        return self.solver.drift_count
+
+    def round_stats(self, sums: dict[str, float]) -> dict[str, float]:
+        count = sums["drift_count"]
+        return {f"drift_layer{self.layer}": sums["drift_sum"] / count if count else float("nan")}
+
+    def reset_round(self) -> None:
+        self.solver.drift_sum, self.solver.drift_count = 0.0, 0
 
     def __repr__(self) -> str:
         return f"SolverUpload({self.solver.solver!r})"
@@ -219,8 +236,8 @@ class ADMMConsensusStep(Stage):
 
 
 class LocalSolvers:
-    """Every layer's solver of one simulation, the learning-rate sums they are scaled with, and their round
-    statistics (module docstring)."""
+    """Every layer's solver of one simulation and the learning-rate sums they are scaled with (module docstring);
+    their round statistics are their upload stages'."""
 
     def __init__(self, solvers: list[LocalSolver]) -> None:
         self.layers = [_LayerSolver(s, n, solvers[n - 2] if n > 1 else None) for n, s in enumerate(solvers, start=1)]
@@ -306,18 +323,6 @@ class LocalSolvers:
         self.lr_since[n - 1] = 0.0
         if n == 1 and self.device_lr is not None:
             self.device_lr.zero_()
-
-    def round_stats(self) -> dict[str, float]:
-        out = {}
-        for s in self.layers:
-            drift = s.round_drift()
-            if s.solver.measures_drift:
-                out[f"drift_layer{s.layer}"] = float("nan") if drift is None else drift
-        return out
-
-    def reset_round(self) -> None:
-        for s in self.layers:
-            s.drift_sum, s.drift_count = 0.0, 0
 
     def __repr__(self) -> str:
         return f"LocalSolvers({[s.solver for s in self.layers]!r})"

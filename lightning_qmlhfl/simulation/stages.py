@@ -120,8 +120,14 @@ class Stage:
     def apply(self, sim: "QMLHFLEngine", ctx: AggregationContext) -> AggregationContext:
         raise NotImplementedError
 
-    def round_stats(self) -> dict[str, float]:
-        """What this stage counted in the current (or just completed) round, for the round's statistics."""
+    #: the attributes of this stage that count over its sender rows in the current round (uploads clipped, drift
+    #: summed): a multi-process run adds each over the ranks that hold the layer's senders, and
+    #: :meth:`round_stats` receives the totals
+    summed: tuple[str, ...] = ()
+
+    def round_stats(self, sums: dict[str, float]) -> dict[str, float]:
+        """What this stage counted in the current (or just completed) round, for the round's statistics; ``sums``:
+        the totals of the :attr:`summed` attributes over every process (their own values in one process)."""
         return {}
 
     def reset_round(self) -> None:
@@ -174,8 +180,10 @@ class ClipUpdates(Stage):
         self.max_norm = float(max_norm)
         self.round_clipped = 0
 
-    def round_stats(self) -> dict[str, float]:
-        return {f"clipped_layer{self.layer}": self.round_clipped}
+    summed = ("round_clipped",)
+
+    def round_stats(self, sums: dict[str, float]) -> dict[str, float]:
+        return {f"clipped_layer{self.layer}": sums["round_clipped"]}
 
     def reset_round(self) -> None:
         self.round_clipped = 0
@@ -315,7 +323,7 @@ class MeasureCompression(Stage):
                 CompressionWarning, stacklevel=2)
         return ctx
 
-    def round_stats(self) -> dict[str, float]:
+    def round_stats(self, sums: dict[str, float]) -> dict[str, float]:
         return dict(self._round)
 
     def reset_round(self) -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
+
 __all__ = ["RoundStatistics"]
 
 if TYPE_CHECKING:
@@ -35,16 +37,29 @@ class RoundStatistics:
         if self.N > 1:
             counts = self.tree.device_counts(1)
             out["edge_devices_min"], out["edge_devices_max"] = int(counts.min()), int(counts.max())
-        for layer in self.layers:
-            for stage in layer.stages:
-                out.update(stage.round_stats())
-        out.update(self.solvers.round_stats())
+        stages = [stage for layer in self.layers for stage in layer.stages]
+        for stage, sums in zip(stages, self._stage_sums(stages)):
+            out.update(stage.round_stats(sums))
         out.update(self.privacy_stats())
         if self.probe is not None:
             out.update(self.probe.round_stats())
         if self.tau_schedule is not None:
             out.update(self.tau_schedule.round_stats())
         return out
+
+    def _stage_sums(self: "QMLHFLEngine", stages: list) -> list[dict[str, float]]:
+        """Each stage's :attr:`~lightning_qmlhfl.simulation.stages.Stage.summed` counters, added over the ranks
+        where the stage's senders are split between them (layers 1..cut + 1 of a multi-process run: one all-reduce
+        for all of them, on every rank alike); above the cut every rank counts the same senders."""
+        sums = [{k: getattr(s, k) for k in s.summed} for s in stages]
+        if self.shard is None:
+            return sums
+        split = [(i, k) for i, s in enumerate(stages) if s.layer - 1 <= self.shard.cut for k in s.summed]
+        if split:
+            total = self.comm.all_reduce_sum(torch.tensor([float(sums[i][k]) for i, k in split], dtype=torch.float64))
+            for (i, k), v in zip(split, total.tolist()):
+                sums[i][k] = type(sums[i][k])(v)  # an integer count stays an integer
+        return sums
 
     def privacy_stats(self: "QMLHFLEngine") -> dict[str, float]:
         """epsilon after the completed rounds (:class:`~lightning_qmlhfl.simulation.layers.PrivacyLedger`; empty

@@ -84,9 +84,11 @@ class SenderNoise(Stage):
         child[rows] = (anchor + x).to(child.dtype)
         return ctx
 
-    def round_stats(self) -> dict[str, float]:
+    summed = ("round_clipped", "round_uploads")
+
+    def round_stats(self, sums: dict[str, float]) -> dict[str, float]:
         n, p = self.layer, self.privacy
-        return {f"clip_fraction_layer{n}": self.round_clipped / max(1, self.round_uploads),
+        return {f"clip_fraction_layer{n}": sums["round_clipped"] / max(1, sums["round_uploads"]),
                 f"noise_std_layer{n}": p.noise_multiplier * p.clip_norm}
 
     def __repr__(self) -> str:
@@ -128,10 +130,12 @@ class AttackUploads(Stage):
         self.round_attacked += int(bad.sum())
         return ctx
 
-    def round_stats(self) -> dict[str, float]:
+    summed = ("round_attacked", "round_uploads")
+
+    def round_stats(self, sums: dict[str, float]) -> dict[str, float]:
         n = self.layer
-        return {f"attacked_layer{n}": self.round_attacked,
-                f"attack_fraction_layer{n}": self.round_attacked / max(1, self.round_uploads)}
+        return {f"attacked_layer{n}": sums["round_attacked"],
+                f"attack_fraction_layer{n}": sums["round_attacked"] / max(1, sums["round_uploads"])}
 
     def __repr__(self) -> str:
         return f"AttackUploads({self.attack!r})"
@@ -218,7 +222,8 @@ class ReceiverClip(Stage):
             self.clip[got] = adaptive_clip_update(self.clip[got], frac, p.target_quantile, p.clip_lr)
         return ctx.replace(clip_norms=used)
 
-    def round_stats(self) -> dict[str, float]:
+    def round_stats(self, sums: dict[str, float]) -> dict[str, float]:
+        # one process only (module docstring): the clip norms are rows of the parents, not counters of the senders
         n = self.layer
         return {f"clip_fraction_layer{n}": self.round_clipped / max(1, self.round_uploads),
                 f"clip_norm_layer{n}": float(self.clip.mean())}
@@ -270,7 +275,7 @@ class SumMessages(Stage):
             self.round_rejected += int(res.rejected)
         return ctx.replace(aggregate=out)
 
-    def round_stats(self) -> dict[str, float]:
+    def round_stats(self, sums: dict[str, float]) -> dict[str, float]:
         return {} if self.aggregator.is_mean else {f"rejected_layer{self.layer}": self.round_rejected}
 
     def __repr__(self) -> str:
@@ -312,7 +317,7 @@ class CentralNoise(Stage):
         self.round_events += 1
         return ctx
 
-    def round_stats(self) -> dict[str, float]:
+    def round_stats(self, sums: dict[str, float]) -> dict[str, float]:
         return {f"noise_std_layer{self.layer}": self.round_std / max(1, self.round_events)}
 
     def __repr__(self) -> str:
