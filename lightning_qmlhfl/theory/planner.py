@@ -54,19 +54,17 @@ import numpy as np
 
 from ..hierarchy import Hierarchy, aggregations_per_round
 from .latency import LatencyModel, RoundTime, _positive, downlink_bits, upload_bits
-from .energy import (EnergyModel, RoundEnergy, energy_grid, energy_summary, explain_energy, planner_energy,
+from .energy import (EnergyModel, RoundEnergy, energy_grid, energy_summary, planner_energy,
                      rounds_within)
-from ..compressors import QSGD, make_compressor
+from ..compressors import make_compressor
 from .convergence import (aggregation_ratios, check_taus, lr_condition_bracket_grid, quantizer_variances,
                           warn_local_solvers)
+from .infeasible import ROUND_SLACK, explain_infeasible
 from .tau_search import TIE, TauSearch
 
 __all__ = ["Plan", "InfeasiblePlanError", "plan_taus", "evaluate_taus"]
 
 Method = Literal["auto", "exact", "heuristic"]
-
-_ROUND_SLACK = 1e-9
-
 
 class InfeasiblePlanError(ValueError):
     """No tau meets the deadline / energy budget (and the learning-rate condition); the message says what would."""
@@ -231,7 +229,7 @@ class _Problem(TauSearch):
                 lr_ok = admissible
         t_glob = self.latency.round_time_grid(grid, self.link, self.hierarchy, self.bits, self.down_bits)
         e_glob = None if self.energy is None else energy_grid(grid, *self.energy_totals)
-        rounds = rounds_within(self.deadline, t_glob, self.energy_budget, e_glob, _ROUND_SLACK)
+        rounds = rounds_within(self.deadline, t_glob, self.energy_budget, e_glob, ROUND_SLACK)
         feasible = lr_ok & (rounds >= 1)
         prod = np.prod(grid.astype(np.float64), axis=1)
         objective = np.where(feasible, mu * rounds * prod, -np.inf)
@@ -306,100 +304,13 @@ class _Problem(TauSearch):
             method=method,
             deadline=self.deadline,
             evaluated=self.evaluated,
-            message=self.explain_infeasible(),
+            message=explain_infeasible(self),
             energy_budget=self.energy_budget,
         )
 
     def _round_energy(self, taus: Sequence[int]) -> RoundEnergy | None:
         return None if self.energy is None else self.energy.round_energy(taus, self.hierarchy, self.latency,
                                                                            self.bits)
-
-    def explain_infeasible(self) -> str:
-        """Why tau = (1, ..., 1), the cheapest tau, fails, and what numbers would make it work."""
-        ones = [1] * self.N
-        rt = self.latency.round_time(ones, self.bits, self.down_bits, self.hierarchy)
-        T_d, E_b = self.deadline, self.energy_budget
-        budgets = ([] if T_d is None else [f"deadline T_d = {T_d:g} s"]) + ([] if E_b is None else
-                                                                            [f"energy budget E_b = {E_b:g} J"])
-        lines = [f"no tau meets the constraints with {' and '.join(budgets)}."]
-        re = self._round_energy(ones)
-        over_energy = E_b is not None and re.total > E_b * (1 + _ROUND_SLACK)
-        if T_d is not None and rt.total > T_d * (1 + _ROUND_SLACK):
-            parts = [f"compute {rt.compute:.6g} s"] + [
-                f"layer {n} links {c:.6g} s" for n, c in enumerate(rt.per_layer_comm, start=1)
-            ]
-            lines.append(
-                f"Even tau = {ones} needs T_glob = {rt.total:.6g} s for one global iteration ({', '.join(parts)})."
-            )
-            lines.append(f"* Longer deadline: T_d >= {rt.total:.6g} s allows one global iteration at tau = {ones}.")
-            comm = rt.communication
-            shares = [("computation", rt.compute)] + [
-                (f"layer {n}'s communication", c) for n, c in enumerate(rt.per_layer_comm, start=1)
-            ]
-            name, worst = max(shares, key=lambda x: x[1])
-            lines.append(f"* The largest part is {name}: {worst:.6g} s of {rt.total:.6g} s.")
-            budget = T_d - rt.compute
-            if budget <= 0:
-                lines.append(
-                    f"* One local step alone takes {rt.compute:.6g} s >= the deadline: no quantization or link speed "
-                    f"helps; only a longer deadline, faster devices or a smaller model/batch do."
-                )
-            else:
-                factor = comm / budget
-                ups = ", ".join(
-                    f"layer {n}: {r:.4g} -> {r * factor:.4g} bits/s"
-                    for n, r in enumerate(self.latency.slowest_uplink_rates, start=1)
-                )
-                which = "uplink and downlink" if self.down_bits is not None else "uplink"
-                lines.append(
-                    f"* Faster links: every {which} {factor:.4g}x faster ({ups}) fits one global iteration."
-                )
-                others = comm - max(rt.per_layer_comm)
-                k = int(np.argmax(rt.per_layer_comm))
-                if others < budget:
-                    f1 = rt.per_layer_comm[k] / (budget - others)
-                    r = self.latency.slowest_uplink_rates[k]
-                    lines.append(f"  Or only layer {k + 1}'s links {f1:.4g}x faster ({r:.4g} -> {r * f1:.4g} bits/s).")
-                lines.append(self._coarser_quantization_hint(ones, T_d))
-        elif not over_energy:
-            # Only the learning-rate condition (adapt_mu=False) can make tau = (1..1) infeasible here.
-            ev = self.evaluate(np.ones((1, self.N), dtype=np.int64))
-            mu_max = float(ev["mu_max"][0])
-            lines.append(
-                f"tau = {ones} fits the {'budgets' if E_b else 'deadline'} ({rt.total:.6g} s per global iteration) "
-                f"but the learning rate "
-                f"mu = {self.mu:g} violates Eq. 15 even there (admissible: mu < {mu_max:.6g}, from the quantization "
-                f"terms q_n = {[round(q, 6) for q in self.qs]})."
-            )
-            lines.append(
-                f"* Use mu < {mu_max:.6g}, finer quantization (more levels or smaller buckets), or adapt_mu=True "
-                f"(the planner then lowers mu to {self.safety:g} x mu_max)."
-            )
-        if over_energy:  # alone or beside the deadline
-            lines += explain_energy(ones, re, E_b)
-        return "\n".join(lines)
-
-    def _coarser_quantization_hint(self, ones: list[int], T_d: float) -> str:
-        for b in range(15, 0, -1):  # QSGD with s = 2^b - 1 levels sends 1 + b bits per entry (+32 per bucket)
-            s = 2**b - 1
-            qz = [QSGD(s, q.bucket_size) for q in self.quantizers]
-            bits = upload_bits(qz, self.d, self.buffer_elems, self.local_solvers)
-            if any(nb > ob for nb, ob in zip(bits, self.bits)):
-                continue  # never suggest more bits than now on any layer
-            rt = self.latency.round_time(ones, bits, self.down_bits, self.hierarchy)
-            if rt.total <= T_d * (1 + _ROUND_SLACK):
-                return (
-                    f"* Coarser quantization: QSGD with s <= {s} levels on every uplink ({1 + b} bits per entry; "
-                    f"uploads {bits} bits instead of {self.bits}) gives T_glob = {rt.total:.6g} s <= {T_d:g} s "
-                    f"(the learning-rate condition then tightens: q_n grows)."
-                )
-        qz = [QSGD(1, q.bucket_size) for q in self.quantizers]
-        rt = self.latency.round_time(ones, upload_bits(qz, self.d, self.buffer_elems, self.local_solvers),
-                                     self.down_bits, self.hierarchy)
-        return (
-            f"* Coarser quantization alone cannot do it: even s = 1 (2 bits per entry) on every uplink gives "
-            f"T_glob = {rt.total:.6g} s > {T_d:g} s."
-        )
 
 
 def plan_taus(
@@ -509,7 +420,7 @@ def evaluate_taus(
     t = check_taus(taus, prob.N)
     ev = prob.evaluate(np.asarray([t], dtype=np.int64))
     if not ev["feasible"][0]:
-        T_d, E_b, slack = prob.deadline, prob.energy_budget, 1 + _ROUND_SLACK
+        T_d, E_b, slack = prob.deadline, prob.energy_budget, 1 + ROUND_SLACK
         why = (
             f"tau = {list(t)} is infeasible: T_glob = {ev['t_glob'][0]:.6g} s"
             + (f" > deadline {T_d:g} s" if T_d is not None and ev["t_glob"][0] > T_d * slack else "")
