@@ -11,7 +11,8 @@ wrapped in DistributedDataParallel: there is no gradient to average.
 
 What the ranks share, by construction: the data (every rank reads the whole training set; every rank's sampler
 draws every device's batch and keeps its own), the participation draws, the clock, the layers above the cut and
-the logged numbers (means over all devices, gathered in device order; bits per layer). Validation runs on the
+the logged numbers (means over all devices, gathered in device order; bits per layer; the stages' per-sender
+counts such as the drift and the clipped uploads, added over the ranks once per round). Validation runs on the
 cloud model, which every rank holds, with Lightning's distributed sampler, so the validation set is covered once
 per round (log metrics with ``sync_dist=True`` or torchmetrics to see the global value). Dropout under the loop
 executor draws from per-device streams (``device_rng="stream"``, the default here); under vmap the masks depend
