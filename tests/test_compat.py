@@ -663,6 +663,26 @@ def test_collate_fn_is_honoured():
     assert strategy.core.data.shape == (40, 5)  # padded to the longest sequence of the dataset
 
 
+def test_a_tensor_dataset_is_read_whole_as_its_samples_would_collate():
+    """A plain TensorDataset skips the sample-by-sample read: the same structure, dtypes and values as collating its
+    samples (a subclass, which may override __getitem__, takes the general path), in tensors of its own."""
+    from lightning_qmlhfl.data.materialize import materialize_dataset
+
+    x, y = _data(seed=5)
+    ds = TensorDataset(x, y.to(torch.int32), torch.randn(4, len(x)).t())  # a transposed (strided) tensor too
+
+    class Subclass(TensorDataset):
+        pass
+
+    fast, general = materialize_dataset(ds), materialize_dataset(Subclass(*ds.tensors), chunk=7)
+    assert type(fast) is type(general) is list and len(fast) == len(general) == 3
+    for a, b, t in zip(fast, general, ds.tensors):
+        assert a.dtype == b.dtype and torch.equal(a, b) and a.stride() == b.stride() and a.is_contiguous()
+        assert a.data_ptr() != t.data_ptr()  # the strategy's resident copy is not the user's tensor
+    with pytest.raises(DatasetTooLargeError):
+        materialize_dataset(ds, max_bytes=100)
+
+
 def test_dataset_too_large_is_refused_with_its_size():
     with pytest.raises(DatasetTooLargeError, match=r"about 0\.00 GB as tensors \(64 samples x 40 bytes\)"):
         run_hierarchy(Classifier, "vmap", steps=1, strategy_kw={"max_dataset_bytes": 1000})

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import DataLoader, TensorDataset, default_collate
 
 __all__ = ["materialize_dataset", "extract_labels", "map_labels", "num_samples", "DatasetTooLargeError", "available_memory_bytes"]
 
@@ -93,6 +93,11 @@ def materialize_dataset(dataset: Any, collate_fn: Callable | None = None, chunk:
         raise ValueError("the train dataloader's dataset is empty")
     collate = collate_fn or default_collate
     _check_size(dataset, n, collate, max_bytes, torch.device(device))
+    if type(dataset) is TensorDataset and collate is default_collate:
+        # its tensors already are the collated whole (default_collate turns a batch of tuples into a list): copied
+        # in one go instead of indexed sample by sample (0.4 s for MNIST), the same numbers, structure, dtypes and
+        # (contiguous, as collating makes them) layout: a strided copy would change which kernels later run
+        return [t.clone(memory_format=torch.contiguous_format) for t in dataset.tensors]
     loader = DataLoader(dataset, batch_size=chunk, shuffle=False, collate_fn=collate)
     parts = []
     spec = None
