@@ -37,7 +37,7 @@ class ImageDataModule(L.LightningDataModule):
         name: ``"mnist"`` or ``"cifar10"``.
         data_dir: data directory (null: ``$QMLHFL_DATA``, else ``./data``; :func:`recipes.datasets.resolve_data_dir`).
         download: fetch missing files into ``data_dir`` (md5-checked, atomic; never into a read-only directory).
-        mirror: download location override (:func:`recipes.datasets.mirror_urls`).
+        mirror: download location override (:func:`recipes.downloads.mirror_urls`).
         batch_size: the per-device mini-batch size of the train dataloader.
         val_fraction: share of the (subset of the) training split held out for validation, stratified by label,
             in ``[0, 1)``. ``0``: no validation split; the validation dataloader is then the test set (the recipes

@@ -18,8 +18,8 @@ by indexing, with no DataLoader and no per-sample Python.
 
 Data directory: :func:`resolve_data_dir` (config value, else ``$QMLHFL_DATA``, else ``./data``).
 
-Download (``get_dataset(..., download=True)``; the recipes' ``dataset.download``, true by default): missing files
-are fetched from the mirrors (:func:`mirror_urls`: ``mirror=`` / the recipes' ``dataset.mirror``, else
+Download (``get_dataset(..., download=True)``; the recipes' ``dataset.download``, true by default;
+:mod:`recipes.downloads`): missing files are fetched from the mirrors (:func:`~recipes.downloads.mirror_urls`: ``mirror=`` / the recipes' ``dataset.mirror``, else
 ``$QMLHFL_MNIST_MIRROR`` / ``$QMLHFL_CIFAR10_MIRROR``, else the official locations) into the data directory, which
 must be writable (a read-only directory is never written to). Every file is written under a unique temporary name
 in its final directory, md5-checked and only then renamed into place, so an interrupted or corrupt download never
@@ -31,10 +31,7 @@ from __future__ import annotations
 import gzip
 import io
 import os
-import shutil
 import struct
-import tarfile
-import urllib.request
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,7 +42,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from recipes.files import temp_file_beside
 from recipes.integrity import _HINT, _MD5_CACHE, DATA_ENV_VAR, DatasetError, RestrictedUnpickler  # noqa: F401
 from recipes.integrity import md5_of_file, verify_md5  # noqa: F401 (part of this module's API)
 from recipes.transforms import crop_flip, normalize, random_crop_flip  # noqa: F401 (part of this module's API)
@@ -61,12 +57,10 @@ __all__ = [
     "RestrictedUnpickler",
     "crop_flip",
     "dataset_stats",
-    "fetch_url",
     "get_dataset",
     "load_cifar10",
     "load_mnist",
     "md5_of_file",
-    "mirror_urls",
     "normalize",
     "random_crop_flip",
     "resolve_data_dir",
@@ -74,7 +68,7 @@ __all__ = [
 ]
 
 # ----------------------------------------------------------------------------------------------
-# Constants: statistics, file names, checksums, download locations
+# Constants: statistics, file names, checksums (the download locations: recipes.downloads)
 # ----------------------------------------------------------------------------------------------
 
 MNIST_MEAN: tuple[float, ...] = (0.1307,)
@@ -83,8 +77,6 @@ CIFAR10_MEAN: tuple[float, ...] = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD: tuple[float, ...] = (0.2470, 0.2435, 0.2616)
 
 DATASET_NAMES: tuple[str, ...] = ("mnist", "cifar10")
-
-MIRROR_ENV_VARS: dict[str, str] = {"mnist": "QMLHFL_MNIST_MIRROR", "cifar10": "QMLHFL_CIFAR10_MIRROR"}
 
 MNIST_SUBDIR = Path("MNIST") / "raw"
 MNIST_FILES: dict[tuple[bool, str], str] = {
@@ -100,8 +92,6 @@ MNIST_MD5: dict[str, tuple[str, ...]] = {
     "t10k-images-idx3-ubyte.gz": ("9fb629c4189551a2d022fa330f9573f3",),
     "t10k-labels-idx1-ubyte.gz": ("ec29112dd5afa0611ce80d1b7f02629c",),
 }
-MNIST_MIRROR = "https://ossci-datasets.s3.amazonaws.com/mnist/"  # tried first (torchvision's primary mirror)
-MNIST_FALLBACK_MIRRORS: tuple[str, ...] = ("http://yann.lecun.com/exdb/mnist/",)
 
 CIFAR10_SUBDIR = Path("cifar-10-batches-py")
 CIFAR10_TRAIN_FILES: tuple[str, ...] = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -116,9 +106,6 @@ CIFAR10_MD5: dict[str, tuple[str, ...]] = {
     "test_batch": ("40351d587109b95175f43aff81a1287e", "81dcfca5ee9f17a826e3916eaa0a5681"),
     "batches.meta": ("5ff9c542aee3614f3951f8cda6e48888",),
 }
-CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
-CIFAR10_ARCHIVE_MD5: tuple[str, ...] = ("c58f30108f718f92721af3b95e74349a",)
 
 _IDX_IMAGES_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
 _IDX_LABELS_MAGIC = 0x00000801  # unsigned byte, 1 dimension
@@ -265,7 +252,7 @@ def load_cifar10(root: str | os.PathLike[str], train: bool, verify: bool = True)
 
 
 # ----------------------------------------------------------------------------------------------
-# Data directory, download, the combined entry point
+# Data directory, the combined entry point
 # ----------------------------------------------------------------------------------------------
 
 
@@ -279,175 +266,13 @@ def resolve_data_dir(cfg_value: str | os.PathLike[str] | None) -> Path:
     return Path("data")
 
 
-def fetch_url(url: str, dest: Path, timeout: float = 60.0) -> None:
-    """Download ``url`` (http(s):// or file://) to ``dest`` with urllib. Tests may replace this function."""
-    request = urllib.request.Request(url, headers={"User-Agent": "lightning-qmlhfl-recipes"})
-    with urllib.request.urlopen(request, timeout=timeout) as response, open(dest, "wb") as out:
-        shutil.copyfileobj(response, out, length=1 << 20)
-
-
-def mirror_urls(name: str, mirror: str | Sequence[str] | None = None) -> list[str]:
-    """The URLs the files of ``name`` are fetched from, in the order they are tried.
-
-    MNIST: base URLs that hold the four ``*-ubyte.gz`` files; CIFAR-10: URLs of ``cifar-10-python.tar.gz`` (a URL
-    ending in ``/`` is a directory holding the archive). ``mirror`` (the recipes' ``dataset.mirror``: one URL or a
-    list) wins, else the environment variable ``QMLHFL_MNIST_MIRROR`` / ``QMLHFL_CIFAR10_MIRROR`` (one URL or
-    several separated by commas), else the official locations (:data:`MNIST_MIRROR`, then
-    :data:`MNIST_FALLBACK_MIRRORS`; :data:`CIFAR10_URL`).
-    """
-    key = _check_name(name)
-    if mirror is None or (isinstance(mirror, str) and not mirror.strip()):
-        env = os.environ.get(MIRROR_ENV_VARS[key], "")
-        urls = [u.strip() for u in env.split(",") if u.strip()]
-        if not urls:
-            urls = [MNIST_MIRROR, *MNIST_FALLBACK_MIRRORS] if key == "mnist" else [CIFAR10_URL]
-    elif isinstance(mirror, str):
-        urls = [mirror.strip()]
-    else:
-        urls = [str(u).strip() for u in mirror]
-        if not urls or not all(urls):
-            raise ValueError(f"dataset.mirror must be a URL or a non-empty list of URLs, got {list(mirror)!r}")
-    if key == "mnist":
-        return [u if u.endswith("/") else u + "/" for u in urls]
-    return [u + CIFAR10_ARCHIVE if u.endswith("/") else u for u in urls]
-
-
 def _where_files_go(name: str, root: Path) -> str:
     """The exact paths the loader reads, for error messages."""
     return ", ".join(str(p) for p in _required_files(name, root))
 
 
-def _offline_advice(name: str, root: Path, urls: Sequence[str]) -> str:
-    files = "the four *-ubyte.gz files" if name == "mnist" else f"{CIFAR10_ARCHIVE}, extracted"
-    return (
-        f"the files must be at: {_where_files_go(name, root)}. Without network, fetch {files} by hand (from "
-        f"{', '.join(urls)}) and put them there, or point data_dir=DIR on the command line (or the environment "
-        f"variable {DATA_ENV_VAR}=DIR) at a directory DIR that already holds {_layout(name)}; "
-        f"dataset.mirror=URL (or ${MIRROR_ENV_VARS[name]}) fetches from another mirror, and dataset.download=false "
-        f"never downloads"
-    )
-
-
 def _layout(name: str) -> str:
     return f"{MNIST_SUBDIR.as_posix()}/*-ubyte.gz" if name == "mnist" else f"{CIFAR10_SUBDIR.as_posix()}/"
-
-
-def _ensure_writable(directory: Path, name: str | None = None, root: Path | None = None) -> None:
-    """Raise unless ``directory`` (or, if it does not exist yet, its nearest existing ancestor) is writable.
-    Nothing is created or written here."""
-    probe = directory
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK):
-        where = f" The files must be at: {_where_files_go(name, root)}." if name and root is not None else ""
-        raise DatasetError(
-            f"{directory}: cannot download here: {probe} is not a writable directory (shared data folders are "
-            f"read-only and are never written to).{where} Set data_dir=... on the command line or the environment "
-            f"variable {DATA_ENV_VAR} to a writable directory (the files are downloaded there) or to one that "
-            f"already holds them, or copy the files there; dataset.download=false never downloads."
-        )
-
-
-def _download_verified(url: str, dest: Path, accepted: Sequence[str]) -> None:
-    """Fetch ``url`` to a temporary file beside ``dest``, check its md5 and rename it to ``dest`` (atomic on one
-    filesystem); on any failure or md5 mismatch the temporary file is removed and ``dest`` is not touched."""
-    part = temp_file_beside(dest)
-    try:
-        try:
-            fetch_url(url, part)
-        except DatasetError:
-            raise
-        except Exception as e:
-            raise DatasetError(f"{dest}: download from {url} failed ({type(e).__name__}: {e}).") from e
-        verify_md5(
-            part, accepted, name=dest,
-            remedy=f"the download from {url} is corrupt or a different file and was removed; retry later, "
-            f"or fetch the file by hand into {dest.parent}",
-        )
-    except BaseException:
-        part.unlink(missing_ok=True)
-        raise
-    os.replace(part, dest)
-
-
-def _download_from_mirrors(name: str, root: Path, dest: Path, filename: str, urls: Sequence[str],
-                           accepted: Sequence[str]) -> None:
-    """Try every mirror in turn; raise one :class:`DatasetError` naming every failure and what to do."""
-    errors = []
-    for base in urls:
-        url = base + filename if name == "mnist" else base
-        try:
-            _download_verified(url, dest, accepted)
-            return
-        except DatasetError as e:
-            errors.append(str(e))
-    raise DatasetError(f"{name}: could not download {dest.name}: {' | '.join(errors)} "
-                       f"So {_offline_advice(name, root, urls)}.")
-
-
-def _download_mnist(root: Path, mirror: str | Sequence[str] | None = None) -> None:
-    raw_dir = root / MNIST_SUBDIR
-    _ensure_writable(raw_dir, "mnist", root)
-    urls = mirror_urls("mnist", mirror)
-    raw_dir.mkdir(parents=True, exist_ok=True)
-    for name in MNIST_FILES.values():
-        dest = raw_dir / name
-        if not dest.is_file():
-            _download_from_mirrors("mnist", root, dest, name, urls, MNIST_MD5[name])
-
-
-def _extract_cifar(archive: Path, root: Path) -> None:
-    """Extract the known batch files of the official archive into ``root/cifar-10-batches-py``.
-
-    Only regular files named in :data:`CIFAR10_MD5` directly under ``cifar-10-batches-py/`` are written
-    (no path traversal, links or other members), each via a temporary name and checked against its md5.
-    """
-    out_dir = root / CIFAR10_SUBDIR
-    out_dir.mkdir(parents=True, exist_ok=True)
-    wanted = {f"{CIFAR10_SUBDIR.as_posix()}/{name}": name for name in CIFAR10_MD5}
-    found: set[str] = set()
-    try:
-        with tarfile.open(archive, "r:*") as tar:
-            for member in tar:
-                name = wanted.get(member.name)
-                if name is None or not member.isreg():
-                    continue
-                src = tar.extractfile(member)
-                assert src is not None
-                dest = out_dir / name
-                tmp = temp_file_beside(dest)
-                try:
-                    with src, open(tmp, "wb") as out:
-                        shutil.copyfileobj(src, out, length=1 << 20)
-                    verify_md5(
-                        tmp, CIFAR10_MD5[name], name=f"{archive}:{member.name}",
-                        remedy=f"the archive is not the official release; delete {archive} and retry",
-                    )
-                except BaseException:
-                    tmp.unlink(missing_ok=True)
-                    raise
-                os.replace(tmp, dest)
-                found.add(name)
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        raise DatasetError(f"{archive}: cannot extract ({type(e).__name__}: {e}); delete it and retry.") from e
-    missing = sorted(set(CIFAR10_TRAIN_FILES + CIFAR10_TEST_FILES) - found)
-    if missing:
-        raise DatasetError(f"{archive}: archive lacks {', '.join(missing)}; delete it and retry.")
-
-
-def _download_cifar10(root: Path, mirror: str | Sequence[str] | None = None) -> None:
-    _ensure_writable(root, "cifar10", root)
-    urls = mirror_urls("cifar10", mirror)
-    root.mkdir(parents=True, exist_ok=True)
-    archive = root / CIFAR10_ARCHIVE
-    if archive.is_file():
-        verify_md5(archive, CIFAR10_ARCHIVE_MD5, remedy=f"delete {archive} and retry")
-    else:
-        _download_from_mirrors("cifar10", root, archive, CIFAR10_ARCHIVE, urls, CIFAR10_ARCHIVE_MD5)
-    _extract_cifar(archive, root)
-    archive.unlink()  # the extracted, verified batches are all that is needed
 
 
 def _required_files(name: str, root: Path) -> list[Path]:
@@ -507,7 +332,7 @@ def get_dataset(
             is never written to), verify their md5 and, for CIFAR-10, extract the archive. The recipes pass
             ``dataset.download`` (true by default).
         verify: check md5s when loading (once per file per process).
-        mirror: where to download from (see :func:`mirror_urls`); default: ``$QMLHFL_MNIST_MIRROR`` /
+        mirror: where to download from (see :func:`recipes.downloads.mirror_urls`); default: ``$QMLHFL_MNIST_MIRROR`` /
             ``$QMLHFL_CIFAR10_MIRROR``, else the official locations.
 
     Raises:
@@ -526,7 +351,9 @@ def get_dataset(
                 f"{DATA_ENV_VAR}=DIR) to a directory DIR holding {_layout(key)}, or allow the download into "
                 f"{root} with dataset.download=true (the recipes' default)."
             )
-        (_download_mnist if key == "mnist" else _download_cifar10)(root, mirror)
+        from recipes.downloads import download  # the readers never need it
+
+        download(key, root, mirror)
     loader = load_mnist if key == "mnist" else load_cifar10
     train_x, train_y = loader(root, train=True, verify=verify)
     test_x, test_y = loader(root, train=False, verify=verify)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from recipes import datasets as D
+from recipes import downloads as DL
 from recipes.datasets import DatasetError
 
 # ------------------------------------------------------------------------------------------------
@@ -301,7 +302,7 @@ def _no_fetch(url: str, dest: Path) -> None:
 
 
 def test_download_not_attempted_when_present(data_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(D, "fetch_url", _no_fetch)
+    monkeypatch.setattr(DL, "fetch_url", _no_fetch)
     d = D.get_dataset("mnist", data_root, download=True)
     assert d.train_images.shape[0] == 60000 and d.test_images.shape[0] == 10000
     assert d.mean == D.MNIST_MEAN
@@ -313,7 +314,7 @@ def test_download_refuses_read_only_root(tmp_path: Path, monkeypatch: pytest.Mon
     ro.mkdir()
     real_access = os.access
     monkeypatch.setattr(D.os, "access", lambda p, mode: False if Path(p) == ro else real_access(p, mode))
-    monkeypatch.setattr(D, "fetch_url", _no_fetch)
+    monkeypatch.setattr(DL, "fetch_url", _no_fetch)
     for name in ("mnist", "cifar10"):
         with pytest.raises(DatasetError, match=r"cannot download here: .*ro is not a writable directory"):
             D.get_dataset(name, ro, download=True)
@@ -328,7 +329,7 @@ def test_download_refuses_chmod_read_only_dir(tmp_path: Path, monkeypatch: pytes
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o555)
-    monkeypatch.setattr(D, "fetch_url", _no_fetch)
+    monkeypatch.setattr(DL, "fetch_url", _no_fetch)
     try:
         with pytest.raises(DatasetError, match="not a writable directory"):
             D.get_dataset("mnist", ro, download=True)
@@ -338,7 +339,7 @@ def test_download_refuses_chmod_read_only_dir(tmp_path: Path, monkeypatch: pytes
 
 def test_download_mnist_via_file_url(data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The real urllib fetch, pointed at the local copy through a file:// mirror."""
-    monkeypatch.setattr(D, "MNIST_MIRROR", (data_root / "MNIST" / "raw").resolve().as_uri() + "/")
+    monkeypatch.setattr(DL, "MNIST_MIRROR", (data_root / "MNIST" / "raw").resolve().as_uri() + "/")
     root = tmp_path / "fresh" / "data"
     d = D.get_dataset("mnist", root, download=True)
     assert d.train_labels[0] == 5 and d.test_images.shape == (10000, 1, 28, 28)
@@ -353,7 +354,7 @@ def test_download_md5_mismatch_removes_partial(tmp_path: Path, monkeypatch: pyte
         seen.append(dest)
         dest.write_bytes(b"<html>404</html>")
 
-    monkeypatch.setattr(D, "fetch_url", corrupt_fetch)
+    monkeypatch.setattr(DL, "fetch_url", corrupt_fetch)
     expected = r"raw/\S+-ubyte\.gz: md5 mismatch.*accepted [0-9a-f]{32}; the download .* removed"
     with pytest.raises(DatasetError, match=expected):
         D.get_dataset("mnist", tmp_path, download=True)
@@ -364,7 +365,7 @@ def test_download_md5_mismatch_removes_partial(tmp_path: Path, monkeypatch: pyte
         dest.write_bytes(b"half")
         raise ConnectionResetError("peer went away")
 
-    monkeypatch.setattr(D, "fetch_url", failing_fetch)
+    monkeypatch.setattr(DL, "fetch_url", failing_fetch)
     with pytest.raises(DatasetError, match=r"download from https://.*failed \(ConnectionResetError"):
         D.get_dataset("mnist", tmp_path, download=True)
     assert list((tmp_path / "MNIST" / "raw").iterdir()) == []
@@ -395,17 +396,17 @@ def test_download_cifar_with_crafted_archive(tmp_path: Path, monkeypatch: pytest
     md5 = {name: (hashlib.md5(p).hexdigest(),) for name, (p, _, _) in batches.items()}
     md5["batches.meta"] = (hashlib.md5(meta).hexdigest(),)
     monkeypatch.setattr(D, "CIFAR10_MD5", md5)
-    monkeypatch.setattr(D, "CIFAR10_ARCHIVE_MD5", (hashlib.md5(archive.read_bytes()).hexdigest(),))
+    monkeypatch.setattr(DL, "CIFAR10_ARCHIVE_MD5", (hashlib.md5(archive.read_bytes()).hexdigest(),))
     urls: list[str] = []
 
     def local_fetch(url: str, dest: Path) -> None:
         urls.append(url)
         shutil.copyfile(archive, dest)
 
-    monkeypatch.setattr(D, "fetch_url", local_fetch)
+    monkeypatch.setattr(DL, "fetch_url", local_fetch)
     root = tmp_path / "data"
     d = D.get_dataset("cifar10", root, download=True)
-    assert urls == [D.CIFAR10_URL]
+    assert urls == [DL.CIFAR10_URL]
     assert d.train_images.shape == (10, 3, 32, 32) and d.test_images.shape == (2, 3, 32, 32)
     assert np.array_equal(d.test_images.reshape(2, -1).numpy(), batches["test_batch"][1])
     extracted = sorted(p.name for p in (root / "cifar-10-batches-py").iterdir())
@@ -415,7 +416,7 @@ def test_download_cifar_with_crafted_archive(tmp_path: Path, monkeypatch: pytest
     assert not (root / "cifar-10-batches-py" / "data_batch_1").is_symlink()
 
     # A corrupt archive is rejected and its partial download removed.
-    monkeypatch.setattr(D, "fetch_url", lambda url, dest: dest.write_bytes(b"garbage"))
+    monkeypatch.setattr(DL, "fetch_url", lambda url, dest: dest.write_bytes(b"garbage"))
     root2 = tmp_path / "data2"
     with pytest.raises(DatasetError, match=r"cifar-10-python\.tar\.gz: md5 mismatch"):
         D.get_dataset("cifar10", root2, download=True)
@@ -576,11 +577,11 @@ def test_download_mnist_over_http_from_a_configured_mirror(http_dir, tmp_path, m
     assert all((raw / n).read_bytes() == (served / n).read_bytes() for n in D.MNIST_FILES.values())
     # the environment variable names the mirror when the config does not
     monkeypatch.setenv("QMLHFL_MNIST_MIRROR", url)
-    assert D.mirror_urls("mnist") == [url]
+    assert DL.mirror_urls("mnist") == [url]
     assert D.get_dataset("mnist", tmp_path / "data2", download=True).train_images.shape[0] == 40
     monkeypatch.delenv("QMLHFL_MNIST_MIRROR")
-    assert D.mirror_urls("mnist")[0] == D.MNIST_MIRROR and D.mirror_urls("cifar10") == [D.CIFAR10_URL]
-    assert D.mirror_urls("cifar10", "http://m/x/") == ["http://m/x/cifar-10-python.tar.gz"]
+    assert DL.mirror_urls("mnist")[0] == DL.MNIST_MIRROR and DL.mirror_urls("cifar10") == [DL.CIFAR10_URL]
+    assert DL.mirror_urls("cifar10", "http://m/x/") == ["http://m/x/cifar-10-python.tar.gz"]
 
 
 def test_the_recipes_datamodule_downloads_by_default(http_dir, tmp_path, monkeypatch) -> None:
@@ -648,11 +649,11 @@ def test_a_read_only_data_directory_is_never_written(tmp_path, monkeypatch, http
 def test_download_cifar_over_http(http_dir, tmp_path, monkeypatch) -> None:
     served, url = http_dir
     batches = {name: _cifar_batch_bytes(n=2, seed=i)[0] for i, name in enumerate(D.CIFAR10_TRAIN_FILES + ("test_batch",))}
-    with tarfile.open(served / D.CIFAR10_ARCHIVE, "w:gz") as tar:
+    with tarfile.open(served / DL.CIFAR10_ARCHIVE, "w:gz") as tar:
         for name, payload in batches.items():
             _tar_add(tar, f"cifar-10-batches-py/{name}", payload)
     monkeypatch.setattr(D, "CIFAR10_MD5", {n: (hashlib.md5(p).hexdigest(),) for n, p in batches.items()})
-    monkeypatch.setattr(D, "CIFAR10_ARCHIVE_MD5", (hashlib.md5((served / D.CIFAR10_ARCHIVE).read_bytes()).hexdigest(),))
+    monkeypatch.setattr(DL, "CIFAR10_ARCHIVE_MD5", (hashlib.md5((served / DL.CIFAR10_ARCHIVE).read_bytes()).hexdigest(),))
     root = tmp_path / "data"
     d = D.get_dataset("cifar10", root, download=True, mirror=url)  # a directory URL: the archive name is appended
     assert d.train_images.shape == (10, 3, 32, 32)
