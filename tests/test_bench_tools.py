@@ -197,7 +197,10 @@ def test_fit_bench_smoke_compares_trainer_fit_with_the_engine() -> None:
     engine, fit = (float(c.replace(",", "")) for c in cells[1:3])
     # the table rounds the rates to whole steps/s and computes the ratio from the unrounded ones
     assert engine > 0 and fit > 0 and cells[3].endswith("x")
-    assert float(cells[3][:-1]) == pytest.approx(fit / engine, rel=0.01, abs=0.005)  # (printed to 2 decimals)
+    # printed to 2 decimals, from rates that the table shows rounded to whole steps/s (at a few dozen steps/s on a
+    # loaded machine the rounding alone moves the ratio by more than 1 %)
+    low, high = (fit - 0.5) / (engine + 0.5), (fit + 0.5) / (engine - 0.5)
+    assert low - 0.005 <= float(cells[3][:-1]) <= high + 0.005, (cells, low, high)
     modes = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("  {")]
     assert [m["mode"] for m in modes] == ["engine", "fit", "fit"]
     bad = subprocess.run([sys.executable, "bench/fit.py", "--configs", "mlp100:naive"], cwd=REPO, capture_output=True,
