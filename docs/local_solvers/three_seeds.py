@@ -21,7 +21,8 @@ BRANCHING = {"two_layer": "[8, 8]", "three_layer": "[4, 4, 4]", "four_layer": "[
 ORDER = ["fedavg/all", "fedprox/devices", "fedprox/all", "scaffold/devices", "scaffold/all", "admm/devices", "admm/all"]
 
 
-def main(alpha: str) -> None:
+def collect(alpha: str) -> dict[tuple[str, str], dict[str, list]]:
+    """(tree, "solver/layers") -> the final and best accuracies (%) over the seeds, and how many stopped on NaN."""
     cells: dict[tuple[str, str], dict[str, list]] = {}
     seen: set[tuple[str, str, int]] = set()
 
@@ -50,14 +51,20 @@ def main(alpha: str) -> None:
         add(BRANCHING[o["hierarchy"]], o["local_solver"], o["local_solver.at"],
             None if final is None else 100 * final, None if best is None else 100 * best,
             bool(summary.get("stop_reason")), int(o["seed"]))
+    return cells
 
-    def fmt(vals: list) -> str:
-        v = [x for x in vals if x is not None]
-        if not v:
-            return "n/a"
-        s = f"{st.mean(v):.2f}" + (f" ± {st.stdev(v):.2f}" if len(v) > 1 else "")
-        return s + (f" (n={len(v)})" if len(v) != 3 else "")
 
+def fmt(vals: list) -> str:
+    """mean ± std over the seeds that finished (n when not 3)."""
+    v = [x for x in vals if x is not None]
+    if not v:
+        return "n/a"
+    s = f"{st.mean(v):.2f}" + (f" ± {st.stdev(v):.2f}" if len(v) > 1 else "")
+    return s + (f" (n={len(v)})" if len(v) != 3 else "")
+
+
+def main(alpha: str) -> None:
+    cells = collect(alpha)
     print("| tree | solver / layers | final acc % | best acc % over rounds | runs stopped on NaN |")
     print("|---|---|---:|---:|---:|")
     for branching in BRANCHING.values():
