@@ -171,7 +171,6 @@ class _LayerSolver:
         return w if sim.shard is None else w[sim.rows[n - 1].to(w.device)]
 
 
-
 class SolverUpload(Stage):
     """Layer n's solver at its aggregation (module docstring, 2.), right after the uploads are selected. Round
     statistic: the drift, mean ||y_c - a_c|| over the round's uploads (``drift_layer{n}``; NaN in a round without
