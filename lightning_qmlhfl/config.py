@@ -29,7 +29,12 @@ Every option, its default and what it means:
   "vmap" or "loop". ``backend``: the aggregation kernels, "auto" (Triton on CUDA, numba for float32 on CPU,
   torch otherwise), "torch", "numba" or "triton". ``param_order``: "fast" or "module", the storage order of the
   stacked rows (:mod:`lightning_qmlhfl.simulation.stacked`). ``device_rng``: "global" or "stream" (per-device
-  dropout streams, independent of how rows are placed).
+  dropout streams, independent of how rows are placed). ``forwards``: "ordered" or "concurrent", how the loop
+  executor's worker threads run the devices' forward passes
+  (:class:`~lightning_qmlhfl.simulation.executors.LoopExecutor`): one at a time in device order, or at the same
+  time for steps whose effects do not depend on the device order (no random draws, no torchmetrics updates, no
+  module attributes assigned: checked; no other state shared between devices' steps: the user's promise); the
+  same numbers, and robust when other processes share the cores (bench/RESULTS.md).
 - ``weighting``: "devices" (|C(child)| / |C(parent)|, the paper's) or "samples" (by local data size).
 - ``availability`` (:class:`~lightning_qmlhfl.federation.availability.Availability` or None), ``latency``
   (:class:`~lightning_qmlhfl.theory.latency.LatencyModel` or None for the default clock), ``mobility``
@@ -73,12 +78,14 @@ from .theory.latency import LatencyModel
 from .theory.measured import MeasureConstants, make_measure_constants
 from .theory.schedules import TauSchedule, make_tau_schedule
 
-__all__ = ["LayerConfig", "SimulationConfig", "EXECUTORS", "BACKENDS", "PARAM_ORDERS", "DEVICE_RNGS", "WEIGHTINGS"]
+__all__ = ["LayerConfig", "SimulationConfig", "EXECUTORS", "BACKENDS", "PARAM_ORDERS", "DEVICE_RNGS", "FORWARDS",
+           "WEIGHTINGS"]
 
 EXECUTORS = ("auto", "vmap", "loop")
 BACKENDS = ("auto", "torch", "numba", "triton")
 PARAM_ORDERS = ("fast", "module")
 DEVICE_RNGS = ("global", "stream")
+FORWARDS = ("ordered", "concurrent")
 WEIGHTINGS = ("devices", "samples")
 FORMAT_VERSION = 2  # of :meth:`SimulationConfig.identity` (1: the repr() strings of earlier checkpoints)
 
@@ -156,6 +163,7 @@ class SimulationConfig:
     backend: str = "auto"
     param_order: str = "fast"
     device_rng: str = "global"
+    forwards: str = "ordered"
     weighting: str = "devices"
     availability: Availability | None = None
     latency: LatencyModel | None = None
@@ -194,6 +202,10 @@ class SimulationConfig:
         checks.choice(self.backend, "backend", BACKENDS)
         checks.choice(self.param_order, "param_order", PARAM_ORDERS)
         checks.choice(self.device_rng, "device_rng", DEVICE_RNGS)
+        checks.choice(self.forwards, "forwards", FORWARDS)
+        if self.forwards == "concurrent" and self.executor == "vmap":
+            raise ValueError("forwards='concurrent' is a mode of the loop executor, which executor='vmap' never runs: "
+                             "use executor='loop' or 'auto', or forwards='ordered'")
         checks.choice(self.weighting, "weighting", WEIGHTINGS)
         checks.instance(self.availability, "availability", Availability, allow_none=True)
         if self.availability is not None:

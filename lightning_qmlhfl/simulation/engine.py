@@ -83,7 +83,7 @@ class QMLHFLEngine(EngineCheckpointing, RowIndexing, RoundStatistics):
             server optimizers, participation, seed, executor, backend, ...; its docstring lists every option).
             Instead of ``config``, the simulation options may be given as keywords (``hierarchy``, ``taus``,
             ``compressors`` or ``quantizers``, ``server_optimizers``, ``participation``, ``executor``, ``seed``,
-            ``backend``, ``param_order``, ``availability``, ``latency``, ``mobility``, ``device_rng``), which build
+            ``backend``, ``param_order``, ``availability``, ``latency``, ``mobility``, ``device_rng``, ``forwards``), which build
             it; here compressors default to 32-bit uploads.
         optimizer: an element-wise torch optimiser class (or its name) and ``optimizer_kwargs`` (lr = mu, ...).
         device_mass: optional float [N_tot] (e.g. local sample counts) for ``weighting: samples``;
@@ -132,13 +132,15 @@ class QMLHFLEngine(EngineCheckpointing, RowIndexing, RoundStatistics):
         shard: Any = None,
         comm: Any = None,
         device_rng: str | None = None,
+        forwards: str | None = None,
         *,
         config: SimulationConfig | None = None,
     ) -> None:
         options = dict(hierarchy=hierarchy, taus=taus, compressors=compressors, quantizers=quantizers,
                        executor=executor, seed=seed, backend=backend, param_order=param_order,
                        server_optimizers=server_optimizers, participation=participation, availability=availability,
-                       latency=latency, mobility=mobility, device_rng=device_rng)
+                       latency=latency, mobility=mobility, device_rng=device_rng,
+                       forwards=forwards)
         given = {k: v for k, v in options.items() if v is not None}
         if config is None:
             if hierarchy is None:
@@ -184,7 +186,7 @@ class QMLHFLEngine(EngineCheckpointing, RowIndexing, RoundStatistics):
         if self.device.type == "cpu":
             retain_large_allocations()  # per-step temporaries of 10s-100s of MB: reuse, don't re-fault (cpu_alloc)
         self.executor = make_executor(config.executor, module, loss_fn, self.state.param_layout,
-                                      self.state.buffer_layout, self.device)
+                                      self.state.buffer_layout, self.device, forwards=config.forwards)
         self.optimizer = DeviceOptimizer(self.state.params[0], optimizer, optimizer_kwargs or {"lr": 0.01},
                                          layout=self.state.param_layout, groups=groups, clip=grad_clip)
         # --- the tree (it may change: mobility), its weights and resync maps; who takes part, and when

@@ -14,18 +14,19 @@ Floating-point buffers (BatchNorm running statistics) are updated in place in th
 
 from __future__ import annotations
 
-import functools
-import os
+import contextlib
 import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
+from .row_streams import RowStream
+from .row_threads import first_free, turn_taking
 from .stacked import ParamLayout
+from .step_guard import ConcurrentStepError, StepGuard, VmapUnsupportedError, metric_class
 
 __all__ = ["Objective", "VmapExecutor", "LoopExecutor", "GuardedVmapExecutor", "VmapUnsupportedError", "make_executor",
            "choose_executor"]
@@ -73,6 +74,7 @@ class _DirectSwap:
 
     Only for modules whose classes all keep ``nn.Module.__setattr__``: a class that overrides it (RNNs keep a
     cache of their weights there) would not see the swap, so such modules go through ``functional_call``.
+    torchmetrics' ``Metric`` is the exception: its override only refuses to change some constant attributes.
     """
 
     def __init__(self, module: nn.Module) -> None:
@@ -89,7 +91,7 @@ class _DirectSwap:
 
     @staticmethod
     def applicable(module: nn.Module) -> bool:
-        return all(type(m).__setattr__ is nn.Module.__setattr__ for m in module.modules())
+        return not _setattr_overriders(module)
 
     def swap(self, *groups: dict[str, Tensor]) -> list[tuple[dict, str, Any]]:
         saved = []
@@ -148,7 +150,7 @@ class VmapExecutor(_ExecutorBase):
             return torch.func.functional_call(self.objective, self._named(pars, bufs, ints), (batch,))
 
         self._fn = torch.func.vmap(f, in_dims=(0, 0, None, 0), randomness="different")
-        self._guard = _VmapGuard(self.objective.inner)
+        self._guard = StepGuard(self.objective.inner)
 
     def __call__(self, params: Tensor, buffers: Tensor, batch: Any, loss_scale: float = 1.0
                  ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
@@ -188,20 +190,39 @@ class LoopExecutor(_ExecutorBase):
     a LeNet step) overlaps with the next forward. Since the forwards form a chain, more than two workers do not
     help (bench/RESULTS.md compares one, two and three workers). Autocast (mixed precision) is thread-local, so
     under autocast the loop runs in the calling thread only.
+
+    ``forwards="concurrent"``: the workers take the next row as they become free and run its forward on their own
+    copy of the module (:func:`_module_copy`: new parameter, buffer and submodule tables, everything else shared),
+    so no forward waits for another and a worker that loses its core to another process holds no one up. The
+    numbers are those of the ordered loop whenever a row's step does not depend on the others; what would break
+    that is refused, not worked around. Random draws: with per-device streams (``row_seeds``, the engine's
+    ``device_rng="stream"``) every row draws from its own generator (:class:`~.row_streams.RowStream`: the
+    dropouts and every draw that takes a generator), giving the ordered loop's masks; a draw from torch's global
+    generator (every draw under ``device_rng="global"``) raises after the call. A torchmetrics update raises
+    before it touches the metric, and a module attribute assigned by the step raises after the call (which row's
+    value would stay?); a step that fails these checks leaves no state behind in the module. What cannot be
+    checked is the user's promise: no other Python state shared between the rows' steps (a list appended to in
+    ``training_step`` would get the rows in a racing order). On CUDA, where the loop runs in one thread, the two
+    modes are the same loop.
     """
 
     name = "loop"
 
-    def __init__(self, *args: Any, threads: int | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, threads: int | None = None, forwards: str = "ordered", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise ValueError(f"threads must be None or an integer >= 1, got {threads!r}")
+        if forwards not in ("ordered", "concurrent"):
+            raise ValueError(f"forwards must be 'ordered' or 'concurrent', got {forwards!r}")
         self.threads = threads
+        self.forwards = forwards
         # with per-device random streams (the engine's device_rng="stream"): the seed of every row of the next
         # call, set before each forward so that the draws do not depend on which rows a call holds
         self.row_seeds: list[int] | None = None
         inner = self.objective.inner
         self._swap = _DirectSwap(inner) if _DirectSwap.applicable(inner) else None
+        if forwards == "concurrent":
+            _check_concurrent(inner)
 
     def _workers(self, params: Tensor) -> int:
         if params.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
@@ -217,25 +238,45 @@ class LoopExecutor(_ExecutorBase):
         last_ints: list[dict[str, Tensor]] = [{}]
 
         seeds, self.row_seeds = self.row_seeds, None
+        concurrent = self.forwards == "concurrent" and params.device.type == "cpu"
+        workers = self._workers(params)
+        streams: list[torch.Generator | None] = [None]  # concurrent: the last row's generator, once it has run
+        if concurrent:
+            copies = [_module_copy(self.objective) for _ in range(workers)]
+            swaps = [_DirectSwap(c.inner) for c in copies]
+            guards = [StepGuard(c.inner, ConcurrentStepError, "every row would update its states at once, in a "
+                                "racing order") for c in copies]
+            rng = torch.get_rng_state()
+            worker_of = threading.local()
 
         def forward(i: int) -> tuple[list[Tensor], Tensor]:
-            if seeds is not None:
+            stream = contextlib.nullcontext()
+            if seeds is not None and concurrent:
+                generator = torch.Generator().manual_seed(seeds[i])
+                stream = RowStream(generator)
+                if i == rows - 1:
+                    streams[0] = generator
+            elif seeds is not None:
                 torch.manual_seed(seeds[i])
             # one leaf per parameter, each a view of row i of the stacked buffer (no copies)
             leaves = [v.detach().requires_grad_(True) for v in self.param_layout.views(params[i]).values()]
             batch_i = tree_map(lambda t: t[i] if isinstance(t, Tensor) else t, batch)
             ints = self._int_copies()
             pars = dict(zip(self.param_layout.names, leaves))
-            with torch.enable_grad():
-                if self._swap is not None:
-                    saved = self._swap.swap(pars, self.buffer_layout.views(buffers[i]), ints)
+            objective, swap = self.objective, self._swap
+            if concurrent:
+                k = getattr(worker_of, "k", 0)
+                objective, swap = copies[k], swaps[k]
+            with torch.enable_grad(), stream:
+                if swap is not None:
+                    saved = swap.swap(pars, self.buffer_layout.views(buffers[i]), ints)
                     try:
-                        loss, aux = self.objective(batch_i)
+                        loss, aux = objective(batch_i)
                     finally:
-                        self._swap.restore(saved)
+                        swap.restore(saved)
                 else:
                     named = self._named(pars, self.buffer_layout.views(buffers[i]), ints)
-                    loss, aux = torch.func.functional_call(self.objective, named, (batch_i,))
+                    loss, aux = torch.func.functional_call(objective, named, (batch_i,))
             losses[i] = loss.detach()
             aux_rows[i] = {k: v.detach().reshape(()) for k, v in aux.items()}
             if i == rows - 1:
@@ -250,12 +291,15 @@ class LoopExecutor(_ExecutorBase):
                 else:
                     view.copy_(g)
 
-        workers = self._workers(params)
-        if workers == 1:
+        if concurrent:
+            _concurrent(rows, workers, guards, worker_of, rng, forward, backward)
+            if streams[0] is not None:  # where the ordered loop leaves torch's generator: after the last row's draws
+                torch.set_rng_state(streams[0].get_state())
+        elif workers == 1:
             for i in range(rows):
                 backward(i, *forward(i))
         else:
-            _turn_taking(rows, workers, forward, backward)
+            turn_taking(rows, workers, forward, backward)
         self._store_ints(last_ints[0])
         names = list(aux_rows[0]) if rows else []
         for i, a in enumerate(aux_rows):
@@ -265,134 +309,74 @@ class LoopExecutor(_ExecutorBase):
         return grads, losses, {k: torch.stack([a[k] for a in aux_rows]) for k in names}
 
 
-_POOL: ThreadPoolExecutor | None = None
+def _module_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose every submodule is a new object with its own ``__dict__`` and its own parameter,
+    buffer and submodule tables, holding the same tensors and sharing every other attribute's value: a worker can
+    swap its row's tensors into it while another worker runs the original. (``copy.copy`` is not used: classes
+    such as LightningModule leave attributes, the trainer, out of their pickling state.)"""
+    made: dict[int, nn.Module] = {}
+
+    def copy_of(m: nn.Module) -> nn.Module:
+        if id(m) not in made:
+            c = made[id(m)] = object.__new__(type(m))
+            c.__dict__.update(m.__dict__)
+            c.__dict__["_parameters"] = dict(m._parameters)
+            c.__dict__["_buffers"] = dict(m._buffers)
+            c.__dict__["_modules"] = {k: None if v is None else copy_of(v) for k, v in m._modules.items()}
+        return made[id(m)]
+
+    return copy_of(module)
 
 
-def _thread_pool(workers: int) -> ThreadPoolExecutor:
-    """The loop executor's worker threads (torch operators and autograd release the GIL, so they run on separate
-    cores), created once and grown when more workers are asked for."""
-    global _POOL
-    if _POOL is None or _POOL._max_workers < workers:  # noqa: SLF001
-        if _POOL is not None:
-            _POOL.shutdown(wait=False)
-        _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qmlhfl-loop")
-    return _POOL
+def _setattr_overriders(module: nn.Module) -> list[str]:
+    """The classes among ``module``'s submodules that override ``nn.Module.__setattr__`` (Metric's aside)."""
+    metric = metric_class()
+    return [type(m).__name__ for m in module.modules()
+            if type(m).__setattr__ is not nn.Module.__setattr__ and not (metric and isinstance(m, metric))]
 
 
-def _forget_pool_after_fork() -> None:
-    global _POOL
-    _POOL = None  # a forked child (a DataLoader worker) has none of the parent's threads
+def _check_concurrent(module: nn.Module) -> None:
+    """What ``forwards="concurrent"`` refuses at construction (LoopExecutor's docstring)."""
+    if not _DirectSwap.applicable(module):
+        cls = _setattr_overriders(module)[0]
+        raise ValueError(f"forwards='concurrent' needs modules that keep nn.Module.__setattr__, but {cls} overrides it "
+                         f"(it keeps its own view of its weights): use forwards='ordered'")
 
 
-os.register_at_fork(after_in_child=_forget_pool_after_fork)
-
-
-def _turn_taking(rows: int, workers: int, forward: Callable, backward: Callable) -> None:
-    """Rows i = k, k + workers, ... on worker k; forward(i) starts only after forward(i - 1) has returned (so the
-    forwards run in row order), backward(i, *forward(i)) overlaps with the other workers' forwards. The first
-    exception stops every worker and is re-raised here."""
-    cond = threading.Condition()
-    turn = [0]
-    failed = [False]
-    intra_op = torch.get_num_threads()
-
-    def work(k: int) -> None:
-        # An equal share of the intra-op threads per worker. With torch's default each worker would start its own
-        # OpenMP team as wide as the machine, and the oversubscribed teams made the step slower than the plain
-        # loop (bench/RESULTS.md). The count is per thread; it is put back before returning.
-        torch.set_num_threads(max(1, intra_op // workers))
-        try:
-            for i in range(k, rows, workers):
-                with cond:
-                    cond.wait_for(lambda: turn[0] == i or failed[0])
-                    if failed[0]:
-                        return
-                out = forward(i)
-                with cond:
-                    turn[0] = i + 1
-                    cond.notify_all()
-                backward(i, *out)
-        except BaseException:
-            with cond:
-                failed[0] = True
-                cond.notify_all()
-            raise
-        finally:
-            torch.set_num_threads(intra_op)
-
-    futures = [_thread_pool(workers).submit(work, k) for k in range(workers)]
-    errors = [f.exception() for f in futures]
-    first = next((e for e in errors if e is not None), None)
-    if first is not None:
-        raise first
-
-
-class VmapUnsupportedError(RuntimeError):
-    """The user's step cannot run under ``torch.func.vmap`` (``executor="vmap"`` was asked for explicitly)."""
-
-
-def _metric_class() -> type | tuple:
+def _concurrent(rows: int, workers: int, guards: list[StepGuard], worker_of: threading.local, rng: Tensor,
+                forward: Callable, backward: Callable) -> None:
+    """The rows first-free over the workers, worker k on its module copy inside ``guards[k]``; then the checks that
+    the rows did not depend on each other (LoopExecutor's docstring)."""
     try:
-        from torchmetrics import Metric
-    except ImportError:  # pragma: no cover - torchmetrics is a dependency
-        return ()
-    return Metric
-
-
-def _refuse_metric(metric: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    raise VmapUnsupportedError(
-        f"the step updates the torchmetrics {type(metric).__name__} (its states are plain tensors updated in place, "
-        f"which vmap cannot batch)"
-    )
-
-
-class _VmapGuard:
-    """Around one vmapped step: makes torchmetrics updates raise before they touch any state, records every module
-    attribute the user's code assigns (a tensor stored on the module under vmap would be a batched tensor that
-    escapes the transform) and puts all of them back. A step that assigned attributes raises VmapUnsupportedError
-    on exit, after the restore, so that nothing of it survives."""
-
-    def __init__(self, module: nn.Module) -> None:
-        metric = _metric_class()
-        self.modules = list(module.named_modules())
-        self.metrics = [m for _, m in self.modules if metric and isinstance(m, metric)]
-
-    def __enter__(self) -> "_VmapGuard":
-        self._methods = []
-        for m in self.metrics:
-            for attr in ("forward", "update"):
-                self._methods.append((m, attr, m.__dict__.get(attr, _MISSING)))
-                m.__dict__[attr] = functools.partial(_refuse_metric, m)
-        metric_ids = {id(m) for m in self.metrics}
-        self._snapshot = [(name, m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules))
-                          for name, m in self.modules if id(m) not in metric_ids]
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        changed = []
-        for name, m, d, params, bufs, mods in self._snapshot:
-            for table, old, what in ((m.__dict__, d, ""), (m._parameters, params, " (parameter)"),
-                                     (m._buffers, bufs, " (buffer)"), (m._modules, mods, " (submodule)")):
-                if table.keys() == old.keys() and all(table[k] is v for k, v in old.items()):
-                    continue
-                keys = sorted(set(table) ^ set(old) | {k for k in set(table) & set(old) if table[k] is not old[k]})
-                changed += [f"{name + '.' if name else ''}{k}{what}" for k in keys]
-                table.clear()
-                table.update(old)
-        for m, attr, old in self._methods:
-            if old is _MISSING:
-                m.__dict__.pop(attr, None)
-            else:
-                m.__dict__[attr] = old
-        if changed and exc_type is None:
-            raise VmapUnsupportedError(f"the step assigns module attribute(s) {changed}")
-
-
-_MISSING = object()
+        for g in guards:
+            g.__enter__()
+        if workers == 1:
+            for i in range(rows):
+                backward(i, *forward(i))
+        else:
+            first_free(rows, workers, lambda k: setattr(worker_of, "k", k), forward, backward)
+    except ConcurrentStepError as err:
+        raise ConcurrentStepError(f"forwards='concurrent': {err}: use forwards='ordered'") from None
+    finally:
+        errors = []
+        for g in guards:
+            try:
+                g.__exit__(None, None, None)
+            except ConcurrentStepError as err:
+                errors.append(err)
+    if errors:
+        raise ConcurrentStepError(f"forwards='concurrent': {errors[0]}, whose value would depend on which row ran "
+                                  f"last: use forwards='ordered'")
+    if not torch.equal(rng, torch.get_rng_state()):
+        raise ConcurrentStepError(
+            "forwards='concurrent': the training step drew random numbers from torch's global generator, which the "
+            "rows would draw in a racing order: with device_rng='global' every draw does (use device_rng='stream', "
+            "which gives every row its own stream), with 'stream' a draw that takes no generator and is not a "
+            "dropout (lightning_qmlhfl.simulation.row_streams) does; else use forwards='ordered'")
 
 
 class GuardedVmapExecutor:
-    """The vmap executor (whose forward runs inside a :class:`_VmapGuard`) with the loop executor as fallback
+    """The vmap executor (whose forward runs inside a :class:`StepGuard`) with the loop executor as fallback
     (``executor="auto"``).
 
     What cannot run under vmap (torchmetrics updates, ``.item()``, data-dependent Python control flow, assignments
@@ -468,12 +452,12 @@ def choose_executor(module: nn.Module, device: torch.device) -> str:
 
 def make_executor(
     name: str, module: nn.Module, loss_fn: LossFn, param_layout: ParamLayout, buffer_layout: ParamLayout,
-    device: torch.device,
+    device: torch.device, forwards: str = "ordered",
 ) -> "_ExecutorBase | GuardedVmapExecutor":
     if name not in ("auto", "vmap", "loop"):
         raise ValueError(f"executor must be 'auto', 'vmap' or 'loop', got {name!r}")
     chosen = choose_executor(module, device) if name == "auto" else name
     if chosen == "loop":
-        return LoopExecutor(module, loss_fn, param_layout, buffer_layout)
-    fallback = LoopExecutor(module, loss_fn, param_layout, buffer_layout) if name == "auto" else None
+        return LoopExecutor(module, loss_fn, param_layout, buffer_layout, forwards=forwards)
+    fallback = LoopExecutor(module, loss_fn, param_layout, buffer_layout, forwards=forwards) if name == "auto" else None
     return GuardedVmapExecutor(VmapExecutor(module, loss_fn, param_layout, buffer_layout), fallback)
