@@ -95,6 +95,7 @@ def test_this_project_tiny(tiny_run: dict) -> None:
     _check_record(tiny_run, "qmlhfl")
     rec = tiny_run["runs"]["qmlhfl"]
     assert rec["executor"] == "loop" and rec["upload_bits_per_parameter"] == 32.0
+    assert rec["forwards"] == "concurrent"  # run.py's default: the loop executor's forwards do not wait
     assert "| tiny | lenet | 1 |" in tiny_run["md"].read_text()
 
 
@@ -124,6 +125,7 @@ def test_peer_tiny(tiny_run: dict, peer: str) -> None:
     (["--rounds", "0"], "--rounds 0"),
     (["--threads", "4096"], "--threads 4096"),
     (["--competing-load", "sometimes"], "'sometimes'"),
+    (["--forwards", "parallel"], "'parallel'"),
 ])
 def test_bad_options_one_line(argv: list[str], named: str, capsys: pytest.CaptureFixture) -> None:
     run = _load("run")

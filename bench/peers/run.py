@@ -11,7 +11,8 @@ evaluation until the end, then the final model on the 10,000 test images.
 - ``tiny`` (``--tiny``): 4 clients, all every round, 2 rounds (the smoke test).
 
 The systems, each in its own subprocess, one after the other (``run_*.py``; their docstrings say how each is
-written): ``qmlhfl`` (this project's Lightning strategy, the project's .venv: the interpreter running this script),
+written): ``qmlhfl`` (this project's Lightning strategy, the project's .venv: the interpreter running this script;
+``--forwards``: its loop executor's forwards in device order or concurrent, one run per mode given),
 ``pfl`` (pfl-research 0.6, PyTorch; one process, and at k > 1 cores also its multi-worker mode, k processes under
 torchrun) and ``flower`` (Flower 1.42 Simulation Engine on Ray). The peers' venvs are built on first use
 (``envs.py``, pinned versions) unless ``--no-build``; a peer whose venv cannot be built is reported and skipped.
@@ -77,6 +78,7 @@ import envs  # noqa: E402
 PAGE = os.sysconf("SC_PAGE_SIZE")
 PEERS = ("pfl", "flower")
 PFL_MODES = ("single", "workers")
+FORWARDS = ("ordered", "concurrent")
 
 
 def fail(msg: str) -> None:
@@ -103,6 +105,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--peers", default="pfl,flower", help="peers besides this project: pfl, flower, or none")
     ap.add_argument("--pfl-modes", default="single,workers",
                     help="single (1 process x k threads), workers (k torchrun processes x 1 thread; at k > 1)")
+    ap.add_argument("--forwards", default="concurrent",
+                    help="this project's loop-executor forwards: concurrent (default), ordered, or both "
+                         "comma-separated (one run each)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--competing-load", nargs="?", const="on", default="off",
                     help="a busy-loop process per pinned core during each run: on (the flag alone), off (default), "
@@ -143,6 +148,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
             fail(f"--rounds {args.rounds}: allowed is an integer >= 1")
     args.peers = [p for p in _list(args.peers, PEERS + ("none",), "--peers") if p != "none"]
     args.pfl_modes = _list(args.pfl_modes, PFL_MODES, "--pfl-modes")
+    args.forwards = _list(args.forwards, FORWARDS, "--forwards")
     if args.competing_load not in ("off", "on", "both"):
         fail(f"--competing-load {args.competing_load!r}: allowed are on (the flag alone), off, both")
     dev = args.device
@@ -303,7 +309,8 @@ def plan(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
     combos = [(w, m, k, busy) for w in args.workloads for m in args.models for k in args.threads for busy in loads]
     for w, m, k, busy in combos:
         base = {"workload": w, "model": m, "cores": k, "busy": busy}
-        runs.append({**base, "system": "qmlhfl", "procs": 1, "threads_per_process": k})
+        runs += [{**base, "system": "qmlhfl", "procs": 1, "threads_per_process": k, "forwards": f}
+                 for f in args.forwards]
         if "pfl" in args.peers:
             if "single" in args.pfl_modes:
                 runs.append({**base, "system": "pfl", "procs": 1, "threads_per_process": k})
@@ -327,7 +334,7 @@ def command(run: dict, args: argparse.Namespace, result: Path) -> list[str]:
     if args.rounds is not None:
         common_args += ["--rounds", str(args.rounds)]
     if run["system"] == "qmlhfl":
-        return [sys.executable, str(HERE / "run_qmlhfl.py"), *common_args]
+        return [sys.executable, str(HERE / "run_qmlhfl.py"), *common_args, "--forwards", run["forwards"]]
     py = envs.env_python(run["system"], args.cuda, Path(args.envs))
     if run["system"] == "flower":
         return [str(py), str(HERE / "run_flower.py"), *common_args]
@@ -361,6 +368,8 @@ def execute(run: dict, args: argparse.Namespace, logs: Path, prefix: str) -> dic
     tag = f"{prefix}_{run['workload']}_{run['model']}_{run['cores']}c_{run['system']}"
     if run["system"] == "pfl":
         tag += f"_{run['procs']}p"
+    if run["system"] == "qmlhfl":
+        tag += f"_{run['forwards']}"
     result = logs / f"{tag}.json"
     log_path = logs / f"{tag}.log"
     cmd = command(run, args, result)
@@ -423,7 +432,7 @@ def warm_up(args: argparse.Namespace, logs: Path) -> None:
     systems = [("qmlhfl", 1)] + [(p, 1) for p in args.peers]
     for system, procs in systems:
         run = {"workload": "tiny", "model": args.models[0], "cores": 1, "busy": False, "system": system,
-               "procs": procs, "threads_per_process": 1}
+               "procs": procs, "threads_per_process": 1, "forwards": args.forwards[0]}
         t0 = time.perf_counter()
         rec = execute(run, args, logs, "warmup")
         print(f"[peers] warm-up {NAMES[system]}: {rec['status'][:200]} ({time.perf_counter() - t0:.0f} s, "
@@ -437,7 +446,7 @@ def _f(x, fmt="{:,.0f}", none="-"):
 
 def _mode(r: dict) -> str:
     if r["system"] == "qmlhfl":
-        return f"1 proc x {r['threads_per_process']} thr"
+        return f"1 proc x {r['threads_per_process']} thr, {r.get('forwards', 'ordered')}"
     if r["system"] == "pfl":
         return (f"1 proc x {r['threads_per_process']} thr" if r["procs"] == 1
                 else f"{r['procs']} procs (torchrun) x 1 thr")
@@ -480,31 +489,35 @@ def ratios_table(recs: list[dict]) -> str:
     for r in recs:
         if r["status"] == "ok":
             groups.setdefault((r["workload"], r["model"], r["cores"], bool(r.get("competing_load"))), []).append(r)
-    head = ("| workload | model | cores | load | steady c-s/s: this / pfl best / Flower | steady x pfl | "
-            "steady x Flower | wall s: this / pfl / Flower | wall: pfl / this | wall: Flower / this | "
+    head = ("| workload | model | cores | load | this: forwards | steady c-s/s: this / pfl best / Flower | "
+            "steady x pfl | steady x Flower | wall s: this / pfl / Flower | wall: pfl / this | wall: Flower / this | "
             "peak RSS MB: this / pfl / Flower | RSS this / pfl | accuracy: this / pfl / Flower |")
-    lines = [head, "|---|---|---:|---|---|---:|---:|---|---:|---:|---|---:|---|"]
+    lines = [head, "|---|---|---:|---|---|---|---:|---:|---|---:|---:|---|---:|---|"]
     for (w, m, k, busy), rs in groups.items():
-        q = next((r for r in rs if r["system"] == "qmlhfl"), None)
         pfls = [r for r in rs if r["system"] == "pfl"]
         fl = next((r for r in rs if r["system"] == "flower"), None)
-        if q is None:
-            continue
-        steady = lambda r: r and r.get("steady_client_steps_per_s")  # noqa: E731
-        p_best = max(pfls, key=lambda r: steady(r) or 0, default=None)
-        p_wall = min((r["wall_s"] for r in pfls), default=None)
-        p_rss = min((r["peak_rss_mb"] for r in pfls), default=None)
-        p_acc = p_best["accuracy"] if p_best else None
-        lines.append(
-            f"| {w} | {m} | {k} | {'busy' if busy else '-'} | {_f(steady(q))} / {_f(steady(p_best))}"
-            f"{' (' + ('1p' if p_best['procs'] == 1 else str(p_best['procs']) + 'p') + ')' if p_best else ''} / "
-            f"{_f(steady(fl))} | {_f(_ratio(steady(q), steady(p_best)), '{:.2f}x')} | "
-            f"{_f(_ratio(steady(q), steady(fl)), '{:.2f}x')} | {q['wall_s']:.1f} / {_f(p_wall, '{:.1f}')} / "
-            f"{_f(fl and fl['wall_s'], '{:.1f}')} | {_f(_ratio(p_wall, q['wall_s']), '{:.2f}x')} | "
-            f"{_f(_ratio(fl and fl['wall_s'], q['wall_s']), '{:.2f}x')} | {q['peak_rss_mb']:,.0f} / "
-            f"{_f(p_rss)} / {_f(fl and fl['peak_rss_mb'])} | {_f(_ratio(q['peak_rss_mb'], p_rss), '{:.2f}')} | "
-            f"{q['accuracy']:.4f} / {_f(p_acc, '{:.4f}')} / {_f(fl and fl['accuracy'], '{:.4f}')} |")
+        for q in (r for r in rs if r["system"] == "qmlhfl"):
+            lines.append(_ratio_line(w, m, k, busy, q, pfls, fl))
     return "\n".join(lines)
+
+
+def _ratio_line(w: str, m: str, k: int, busy: bool, q: dict, pfls: list[dict], fl: dict | None) -> str:
+    """One line of :func:`ratios_table`: one run ``q`` of this project (one per --forwards mode)."""
+    steady = lambda r: r and r.get("steady_client_steps_per_s")  # noqa: E731
+    p_best = max(pfls, key=lambda r: steady(r) or 0, default=None)
+    p_wall = min((r["wall_s"] for r in pfls), default=None)
+    p_rss = min((r["peak_rss_mb"] for r in pfls), default=None)
+    p_acc = p_best["accuracy"] if p_best else None
+    return (
+        f"| {w} | {m} | {k} | {'busy' if busy else '-'} | {q.get('forwards', 'ordered')} | {_f(steady(q))} / "
+        f"{_f(steady(p_best))}"
+        f"{' (' + ('1p' if p_best['procs'] == 1 else str(p_best['procs']) + 'p') + ')' if p_best else ''} / "
+        f"{_f(steady(fl))} | {_f(_ratio(steady(q), steady(p_best)), '{:.2f}x')} | "
+        f"{_f(_ratio(steady(q), steady(fl)), '{:.2f}x')} | {q['wall_s']:.1f} / {_f(p_wall, '{:.1f}')} / "
+        f"{_f(fl and fl['wall_s'], '{:.1f}')} | {_f(_ratio(p_wall, q['wall_s']), '{:.2f}x')} | "
+        f"{_f(_ratio(fl and fl['wall_s'], q['wall_s']), '{:.2f}x')} | {q['peak_rss_mb']:,.0f} / "
+        f"{_f(p_rss)} / {_f(fl and fl['peak_rss_mb'])} | {_f(_ratio(q['peak_rss_mb'], p_rss), '{:.2f}')} | "
+        f"{q['accuracy']:.4f} / {_f(p_acc, '{:.4f}')} / {_f(fl and fl['accuracy'], '{:.4f}')} |")
 
 
 def hash_check(recs: list[dict]) -> list[str]:

@@ -12,7 +12,9 @@ strategy reads it once into tensors and every device draws its batches from its 
 
 Threads: ``torch.set_num_threads(threads)`` before the project is imported (so numba's pool has the same size);
 the loop executor (chosen by ``executor="auto"`` for LeNet on CPU) runs ``min(2, threads)`` worker threads that
-share those intra-op threads; the MLP runs under vmap. One process.
+share those intra-op threads, with ``--forwards`` (``forwards=``, default ordered: the forwards in device order;
+concurrent: each worker on its own module copy, no worker waiting for another, with ``device_rng="stream"`` so
+that every client's dropout masks come from its own stream); the MLP runs under vmap. One process.
 
 Round times: a callback records ``time.time()`` at the start of the first epoch (one epoch = one global round)
 and at the end of every epoch.
@@ -33,7 +35,8 @@ import torch  # noqa: E402
 
 
 def main() -> None:
-    args = common.runner_args(__doc__.split("\n")[0], [("--executor", {"default": "auto"})])
+    args = common.runner_args(__doc__.split("\n")[0], [("--executor", {"default": "auto"}),
+                                                        ("--forwards", {"default": "ordered"})])
     torch.set_num_threads(args.threads)
     device = common.check_device(args.device)
 
@@ -106,7 +109,7 @@ def main() -> None:
     strategy = QMLHFLStrategy(
         hierarchy=Hierarchy.balanced([clients]), taus=[common.LOCAL_STEPS], compressors=[Identity()],
         partition=SharedPartition(parts), participation=[participation], seed=args.seed, executor=args.executor,
-        device=device)
+        forwards=args.forwards, device_rng="stream" if args.forwards == "concurrent" else "global", device=device)
     clock = RoundClock()
     trainer = L.Trainer(
         strategy=strategy, accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_epochs=rounds,
@@ -126,7 +129,8 @@ def main() -> None:
         args, system="qmlhfl", mode=f"1 proc x {args.threads} thr", framework_version=lightning_qmlhfl.__version__
         if hasattr(lightning_qmlhfl, "__version__") else "checkout", processes=1, threads_per_process=args.threads,
         stamps=clock.stamps, eval_s=eval_s, accuracy=acc, test_loss=loss, device=device,
-        executor=strategy.engine.executor_name, lightning_version=L.__version__, clients_per_round_seen=seen,
+        executor=strategy.engine.executor_name, forwards=args.forwards, lightning_version=L.__version__,
+        clients_per_round_seen=seen,
         local_steps_per_client=trainer.global_step / rounds, upload_bits_per_parameter=max(bits),
         cuda_max_memory_mb=torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None)
     common.write_record(args.result, rec)
