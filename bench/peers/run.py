@@ -34,7 +34,11 @@ there are any); final test accuracy; the load average before and after;
 the sha256 of the partition, initial weights and data files each runner read (they must agree).
 ``--competing-load`` (= ``on``) starts one busy-loop process per pinned core (pinned to it) before each run and stops
 it after: the systems then share their cores with a CPU hog; ``--competing-load both`` runs every configuration
-without and then with the hogs (the ratio table has a row for each).
+without and then with the hogs (the ratio table has a row for each). The hogs share this script's session, as do
+the systems, except pfl's torchrun workers, which torch starts in sessions of their own; with Linux's autogroup
+(``/proc/sys/kernel/sched_autogroup_enabled``) the scheduler shares a core among sessions first, so such a worker
+gets more of its core than a thread of the shared session. ``--load-session own`` starts each hog in a session
+of its own instead (bench/RESULTS.md compares both).
 
 Before the timed runs (except with ``--tiny`` or ``--no-warm-up``) every system runs the tiny configuration once,
 untimed and unreported: what a first run after a checkout or a venv build compiles and caches (the project's numba
@@ -108,6 +112,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--forwards", default="concurrent",
                     help="this project's loop-executor forwards: concurrent (default), ordered, or both "
                          "comma-separated (one run each)")
+    ap.add_argument("--load-session", default="shared", choices=("shared", "own"),
+                    help="the competing load's session: shared with this script and the systems (default), or one "
+                         "of its own per hog (Linux's autogroup then weighs each hog as a group of its own)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--competing-load", nargs="?", const="on", default="off",
                     help="a busy-loop process per pinned core during each run: on (the flag alone), off (default), "
@@ -345,11 +352,12 @@ def command(run: dict, args: argparse.Namespace, result: Path) -> list[str]:
             *common_args, "--workers", str(run["procs"])]
 
 
-def start_load(cores: list[int]) -> list[subprocess.Popen]:
+def start_load(cores: list[int], own_session: bool = False) -> list[subprocess.Popen]:
     procs = []
     for c in cores:
         procs.append(subprocess.Popen([sys.executable, "-c", "while True: pass"],
-                                      preexec_fn=lambda c=c: os.sched_setaffinity(0, {c})))
+                                      preexec_fn=lambda c=c: os.sched_setaffinity(0, {c}),
+                                      start_new_session=own_session))
     return procs
 
 
@@ -378,7 +386,7 @@ def execute(run: dict, args: argparse.Namespace, logs: Path, prefix: str) -> dic
     t = str(run["threads_per_process"])
     env.update(OMP_NUM_THREADS=t, MKL_NUM_THREADS=t, NUMBA_NUM_THREADS=t, PYTHONUNBUFFERED="1",
                FLWR_TELEMETRY_ENABLED="0", RAY_USAGE_STATS_ENABLED="0", WANDB_MODE="disabled")
-    load = start_load(cores) if run["busy"] else []
+    load = start_load(cores, args.load_session == "own") if run["busy"] else []
     exclude = {p.pid for p in load}
     if load:
         time.sleep(0.5)  # the hogs are running before the system starts
@@ -591,7 +599,8 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     subreaper = _set_subreaper()
     info = meta(args, env_infos)
-    info.update(skipped_peers=skipped, subreaper=subreaper, competing_load=args.competing_load)
+    info.update(skipped_peers=skipped, subreaper=subreaper, competing_load=args.competing_load,
+                load_session=args.load_session)
     runs, plan_notes = plan(args)
     info["plan_notes"] = plan_notes
     for note in plan_notes:
