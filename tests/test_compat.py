@@ -665,7 +665,8 @@ def test_collate_fn_is_honoured():
 
 def test_a_tensor_dataset_is_read_whole_as_its_samples_would_collate():
     """A plain TensorDataset skips the sample-by-sample read: the same structure, dtypes and values as collating its
-    samples (a subclass, which may override __getitem__, takes the general path), in tensors of its own."""
+    samples (a subclass, which may override __getitem__, takes the general path); contiguous tensors are read in
+    place (no copy of the dataset), strided ones copied contiguous."""
     from lightning_qmlhfl.data.materialize import materialize_dataset
 
     x, y = _data(seed=5)
@@ -678,9 +679,23 @@ def test_a_tensor_dataset_is_read_whole_as_its_samples_would_collate():
     assert type(fast) is type(general) is list and len(fast) == len(general) == 3
     for a, b, t in zip(fast, general, ds.tensors):
         assert a.dtype == b.dtype and torch.equal(a, b) and a.stride() == b.stride() and a.is_contiguous()
-        assert a.data_ptr() != t.data_ptr()  # the strategy's resident copy is not the user's tensor
+        assert (a.data_ptr() == t.data_ptr()) == t.is_contiguous()  # shared where the layout allows
+        assert not a.requires_grad
+    assert [t.is_contiguous() for t in ds.tensors] == [True, True, False]
     with pytest.raises(DatasetTooLargeError):
         materialize_dataset(ds, max_bytes=100)
+
+
+def test_training_reads_a_shared_dataset_without_writing_to_it():
+    """The resident training data is the user's own tensors (no copy): a hierarchy trains from them and leaves
+    them as they were."""
+    x, y = _data()
+    ds = TensorDataset(x, y)
+    before = [t.clone() for t in ds.tensors]
+    _, strategy, _ = run_hierarchy(Classifier, "loop", steps=4, train=loader(ds))
+    assert strategy.train_data[0].data_ptr() == x.data_ptr()
+    for a, b in zip(ds.tensors, before):
+        assert torch.equal(a, b)
 
 
 def test_dataset_too_large_is_refused_with_its_size():
