@@ -257,7 +257,7 @@ class LoopExecutor(_ExecutorBase):
                 if i == rows - 1:
                     streams[0] = generator
             elif seeds is not None:
-                torch.manual_seed(seeds[i])
+                _seed_row(seeds[i], params.device)
             # one leaf per parameter, each a view of row i of the stacked buffer (no copies)
             leaves = [v.detach().requires_grad_(True) for v in self.param_layout.views(params[i]).values()]
             batch_i = tree_map(lambda t: t[i] if isinstance(t, Tensor) else t, batch)
@@ -333,6 +333,17 @@ def _setattr_overriders(module: nn.Module) -> list[str]:
     metric = metric_class()
     return [type(m).__name__ for m in module.modules()
             if type(m).__setattr__ is not nn.Module.__setattr__ and not (metric and isinstance(m, metric))]
+
+
+def _seed_row(seed: int, device: torch.device) -> None:
+    """``torch.manual_seed(seed)`` for the draws of a row on ``device``. On CPU only torch's CPU generator, which is
+    all a CPU row draws from: ``torch.manual_seed`` also queues the seeding of every accelerator's generators, which
+    made it about 100x slower than seeding the CPU generator alone (bench/RESULTS.md), once per row and step,
+    inside the ordered forwards' chain."""
+    if device.type == "cpu":
+        torch.default_generator.manual_seed(seed)
+    else:
+        torch.manual_seed(seed)
 
 
 def _check_concurrent(module: nn.Module) -> None:
