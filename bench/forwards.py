@@ -1,7 +1,9 @@
 """The loop executor's two forward modes side by side in the engine: ``forwards="ordered"`` (the forwards in
 device order, a chain between the workers) against ``"concurrent"`` (each worker on its own module copy, taking
-the next free device), on the peers' LeNet with dropout (100 devices, batch 32, SGD, per-device streams), idle
-and with one busy-loop process per core (``--competing-load``).
+the next free device), on the peers' LeNet with dropout (100 devices, batch 32, SGD), idle and with one busy-loop
+process per core (``--competing-load``). Three configurations: ordered with torch's global generator (the
+default), ordered with per-device streams (``device_rng="stream"``), concurrent with per-device streams (the only
+random draws it allows).
 
 Each measurement is a fresh process (``--child``) that runs ``--warm`` steps, then times ``--steps`` engine steps
 (``compute_gradients`` + ``apply_step``) and reports the median in ms per client-step. The modes alternate,
@@ -22,10 +24,10 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-MODES = ("ordered", "concurrent")
+MODES = (("ordered", "global"), ("ordered", "stream"), ("concurrent", "stream"))  # (forwards, device_rng)
 
 
-def child(mode: str, threads: int, warm: int, steps: int) -> float:
+def child(mode: str, device_rng: str, threads: int, warm: int, steps: int) -> float:
     import torch
 
     torch.set_num_threads(threads)
@@ -43,7 +45,7 @@ def child(mode: str, threads: int, warm: int, steps: int) -> float:
 
     torch.manual_seed(0)
     engine = QMLHFLEngine(common.build_model("lenet"), loss, Hierarchy.balanced([100]), (10,), executor="loop",
-                          forwards=mode, optimizer_kwargs={"lr": 0.05}, device_rng="stream")
+                          forwards=mode, optimizer_kwargs={"lr": 0.05}, device_rng=device_rng)
     x, y = torch.randn(100, 32, 1, 28, 28), torch.randint(0, 10, (100, 32))
     times = []
     for i in range(warm + steps):
@@ -63,10 +65,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--competing-load", default="off", choices=("off", "on", "both"))
     ap.add_argument("--jsonl", default=None, help="append one line per measurement")
-    ap.add_argument("--child", nargs=2, metavar=("MODE", "THREADS"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs=3, metavar=("FORWARDS", "DEVICE_RNG", "THREADS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(child(args.child[0], int(args.child[1]), args.warm, args.steps))
+        print(child(args.child[0], args.child[1], int(args.child[2]), args.warm, args.steps))
         return
     try:
         threads = [int(t) for t in args.threads.split(",")]
@@ -89,13 +91,14 @@ def main() -> None:
             try:
                 for r in range(args.repeats):
                     for mode in MODES:
-                        out = subprocess.run([sys.executable, __file__, "--child", mode, str(t), "--warm",
+                        out = subprocess.run([sys.executable, __file__, "--child", *mode, str(t), "--warm",
                                               str(args.warm), "--steps", str(args.steps)], check=True,
                                              capture_output=True, text=True,
                                              preexec_fn=lambda t=t: os.sched_setaffinity(0, set(cores[:t])))
                         ms = float(out.stdout.strip().splitlines()[-1])
                         results.setdefault((busy, t, mode), []).append(ms)
-                        line = {"load": "busy" if busy else "idle", "threads": t, "forwards": mode, "repeat": r,
+                        line = {"load": "busy" if busy else "idle", "threads": t, "forwards": mode[0],
+                                "device_rng": mode[1], "repeat": r,
                                 "ms_per_client_step": round(ms, 4), "loadavg": os.getloadavg()[0]}
                         print(json.dumps(line), flush=True)
                         if args.jsonl:
@@ -105,13 +108,16 @@ def main() -> None:
                 for h in hogs:
                     h.kill()
                     h.wait()
-    print("\n| load | threads | ordered ms/client-step | concurrent | concurrent speed / ordered (medians) |")
-    print("|---|---:|---|---|---:|")
+    names = [f"{f}, {g}" for f, g in MODES]
+    print(f"\n| load | threads | ms per client-step: {' | '.join(names)} | speed / ordered, global (medians) |")
+    print("|---|---:|" + "---|" * len(MODES) + "---|")
     for busy in loads:
         for t in threads:
-            o, c = results[(busy, t, "ordered")], results[(busy, t, "concurrent")]
-            print(f"| {'busy' if busy else 'idle'} | {t} | {', '.join(f'{v:.2f}' for v in o)} | "
-                  f"{', '.join(f'{v:.2f}' for v in c)} | {statistics.median(o) / statistics.median(c):.2f}x |")
+            runs = [results[(busy, t, m)] for m in MODES]
+            base = statistics.median(runs[0])
+            cells = " | ".join(", ".join(f"{v:.2f}" for v in r) for r in runs)
+            speed = ", ".join(f"{base / statistics.median(r):.2f}x" for r in runs[1:])
+            print(f"| {'busy' if busy else 'idle'} | {t} | {cells} | {speed} |")
 
 
 if __name__ == "__main__":

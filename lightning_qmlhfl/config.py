@@ -34,7 +34,7 @@ Every option, its default and what it means:
   (:class:`~lightning_qmlhfl.simulation.executors.LoopExecutor`): one at a time in device order, or at the same
   time for steps whose effects do not depend on the device order (no random draws, no torchmetrics updates, no
   module attributes assigned: checked; no other state shared between devices' steps: the user's promise); the
-  same numbers, and robust when other processes share the cores (bench/RESULTS.md).
+  same numbers; its speed against the default is measured in bench/RESULTS.md.
 - ``weighting``: "devices" (|C(child)| / |C(parent)|, the paper's) or "samples" (by local data size).
 - ``availability`` (:class:`~lightning_qmlhfl.federation.availability.Availability` or None), ``latency``
   (:class:`~lightning_qmlhfl.theory.latency.LatencyModel` or None for the default clock), ``mobility``

@@ -95,7 +95,7 @@ def test_this_project_tiny(tiny_run: dict) -> None:
     _check_record(tiny_run, "qmlhfl")
     rec = tiny_run["runs"]["qmlhfl"]
     assert rec["executor"] == "loop" and rec["upload_bits_per_parameter"] == 32.0
-    assert rec["forwards"] == "concurrent"  # run.py's default: the loop executor's forwards do not wait
+    assert rec["forwards"] == "ordered"  # run.py's default: the project's own
     assert "| tiny | lenet | 1 |" in tiny_run["md"].read_text()
 
 

@@ -109,9 +109,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--peers", default="pfl,flower", help="peers besides this project: pfl, flower, or none")
     ap.add_argument("--pfl-modes", default="single,workers",
                     help="single (1 process x k threads), workers (k torchrun processes x 1 thread; at k > 1)")
-    ap.add_argument("--forwards", default="concurrent",
-                    help="this project's loop-executor forwards: concurrent (default), ordered, or both "
-                         "comma-separated (one run each)")
+    ap.add_argument("--forwards", default="ordered",
+                    help="this project's loop-executor forwards: ordered (the project's default), concurrent, or "
+                         "both comma-separated (one run each)")
     ap.add_argument("--load-session", default="shared", choices=("shared", "own"),
                     help="the competing load's session: shared with this script and the systems (default), or one "
                          "of its own per hog (Linux's autogroup then weighs each hog as a group of its own)")
