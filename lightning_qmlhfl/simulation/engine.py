@@ -83,8 +83,8 @@ class QMLHFLEngine(EngineCheckpointing, RowIndexing, RoundStatistics):
             server optimizers, participation, seed, executor, backend, ...; its docstring lists every option).
             Instead of ``config``, the simulation options may be given as keywords (``hierarchy``, ``taus``,
             ``compressors`` or ``quantizers``, ``server_optimizers``, ``participation``, ``executor``, ``seed``,
-            ``backend``, ``param_order``, ``availability``, ``latency``, ``mobility``, ``device_rng``, ``forwards``), which build
-            it; here compressors default to 32-bit uploads.
+            ``backend``, ``param_order``, ``availability``, ``latency``, ``mobility``, ``device_rng``,
+            ``forwards``), which build it; here compressors default to 32-bit uploads.
         optimizer: an element-wise torch optimiser class (or its name) and ``optimizer_kwargs`` (lr = mu, ...).
         device_mass: optional float [N_tot] (e.g. local sample counts) for ``weighting: samples``;
             default: every device weighs 1, so weights are |C(child)| / |C(parent)|.
@@ -139,8 +139,7 @@ class QMLHFLEngine(EngineCheckpointing, RowIndexing, RoundStatistics):
         options = dict(hierarchy=hierarchy, taus=taus, compressors=compressors, quantizers=quantizers,
                        executor=executor, seed=seed, backend=backend, param_order=param_order,
                        server_optimizers=server_optimizers, participation=participation, availability=availability,
-                       latency=latency, mobility=mobility, device_rng=device_rng,
-                       forwards=forwards)
+                       latency=latency, mobility=mobility, device_rng=device_rng, forwards=forwards)
         given = {k: v for k, v in options.items() if v is not None}
         if config is None:
             if hierarchy is None:

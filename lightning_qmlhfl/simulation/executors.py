@@ -23,6 +23,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
+from .. import checks
+from ..config import FORWARDS
 from .row_streams import RowStream
 from .row_threads import first_free, turn_taking
 from .stacked import ParamLayout
@@ -212,10 +214,8 @@ class LoopExecutor(_ExecutorBase):
         super().__init__(*args, **kwargs)
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise ValueError(f"threads must be None or an integer >= 1, got {threads!r}")
-        if forwards not in ("ordered", "concurrent"):
-            raise ValueError(f"forwards must be 'ordered' or 'concurrent', got {forwards!r}")
         self.threads = threads
-        self.forwards = forwards
+        self.forwards = checks.choice(forwards, "forwards", FORWARDS)
         # with per-device random streams (the engine's device_rng="stream"): the seed of every row of the next
         # call, set before each forward so that the draws do not depend on which rows a call holds
         self.row_seeds: list[int] | None = None
@@ -241,7 +241,7 @@ class LoopExecutor(_ExecutorBase):
         concurrent = self.forwards == "concurrent" and params.device.type == "cpu"
         workers = self._workers(params)
         streams: list[torch.Generator | None] = [None]  # concurrent: the last row's generator, once it has run
-        if concurrent:
+        if concurrent:  # copies made per call: they must see what was set on the module between steps
             copies = [_module_copy(self.objective) for _ in range(workers)]
             swaps = [_DirectSwap(c.inner) for c in copies]
             guards = [StepGuard(c.inner, ConcurrentStepError, "every row would update its states at once, in a "
@@ -348,10 +348,10 @@ def _seed_row(seed: int, device: torch.device) -> None:
 
 def _check_concurrent(module: nn.Module) -> None:
     """What ``forwards="concurrent"`` refuses at construction (LoopExecutor's docstring)."""
-    if not _DirectSwap.applicable(module):
-        cls = _setattr_overriders(module)[0]
-        raise ValueError(f"forwards='concurrent' needs modules that keep nn.Module.__setattr__, but {cls} overrides it "
-                         f"(it keeps its own view of its weights): use forwards='ordered'")
+    overriders = _setattr_overriders(module)
+    if overriders:
+        raise ValueError(f"forwards='concurrent' needs modules that keep nn.Module.__setattr__, but {overriders[0]} "
+                         f"overrides it (it keeps its own view of its weights): use forwards='ordered'")
 
 
 def _concurrent(rows: int, workers: int, guards: list[StepGuard], worker_of: threading.local, rng: Tensor,
