@@ -206,3 +206,18 @@ def test_fit_bench_smoke_compares_trainer_fit_with_the_engine() -> None:
     bad = subprocess.run([sys.executable, "bench/fit.py", "--configs", "mlp100:naive"], cwd=REPO, capture_output=True,
                          text=True, timeout=60, env=_env())
     assert bad.returncode != 0 and "naive configuration" in bad.stderr
+
+
+def test_participation_breakdown_parts_add_up_to_the_round() -> None:
+    """bench/participation_fit.py --breakdown: the parts are disjoint (they add up to the round) and each one was
+    timed (the module logs, so self.log is not empty; the loop around the strategy's hooks takes some time)."""
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "participation_fit.py"), "--one", "50of50",
+                          "--warm", "0", "--rounds", "1", "--threads", "1", "--breakdown"],
+                         capture_output=True, text=True, timeout=600, env=_env(), cwd=REPO, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rec = json.loads(out.stdout.strip().splitlines()[-1])
+    parts = rec["parts_s"]
+    assert set(parts) == {"fwd+bwd", "update", "aggregate", "batches", "self.log", "strategy other",
+                          "Lightning loop"}
+    assert sum(parts.values()) == pytest.approx(rec["round_seconds"][0], rel=1e-9)
+    assert all(v > 0 for v in parts.values()), parts
