@@ -27,10 +27,10 @@ them); pfl 1 process with k torch threads, and k processes with 1 thread each (t
 Measured per run: wall time of the subprocess (start to exit, start-up and final evaluation included); time from
 the start to the end of round 1 (start-up + first round; Flower starts Ray while its ServerApp already waits for
 round 1's clients, so Ray's start-up lands in round 1); time of all training rounds; steady client-steps/s =
-(clients per round x 10) / median round time, round 1 excluded; peak memory of the whole process tree (this script
-is a child subreaper, so orphaned grandchildren stay in its tree; every 0.2 s the RSS of every descendant is summed,
-and every 2 s their PSS, which counts shared pages once; the sampler runs on the cores the run does not use, when
-there are any); final test accuracy; the load average before and after;
+(clients per round x 10) / median round time, round 1 excluded; peak memory of the whole process tree
+(``proctree.py``: this script is a child subreaper, so orphaned grandchildren stay in its tree; every 0.2 s the RSS
+of every descendant is summed, and every 2 s their PSS, which counts shared pages once; the sampler runs on the
+cores the run does not use, when there are any); final test accuracy; the load average before and after;
 the sha256 of the partition, initial weights and data files each runner read (they must agree).
 ``--competing-load`` (= ``on``) starts one busy-loop process per pinned core (pinned to it) before each run and stops
 it after: the systems then share their cores with a CPU hog; ``--competing-load both`` runs every configuration
@@ -44,9 +44,9 @@ Before the timed runs (except with ``--tiny`` or ``--no-warm-up``) every system 
 untimed and unreported: what a first run after a checkout or a venv build compiles and caches (the project's numba
 kernels, the venvs' bytecode) would otherwise be charged to whichever system runs first.
 
-Output: a Markdown table of the runs and one of the ratios (this project against the best pfl mode and Flower, at
-equal cores, side by side), printed and written to ``OUT.md``; one JSON line per run in ``OUT.jsonl`` (plus a first
-``meta`` line: machine, commit, command); each runner's log under ``--logs``.
+Output (``report.py``): a Markdown table of the runs and one of the ratios (this project against the best pfl mode
+and Flower, at equal cores, side by side), printed and written to ``OUT.md``; one JSON line per run in
+``OUT.jsonl`` (plus a first ``meta`` line: machine, commit, command); each runner's log under ``--logs``.
 
 Usage::
 
@@ -61,14 +61,11 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -78,8 +75,9 @@ sys.path.insert(0, str(HERE))
 
 import common  # noqa: E402
 import envs  # noqa: E402
+from proctree import TreeMemory, clean_up, descendants, kill, set_subreaper, start_load, stop_load
+from report import NAMES, cell, markdown, meta, mode_label
 
-PAGE = os.sysconf("SC_PAGE_SIZE")
 PEERS = ("pfl", "flower")
 PFL_MODES = ("single", "workers")
 FORWARDS = ("ordered", "concurrent")
@@ -178,131 +176,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-# --------------------------------------------------------------------------------- process-tree memory
-def _set_subreaper() -> bool:
-    """Make this process the reaper of its orphaned descendants (Linux): processes that a runner leaves behind
-    or that double-fork (Ray's) stay in this tree, so the memory sampler and the clean-up see them."""
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
-    except (OSError, AttributeError):
-        return False
-
-
-def _ppids() -> dict[int, int]:
-    out = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(b")") + 2:].split()
-        if fields[0] == b"Z":
-            continue
-        out[int(name)] = int(fields[1])
-    return out
-
-
-def descendants(root: int, exclude: set[int] = frozenset()) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for pid, ppid in _ppids().items():
-        children.setdefault(ppid, []).append(pid)
-    out, todo = [], [root]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            if c not in exclude:
-                out.append(c)
-                todo.append(c)
-    return out
-
-
-def _rss(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * PAGE
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
-def _pss(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, IndexError, ValueError):
-        pass
-    return 0
-
-
-class TreeMemory(threading.Thread):
-    """Peak summed RSS (every ``interval`` s) and PSS (every ``pss_every`` samples) of this process's
-    descendants, except ``exclude`` (the competing load) and their children."""
-
-    def __init__(self, exclude: set[int], interval: float = 0.2, pss_every: int = 10) -> None:
-        super().__init__(daemon=True)
-        self.exclude, self.interval, self.pss_every = exclude, interval, pss_every
-        self.peak_rss = self.peak_pss = self.peak_procs = self.samples = 0
-        self._halt = threading.Event()
-
-    def sample(self) -> None:
-        pids = descendants(os.getpid(), self.exclude)
-        self.peak_procs = max(self.peak_procs, len(pids))
-        self.peak_rss = max(self.peak_rss, sum(_rss(p) for p in pids))
-        if self.samples % self.pss_every == 0:
-            self.peak_pss = max(self.peak_pss, sum(_pss(p) for p in pids))
-        self.samples += 1
-
-    def run(self) -> None:
-        while not self._halt.is_set():
-            self.sample()
-            self._halt.wait(self.interval)
-
-    def stop(self) -> None:
-        self._halt.set()
-        self.join()
-
-
-def _kill(pids: list[int], sig: int) -> None:
-    for p in pids:
-        try:
-            os.kill(p, sig)
-        except ProcessLookupError:
-            pass
-
-
-def _reap() -> None:
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-
-
-def clean_up(exclude: set[int], grace: float = 10.0) -> int:
-    """Wait for the run's leftover processes (Ray's shutting down) and end those that stay; returns how many
-    had to be ended. Only this script's descendants are touched, by pid."""
-    deadline = time.time() + grace
-    while time.time() < deadline:
-        _reap()
-        left = descendants(os.getpid(), exclude)
-        if not left:
-            return 0
-        time.sleep(0.2)
-    left = descendants(os.getpid(), exclude)
-    _kill(left, signal.SIGTERM)
-    time.sleep(2)
-    _reap()
-    _kill(descendants(os.getpid(), exclude), signal.SIGKILL)
-    time.sleep(0.2)
-    _reap()
-    return len(left)
-
-
 # ------------------------------------------------------------------------------------------- the runs
 def plan(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
     """The runs, in order, and notes on the ones left out."""
@@ -352,26 +225,6 @@ def command(run: dict, args: argparse.Namespace, result: Path) -> list[str]:
             *common_args, "--workers", str(run["procs"])]
 
 
-def start_load(cores: list[int], own_session: bool = False) -> list[subprocess.Popen]:
-    procs = []
-    for c in cores:
-        procs.append(subprocess.Popen([sys.executable, "-c", "while True: pass"],
-                                      preexec_fn=lambda c=c: os.sched_setaffinity(0, {c}),
-                                      start_new_session=own_session))
-    return procs
-
-
-def stop_load(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        p.terminate()
-    for p in procs:
-        try:
-            p.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-
-
 def execute(run: dict, args: argparse.Namespace, logs: Path, prefix: str) -> dict:
     tag = f"{prefix}_{run['workload']}_{run['model']}_{run['cores']}c_{run['system']}"
     if run["system"] == "pfl":
@@ -408,7 +261,7 @@ def execute(run: dict, args: argparse.Namespace, logs: Path, prefix: str) -> dic
             rc = proc.wait(timeout=args.timeout)
         except subprocess.TimeoutExpired:
             status = f"failed: timed out after {args.timeout:.0f} s"
-            _kill(descendants(os.getpid(), exclude), signal.SIGKILL)
+            kill(descendants(os.getpid(), exclude), signal.SIGKILL)
             rc = proc.wait()
     wall = time.perf_counter() - t0
     mem.stop()
@@ -447,125 +300,6 @@ def warm_up(args: argparse.Namespace, logs: Path) -> None:
               f"not reported)", file=sys.stderr, flush=True)
 
 
-# ------------------------------------------------------------------------------------------- reporting
-def _f(x, fmt="{:,.0f}", none="-"):
-    return none if x is None else fmt.format(x)
-
-
-def _mode(r: dict) -> str:
-    if r["system"] == "qmlhfl":
-        return f"1 proc x {r['threads_per_process']} thr, {r.get('forwards', 'ordered')}"
-    if r["system"] == "pfl":
-        return (f"1 proc x {r['threads_per_process']} thr" if r["procs"] == 1
-                else f"{r['procs']} procs (torchrun) x 1 thr")
-    return f"Ray, {r['procs']} actor(s) x 1 thr"
-
-
-NAMES = {"qmlhfl": "this project", "pfl": "pfl-research", "flower": "Flower"}
-
-
-def runs_table(recs: list[dict]) -> str:
-    head = ("| workload | model | cores | load | system | processes x threads | wall s | start-up + round 1 s | "
-            "all rounds s | steady client-steps/s | peak RSS tree MB (procs) | peak PSS MB | accuracy | "
-            "load avg before/after | status |")
-    lines = [head, "|---|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
-    for r in recs:
-        ok = r["status"] == "ok"
-        lines.append(
-            f"| {r['workload']} | {r['model']} | {r['cores']} | {'busy' if r.get('competing_load') else '-'} | "
-            f"{NAMES[r['system']]} | {_mode(r)} | {_f(r.get('wall_s'), '{:.1f}')} | "
-            f"{_f(r.get('to_round1_end_s') if ok else None, '{:.1f}')} | "
-            f"{_f(r.get('train_s') if ok else None, '{:.1f}')} | "
-            f"{_f(r.get('steady_client_steps_per_s') if ok else None)} | "
-            f"{_f(r.get('peak_rss_mb'))} ({r.get('peak_procs', '-')}) | {_f(r.get('peak_pss_mb'))} | "
-            f"{_f(r.get('accuracy') if ok else None, '{:.4f}')} | "
-            f"{_f(r['load_before'][0], '{:.1f}') if r.get('load_before') else '-'}/"
-            f"{_f(r['load_after'][0], '{:.1f}') if r.get('load_after') else '-'} | "
-            f"{'ok' if ok else r['status'][:160]} |")
-    return "\n".join(lines)
-
-
-def _ratio(a, b):
-    return None if a is None or b is None or b == 0 else a / b
-
-
-def ratios_table(recs: list[dict]) -> str:
-    """This project against the peers at equal cores: steady rate (against pfl's best mode), wall time (against
-    pfl's fastest mode), peak RSS (against pfl's smallest): always the comparison least favourable to this
-    project."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in recs:
-        if r["status"] == "ok":
-            groups.setdefault((r["workload"], r["model"], r["cores"], bool(r.get("competing_load"))), []).append(r)
-    head = ("| workload | model | cores | load | this: forwards | steady c-s/s: this / pfl best / Flower | "
-            "steady x pfl | steady x Flower | wall s: this / pfl / Flower | wall: pfl / this | wall: Flower / this | "
-            "peak RSS MB: this / pfl / Flower | RSS this / pfl | accuracy: this / pfl / Flower |")
-    lines = [head, "|---|---|---:|---|---|---|---:|---:|---|---:|---:|---|---:|---|"]
-    for (w, m, k, busy), rs in groups.items():
-        pfls = [r for r in rs if r["system"] == "pfl"]
-        fl = next((r for r in rs if r["system"] == "flower"), None)
-        for q in (r for r in rs if r["system"] == "qmlhfl"):
-            lines.append(_ratio_line(w, m, k, busy, q, pfls, fl))
-    return "\n".join(lines)
-
-
-def _ratio_line(w: str, m: str, k: int, busy: bool, q: dict, pfls: list[dict], fl: dict | None) -> str:
-    """One line of :func:`ratios_table`: one run ``q`` of this project (one per --forwards mode)."""
-    steady = lambda r: r and r.get("steady_client_steps_per_s")  # noqa: E731
-    p_best = max(pfls, key=lambda r: steady(r) or 0, default=None)
-    p_wall = min((r["wall_s"] for r in pfls), default=None)
-    p_rss = min((r["peak_rss_mb"] for r in pfls), default=None)
-    p_acc = p_best["accuracy"] if p_best else None
-    return (
-        f"| {w} | {m} | {k} | {'busy' if busy else '-'} | {q.get('forwards', 'ordered')} | {_f(steady(q))} / "
-        f"{_f(steady(p_best))}"
-        f"{' (' + ('1p' if p_best['procs'] == 1 else str(p_best['procs']) + 'p') + ')' if p_best else ''} / "
-        f"{_f(steady(fl))} | {_f(_ratio(steady(q), steady(p_best)), '{:.2f}x')} | "
-        f"{_f(_ratio(steady(q), steady(fl)), '{:.2f}x')} | {q['wall_s']:.1f} / {_f(p_wall, '{:.1f}')} / "
-        f"{_f(fl and fl['wall_s'], '{:.1f}')} | {_f(_ratio(p_wall, q['wall_s']), '{:.2f}x')} | "
-        f"{_f(_ratio(fl and fl['wall_s'], q['wall_s']), '{:.2f}x')} | {q['peak_rss_mb']:,.0f} / "
-        f"{_f(p_rss)} / {_f(fl and fl['peak_rss_mb'])} | {_f(_ratio(q['peak_rss_mb'], p_rss), '{:.2f}')} | "
-        f"{q['accuracy']:.4f} / {_f(p_acc, '{:.4f}')} / {_f(fl and fl['accuracy'], '{:.4f}')} |")
-
-
-def hash_check(recs: list[dict]) -> list[str]:
-    """Every run of a workload read the same partition file, every run of a model the same initial weights, and
-    every run the same data file; every run trained the workload as specified (clients per round, local steps)."""
-    notes = []
-    ok = [r for r in recs if r["status"] == "ok"]
-    bad = [r for r in ok if r.get("workload_check") != "ok"]
-    notes.append("- every run trained the specified clients per round with exactly 10 local steps each" if not bad
-                 else "- WORKLOAD MISMATCH: " + "; ".join(f"{NAMES[r['system']]} ({_mode(r)}, {r['workload']} "
-                                                           f"{r['model']}): {r['workload_check']}" for r in bad))
-    for key, what in (("partition_sha256", "workload"), ("init_sha256", "model"), ("data_sha256", None)):
-        by: dict = {}
-        for r in ok:
-            by.setdefault(r[what] if what else "all", set()).add(r[key])
-        for name, hashes in by.items():
-            label = f"{key.split('_')[0]} file ({what} {name})" if what else "data file"
-            if len(hashes) == 1:
-                notes.append(f"- same {label} for all runs: sha256 {next(iter(hashes))[:16]}...")
-            else:
-                notes.append(f"- DIFFERENT {label} across runs: {sorted(h[:16] for h in hashes)}")
-    return notes
-
-
-def meta(args: argparse.Namespace, env_infos: dict) -> dict:
-    def git(*a):
-        out = subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True)
-        return out.stdout.strip() if out.returncode == 0 else None
-
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    import torch
-
-    return {"kind": "meta", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "argv": sys.argv,
-            "commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-            "cpu": cpu, "cpus_allowed": args.cores, "machine": platform.machine(), "python": platform.python_version(),
-            "torch": torch.__version__, "device": args.device, "peer_envs": env_infos,
-            "mem_total_gb": os.sysconf("SC_PHYS_PAGES") * PAGE / 1e9}
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     env_root = Path(args.envs)
@@ -597,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     logs = Path(args.logs) if args.logs else HERE / ".logs" / stamp
     logs.mkdir(parents=True, exist_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    subreaper = _set_subreaper()
+    subreaper = set_subreaper()
     info = meta(args, env_infos)
     info.update(skipped_peers=skipped, subreaper=subreaper, competing_load=args.competing_load,
                 load_session=args.load_session)
@@ -614,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[peers] {len(runs)} runs, one after the other; logs in {logs}", file=sys.stderr, flush=True)
     for i, run in enumerate(runs):
         label = (f"{run['workload']} {run['model']} {run['cores']} core(s): {NAMES[run['system']]} "
-                 f"({_mode(run)}){' + busy load' if run['busy'] else ''}")
+                 f"({mode_label(run)}){' + busy load' if run['busy'] else ''}")
         print(f"[peers] {i + 1}/{len(runs)} {label}: load avg {os.getloadavg()[0]:.2f} ...", file=sys.stderr,
               flush=True)
         rec = execute(run, args, logs, f"{i:02d}")
@@ -623,24 +357,12 @@ def main(argv: list[str] | None = None) -> int:
             f.write(json.dumps(rec) + "\n")
         if rec["status"] == "ok":
             print(f"[peers]     wall {rec['wall_s']:.1f} s, rounds {rec['train_s']:.1f} s, steady "
-                  f"{_f(rec['steady_client_steps_per_s'])} client-steps/s, peak RSS {rec['peak_rss_mb']:,.0f} MB, "
+                  f"{cell(rec['steady_client_steps_per_s'])} client-steps/s, peak RSS {rec['peak_rss_mb']:,.0f} MB, "
                   f"accuracy {rec['accuracy']:.4f}, load avg after {rec['load_after'][0]:.2f}", file=sys.stderr,
                   flush=True)
         else:
             print(f"[peers]     {rec['status']} (log: {rec['log']})", file=sys.stderr, flush=True)
-    parts = [f"# bench/peers, {info['date']}", "",
-             f"`{' '.join(['python', 'bench/peers/run.py', *sys.argv[1:]])}` at commit {str(info['commit'])[:10]}"
-             f"{' (dirty)' if info['dirty'] else ''}; {info['cpu']}, {len(args.cores)} CPU(s) allowed, "
-             f"device {args.device}; Python {info['python']}, torch {info['torch']}; peers: "
-             + ("; ".join(f"{k}: " + ", ".join(f"{n} {v}" for n, v in e["versions"].items())
-                         for k, e in env_infos.items()) or "none"), ""]
-    for peer, reason in skipped.items():
-        parts.append(f"- {peer} skipped: {reason}")
-    parts += [f"- {note}" for note in plan_notes]
-    parts += ["", "Runs:", "", runs_table(recs), "", "This project against the peers at equal cores (pfl: its "
-              "fastest mode for the rates and wall time, its smallest tree for memory):", "", ratios_table(recs), ""]
-    parts += hash_check(recs)
-    text = "\n".join(parts) + "\n"
+    text = markdown(args, info, env_infos, skipped, plan_notes, recs)
     out.with_suffix(".md").write_text(text)
     print(text)
     print(f"[peers] wrote {jsonl} and {out.with_suffix('.md')}", file=sys.stderr)
