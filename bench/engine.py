@@ -24,8 +24,8 @@ devices, 60 / 50 for 1000). Random data is fine for throughput: the work per ste
 - ``vmap`` / ``loop``: :class:`lightning_qmlhfl.simulation.engine.QMLHFLEngine` with that executor. Each local step gathers
   one mini-batch per device from the resident tensors by one indexing operation (random positions inside each
   device's partition), x [N_tot, 32, 1, 28, 28], y [N_tot, 32], the way the Lightning strategy does.
-- ``naive``: :class:`NaiveHierFL` below, written the way public hierarchical-FL code (HierFAVG and its forks) is
-  written: one nn.Module + torch.optim.SGD + shuffling DataLoader (batch 32) per device, a Python loop over
+- ``naive``: :class:`NaiveHierFL` (``bench/naive_hierfl.py``), written the way public hierarchical-FL code
+  (HierFAVG and its forks) is written: one nn.Module + torch.optim.SGD + shuffling DataLoader (batch 32) per device, a Python loop over
   devices for every local step, uploads as ``copy.deepcopy(model.state_dict())``, per-node Python loops that
   flatten, QSGD-quantize (plain torch ops, one flat vector per child node, s = 8) and average the state dicts,
   and downloads by deep copies + ``load_state_dict``. Same schedule, same number of device-steps and of
@@ -80,13 +80,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import gc
 import json
 import math
 import os
-import platform
-import resource
 import signal
 import statistics
 import subprocess
@@ -94,84 +91,24 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.utils.data import DataLoader, Subset, TensorDataset
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # the repository root
+sys.path.insert(0, HERE)  # the benchmarks' shared modules, also when this file is loaded by path
+
+# the workloads, the machine's figures and the naive baseline live in their own modules; the names below stay
+# importable from here (``from engine import MLP, make_data``)
+from machine_info import cpu_bf16_flags, gemm_peaks, machine, peak_rss_mb, peaks_line, rss_mb, sync
+from naive_hierfl import NaiveHierFL
+from workloads import (BATCH, CIFAR_POOL, INPUTS, LEVELS, LR, MLP, MODELS, POOL, CifarSmall, LeNet, ce_loss,
+                       count_flops, make_data)
 
 from lightning_qmlhfl import QSGD, Hierarchy
-from lightning_qmlhfl.simulation.engine import QMLHFLEngine, gather_batch
 from lightning_qmlhfl.federation.participation import Fraction, Full
+from lightning_qmlhfl.simulation.engine import QMLHFLEngine, gather_batch
 
-POOL = 60_000  # synthetic MNIST-sized training set, resident in memory
-CIFAR_POOL = 50_000  # synthetic CIFAR-10-sized training set
-BATCH = 32
-LR = 0.01
-LEVELS = 8  # QSGD s on every layer
-
-
-# ---------------------------------------------------------------------------------------------------- models
-class LeNet(nn.Module):
-    """HierFAVG's MNIST LeNet (21,840 parameters)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 10, kernel_size=5)
-        self.conv2 = nn.Conv2d(10, 20, kernel_size=5)
-        self.conv2_drop = nn.Dropout2d()
-        self.fc1 = nn.Linear(320, 50)
-        self.drop = nn.Dropout()
-        self.fc2 = nn.Linear(50, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(F.max_pool2d(self.conv1(x), 2))
-        x = F.relu(F.max_pool2d(self.conv2_drop(self.conv2(x)), 2))
-        x = x.flatten(1)
-        x = F.relu(self.fc1(x))
-        x = self.drop(x)
-        return self.fc2(x)
-
-
-class MLP(nn.Module):
-    """784-200-10 (159,010 parameters)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(784, 200)
-        self.fc2 = nn.Linear(200, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.relu(self.fc1(x.flatten(1))))
-
-
-class CifarSmall(nn.Module):
-    """The recipes' small CIFAR-10 CNN (``model=cifar_small``, width 32; 225,034 parameters), without Lightning.
-
-    ``[conv 3x3 (pad 1) -> relu -> maxpool 2] x 3`` with 32, 64, 128 channels, then fc 2048 -> 64, relu, fc 64 -> 10.
-    Input [B, 3, 32, 32], output logits [B, 10].
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 32, 3, padding=1)
-        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
-        self.conv3 = nn.Conv2d(64, 128, 3, padding=1)
-        self.fc1 = nn.Linear(128 * 4 * 4, 64)
-        self.fc2 = nn.Linear(64, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)  # [B, 32, 16, 16]
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # [B, 64, 8, 8]
-        x = F.max_pool2d(F.relu(self.conv3(x)), 2)  # [B, 128, 4, 4]
-        return self.fc2(F.relu(self.fc1(x.flatten(1))))
-
-
-MODELS = {"lenet": LeNet, "mlp": MLP, "cifar_small": CifarSmall}
-# model -> (synthetic pool size, sample shape)
-INPUTS: dict[str, tuple[int, tuple[int, ...]]] = {
-    "lenet": (POOL, (1, 28, 28)), "mlp": (POOL, (1, 28, 28)), "cifar_small": (CIFAR_POOL, (3, 32, 32)),
-}
+__all__ = ["BATCH", "CIFAR_POOL", "CONFIGS", "DEFAULT", "INPUTS", "LEVELS", "LR", "MLP", "MODELS", "POOL", "TAUS",
+           "CifarSmall", "LeNet", "ce_loss", "count_flops", "gemm_peaks", "make_data", "run_one"]
 
 # name -> (model, branching, executor, warm-up local steps, timed global rounds of 20 local steps)
 CONFIGS: dict[str, tuple[str, list[int], str, int, int]] = {
@@ -215,122 +152,6 @@ DEFAULT = ["mlp100:naive", "mlp100:vmap", "mlp100:loop", "lenet100:naive", "lene
 TAUS = (5, 2, 2)
 
 
-def ce_loss(module: nn.Module, batch):
-    x, y = batch
-    return F.cross_entropy(module(x), y)
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
-
-
-def make_data(num_devices: int, seed: int = 0, pool: int = POOL, shape: tuple[int, ...] = (1, 28, 28)):
-    """Random images X [pool, *shape] (float32), labels Y [pool] in 0..9 and an IID partition
-    part [num_devices, pool // num_devices] of indices into them, all on the CPU, drawn from one seeded generator."""
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(pool, *shape, generator=g)
-    Y = torch.randint(0, 10, (pool,), generator=g)
-    part = torch.randperm(pool, generator=g)[: (pool // num_devices) * num_devices].view(num_devices, -1)
-    return X, Y, part
-
-
-def sync(device: torch.device) -> None:
-    """Wait for the device's queued work (CUDA); a no-op on CPU."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def count_flops(model_name: str) -> int:
-    """FLOPs of one device's forward + backward on one mini-batch of BATCH samples, as counted by
-    ``torch.utils.flop_counter.FlopCounterMode`` (matmul/convolution-type operations and their backward; on the
-    CPU, with the global RNG state restored afterwards so that the benchmark's draws are untouched)."""
-    # imported here, after the timed rounds: it pulls in sympy and other modules whose memory would otherwise
-    # shift the "RSS after imports" baseline of the memory column
-    from torch.utils.flop_counter import FlopCounterMode
-
-    pool, shape = INPUTS[model_name]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = MODELS[model_name]()
-        model.train()
-        x = torch.randn(BATCH, *shape)
-        y = torch.randint(0, 10, (BATCH,))
-        counter = FlopCounterMode(display=False)
-        with counter:
-            F.cross_entropy(model(x), y).backward()
-    return int(counter.get_total_flops())
-
-
-def gemm_peaks(device: torch.device, n: int | None = None, reps: int | None = None) -> dict:
-    """The machine's fp32 and bf16 GEMM rates in GFLOP/s (1e9 x 2 n^3 / seconds of one n x n matmul, best of
-    ``reps`` timed repetitions after a warm-up; on CUDA each repetition is 10 back-to-back matmuls between two
-    synchronisations). Runs with the current ``torch.get_num_threads()`` (the driver sets the benchmark's).
-    Defaults: n = 4096; 3 repetitions on CPU, 5 on CUDA.
-
-    bf16 counts as available only if its measured rate is above the fp32 rate (a CPU without bf16 GEMM support
-    runs it through conversions, slower than fp32); otherwise ``bf16_gflops`` is None and ``bf16_note`` says why.
-    """
-    on_gpu = device.type == "cuda"
-    n = n if n is not None else 4096
-    reps = reps if reps is not None else (5 if on_gpu else 3)
-    if n < 1 or reps < 1:
-        raise ValueError(f"GEMM size and repetitions must be >= 1, got n={n}, reps={reps}")
-    iters = 10 if on_gpu else 1
-    g = torch.Generator().manual_seed(0)
-    base_a = torch.randn(n, n, generator=g)
-    base_b = torch.randn(n, n, generator=g)
-
-    def rate(dtype: torch.dtype) -> float:
-        a = base_a.to(device=device, dtype=dtype)
-        b = base_b.to(device=device, dtype=dtype)
-        c = torch.empty(n, n, device=device, dtype=dtype)
-        torch.matmul(a, b, out=c)  # warm-up (library initialisation, kernel choice)
-        sync(device)
-        best = math.inf
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                torch.matmul(a, b, out=c)
-            sync(device)
-            best = min(best, (time.perf_counter() - t0) / iters)
-        return 2 * n**3 / best / 1e9
-
-    fp32 = rate(torch.float32)
-    out = {"gemm_n": n, "gemm_reps": reps, "gemm_threads": torch.get_num_threads(), "fp32_gflops": fp32,
-           "fp32_matmul_precision": torch.get_float32_matmul_precision(), "bf16_gflops": None,
-           "bf16_measured_gflops": None, "bf16_note": ""}
-    try:
-        bf16 = rate(torch.bfloat16)
-    except RuntimeError as e:  # no bf16 matmul on this device
-        out["bf16_note"] = f"bf16 matmul failed: {e}"
-        return out
-    out["bf16_measured_gflops"] = bf16
-    if bf16 > fp32:
-        out["bf16_gflops"] = bf16
-        out["bf16_note"] = f"bf16 GEMM {bf16 / fp32:.2f}x fp32"
-    else:
-        out["bf16_note"] = f"not available: bf16 GEMM {bf16:,.0f} GFLOP/s is not faster than fp32 ({fp32:,.0f})"
-    return out
-
-
-def cpu_bf16_flags() -> list[str]:
-    """The CPU's bf16-related feature flags from /proc/cpuinfo (informational; availability is measured)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return []
-    return sorted(f for f in set(flags) if f in {"avx512_bf16", "amx_bf16", "amx_tile", "avx_vnni"})
-
-
 def parse_device(spec: str) -> torch.device:
     """``cpu`` or ``cuda``/``cuda:i``; a CUDA device must exist."""
     try:
@@ -350,145 +171,6 @@ def check_cuda(device: torch.device) -> None:
                          f"{torch.version.cuda}; torch.cuda.is_available() is False)")
     if device.index is not None and device.index >= torch.cuda.device_count():
         raise SystemExit(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
-
-
-# ---------------------------------------------------------------------------------------------------- naive
-def qsgd(v: torch.Tensor, s: int) -> torch.Tensor:
-    """QSGD of one flat vector, plain torch ops (as a per-node upload in public code)."""
-    norm = v.norm()
-    if norm == 0:
-        return torch.zeros_like(v)
-    r = v.abs() / norm * s
-    low = torch.floor(r)
-    xi = low + (torch.rand_like(r) < (r - low)).float()
-    return norm * torch.sign(v) * xi / s
-
-
-def flatten_sd(sd: dict) -> torch.Tensor:
-    return torch.cat([v.reshape(-1).float() for v in sd.values()])
-
-
-def unflatten_sd(flat: torch.Tensor, like: dict) -> dict:
-    out, off = {}, 0
-    for k, v in like.items():
-        out[k] = flat[off : off + v.numel()].view_as(v).clone()
-        off += v.numel()
-    return out
-
-
-class Client:
-    def __init__(self, model: nn.Module, dataset, indices: list[int], device: torch.device) -> None:
-        self.model = model
-        self.device = device
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=LR)
-        self.loader = DataLoader(Subset(dataset, indices), batch_size=BATCH, shuffle=True)
-        self.it = iter(self.loader)
-        self.steps = 0
-
-    def next_batch(self):
-        try:
-            return next(self.it)
-        except StopIteration:
-            self.it = iter(self.loader)
-            return next(self.it)
-
-    def local_update(self) -> None:
-        x, y = self.next_batch()
-        if self.device.type != "cpu":
-            x, y = x.to(self.device), y.to(self.device)
-        self.model.train()
-        self.optimizer.zero_grad()
-        loss = F.cross_entropy(self.model(x), y)
-        loss.backward()
-        self.optimizer.step()
-        self.steps += 1
-
-    def send(self) -> dict:
-        return copy.deepcopy(self.model.state_dict())
-
-    def receive(self, state: dict) -> None:
-        self.model.load_state_dict(state)
-
-
-class Server:
-    """An edge server (any layer >= 1) or the cloud: a state dict, its children, its device count."""
-
-    def __init__(self, state: dict) -> None:
-        self.state = copy.deepcopy(state)
-        self.children: list = []
-        self.num_devices = 0
-
-
-class NaiveHierFL:
-    """HierFAVG-style multi-layer hierarchical FL with per-node QSGD; see the module docstring."""
-
-    def __init__(self, model_fn, branching: list[int], taus: tuple[int, ...], X, Y, part,
-                 device: torch.device = torch.device("cpu")) -> None:
-        template = model_fn().to(device)
-        init = copy.deepcopy(template.state_dict())
-        dataset = TensorDataset(X, Y)  # host tensors: batches go to the device in Client.local_update
-        self.clients = []
-        for i in range(part.shape[0]):
-            m = model_fn()
-            m.load_state_dict(init)
-            self.clients.append(Client(m.to(device), dataset, part[i].tolist(), device))
-        self.taus = taus
-        # Build the tree top-down: layers[0] = clients, layers[N] = [cloud].
-        n_layers = len(branching)
-        self.layers: list[list] = [[] for _ in range(n_layers + 1)]
-        self.layers[n_layers] = [Server(init)]
-        for depth, fan in enumerate(branching):  # depth 0: the cloud's children
-            n = n_layers - depth  # parents' layer
-            for parent in self.layers[n]:
-                for _ in range(fan):
-                    child = Server(init) if n - 1 > 0 else self.clients[len(self.layers[0])]
-                    parent.children.append(child)
-                    self.layers[n - 1].append(child)
-        self._count(self.layers[n_layers][0])
-        self.aggregations = [0] * n_layers  # uploads per layer, for the same-work check
-        self.steps = 0
-
-    def _count(self, node) -> int:
-        if isinstance(node, Client):
-            return 1
-        node.num_devices = sum(self._count(c) for c in node.children)
-        return node.num_devices
-
-    @staticmethod
-    def _state_of(node) -> dict:
-        return node.send() if isinstance(node, Client) else copy.deepcopy(node.state)
-
-    def aggregate(self, n: int) -> None:
-        """Eq. 4/6 at every node of layer n: v_p += sum_c w_c Q(v_c - v_p); then push the model down (Eq. 5)."""
-        for server in self.layers[n]:
-            parent_flat = flatten_sd(server.state)
-            acc = torch.zeros_like(parent_flat)
-            for child in server.children:
-                w = (1 if isinstance(child, Client) else child.num_devices) / server.num_devices
-                diff = flatten_sd(self._state_of(child)) - parent_flat
-                acc += w * qsgd(diff, LEVELS)
-                self.aggregations[n - 1] += 1
-            server.state = unflatten_sd(parent_flat + acc, server.state)
-            self._push_down(server)
-
-    def _push_down(self, server: Server) -> None:
-        for child in server.children:
-            if isinstance(child, Client):
-                child.receive(copy.deepcopy(server.state))
-            else:
-                child.state = copy.deepcopy(server.state)
-                self._push_down(child)
-
-    def local_step(self) -> None:
-        for c in self.clients:
-            c.local_update()
-        self.steps += 1
-        period = 1
-        for n, tau in enumerate(self.taus, start=1):
-            period *= tau
-            if self.steps % period != 0:
-                break
-            self.aggregate(n)
 
 
 # ---------------------------------------------------------------------------------------------------- one config
@@ -618,35 +300,6 @@ def run_one(name: str, warm: int | None, rounds: int | None, threads: int, devic
 
 
 # ---------------------------------------------------------------------------------------------------- driver
-def machine(device: torch.device, threads: int) -> str:
-    cpu = "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = os.getloadavg()
-    where = f"CPU, {threads} threads"
-    if device.type == "cuda":
-        where = (f"CUDA {torch.version.cuda} on {torch.cuda.get_device_name(device)}, host {threads} threads; "
-                 f"triton {_version('triton')}")
-    return (f"{platform.machine()}, {os.cpu_count()} CPUs ({cpu}), torch {torch.__version__} "
-            f"({where}), Python {platform.python_version()}, load average at start "
-            f"{load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}")
-
-
-def _version(module: str) -> str:
-    try:
-        return __import__(module).__version__
-    except ImportError:
-        return "not installed"
-
-
-def peaks_line(p: dict) -> str:
-    bf16 = f"bf16 {p['bf16_gflops']:,.0f} GFLOP/s ({p['bf16_note']})" if p["bf16_gflops"] else f"bf16 {p['bf16_note']}"
-    return (f"GEMM peaks (this run, {p['gemm_n']}x{p['gemm_n']} matmul, best of {p['gemm_reps']}, "
-            f"{p['gemm_threads']} threads): fp32 {p['fp32_gflops']:,.0f} GFLOP/s "
-            f"(float32 matmul precision '{p['fp32_matmul_precision']}'), {bf16}")
 
 
 def table(results: list[dict]) -> str:

@@ -226,8 +226,9 @@ if [ "$DRY" = 1 ]; then
   done
   if command -v nvidia-smi >/dev/null 2>&1; then ok "command nvidia-smi"
   else echo "  note     nvidia-smi not found (expected on a machine without a GPU; the versions step records its absence)"; fi
-  for f in bench/engine.py bench/kernels.py bench/gpu/carry.py bench/gpu/cifar_excerpt.py tests/test_kernels.py \
-           tests/test_engine.py recipes/mnist.py recipes/cifar.py constraints.txt constraints-cuda.txt; do
+  for f in bench/engine.py bench/workloads.py bench/machine_info.py bench/naive_hierfl.py bench/kernels.py \
+           bench/gpu/carry.py bench/gpu/cifar_excerpt.py tests/test_kernels.py tests/test_engine.py recipes/mnist.py \
+           recipes/cifar.py constraints.txt constraints-cuda.txt; do
     if [ -f "$f" ]; then ok "file $f"; else bad "file $f"; fi
   done
   if [ -d "$DATA/MNIST/raw" ]; then ok "data $DATA/MNIST/raw"; else bad "data $DATA/MNIST/raw (--data DIR)"; fi

@@ -126,7 +126,7 @@ def run_one(name: str, warm: int, rounds: int, threads: int, breakdown: bool = F
     import torch.nn.functional as F
     from torch.utils.data import DataLoader, TensorDataset
 
-    from engine import MLP, make_data  # noqa: E402  (bench/engine.py)
+    from workloads import MLP, make_data  # bench/workloads.py
     from lightning_qmlhfl import IID, Fraction, Full, Hierarchy, Identity, QMLHFLStrategy, UniformK
 
     timers = install_timers() if breakdown else None

@@ -101,7 +101,7 @@ def plain(model_fn, x, y, rounds: int, sgd: bool) -> float:
 
 
 def engine_phases(model_fn, x, y, rounds: int, executor: str, profile: bool) -> tuple[dict[str, float], str]:
-    from engine import ce_loss  # bench/engine.py
+    from workloads import ce_loss  # bench/workloads.py
     from profile_step import Timer
 
     from lightning_qmlhfl import Hierarchy, Identity
