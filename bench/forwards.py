@@ -7,9 +7,12 @@ random draws it allows).
 
 Each measurement is a fresh process (``--child``) that runs ``--warm`` steps, then times ``--steps`` engine steps
 (``compute_gradients`` + ``apply_step``) and reports the median in ms per client-step. The modes alternate,
-``--repeats`` times, so that drift in the machine's speed falls on both.
+``--repeats`` times, so that drift in the machine's speed falls on both. With ``--in-process`` each repeat is one
+fresh process holding the three engines, stepped in turn, which removes the spread between processes (a few
+percent to 20 % on this VM) from the comparison.
 
     python bench/forwards.py --threads 1,2 --repeats 3 --competing-load both --jsonl bench/results/forwards.jsonl
+    python bench/forwards.py --threads 1,2 --repeats 3 --in-process --steps 30
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ HERE = Path(__file__).resolve().parent
 MODES = (("ordered", "global"), ("ordered", "stream"), ("concurrent", "stream"))  # (forwards, device_rng)
 
 
-def child(mode: str, device_rng: str, threads: int, warm: int, steps: int) -> float:
+def _engines(modes: tuple[tuple[str, str], ...], threads: int) -> tuple[list, tuple]:
+    """One engine per mode (same model, seed and tree) and the resident mini-batch of the 100 devices."""
     import torch
 
     torch.set_num_threads(threads)
@@ -43,18 +47,51 @@ def child(mode: str, device_rng: str, threads: int, warm: int, steps: int) -> fl
         x, y = batch
         return F.cross_entropy(module(x), y), {}
 
-    torch.manual_seed(0)
-    engine = QMLHFLEngine(common.build_model("lenet"), loss, Hierarchy.balanced([100]), (10,), executor="loop",
-                          forwards=mode, optimizer_kwargs={"lr": 0.05}, device_rng=device_rng)
-    x, y = torch.randn(100, 32, 1, 28, 28), torch.randint(0, 10, (100, 32))
-    times = []
-    for i in range(warm + steps):
-        t = time.perf_counter()
-        engine.compute_gradients((x, y))
-        engine.apply_step()
-        if i >= warm:
-            times.append(time.perf_counter() - t)
+    engines = []
+    for mode, device_rng in modes:
+        torch.manual_seed(0)
+        engines.append(QMLHFLEngine(common.build_model("lenet"), loss, Hierarchy.balanced([100]), (10,),
+                                    executor="loop", forwards=mode, optimizer_kwargs={"lr": 0.05},
+                                    device_rng=device_rng))
+    return engines, (torch.randn(100, 32, 1, 28, 28), torch.randint(0, 10, (100, 32)))
+
+
+def _step(engine, batch) -> float:
+    t = time.perf_counter()
+    engine.compute_gradients(batch)
+    engine.apply_step()
+    return time.perf_counter() - t
+
+
+def child(mode: str, device_rng: str, threads: int, warm: int, steps: int) -> float:
+    (engine,), batch = _engines(((mode, device_rng),), threads)
+    times = [_step(engine, batch) for _ in range(warm + steps)][warm:]
     return 1000 * statistics.median(times) / 100
+
+
+def in_process(threads: int, warm: int, steps: int) -> list[float]:
+    """The three modes' engines in one process, stepped in turn (mode 1, 2, 3, 1, 2, 3, ...), so that the
+    machine's drift and the process's own state (allocator, thread pools) fall on all of them alike; ms per
+    client-step per mode (medians)."""
+    engines, batch = _engines(MODES, threads)
+    times: list[list[float]] = [[] for _ in MODES]
+    for i in range(warm + steps):
+        for k, engine in enumerate(engines):
+            t = _step(engine, batch)
+            if i >= warm:
+                times[k].append(t)
+    return [1000 * statistics.median(t) / 100 for t in times]
+
+
+def record(jsonl: str | None, busy: bool, threads: int, mode: tuple[str, str], repeat: int, ms: float,
+           in_process: bool) -> None:
+    line = {"load": "busy" if busy else "idle", "threads": threads, "forwards": mode[0], "device_rng": mode[1],
+            "repeat": repeat, "in_process": in_process, "ms_per_client_step": round(ms, 4),
+            "loadavg": os.getloadavg()[0]}
+    print(json.dumps(line), flush=True)
+    if jsonl:
+        with open(jsonl, "a") as f:
+            f.write(json.dumps(line) + "\n")
 
 
 def main() -> None:
@@ -65,10 +102,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--competing-load", default="off", choices=("off", "on", "both"))
     ap.add_argument("--jsonl", default=None, help="append one line per measurement")
+    ap.add_argument("--in-process", action="store_true",
+                    help="all three modes in one process per repeat, stepped in turn (idle machine only)")
     ap.add_argument("--child", nargs=3, metavar=("FORWARDS", "DEVICE_RNG", "THREADS"), help=argparse.SUPPRESS)
+    ap.add_argument("--child-all", type=int, metavar="THREADS", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(child(args.child[0], args.child[1], int(args.child[2]), args.warm, args.steps))
+        return
+    if args.child_all:
+        print(json.dumps(in_process(args.child_all, args.warm, args.steps)))
         return
     try:
         threads = [int(t) for t in args.threads.split(",")]
@@ -90,20 +133,25 @@ def main() -> None:
                 time.sleep(0.5)
             try:
                 for r in range(args.repeats):
+                    if args.in_process:
+                        out = subprocess.run([sys.executable, __file__, "--child-all", str(t), "--warm",
+                                              str(args.warm), "--steps", str(args.steps)], check=True,
+                                             capture_output=True, text=True,
+                                             preexec_fn=lambda t=t: os.sched_setaffinity(0, set(cores[:t])))
+                        measured = dict(zip(MODES, json.loads(out.stdout.strip().splitlines()[-1])))
                     for mode in MODES:
+                        if args.in_process:
+                            ms = measured[mode]
+                            results.setdefault((busy, t, mode), []).append(ms)
+                            record(args.jsonl, busy, t, mode, r, ms, in_process=True)
+                            continue
                         out = subprocess.run([sys.executable, __file__, "--child", *mode, str(t), "--warm",
                                               str(args.warm), "--steps", str(args.steps)], check=True,
                                              capture_output=True, text=True,
                                              preexec_fn=lambda t=t: os.sched_setaffinity(0, set(cores[:t])))
                         ms = float(out.stdout.strip().splitlines()[-1])
                         results.setdefault((busy, t, mode), []).append(ms)
-                        line = {"load": "busy" if busy else "idle", "threads": t, "forwards": mode[0],
-                                "device_rng": mode[1], "repeat": r,
-                                "ms_per_client_step": round(ms, 4), "loadavg": os.getloadavg()[0]}
-                        print(json.dumps(line), flush=True)
-                        if args.jsonl:
-                            with open(args.jsonl, "a") as f:
-                                f.write(json.dumps(line) + "\n")
+                        record(args.jsonl, busy, t, mode, r, ms, in_process=False)
             finally:
                 for h in hogs:
                     h.kill()
