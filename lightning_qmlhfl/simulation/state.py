@@ -109,7 +109,9 @@ class StateRegistry:
                              f"unexpected {extra} (was it made with other options, e.g. error feedback, server "
                              f"optimizers or a local solver at another layer?)")
         for name, e in self._entries.items():
-            e.load(state[name])
+            # copies: a loader may keep the tensors it is given (torch's Optimizer.load_state_dict keeps those of
+            # the right dtype and device as they are), and training on must not change the caller's checkpoint
+            e.load(clone_state(state[name]))
 
     def map_sharded(self, state: dict[str, Any], fn: Callable[[Tensor, int], Any], cut: int) -> dict[str, Any]:
         """A copy of ``state`` with ``fn(tensor, layer)`` applied to every tensor that holds rows of a layer
