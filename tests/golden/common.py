@@ -37,10 +37,56 @@ def ce_loss(module: nn.Module, batch: Any) -> Tensor:
     return F.cross_entropy(module(x), y)
 
 
+GOLDEN = Path(__file__).resolve().parent
+# The files in tests/golden/ itself were written before the CPU's vendor was recorded, on the project's AMD EPYC
+# VMs (bench/RESULTS.md's machine lines). MKL and oneDNN choose different kernels on Intel and AMD CPUs of the
+# same instruction set, so the same program's floats differ there in the last bits.
+BASE_VENDOR = "AuthenticAMD"
+
+
+def cpu_vendor() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def machine() -> dict[str, str]:
-    """What decides whether float results are reproducible bit for bit: the torch build and the CPU's ISA."""
+    """What decides whether float results are reproducible bit for bit: the torch build, the CPU's ISA and its
+    vendor (the BLAS and convolution libraries pick kernels by both)."""
     return {"torch": str(torch.__version__), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "machine": platform.machine()}
+            "machine": platform.machine(), "cpu_vendor": cpu_vendor()}
+
+
+def made_on(stored: dict[str, str]) -> dict[str, str]:
+    """The machine a golden file records, with the vendor of the files written before it was recorded."""
+    return {"cpu_vendor": BASE_VENDOR, **stored}
+
+
+def machine_dir(m: dict[str, str] | None = None) -> Path:
+    """tests/golden/machines/KEY/: the golden numbers of another machine than the base files' (written by
+    ``make_golden.py --this-machine`` and ``recipe_golden.py --write --this-machine``)."""
+    m = machine() if m is None else m
+    return GOLDEN / "machines" / f"{m['machine']}-{m['cpu_vendor']}-{m['cpu_capability']}-torch{m['torch']}"
+
+
+def on_base_machine() -> bool:
+    """Whether this machine is the one the files in tests/golden/ were made on."""
+    return made_on(torch.load(GOLDEN / "engine_runs.pt", weights_only=True)["machine"]) == machine()
+
+
+def golden_numbers() -> Path | None:
+    """The directory of this machine's golden numbers: tests/golden/ on the base machine, its machine directory
+    where one was written, else None (bit for bit cannot be checked here). A machine directory is written from a
+    commit whose numbers equal the base files' on the base machine, so it holds the same program's numbers."""
+    if on_base_machine():
+        return GOLDEN
+    d = machine_dir()
+    return d if (d / "engine_runs.pt").exists() else None
 
 
 def build_engine(model: str, hierarchy: Any, taus: list[int], kw: dict[str, Any]) -> Any:

@@ -1,6 +1,7 @@
 """Write the golden outputs of the engine and the strategy, to hold a refactor to "changes no number".
 
     python tests/golden/make_golden.py          # (repository root) rewrites tests/golden/*.pt
+    python tests/golden/make_golden.py --this-machine   # another machine's numbers: tests/golden/machines/KEY/
 
 Run once on the commit before a refactor; tests/test_golden.py then reruns the same configurations and compares
 every number. The files hold tensors and plain data only (loaded with ``weights_only=True``):
@@ -116,6 +117,21 @@ def make_strategy_checkpoint() -> dict:
 
 def main() -> None:
     torch.set_num_threads(1)
+    if "--this-machine" in sys.argv[1:]:  # this machine's numbers of the same runs, beside the base files
+        from golden.common import machine_dir, on_base_machine, strategy_run
+
+        if on_base_machine():
+            raise SystemExit("this is the machine of tests/golden/*.pt: rewrite those (no option) or leave them")
+        out = machine_dir()
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save({"machine": machine(), "runs": make_engine_runs()}, out / "engine_runs.pt")
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="golden-strategy-") as tmp:
+            final, history = strategy_run(Path(tmp), rounds=3)
+        torch.save({"machine": machine(), "cloud": final, "history": history}, out / "strategy_final.pt")
+        print("written:", out)
+        return
     torch.save({"machine": machine(), "runs": make_engine_runs()}, HERE / "engine_runs.pt")
     torch.save({"machine": machine(), **make_engine_checkpoint()}, HERE / "engine_checkpoint_v1.pt")
     torch.save({"machine": machine(), **make_strategy_checkpoint()}, HERE / "strategy_final.pt")

@@ -2,6 +2,7 @@
 ``tests/golden/recipes/NAME/`` and compared number for number by ``tests/test_recipes_golden.py``.
 
     python tests/helpers/recipe_golden.py --write [NAME ...]   # (re)make the golden files (only on purpose)
+    python tests/helpers/recipe_golden.py --write --this-machine   # another machine's: tests/golden/machines/KEY/
     python tests/helpers/recipe_golden.py [NAME ...]           # rerun and compare, printing what differs
 
 A run is one or more commands (``python -m recipes.X ...``) into a scratch directory; what is compared is
@@ -22,7 +23,21 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 TESTS = ROOT / "tests"
-GOLDEN = TESTS / "golden" / "recipes"
+GOLDEN = TESTS / "golden" / "recipes"  # made on the base machine of tests/golden/common.py
+
+
+def golden_dir(this_machine: bool = False) -> Path | None:
+    """Where this machine's golden recipe outputs are: ``tests/golden/recipes/`` on the base machine, else
+    ``recipes/`` in this machine's directory (tests/golden/machines/KEY/) if it was written (or ``this_machine``,
+    to write it), else None: bit for bit needs the same torch build, CPU instruction set and vendor."""
+    if str(TESTS) not in sys.path:
+        sys.path.insert(0, str(TESTS))
+    from golden.common import machine_dir, on_base_machine
+
+    if on_base_machine():
+        return GOLDEN
+    d = machine_dir() / "recipes"
+    return d if this_machine or d.is_dir() else None
 USER = "helpers.user_modules"
 
 MNIST_TINY = ["dataset.train_subset=1500", "dataset.test_subset=300", "hierarchy.branching=[2,2,2]",
@@ -133,16 +148,16 @@ def run_golden(name: str, scratch: Path) -> dict[str, Any]:
             "summary": normalise_summary(json.loads((result / "summary.json").read_text()), scratch)}
 
 
-def load_golden(name: str) -> dict[str, Any]:
-    d = GOLDEN / name
+def load_golden(name: str, root: Path = GOLDEN) -> dict[str, Any]:
+    d = root / name
     if RUNS[name].get("stdout"):
         return {"stdout": (d / "stdout.txt").read_text()}
     return {"history": json.loads((d / "history.json").read_text()),
             "summary": json.loads((d / "summary.json").read_text())}
 
 
-def write_golden(name: str, result: dict[str, Any]) -> None:
-    d = GOLDEN / name
+def write_golden(name: str, result: dict[str, Any], root: Path = GOLDEN) -> None:
+    d = root / name
     d.mkdir(parents=True, exist_ok=True)
     if "stdout" in result:
         (d / "stdout.txt").write_text(result["stdout"])
@@ -176,15 +191,18 @@ def differences(golden: Any, new: Any, where: str = "") -> list[str]:
 def main(argv: list[str]) -> int:
     write = "--write" in argv
     names = [a for a in argv if not a.startswith("--")] or list(RUNS)
+    root = golden_dir(this_machine="--this-machine" in argv) if "--this-machine" in argv else GOLDEN
+    if root is None:
+        raise SystemExit("no golden recipe outputs for this machine (write them with --write --this-machine)")
     bad = 0
     for name in names:
         with tempfile.TemporaryDirectory(prefix=f"golden-{name}-") as tmp:
             result = run_golden(name, Path(tmp))
         if write:
-            write_golden(name, result)
-            print(f"{name}: written")
+            write_golden(name, result, root)
+            print(f"{name}: written to {root / name}")
             continue
-        diff = differences(load_golden(name), result)
+        diff = differences(load_golden(name, root), result)
         bad += bool(diff)
         print(f"{name}: {'equal' if not diff else 'DIFFERENT'}")
         for d in diff[:20]:
