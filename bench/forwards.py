@@ -83,6 +83,14 @@ def in_process(threads: int, warm: int, steps: int) -> list[float]:
     return [1000 * statistics.median(t) / 100 for t in times]
 
 
+def child_line(flags: list[str], threads: int, args: argparse.Namespace, cores: list[int]) -> str:
+    """The last output line of this script run with ``flags`` on the first ``threads`` cores."""
+    out = subprocess.run([sys.executable, __file__, *flags, "--warm", str(args.warm), "--steps", str(args.steps)],
+                         check=True, capture_output=True, text=True,
+                         preexec_fn=lambda: os.sched_setaffinity(0, set(cores[:threads])))
+    return out.stdout.strip().splitlines()[-1]
+
+
 def record(jsonl: str | None, busy: bool, threads: int, mode: tuple[str, str], repeat: int, ms: float,
            in_process: bool) -> None:
     line = {"load": "busy" if busy else "idle", "threads": threads, "forwards": mode[0], "device_rng": mode[1],
@@ -133,25 +141,14 @@ def main() -> None:
                 time.sleep(0.5)
             try:
                 for r in range(args.repeats):
-                    if args.in_process:
-                        out = subprocess.run([sys.executable, __file__, "--child-all", str(t), "--warm",
-                                              str(args.warm), "--steps", str(args.steps)], check=True,
-                                             capture_output=True, text=True,
-                                             preexec_fn=lambda t=t: os.sched_setaffinity(0, set(cores[:t])))
-                        measured = dict(zip(MODES, json.loads(out.stdout.strip().splitlines()[-1])))
+                    if args.in_process:  # one process, the three modes stepped in turn
+                        measured = dict(zip(MODES, json.loads(child_line(["--child-all", str(t)], t, args, cores))))
+                    else:  # a fresh process per mode
+                        measured = {mode: float(child_line(["--child", *mode, str(t)], t, args, cores))
+                                    for mode in MODES}
                     for mode in MODES:
-                        if args.in_process:
-                            ms = measured[mode]
-                            results.setdefault((busy, t, mode), []).append(ms)
-                            record(args.jsonl, busy, t, mode, r, ms, in_process=True)
-                            continue
-                        out = subprocess.run([sys.executable, __file__, "--child", *mode, str(t), "--warm",
-                                              str(args.warm), "--steps", str(args.steps)], check=True,
-                                             capture_output=True, text=True,
-                                             preexec_fn=lambda t=t: os.sched_setaffinity(0, set(cores[:t])))
-                        ms = float(out.stdout.strip().splitlines()[-1])
-                        results.setdefault((busy, t, mode), []).append(ms)
-                        record(args.jsonl, busy, t, mode, r, ms, in_process=False)
+                        results.setdefault((busy, t, mode), []).append(measured[mode])
+                        record(args.jsonl, busy, t, mode, r, measured[mode], in_process=args.in_process)
             finally:
                 for h in hogs:
                     h.kill()

@@ -5,14 +5,11 @@ trained them in place inside the caller's dict)."""
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
-from golden.common import batches_for, build_engine, snapshot
+from golden.common import GOLDEN, batches_for, build_engine, snapshot
 from golden.make_golden import CHECKPOINT_AT, CHECKPOINT_RUN, RUNS
-
-GOLDEN = Path(__file__).resolve().parent / "golden"
 
 
 def _equal(a, b) -> bool:

@@ -13,11 +13,10 @@ one on this machine.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from golden.common import (
+    GOLDEN,
     batches_for,
     build_engine,
     golden_numbers,
@@ -29,7 +28,6 @@ from golden.common import (
 )
 from golden.make_golden import CHECKPOINT_AT, CHECKPOINT_RUN, RUNS
 
-GOLDEN = Path(__file__).resolve().parent / "golden"
 SAME_MACHINE = on_base_machine()  # the machine of the checkpoints' continuations
 NUMBERS = golden_numbers()  # this machine's golden numbers (tests/golden/ or its machine directory), or None
 NEEDS_NUMBERS = pytest.mark.skipif(

@@ -3,6 +3,7 @@ snapshot of an engine (every number it holds, through public accessors) and a sm
 
 from __future__ import annotations
 
+import functools
 import platform
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,7 @@ def machine_dir(m: dict[str, str] | None = None) -> Path:
     return GOLDEN / "machines" / f"{m['machine']}-{m['cpu_vendor']}-{m['cpu_capability']}-torch{m['torch']}"
 
 
+@functools.lru_cache(maxsize=1)
 def on_base_machine() -> bool:
     """Whether this machine is the one the files in tests/golden/ were made on."""
     return made_on(torch.load(GOLDEN / "engine_runs.pt", weights_only=True)["machine"]) == machine()

@@ -24,20 +24,6 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 TESTS = ROOT / "tests"
 GOLDEN = TESTS / "golden" / "recipes"  # made on the base machine of tests/golden/common.py
-
-
-def golden_dir(this_machine: bool = False) -> Path | None:
-    """Where this machine's golden recipe outputs are: ``tests/golden/recipes/`` on the base machine, else
-    ``recipes/`` in this machine's directory (tests/golden/machines/KEY/) if it was written (or ``this_machine``,
-    to write it), else None: bit for bit needs the same torch build, CPU instruction set and vendor."""
-    if str(TESTS) not in sys.path:
-        sys.path.insert(0, str(TESTS))
-    from golden.common import machine_dir, on_base_machine
-
-    if on_base_machine():
-        return GOLDEN
-    d = machine_dir() / "recipes"
-    return d if this_machine or d.is_dir() else None
 USER = "helpers.user_modules"
 
 MNIST_TINY = ["dataset.train_subset=1500", "dataset.test_subset=300", "hierarchy.branching=[2,2,2]",
@@ -148,6 +134,20 @@ def run_golden(name: str, scratch: Path) -> dict[str, Any]:
             "summary": normalise_summary(json.loads((result / "summary.json").read_text()), scratch)}
 
 
+def golden_dir(this_machine: bool = False) -> Path | None:
+    """Where this machine's golden recipe outputs are: ``tests/golden/recipes/`` on the base machine, else
+    ``recipes/`` in this machine's directory (tests/golden/machines/KEY/) if it was written (or ``this_machine``,
+    to write it), else None: bit for bit needs the same torch build, CPU instruction set and vendor."""
+    if str(TESTS) not in sys.path:
+        sys.path.insert(0, str(TESTS))
+    from golden.common import machine_dir, on_base_machine
+
+    if on_base_machine():
+        return GOLDEN
+    d = machine_dir() / "recipes"
+    return d if this_machine or d.is_dir() else None
+
+
 def load_golden(name: str, root: Path = GOLDEN) -> dict[str, Any]:
     d = root / name
     if RUNS[name].get("stdout"):
@@ -191,7 +191,8 @@ def differences(golden: Any, new: Any, where: str = "") -> list[str]:
 def main(argv: list[str]) -> int:
     write = "--write" in argv
     names = [a for a in argv if not a.startswith("--")] or list(RUNS)
-    root = golden_dir(this_machine="--this-machine" in argv) if "--this-machine" in argv else GOLDEN
+    # writing: the base files, or this machine's with --this-machine; comparing: this machine's
+    root = golden_dir(this_machine=True) if "--this-machine" in argv else GOLDEN if write else golden_dir()
     if root is None:
         raise SystemExit("no golden recipe outputs for this machine (write them with --write --this-machine)")
     bad = 0
