@@ -276,3 +276,30 @@ def test_the_numba_pool_takes_torchs_thread_count_unless_told(env, expected):
     out = subprocess.run([sys.executable, "-c", NUMBA_POOL], capture_output=True, text=True, env=environ, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-1] == expected
+
+
+TORCH_COUNT = """
+import torch
+torch.set_num_threads(2)
+from lightning_qmlhfl import QSGD
+from lightning_qmlhfl.kernels import aggregate_layer_, row_uniforms
+from lightning_qmlhfl.kernels.robust import segment_median
+seen = []
+aggregate_layer_(torch.zeros(2, 64), torch.randn(4, 64), torch.tensor([0, 0, 1, 1]), torch.full((4,), 0.5), QSGD(4),
+                 torch.arange(4), backend="numba")
+seen.append(torch.get_num_threads())
+row_uniforms(torch.arange(3), 16, "cpu")
+seen.append(torch.get_num_threads())
+segment_median(torch.randn(6, 32), torch.tensor([0, 0, 0, 1, 1, 1]), 2, backend="numba")
+seen.append(torch.get_num_threads())
+print(*seen)
+"""
+
+
+def test_numbas_smaller_pool_leaves_torchs_thread_count_alone():
+    """With numba's OpenMP layer, setting numba's thread count set torch's too: NUMBA_NUM_THREADS=1 (inherited, say)
+    left torch with one thread after the first aggregation, which changed both its speed and its numbers."""
+    environ = dict(os.environ, NUMBA_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", TORCH_COUNT], capture_output=True, text=True, env=environ, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-3:] == ["2", "2", "2"]

@@ -25,7 +25,9 @@ torch path.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import numba
 import numpy as np
@@ -100,17 +102,27 @@ def _uniforms_kernel(seeds, out):
                 out[r, j + 3] = _to_uniform(w3)
 
 
-def _use_torch_threads() -> None:
-    """numba's parallel loops use as many threads as torch's intra-op pool (within numba's own maximum)."""
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+@contextlib.contextmanager
+def torch_threads() -> Iterator[None]:
+    """numba's parallel loops inside use as many threads as torch's intra-op pool (within numba's own maximum), and
+    torch's thread count is the same afterwards. With numba's OpenMP threading layer both libraries set the one
+    OpenMP runtime's thread count: numba's smaller count (``NUMBA_NUM_THREADS`` below torch's threads, e.g. inherited
+    from a parent process) used to become torch's for the rest of the run, and changed its numbers."""
+    threads = torch.get_num_threads()
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
 
 def philox_uniforms(seeds: Tensor, d: int) -> Tensor:
     """float32 [len(seeds), d] on CPU: row i's U[0, 1) draws for seed ``seeds[i]`` (the Triton kernels' draws)."""
     out = torch.empty(len(seeds), d, dtype=torch.float32)
     if out.numel():
-        _use_torch_threads()
-        _uniforms_kernel(seeds.to(torch.int64).cpu().contiguous().numpy(), out.numpy())
+        with torch_threads():
+            _uniforms_kernel(seeds.to(torch.int64).cpu().contiguous().numpy(), out.numpy())
     return out
 
 
@@ -328,20 +340,19 @@ def aggregate_layer_numba_(
     if not mem.is_contiguous():
         raise ValueError("the error-feedback memory must be contiguous")
     pa, ch, me = par.numpy(), chi.numpy(), mem.numpy()
-    _use_torch_threads()
-    _norms_kernel(pa, ch, rows_t.numpy(), pidx.numpy(), me, ef, bucket if bucket else d, spec.norm == "l1",
-                  norms.numpy())
-    if not bool(torch.isfinite(norms).all()):
-        return norms
-    norm_row = torch.full((c_rows,), -1, dtype=torch.int64)
-    norm_row[rows_t] = torch.arange(rows_t.numel())
-    s = np.float32(spec.levels)
     o = out if out is not None else torch.zeros(1, 1)
     if out is not None and (out.shape != par.shape or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous tensor of the parent's shape {tuple(par.shape)}")
-    _aggregate_kernel(pa, ch, order.numpy(), segments.numpy(), weights.to(torch.float32).contiguous().numpy(),
-                      seeds.to(torch.int64).contiguous().numpy(), norms.numpy(), norm_row.numpy(), me, ef, kind,
-                      bucket if bucket else d, s, o.numpy(), out is not None, _BLOCK)
+    with torch_threads():
+        _norms_kernel(pa, ch, rows_t.numpy(), pidx.numpy(), me, ef, bucket if bucket else d, spec.norm == "l1",
+                      norms.numpy())
+        if not bool(torch.isfinite(norms).all()):
+            return norms
+        norm_row = torch.full((c_rows,), -1, dtype=torch.int64)
+        norm_row[rows_t] = torch.arange(rows_t.numel())
+        _aggregate_kernel(pa, ch, order.numpy(), segments.numpy(), weights.to(torch.float32).contiguous().numpy(),
+                          seeds.to(torch.int64).contiguous().numpy(), norms.numpy(), norm_row.numpy(), me, ef, kind,
+                          bucket if bucket else d, np.float32(spec.levels), o.numpy(), out is not None, _BLOCK)
     if par is not parent:
         parent.copy_(par)
     return norms

@@ -12,11 +12,12 @@ imported).
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 import torch
 from numba import njit, prange
 from torch import Tensor
+
+from .numba_cpu import torch_threads
 
 __all__ = ["segment_order_stats"]
 
@@ -89,11 +90,11 @@ def segment_order_stats(x: Tensor, order: Tensor, offsets: Tensor, trim: Tensor 
     out = torch.empty(S, P, dtype=x.dtype)
     if out.numel() == 0:
         return out
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
     kmax = int((offsets[1:] - offsets[:-1]).max())
     block = max(1, min(P, _BUFFER // max(1, kmax)))
     median = trim is None
     trim_np = np.zeros(1, dtype=np.int64) if median else trim.to(torch.int64).contiguous().numpy()
-    _order_stats_kernel(x.numpy(), order.to(torch.int64).contiguous().numpy(),
-                        offsets.to(torch.int64).contiguous().numpy(), trim_np, median, block, out.numpy())
+    with torch_threads():
+        _order_stats_kernel(x.numpy(), order.to(torch.int64).contiguous().numpy(),
+                            offsets.to(torch.int64).contiguous().numpy(), trim_np, median, block, out.numpy())
     return out
