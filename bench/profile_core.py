@@ -1,8 +1,9 @@
-"""Per-core profile of the flat LeNet workload of ``bench/peers/`` (issue: faster than the peers, item 3): where the
+"""Per-core profile of the flat workloads of ``bench/peers/`` (issue: faster than the peers, item 3): where the
 time of one client-step goes at one thread, in this project and in a plain per-client PyTorch loop (the shape of
 pfl-research's and Flower's simulation, without their frameworks).
 
-Workload: the peers' LeNet (``bench/peers/common.py``, 21,840 parameters), 100 clients, batch 32, plain SGD
+Workload: the peers' LeNet (``bench/peers/common.py``, 21,840 parameters) or, with ``--model mlp``, the peers'
+784-200-10 MLP (159,010 parameters), 100 clients, batch 32, plain SGD
 lr 0.05, 10 local steps per client per round, 32-bit uploads; synthetic resident MNIST-shaped data (the time does
 not depend on the pixel values). Every figure is milliseconds per client-step, the median over ``--rounds`` timed
 rounds (1,000 client-steps each) after one untimed round, all in one process with ``--threads`` torch threads:
@@ -16,15 +17,20 @@ rounds (1,000 client-steps each) after one untimed round, all in one process wit
   devices), device optimizer, aggregation, rest of ``local_step``;
 - ``Trainer.fit``: the strategy as users run it (``QMLHFLStrategy`` + ``lightning.Trainer``, the default executor,
   no logger, no validation); its excess over the engine is Lightning's loop and the strategy's per-step work;
-- LeNet's second convolution alone across the 100 clients (:func:`conv_across_models`): per client, grouped, and
-  im2col with a batched matmul;
-- the machine: a 1024^3 fp32 GEMM at the same threads (GFLOP/s), and the share of it each path reaches, counting
-  3x the forward FLOPs of LeNet per sample (forward + the two backward products).
+- LeNet: its second convolution alone across the 100 clients (:func:`conv_across_models`): per client, grouped,
+  and im2col with a batched matmul;
+- MLP: its two layers' forward and backward alone across the 100 clients (:func:`mlp_across_models`), per client
+  and as batched matmuls: the floor of any executor that keeps PyTorch's GEMMs, stacked or not;
+- the machine: a 1024^3 fp32 GEMM at the same threads (GFLOP/s), and the share of it each path reaches. FLOPs per
+  client-step: LeNet 3x its forward (forward + the two backward products; autograd skips conv1's input gradient,
+  so this counts a little high), MLP exactly what autograd computes (forward, both weight gradients, fc2's input
+  gradient: 20.45 MFLOP).
 
 Usage::
 
     python bench/profile_core.py                      # 1 thread, 3 timed rounds
     python bench/profile_core.py --threads 2 --profile  # plus a torch.profiler table of the engine's round
+    python bench/profile_core.py --model mlp --executors vmap,loop
 """
 
 from __future__ import annotations
@@ -47,7 +53,9 @@ sys.path.insert(0, os.path.join(HERE, "peers"))
 CLIENTS, STEPS, BATCH, LR = 100, 10, 32, 0.05
 # multiply-accumulates of one LeNet forward per sample: conv1 10x24x24x25, conv2 20x8x8x250, fc1 320x50, fc2 50x10
 LENET_MACS = 10 * 24 * 24 * 25 + 20 * 8 * 8 * 250 + 320 * 50 + 50 * 10
-FLOP_PER_STEP = 3 * 2 * LENET_MACS * BATCH  # forward + two backward products, per client-step
+# multiply-accumulates the MLP's training step computes per sample: forward, the weight gradients, fc2's input grad
+MLP_MACS = 2 * (784 * 200 + 200 * 10) + 200 * 10
+FLOP_PER_STEP = {"lenet": 3 * 2 * LENET_MACS * BATCH, "mlp": 2 * MLP_MACS * BATCH}  # per client-step
 
 
 def _data(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,9 +223,50 @@ def conv_across_models(repeats: int = 5) -> list[tuple[str, float]]:
         out = torch.bmm(ws, cols)  # [clients, 20, batch * 64]
         torch.autograd.backward(out, gy.permute(0, 2, 1, 3, 4).reshape(CLIENTS, 20, BATCH * 64))
 
+    return _time_forms((("one conv2d per client", per_client), ("grouped conv2d (vmap's form)", grouped),
+                        ("unfold + bmm", im2col)), repeats)
+
+
+def mlp_forms(clients: int = CLIENTS):
+    """The MLP's two layers (784 -> 200, ReLU, 200 -> 10, batch 32) for ``clients`` clients, forward and backward
+    (what autograd computes: weight and bias gradients, fc2's input gradient), without loss or optimizer, two ways:
+    one ``F.linear`` per client and layer (a per-client simulator), and one ``baddbmm`` per layer over the clients'
+    stacked weights (the stacked executors' form). Each returns the gradients, stacked [clients, ...]."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(clients, BATCH, 784, generator=g)
+    w1, b1 = torch.randn(clients, 200, 784, generator=g) * 0.03, torch.randn(clients, 1, 200, generator=g)
+    w2, b2 = torch.randn(clients, 10, 200, generator=g) * 0.07, torch.randn(clients, 1, 10, generator=g)
+    gy = torch.randn(clients, BATCH, 10, generator=g)
+    params = [t.requires_grad_() for t in (w1, b1, w2, b2)]
+    # each client's own leaves, so that its gradients are its own tensors (not scattered into the stacks')
+    leaves = [[t[c].detach().clone().requires_grad_() for t in (w1, b1, w2, b2)] for c in range(clients)]
+
+    def per_client() -> list[torch.Tensor]:
+        grads = []
+        for c, (cw1, cb1, cw2, cb2) in enumerate(leaves):
+            out = F.linear(F.relu(F.linear(x[c], cw1, cb1[0])), cw2, cb2[0])
+            grads.append(torch.autograd.grad(out, leaves[c], gy[c]))
+        return [torch.stack(gs) for gs in zip(*grads)]
+
+    def batched() -> list[torch.Tensor]:
+        h = F.relu(torch.baddbmm(b1, x, w1.transpose(1, 2)))
+        out = torch.baddbmm(b2, h, w2.transpose(1, 2))
+        return list(torch.autograd.grad(out, params, gy))
+
+    return per_client, batched
+
+
+def mlp_across_models(repeats: int = 5) -> list[tuple[str, float]]:
+    """:func:`mlp_forms` timed across the 100 clients (the per-client form includes stacking its gradients, one
+    copy of 0.6 MB a client). ms per client."""
+    per_client, batched = mlp_forms()
+    return _time_forms((("one F.linear per client and layer", per_client), ("one baddbmm per layer (stacked)",
+                                                                               batched)), repeats)
+
+
+def _time_forms(forms, repeats: int) -> list[tuple[str, float]]:
     out = []
-    for name, fn in (("one conv2d per client", per_client), ("grouped conv2d (vmap's form)", grouped),
-                     ("unfold + bmm", im2col)):
+    for name, fn in forms:
         fn()
         times = []
         for _ in range(repeats):
@@ -241,6 +290,7 @@ def gemm_gflops(n: int = 1024, repeats: int = 5) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="lenet", choices=sorted(FLOP_PER_STEP))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds of 1,000 client-steps per path")
     ap.add_argument("--executors", default="loop,vmap")
@@ -250,11 +300,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads < 1 or args.rounds < 1:
         raise SystemExit(f"--threads and --rounds must be >= 1, got {args.threads} and {args.rounds}")
     torch.set_num_threads(args.threads)
-    import common  # bench/peers/common.py: the peers' LeNet
+    import common  # bench/peers/common.py: the peers' models
 
     def model_fn():
         torch.manual_seed(0)
-        return common.build_model("lenet")
+        return common.build_model(args.model)
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} "
           f"thread(s), load average at start {os.getloadavg()[0]:.2f}")
@@ -276,18 +326,23 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_fit:
         ms, name = fit(model_fn, args.rounds)
         rows.append((f"Trainer.fit + QMLHFLStrategy ({name})", ms, ""))
-    print(f"\nfp32 GEMM 1024^3: {peak:.1f} GFLOP/s; LeNet client-step (batch {BATCH}): "
-          f"{FLOP_PER_STEP / 1e6:.1f} MFLOP (3x forward)\n")
-    conv_flop = 3 * 2 * 20 * 8 * 8 * 250 * BATCH
-    print("LeNet's conv2 across the 100 clients, forward + backward:\n")
-    print("| form | ms per client | GFLOP/s |\n|---|---:|---:|")
-    for name, ms in conv_across_models():
-        print(f"| {name} | {ms:.3f} | {conv_flop / (ms * 1e-3) / 1e9:.1f} |")
+    flop = FLOP_PER_STEP[args.model]
+    print(f"\nfp32 GEMM 1024^3: {peak:.1f} GFLOP/s; {args.model} client-step (batch {BATCH}): "
+          f"{flop / 1e6:.2f} MFLOP{' (3x forward)' if args.model == 'lenet' else ''}\n")
+    if args.model == "lenet":
+        part, part_flop, forms = "LeNet's conv2", 3 * 2 * 20 * 8 * 8 * 250 * BATCH, conv_across_models()
+    else:
+        part, part_flop, forms = "The MLP's two layers", flop, mlp_across_models()
+    print(f"{part} across the 100 clients, forward + backward:\n")
+    print("| form | ms per client | GFLOP/s | % of GEMM |\n|---|---:|---:|---:|")
+    for name, ms in forms:
+        gf = part_flop / (ms * 1e-3) / 1e9
+        print(f"| {name} | {ms:.3f} | {gf:.1f} | {100 * gf / peak:.0f} |")
     print()
     print("| path | ms per client-step | client-steps/s | GFLOP/s | % of GEMM | split (ms) |")
     print("|---|---:|---:|---:|---:|---|")
     for name, ms, split in rows:
-        gf = FLOP_PER_STEP / (ms * 1e-3) / 1e9
+        gf = flop / (ms * 1e-3) / 1e9
         print(f"| {name} | {ms:.3f} | {1e3 / ms:,.0f} | {gf:.1f} | {100 * gf / peak:.0f} | {split} |")
 
 

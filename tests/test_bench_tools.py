@@ -3,7 +3,9 @@ scripts/setup.sh's options, and a tiny run of bench/engine.py with its GFLOP/s a
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import subprocess
@@ -221,3 +223,26 @@ def test_participation_breakdown_parts_add_up_to_the_round() -> None:
                           "Lightning loop"}
     assert sum(parts.values()) == pytest.approx(rec["round_seconds"][0], rel=1e-9)
     assert all(v > 0 for v in parts.values()), parts
+
+
+def test_profile_core_mlp_forms_agree_and_run():
+    """bench/profile_core.py's two forms of the MLP's layers (one F.linear per client; one baddbmm per layer over
+    the stacked clients) compute the same gradients, and the MLP profile runs end to end on a small round."""
+    spec = importlib.util.spec_from_file_location("bench_profile_core", REPO / "bench" / "profile_core.py")
+    profile_core = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile_core)
+
+    per_client, batched = profile_core.mlp_forms(clients=3)
+    for a, b in zip(per_client(), batched()):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    buf, threads = io.StringIO(), torch.get_num_threads()
+    try:
+        with contextlib.redirect_stdout(buf):
+            profile_core.main(["--model", "mlp", "--rounds", "1", "--executors", "vmap", "--no-fit",
+                               "--threads", str(threads)])
+    finally:
+        torch.set_num_threads(threads)
+    out = buf.getvalue()
+    assert "mlp client-step (batch 32): 20.45 MFLOP" in out
+    assert "one baddbmm per layer (stacked)" in out and "engine, vmap executor" in out
