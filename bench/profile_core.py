@@ -265,16 +265,8 @@ def mlp_across_models(repeats: int = 5) -> list[tuple[str, float]]:
 
 
 def _time_forms(forms, repeats: int) -> list[tuple[str, float]]:
-    out = []
-    for name, fn in forms:
-        fn()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        out.append((name, 1e3 * statistics.median(times) / CLIENTS))
-    return out
+    """(name, ms per client) of each form: the median of ``repeats`` timed calls after one untimed one."""
+    return [(name, 1e3 * statistics.median(_timed_rounds(fn, repeats)) / CLIENTS) for name, fn in forms]
 
 
 def gemm_gflops(n: int = 1024, repeats: int = 5) -> float:

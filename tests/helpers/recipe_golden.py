@@ -192,6 +192,10 @@ def main(argv: list[str]) -> int:
     write = "--write" in argv
     names = [a for a in argv if not a.startswith("--")] or list(RUNS)
     # writing: the base files, or this machine's with --this-machine; comparing: this machine's
+    if "--this-machine" in argv and not write:
+        raise SystemExit("--this-machine goes with --write (comparing always uses this machine's golden outputs)")
+    if "--this-machine" in argv and golden_dir() == GOLDEN:
+        raise SystemExit("this is the machine of tests/golden/recipes/: rewrite those (--write alone) or leave them")
     root = golden_dir(this_machine=True) if "--this-machine" in argv else GOLDEN if write else golden_dir()
     if root is None:
         raise SystemExit("no golden recipe outputs for this machine (write them with --write --this-machine)")
